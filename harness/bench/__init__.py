@@ -1,0 +1,1 @@
+"""Benchmarks behind ``teelab bench``: each returns a ``BenchResult`` printed as a table or JSON."""

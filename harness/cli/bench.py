@@ -1,0 +1,36 @@
+"""``teelab bench ...``: benchmarks with a table on a terminal and ``--json`` for machines."""
+
+from __future__ import annotations
+
+import argparse
+
+from harness.bench.boot import bench_boot
+from harness.cli.render import console, print_bench, print_json
+from harness.lab import Lab
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="run a benchmark")
+    kinds = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    boot = kinds.add_parser("boot", help="seconds from launch to guest-init ready, over N boots")
+    boot.add_argument("--image", default="enclave", help="image recipe to boot (default: enclave)")
+    boot.add_argument("-n", "--runs", type=int, default=5, help="number of boots (default: 5)")
+    boot.add_argument("--vcpus", type=int, default=2)
+    boot.add_argument("--memory", type=int, default=512, help="guest memory in MiB")
+    boot.add_argument("--json", action="store_true", help="print JSON")
+    boot.set_defaults(func=run_boot)
+
+
+def run_boot(args: argparse.Namespace) -> int:
+    with Lab() as lab:
+        def progress(index: int, seconds: float) -> None:
+            if not args.json:
+                console.print(f"boot {index + 1}/{args.runs}: {seconds:.2f} s")
+
+        result = bench_boot(lab, args.image, args.runs, vcpus=args.vcpus, memory_mib=args.memory,
+                            on_sample=progress)
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        print_bench(result)
+    return 0 if result.ok else 1

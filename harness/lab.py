@@ -1,0 +1,118 @@
+"""The facade that the CLI, the pytest plugin and the demo use: probes the host, builds images, boots
+guests and owns their teardown."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness import images
+from harness.host.model import HostInfo
+from harness.host.probe import probe
+from harness.qemu.machine import Machine, MachineError
+from harness.qemu.spec import Device, MemoryBackend, VMSpec
+from teelab_guest import protocol
+
+READY_PATTERN = re.compile(protocol.READY_REGEX)
+
+
+@dataclass(frozen=True)
+class GuestBoot:
+    """A guest that reached guest-init's readiness line."""
+
+    machine: Machine
+    role: str
+    guest_uptime: float
+    seconds: float  # host-measured, from launch to the readiness line
+
+
+class Lab:
+    """One lab session: the host probe, the machines it launched and their teardown."""
+
+    def __init__(self, host: HostInfo | None = None) -> None:
+        self.host = host or probe()
+        self._machines: list[Machine] = []
+        self.launched: list[Machine] = []  # every machine of this session, for artifact reports
+
+    # -- specs ----------------------------------------------------------------------------------
+    def spec_for_image(
+        self,
+        image: images.BuiltImage,
+        *,
+        name: str | None = None,
+        role: str | None = None,
+        vcpus: int = 2,
+        memory_mib: int = 512,
+        cmdline_extra: str = "",
+        memory: MemoryBackend | None = None,
+        devices: Sequence[Device] = (),
+    ) -> VMSpec:
+        """A ``VMSpec`` that boots ``image``; ``role`` overrides the recipe's ``teelab.role=``."""
+        cmdline = image.cmdline
+        if role is not None:
+            cmdline = with_role(cmdline, role)
+        if cmdline_extra:
+            cmdline = f"{cmdline} {cmdline_extra}"
+        return VMSpec(
+            name=name or image.name,
+            kernel=image.kernel,
+            initrd=image.initrd,
+            cmdline=cmdline,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
+            memory=memory,
+            devices=tuple(devices),
+        )
+
+    # -- machines -------------------------------------------------------------------------------
+    def launch(self, spec: VMSpec, *, artifacts: Path | None = None) -> Machine:
+        """Validate, launch and track a machine; ``close()`` stops it if the caller does not."""
+        machine = Machine(spec, self.host, artifacts=artifacts)
+        self.launched.append(machine)
+        machine.launch()
+        self._machines.append(machine)
+        return machine
+
+    def boot(self, spec: VMSpec, *, timeout: float = 60.0) -> GuestBoot:
+        """Launch ``spec`` and wait for guest-init's readiness line."""
+        started = time.monotonic()
+        machine = self.launch(spec)
+        try:
+            match = machine.wait_for_console(READY_PATTERN, timeout)
+        except MachineError:
+            self.stop(machine)
+            raise
+        return GuestBoot(machine, match["role"], float(match["uptime"]), time.monotonic() - started)
+
+    def boot_image(self, name: str, *, timeout: float = 60.0, **spec_options: object) -> GuestBoot:
+        """Build (or take from the cache) image ``name`` and boot it."""
+        image = images.build(name)
+        return self.boot(self.spec_for_image(image, **spec_options), timeout=timeout)  # type: ignore[arg-type]
+
+    def stop(self, machine: Machine, powerdown_timeout: float = 10.0) -> None:
+        if machine in self._machines:
+            self._machines.remove(machine)
+        if machine.exit_info is None:
+            machine.shutdown(powerdown_timeout=powerdown_timeout)
+
+    def close(self) -> None:
+        """Stop every machine this lab launched, newest first."""
+        for machine in reversed(list(self._machines)):
+            with contextlib.suppress(MachineError):
+                self.stop(machine, powerdown_timeout=3.0)
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def with_role(cmdline: str, role: str) -> str:
+    """``cmdline`` with its ``teelab.role=`` set to ``role``."""
+    words = [w for w in cmdline.split() if not w.startswith("teelab.role=")]
+    return " ".join([*words, f"teelab.role={role}"])

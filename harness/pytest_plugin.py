@@ -1,0 +1,106 @@
+"""pytest plugin for lab test suites: hardware markers that skip with a reason, and fixtures that boot
+guests and always tear them down.
+
+Markers: ``kvm``, ``snp``, ``tdx``, ``vhost_vsock`` (skip unless the host has it), ``root`` (skip unless
+root), ``vm`` (boots guests), ``slow``. Fixtures: ``lab_host``, ``lab``, ``lab_image``, ``boot_guest``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from harness.host.model import HostInfo
+
+HARDWARE_MARKERS = {
+    "kvm": "needs a KVM host whose CPU exposes vmx or svm",
+    "snp": "needs an AMD SEV-SNP host with QEMU >= 9.1",
+    "tdx": "needs an Intel TDX host with QEMU >= 10.1",
+    "vhost_vsock": "needs /dev/vhost-vsock",
+    "root": "needs root (hugepages, hugetlbfs mounts)",
+}
+OTHER_MARKERS = {"vm": "boots QEMU guests", "slow": "takes more than a few seconds"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, text in {**HARDWARE_MARKERS, **OTHER_MARKERS}.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+
+
+def missing_hardware(marker: str, host: HostInfo) -> str | None:
+    """Why this host cannot run tests marked ``marker``, or None when it can."""
+    if marker == "kvm" and host.accel != "kvm":
+        return f"no usable KVM: {host.accel_reason}"
+    if marker == "snp" and not (host.tee.sev_snp and host.qemu.has("sev-snp-guest")):
+        return "no SEV-SNP: host firmware/kernel or QEMU's sev-snp-guest object is missing"
+    if marker == "tdx" and not (host.tee.tdx and host.qemu.has("tdx-guest")):
+        return "no TDX: host kernel or QEMU's tdx-guest object is missing"
+    if marker == "vhost_vsock" and not host.vhost_vsock:
+        return "no /dev/vhost-vsock on this host"
+    if marker == "root" and os.geteuid() != 0:
+        return "needs root"
+    return None
+
+
+_host_cache: list[HostInfo] = []
+
+
+def _host() -> HostInfo:
+    if not _host_cache:
+        from harness.host.probe import probe
+
+        _host_cache.append(probe())
+    return _host_cache[0]
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for marker in HARDWARE_MARKERS:
+        if item.get_closest_marker(marker) is not None:
+            reason = missing_hardware(marker, _host())
+            if reason:
+                pytest.skip(f"[{marker}] {reason}")
+
+
+@pytest.fixture(scope="session")
+def lab_host() -> HostInfo:
+    """The probed host (once per session)."""
+    return _host()
+
+
+@pytest.fixture
+def lab(lab_host: HostInfo) -> Iterator[object]:
+    """A ``Lab`` whose machines are stopped after the test, whatever happened."""
+    from harness.lab import Lab
+
+    with Lab(lab_host) as session:
+        yield session
+
+
+@pytest.fixture(scope="session")
+def lab_image() -> Callable[[str], object]:
+    """Build (or take from the cache) a guest image by recipe name."""
+    from harness import images
+
+    return images.build
+
+
+@pytest.fixture
+def boot_guest(lab: object) -> Callable[..., object]:
+    """Boot an image to guest-init's readiness line: ``boot_guest("enclave", vcpus=2)``."""
+
+    def boot(image: str, **options: object) -> object:
+        return lab.boot_image(image, **options)  # type: ignore[attr-defined]
+
+    return boot
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[object]:
+    report = yield
+    if report.failed and "lab" in getattr(item, "funcargs", {}):
+        machines = getattr(item.funcargs["lab"], "launched", [])
+        for machine in machines:
+            report.sections.append(("teelab artifacts", str(machine.artifacts)))
+    return report

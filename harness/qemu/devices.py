@@ -1,0 +1,202 @@
+"""Typed QEMU ``-device`` values: vsock (kernel, vhost-user), virtio-serial ports, virtio-mem, virtio-rng."""
+
+from __future__ import annotations
+
+import re
+from abc import ABC
+from dataclasses import dataclass
+from typing import ClassVar
+
+from harness.host.model import HostInfo
+from harness.qemu.chardevs import Chardev, ChardevSocket
+from harness.qemu.errors import MemorySizeError, OptionInvalid, VhostVsockUnavailable
+from harness.qemu.objects import MemoryBackend, MemoryBackendFile
+from harness.qemu.options import check_id, escape, require_device_type, size_mib
+
+VSOCK_CID_MAX = 2**32 - 1  # U32_MAX is VMADDR_CID_ANY
+VIRTIO_SERIAL_BUS = "virtio-serial0"
+_PORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class Device(ABC):
+    """One ``-device``; chardevs, memory backends and a shared controller it needs come with it."""
+
+    id: str
+    qemu_type: ClassVar[str]
+    needs_shared_memory: ClassVar[bool] = False
+
+    def validate(self, host: HostInfo) -> None:
+        check_id("device", self.id)
+        require_device_type(host, self.qemu_type)
+        controller = self.controller()
+        if controller is not None:
+            require_device_type(host, controller[1])
+
+    def chardevs(self) -> tuple[Chardev, ...]:
+        return ()
+
+    def memory_backends(self) -> tuple[MemoryBackend, ...]:
+        return ()
+
+    def controller(self) -> tuple[str, str] | None:
+        """``(id, qemu type)`` of a controller shared by devices of this kind, added once."""
+        return None
+
+    @property
+    def hotplug_mib(self) -> int:
+        """Memory beyond the boot RAM this device can plug (counted into ``-m maxmem=``)."""
+        return 0
+
+    def properties(self) -> list[str]:
+        """Properties after ``type,id=..``."""
+        return []
+
+    def args(self) -> list[str]:
+        return ["-device", ",".join([self.qemu_type, f"id={self.id}", *self.properties()])]
+
+
+@dataclass(frozen=True)
+class VhostVsockPci(Device):
+    """Kernel vsock (needs /dev/vhost-vsock): guest <-> host only."""
+
+    id: str
+    guest_cid: int
+    qemu_type: ClassVar[str] = "vhost-vsock-pci"
+
+    def validate(self, host: HostInfo) -> None:
+        super().validate(host)
+        if not 3 <= self.guest_cid < VSOCK_CID_MAX:
+            raise OptionInvalid(
+                f"device {self.id}: guest CID {self.guest_cid} is reserved or out of range",
+                hint=f"pick a guest_cid from 3 to {VSOCK_CID_MAX - 1} (0-2 are reserved)",
+                id=self.id,
+            )
+        if not host.vhost_vsock:
+            raise VhostVsockUnavailable(
+                f"device {self.id}: this host has no /dev/vhost-vsock",
+                hint="modprobe vhost_vsock, or use VhostUserVsockPci with the user-space vsock backend",
+                id=self.id,
+            )
+
+    def properties(self) -> list[str]:
+        return [f"guest-cid={self.guest_cid}"]
+
+
+@dataclass(frozen=True)
+class VhostUserVsockPci(Device):
+    """vsock served by a user-space vhost-user backend on ``chardev``; guest RAM must be shared."""
+
+    id: str
+    chardev: ChardevSocket
+    qemu_type: ClassVar[str] = "vhost-user-vsock-pci"
+    needs_shared_memory: ClassVar[bool] = True
+
+    def validate(self, host: HostInfo) -> None:
+        super().validate(host)
+        if not isinstance(self.chardev, ChardevSocket):
+            raise OptionInvalid(
+                f"device {self.id}: vhost-user needs a socket chardev, got {type(self.chardev).__name__}",
+                hint="pass ChardevSocket(id, path=<backend socket>)",
+                id=self.id,
+            )
+
+    def chardevs(self) -> tuple[Chardev, ...]:
+        return (self.chardev,)
+
+    def properties(self) -> list[str]:
+        return [f"chardev={self.chardev.id}"]
+
+
+@dataclass(frozen=True)
+class VirtioSerialPort(Device):
+    """A named virtio-serial port (``/dev/virtio-ports/<name>`` in the guest) on the shared controller."""
+
+    id: str
+    name: str
+    chardev: Chardev
+    qemu_type: ClassVar[str] = "virtserialport"
+
+    def validate(self, host: HostInfo) -> None:
+        super().validate(host)
+        if not _PORT_NAME.fullmatch(self.name):
+            raise OptionInvalid(
+                f"device {self.id}: port name {self.name!r} is not a plain dotted name",
+                hint="use letters, digits, '.', '_' and '-', like org.teelab.tee.0",
+                id=self.id,
+            )
+
+    def chardevs(self) -> tuple[Chardev, ...]:
+        return (self.chardev,)
+
+    def controller(self) -> tuple[str, str] | None:
+        return (VIRTIO_SERIAL_BUS, "virtio-serial-pci")
+
+    def properties(self) -> list[str]:
+        return [f"bus={VIRTIO_SERIAL_BUS}.0", f"chardev={self.chardev.id}", f"name={escape(self.name)}"]
+
+
+@dataclass(frozen=True)
+class VirtioMemPci(Device):
+    """Hot-(un)pluggable memory from ``memdev``; ``requested_size_mib`` is what the guest gets now."""
+
+    id: str
+    memdev: MemoryBackend
+    requested_size_mib: int
+    block_size_mib: int = 2
+    node: int = 0
+    qemu_type: ClassVar[str] = "virtio-mem-pci"
+
+    @property
+    def hotplug_mib(self) -> int:
+        return self.memdev.size_mib
+
+    def validate(self, host: HostInfo) -> None:
+        super().validate(host)
+        block = self.block_size_mib
+        if block < 2 or block & (block - 1):
+            raise OptionInvalid(
+                f"device {self.id}: block size {block} MiB is not a power of two >= 2",
+                hint="use block_size_mib=2 (or 4, 8, ...)",
+                id=self.id,
+            )
+        if self.memdev.size_mib % block or self.requested_size_mib % block:
+            raise MemorySizeError(
+                f"device {self.id}: memdev {self.memdev.size_mib} MiB and requested "
+                f"{self.requested_size_mib} MiB must be multiples of the {block} MiB block size",
+                hint=f"round both sizes to a multiple of {block} MiB",
+                id=self.id,
+            )
+        if not 0 <= self.requested_size_mib <= self.memdev.size_mib:
+            raise MemorySizeError(
+                f"device {self.id}: requested {self.requested_size_mib} MiB but memdev "
+                f"{self.memdev.id} holds {self.memdev.size_mib} MiB",
+                hint=f"request at most {self.memdev.size_mib} MiB or grow the memdev",
+                id=self.id,
+            )
+        if isinstance(self.memdev, MemoryBackendFile) and self.memdev.prealloc:
+            raise OptionInvalid(
+                f"device {self.id}: memdev {self.memdev.id} has prealloc, which virtio-mem refuses",
+                hint="set prealloc=False on the virtio-mem memdev",
+                id=self.id,
+            )
+        if self.node < 0:
+            raise OptionInvalid(f"device {self.id}: node {self.node}", hint="use node=0", id=self.id)
+
+    def memory_backends(self) -> tuple[MemoryBackend, ...]:
+        return (self.memdev,)
+
+    def properties(self) -> list[str]:
+        return [
+            f"memdev={self.memdev.id}",
+            f"node={self.node}",
+            f"block-size={size_mib(self.block_size_mib)}",
+            f"requested-size={size_mib(self.requested_size_mib)}",
+        ]
+
+
+@dataclass(frozen=True)
+class VirtioRngPci(Device):
+    """A virtio entropy source fed by QEMU's built-in RNG backend."""
+
+    id: str
+    qemu_type: ClassVar[str] = "virtio-rng-pci"

@@ -1,0 +1,378 @@
+"""Typed QEMU ``-object`` values: memory backends (ram, memfd, file), confidential guests (SNP, TDX)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from harness.host.model import Accel, HostInfo
+from harness.qemu.errors import (
+    HugepagesShort,
+    HugetlbfsNotMounted,
+    MemorySizeError,
+    OptionInvalid,
+    SevSnpUnavailable,
+    SpecError,
+    TdxUnavailable,
+)
+from harness.qemu.options import (
+    check_id,
+    escape,
+    onoff,
+    qemu_version,
+    require_object_type,
+    size_kib,
+    size_mib,
+    truefalse,
+)
+
+NumaPolicy = Literal["bind", "preferred", "interleave"]
+
+
+@dataclass(frozen=True)
+class HugepageDemand:
+    """Hugepages a backend takes: ``pages`` of ``page_kib`` from ``nodes`` (empty: any node)."""
+
+    page_kib: int
+    pages: int
+    nodes: tuple[int, ...] = ()
+
+
+def check_hugepages(host: HostInfo, demand: HugepageDemand, what: str) -> None:
+    """Raise HugepagesShort when the host has fewer free pages than ``demand`` on its nodes."""
+    nodes: tuple[int | None, ...] = demand.nodes or (None,)
+    free = sum(host.free_hugepages(demand.page_kib, node) for node in nodes)
+    if free >= demand.pages:
+        return
+    pools = [p for p in host.hugepages if p.size_kib == demand.page_kib]
+    per_node = [p for p in pools if p.node is not None]
+    total = sum(p.total for p in (per_node or pools))
+    where = f" on node {','.join(map(str, demand.nodes))}" if demand.nodes else ""
+    knob = (
+        "/proc/sys/vm/nr_hugepages"
+        if demand.page_kib == 2048
+        else f"/sys/kernel/mm/hugepages/hugepages-{demand.page_kib}kB/nr_hugepages"
+    )
+    raise HugepagesShort(
+        f"{what} needs {demand.pages} hugepages of {demand.page_kib} KiB{where} but {free} are free",
+        hint=f"reserve {demand.pages - free} more as root: echo {total + demand.pages - free} > {knob}",
+        needed=demand.pages,
+        free=free,
+        page_kib=demand.page_kib,
+        nodes=demand.nodes,
+    )
+
+
+class MemoryBackend(ABC):
+    """A ``memory-backend-*`` object holding guest RAM."""
+
+    id: str
+    size_mib: int
+    qemu_type: ClassVar[str]
+
+    @property
+    def shared(self) -> bool:
+        """Whether another process (a vhost-user backend) can map this memory."""
+        return False
+
+    def hugepage_demand(self) -> HugepageDemand | None:
+        return None
+
+    def validate(self, host: HostInfo) -> None:
+        check_id("object", self.id)
+        if self.size_mib < 1:
+            raise MemorySizeError(
+                f"memory backend {self.id} has size {self.size_mib} MiB",
+                hint="give the backend a positive size_mib",
+                id=self.id,
+            )
+        require_object_type(host, self.qemu_type)
+        demand = self.hugepage_demand()
+        if demand is not None:
+            if (self.size_mib * 1024) % demand.page_kib:
+                raise MemorySizeError(
+                    f"memory backend {self.id}: {self.size_mib} MiB is not a multiple of the "
+                    f"{demand.page_kib} KiB hugepage size",
+                    hint=f"round size_mib up to a multiple of {demand.page_kib // 1024 or 1} MiB",
+                    id=self.id,
+                )
+            check_hugepages(host, demand, f"memory backend {self.id}")
+
+    @abstractmethod
+    def options(self) -> list[str]:
+        """Options after ``type,id=..,size=..``."""
+
+    def args(self) -> list[str]:
+        head = [self.qemu_type, f"id={self.id}", f"size={size_mib(self.size_mib)}"]
+        return ["-object", ",".join(head + self.options())]
+
+
+@dataclass(frozen=True)
+class MemoryBackendRam(MemoryBackend):
+    """Anonymous private RAM."""
+
+    id: str
+    size_mib: int
+    qemu_type: ClassVar[str] = "memory-backend-ram"
+
+    def options(self) -> list[str]:
+        return []
+
+
+@dataclass(frozen=True)
+class MemoryBackendMemfd(MemoryBackend):
+    """RAM in a memfd: shareable with vhost-user backends, optionally on hugetlb pages."""
+
+    id: str
+    size_mib: int
+    share: bool = True
+    hugetlb: bool = False
+    hugetlbsize_kib: int | None = None
+    qemu_type: ClassVar[str] = "memory-backend-memfd"
+
+    @property
+    def shared(self) -> bool:
+        return self.share
+
+    def hugepage_demand(self) -> HugepageDemand | None:
+        if not self.hugetlb:
+            return None
+        page_kib = self.hugetlbsize_kib or 2048
+        return HugepageDemand(page_kib, -(-self.size_mib * 1024 // page_kib))
+
+    def validate(self, host: HostInfo) -> None:
+        if self.hugetlbsize_kib is not None and not self.hugetlb:
+            raise OptionInvalid(
+                f"memory backend {self.id} sets hugetlbsize_kib without hugetlb",
+                hint="set hugetlb=True or drop hugetlbsize_kib",
+                id=self.id,
+            )
+        super().validate(host)
+
+    def options(self) -> list[str]:
+        opts = [f"share={truefalse(self.share)}"]
+        if self.hugetlb:
+            opts.append("hugetlb=true")
+            if self.hugetlbsize_kib is not None:
+                opts.append(f"hugetlbsize={size_kib(self.hugetlbsize_kib)}")
+        return opts
+
+
+@dataclass(frozen=True)
+class MemoryBackendFile(MemoryBackend):
+    """RAM in a file under ``mem_path``: a hugetlbfs mount when ``hugepage_kib`` is set, with NUMA binding."""
+
+    id: str
+    size_mib: int
+    mem_path: Path
+    share: bool = True
+    prealloc: bool = True
+    host_nodes: tuple[int, ...] = ()
+    policy: NumaPolicy | None = None
+    hugepage_kib: int | None = 2048
+    qemu_type: ClassVar[str] = "memory-backend-file"
+
+    @property
+    def shared(self) -> bool:
+        return self.share
+
+    def hugepage_demand(self) -> HugepageDemand | None:
+        if self.hugepage_kib is None:
+            return None
+        nodes = self.host_nodes if self.policy == "bind" else ()
+        return HugepageDemand(self.hugepage_kib, -(-self.size_mib * 1024 // self.hugepage_kib), nodes)
+
+    def validate(self, host: HostInfo) -> None:
+        check_id("object", self.id)
+        if bool(self.host_nodes) != (self.policy is not None):
+            raise OptionInvalid(
+                f"memory backend {self.id}: host_nodes and policy go together "
+                f"(host_nodes={self.host_nodes}, policy={self.policy})",
+                hint="give both host_nodes=(0,) and policy='bind', or neither",
+                id=self.id,
+            )
+        unknown = sorted(set(self.host_nodes) - set(host.numa_nodes))
+        if unknown:
+            raise OptionInvalid(
+                f"memory backend {self.id}: host NUMA node(s) {unknown} do not exist "
+                f"(host has {list(host.numa_nodes)})",
+                hint=f"choose host_nodes among {list(host.numa_nodes)}",
+                id=self.id,
+            )
+        if self.hugepage_kib is not None:
+            self._check_mount(host, self.hugepage_kib)
+        super().validate(host)
+
+    def _check_mount(self, host: HostInfo, page_kib: int) -> None:
+        path = Path(self.mem_path)
+        mounts = [m for m in host.hugetlbfs if Path(m.path) == path or Path(m.path) in path.parents]
+        if any(m.pagesize_kib == page_kib for m in mounts):
+            return
+        size = size_kib(page_kib)
+        raise HugetlbfsNotMounted(
+            f"memory backend {self.id}: {path} is not a hugetlbfs mount of {page_kib} KiB pages "
+            f"(mounts: {', '.join(f'{m.path} ({m.pagesize_kib} KiB)' for m in host.hugetlbfs) or 'none'})",
+            hint=f"as root: mkdir -p {path} && mount -t hugetlbfs -o pagesize={size} none {path}",
+            id=self.id,
+            mem_path=str(path),
+        )
+
+    def options(self) -> list[str]:
+        opts = [
+            f"mem-path={escape(self.mem_path)}",
+            f"share={truefalse(self.share)}",
+            f"prealloc={truefalse(self.prealloc)}",
+        ]
+        opts += [f"host-nodes={node}" for node in self.host_nodes]
+        if self.policy is not None:
+            opts.append(f"policy={self.policy}")
+        return opts
+
+
+class ConfidentialGuest(ABC):
+    """A confidential-guest-support object; ``validate`` names everything the host lacks for it."""
+
+    id: str
+    qemu_type: ClassVar[str]
+    min_qemu: ClassVar[str]
+    host_flag: ClassVar[str]
+    unavailable: ClassVar[type[SpecError]]
+    memory_types: ClassVar[tuple[type[MemoryBackend], ...]] = ()
+    needs_shared_memory: ClassVar[bool] = False
+    needs_firmware: ClassVar[bool] = True
+
+    @abstractmethod
+    def host_supports(self, host: HostInfo) -> bool:
+        """The probe's verdict on the host kernel and firmware."""
+
+    def machine_options(self) -> list[str]:
+        """``-machine`` options after ``confidential-guest-support`` and ``memory-backend``."""
+        return []
+
+    def validate(self, host: HostInfo, accel: Accel | None = None) -> None:
+        check_id("object", self.id)
+        accel = accel or host.accel
+        missing = []
+        if host.qemu.object_types and self.qemu_type not in host.qemu.object_types:
+            version, wanted = qemu_version(host), self.min_qemu
+            missing.append(f"QEMU {version} has no object type {self.qemu_type} (needs QEMU >= {wanted})")
+        if not self.host_supports(host):
+            missing.append(f"{self.host_flag} is not Y")
+        if accel != "kvm":
+            why = host.accel_reason if host.accel != "kvm" else "the spec asks for tcg"
+            missing.append(f"accel is {accel}, not kvm ({why})")
+        if missing:
+            raise self.unavailable(
+                f"{self.qemu_type} {self.id} cannot run here: " + "; ".join(missing),
+                hint=f"run on a host with QEMU >= {self.min_qemu}, {self.host_flag} = Y and usable KVM, "
+                "or use the emulated TEE backend",
+                missing=missing,
+            )
+
+    @abstractmethod
+    def options(self) -> list[str]:
+        """Options after ``type,id=..``."""
+
+    def args(self) -> list[str]:
+        return ["-object", ",".join([self.qemu_type, f"id={self.id}", *self.options()])]
+
+
+@dataclass(frozen=True)
+class SevSnpGuest(ConfidentialGuest):
+    """An AMD SEV-SNP guest (QEMU >= 9.1); ``host_data`` is 32 bytes placed in the attestation report."""
+
+    id: str = "sev0"
+    cbitpos: int = 51
+    reduced_phys_bits: int = 1
+    policy: int = 0x30000
+    kernel_hashes: bool = True
+    host_data: bytes | None = None
+    qemu_type: ClassVar[str] = "sev-snp-guest"
+    min_qemu: ClassVar[str] = "9.1"
+    host_flag: ClassVar[str] = "/sys/module/kvm_amd/parameters/sev_snp"
+    unavailable: ClassVar[type[SpecError]] = SevSnpUnavailable
+    memory_types: ClassVar[tuple[type[MemoryBackend], ...]] = (MemoryBackendMemfd,)
+    needs_shared_memory: ClassVar[bool] = True
+
+    def host_supports(self, host: HostInfo) -> bool:
+        return host.tee.sev_snp
+
+    def validate(self, host: HostInfo, accel: Accel | None = None) -> None:
+        super().validate(host, accel)
+        if self.host_data is not None and len(self.host_data) != 32:
+            raise OptionInvalid(
+                f"{self.id}: host_data is {len(self.host_data)} bytes, SEV-SNP takes exactly 32",
+                hint="pass 32 bytes, e.g. hashlib.sha256(...).digest()",
+                id=self.id,
+            )
+        for name, ours, hosts in (
+            ("cbitpos", self.cbitpos, host.tee.cbitpos),
+            ("reduced_phys_bits", self.reduced_phys_bits, host.tee.reduced_phys_bits),
+        ):
+            if hosts is not None and ours != hosts:
+                raise OptionInvalid(
+                    f"{self.id}: {name}={ours} but this host's CPU reports {hosts}",
+                    hint=f"set {name}={hosts} (CPUID 0x8000001F EBX)",
+                    id=self.id,
+                )
+
+    def options(self) -> list[str]:
+        opts = [
+            f"cbitpos={self.cbitpos}",
+            f"reduced-phys-bits={self.reduced_phys_bits}",
+            f"policy={self.policy:#x}",
+            f"kernel-hashes={onoff(self.kernel_hashes)}",
+        ]
+        if self.host_data is not None:
+            opts.append(f"host-data={base64.b64encode(self.host_data).decode()}")
+        return opts
+
+
+@dataclass(frozen=True)
+class TdxGuest(ConfidentialGuest):
+    """An Intel TDX guest (QEMU >= 10.1); ``quote_generation_socket`` is the QGS vsock (cid, port)."""
+
+    id: str = "tdx0"
+    quote_generation_socket: tuple[int, int] | None = None
+    sept_ve_disable: bool = True
+    qemu_type: ClassVar[str] = "tdx-guest"
+    min_qemu: ClassVar[str] = "10.1"
+    host_flag: ClassVar[str] = "/sys/module/kvm_intel/parameters/tdx"
+    unavailable: ClassVar[type[SpecError]] = TdxUnavailable
+
+    def host_supports(self, host: HostInfo) -> bool:
+        return host.tee.tdx
+
+    def machine_options(self) -> list[str]:
+        return ["kernel-irqchip=split", "hpet=off"]
+
+    def validate(self, host: HostInfo, accel: Accel | None = None) -> None:
+        super().validate(host, accel)
+        if self.quote_generation_socket is not None:
+            cid, port = self.quote_generation_socket
+            if not (0 < cid < 2**32 - 1 and 0 <= port < 2**32):
+                raise OptionInvalid(
+                    f"{self.id}: quote_generation_socket {cid, port} is not a vsock address",
+                    hint="use (2, 4050): the host's CID and the QGS port",
+                    id=self.id,
+                )
+
+    def options(self) -> list[str]:
+        return [] if self.sept_ve_disable else ["sept-ve-disable=off"]
+
+    def args(self) -> list[str]:
+        if self.quote_generation_socket is None:
+            return super().args()
+        cid, port = self.quote_generation_socket
+        obj: dict[str, object] = {
+            "qom-type": self.qemu_type,
+            "id": self.id,
+            "quote-generation-socket": {"type": "vsock", "cid": str(cid), "port": str(port)},
+        }
+        if not self.sept_ve_disable:
+            obj["sept-ve-disable"] = False
+        return ["-object", json.dumps(obj, separators=(",", ":"))]

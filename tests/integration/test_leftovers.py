@@ -1,0 +1,134 @@
+"""50 launch-and-stop cycles, ended every way we know, leave no QEMU process, socket, hugepage file or
+temp dir behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.host import hugepages
+from harness.host.probe import probe
+from harness.lab import Lab
+from harness.qemu.spec import MemoryBackendFile
+
+pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.slow]
+
+CYCLES = 50
+HUGEPAGE_MIB = 128
+TAG = "leftover-check"
+
+HARNESS_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from harness import images
+    from harness.lab import Lab
+    lab = Lab()
+    spec = lab.spec_for_image(images.build("enclave"), name=sys.argv[1], memory_mib=256)
+    machine = lab.launch(spec)
+    print(machine.pid, flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+def qemu_processes() -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(") ", 1)[1][0]
+        except (OSError, IndexError):
+            continue
+        if argv and b"qemu-system" in argv[0] and any(TAG.encode() in a for a in argv) and state != "Z":
+            found.add(int(entry.name))
+    return found
+
+
+def sockets_under(*roots: Path) -> set[Path]:
+    found = set()
+    for root in roots:
+        for dirpath, _dirs, files in os.walk(root):
+            for name in files:
+                path = Path(dirpath) / name
+                try:
+                    if stat.S_ISSOCK(path.lstat().st_mode):
+                        found.add(path)
+                except OSError:
+                    continue
+    return found
+
+
+def temp_entries() -> set[str]:
+    return set(os.listdir(tempfile.gettempdir()))
+
+
+def wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pid not in qemu_processes():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def hugetlbfs_mount(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    hugepages.ensure_pool(2048, HUGEPAGE_MIB // 2 + 8)
+    return hugepages.ensure_hugetlbfs(2048)
+
+
+def test_fifty_cycles_leave_nothing_behind(enclave_image, hugetlbfs_mount: Path, state_dir: Path) -> None:
+    host = probe()
+    free_before = host.free_hugepages(2048)
+    temp_before = temp_entries()
+    sockets_before = sockets_under(state_dir, Path(tempfile.gettempdir()))
+    ends: dict[str, int] = {}
+    with Lab(host) as lab:
+        for cycle in range(CYCLES):
+            name = f"{TAG}-{cycle}"
+            how = ("powerdown", "quit", "sigkill-qemu", "kill-harness", "hugepages-quit")[cycle % 5]
+            ends[how] = ends.get(how, 0) + 1
+            if how == "kill-harness":
+                harness = subprocess.Popen(
+                    [sys.executable, "-c", HARNESS_SCRIPT, name], stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, text=True,
+                )
+                pid = int(harness.stdout.readline())  # type: ignore[union-attr]
+                harness.kill()
+                harness.wait()
+                assert wait_gone(pid), f"cycle {cycle}: QEMU {pid} outlived its harness"
+                continue
+            memory = None
+            if how == "hugepages-quit":
+                memory = MemoryBackendFile("ram0", HUGEPAGE_MIB, mem_path=hugetlbfs_mount, prealloc=True)
+            spec = lab.spec_for_image(enclave_image, name=name, memory_mib=HUGEPAGE_MIB if memory else 256,
+                                      memory=memory)
+            if how == "powerdown":
+                boot = lab.boot(spec)
+                assert boot.machine.shutdown().stage == "powerdown"
+            elif how == "sigkill-qemu":
+                machine = lab.launch(spec)
+                os.kill(machine.pid, signal.SIGKILL)  # type: ignore[arg-type]
+                assert machine.shutdown(powerdown_timeout=1).returncode == -signal.SIGKILL
+            else:
+                machine = lab.launch(spec)
+                if memory is not None:
+                    assert list(hugetlbfs_mount.iterdir()) == [], "QEMU's hugepage file should be unlinked"
+                assert machine.shutdown(powerdown_timeout=0).stage == "quit"
+    assert ends == {"powerdown": 10, "quit": 10, "sigkill-qemu": 10, "kill-harness": 10, "hugepages-quit": 10}
+    assert qemu_processes() == set()
+    assert hugepages.hugepage_files(hugetlbfs_mount) == []
+    assert probe().free_hugepages(2048) == free_before
+    assert sockets_under(state_dir, Path(tempfile.gettempdir())) - sockets_before == set()
+    assert temp_entries() - temp_before == set()
