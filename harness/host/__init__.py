@@ -1,0 +1,1 @@
+"""The host layer: capability probe, hugepages, the cross-process ledger, remote hosts."""
