@@ -45,4 +45,4 @@ class LedgerExhausted(HostError):
 class LedgerCorrupt(HostError):
     code = "E205"
     title = "host ledger unreadable"
-    explanation = "The ledger file under the state dir is not valid JSON; move it aside and claims start afresh."
+    explanation = "The ledger file under the state dir is not valid JSON; move it aside to start afresh."

@@ -34,12 +34,12 @@ def ensure_pool(page_kib: int, pages: int, node: int | None = None) -> int:
     free = free_pages(page_kib, node)
     if free >= pages:
         return free
+    knob = pool_knob(page_kib, node)
     if os.geteuid() != 0:
         raise NeedsRoot(
             f"{pages} hugepages of {page_kib} KiB wanted, {free} free, and only root can reserve more",
-            hint=f"as root: echo $(( $(cat {pool_knob(page_kib, node)}) + {pages - free} )) > {pool_knob(page_kib, node)}",
+            hint=f"as root: echo $(( $(cat {knob}) + {pages - free} )) > {knob}",
         )
-    knob = pool_knob(page_kib, node)
     total = int(knob.read_text())
     knob.write_text(str(total + pages - free))
     free = free_pages(page_kib, node)
@@ -57,15 +57,16 @@ def ensure_hugetlbfs(page_kib: int, mount_point: Path | None = None) -> Path:
     for mount in hugetlbfs_mounts(Path("/")):
         if mount.pagesize_kib == page_kib and (mount_point is None or Path(mount.path) == mount_point):
             return Path(mount.path)
-    target = mount_point or MOUNT_BASE / f"hugepages-{page_size_text(page_kib)}"
+    size = page_size_text(page_kib)
+    target = mount_point or MOUNT_BASE / f"hugepages-{size}"
     if os.geteuid() != 0:
         raise NeedsRoot(
             f"no hugetlbfs mount of {page_kib} KiB pages, and only root can mount one",
-            hint=f"as root: mkdir -p {target} && mount -t hugetlbfs -o pagesize={page_size_text(page_kib)} none {target}",
+            hint=f"as root: mkdir -p {target} && mount -t hugetlbfs -o pagesize={size} none {target}",
         )
     target.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(
-        ["mount", "-t", "hugetlbfs", "-o", f"pagesize={page_size_text(page_kib)}", "none", str(target)],
+        ["mount", "-t", "hugetlbfs", "-o", f"pagesize={size}", "none", str(target)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     if done.returncode != 0:

@@ -1,7 +1,8 @@
 """The host probe: what this machine can give a VM, read from files under a root directory.
 
-Everything is read under ``root`` (``/`` on a real host), so tests point the probe at fixture trees: an SEV-SNP
-host, a TDX host, a two-node SMT host. QEMU's capabilities come from running the binary found under ``root``.
+Everything is read under ``root`` (``/`` on a real host), so tests point the probe at fixture trees: an
+SEV-SNP host, a TDX host, a two-node SMT host. QEMU's capabilities come from running the binary found under
+``root``.
 """
 
 from __future__ import annotations
@@ -211,7 +212,8 @@ def qemu_info(root: Path, binary: str = QEMU_BINARY) -> QemuInfo:
     queries = {"version": ["--version"], "object": ["-object", "help"], "device": ["-device", "help"],
                "machine": ["-machine", "help"]}  # fmt: skip
     with ThreadPoolExecutor(len(queries)) as pool:
-        outputs = dict(zip(queries, pool.map(lambda args: _run([str(path), *args]), queries.values()), strict=True))
+        answers = pool.map(lambda args: _run([str(path), *args]), queries.values())
+        outputs = dict(zip(queries, answers, strict=True))
     version = re.search(r"version (\d+)\.(\d+)\.(\d+)", outputs["version"])
     return QemuInfo(
         binary=str(path) if str(root) != "/" else str(Path("/") / path.relative_to(root)),
@@ -239,12 +241,14 @@ def libvirt_info(root: Path) -> LibvirtInfo:
     try:
         import libvirt
     except ImportError:
-        return LibvirtInfo(available=False, reason="libvirt-python is not installed (pip install teelab[libvirt])")
+        reason = "libvirt-python is not installed (pip install teelab[libvirt])"
+        return LibvirtInfo(available=False, reason=reason)
     major, rest = divmod(libvirt.getVersion(), 1_000_000)
     version = f"{major}.{rest // 1000}.{rest % 1000}"
     sock = next((root / s for s in LIBVIRT_SOCKETS if (root / s).exists()), None)
     if sock is None:
-        return LibvirtInfo(available=False, version=version, reason="libvirtd is not running (no libvirt-sock)")
+        reason = "libvirtd is not running (no libvirt-sock)"
+        return LibvirtInfo(available=False, version=version, reason=reason)
     return LibvirtInfo(available=True, version=version, uri="qemu:///system")
 
 
