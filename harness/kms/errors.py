@@ -1,0 +1,186 @@
+"""Coded errors of the lab KMS (E10xx); request errors also carry the AWS KMS ``__type`` and HTTP status."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from harness.errors import LabError
+
+
+class KmsError(LabError):
+    code = "E1000"
+    title = "KMS internal error"
+    explanation = "The lab KMS failed while serving a request; the audit log and the server log say where."
+    aws_type: ClassVar[str] = "KMSInternalException"
+    http_status: ClassVar[int] = 500
+
+
+class KmsRequestError(KmsError):
+    """A request the KMS refuses (HTTP 4xx): bad input, unknown key, denied access."""
+
+    code = "E1001"
+    title = "bad KMS request"
+    explanation = "A request to the lab KMS has a value it cannot use; the message names the field."
+    exit_status = 2
+    aws_type = "ValidationException"
+    http_status = 400
+
+
+class SerializationError(KmsRequestError):
+    code = "E1002"
+    title = "request body is not the JSON object the operation expects"
+    explanation = "The body of a KMS request must be one JSON object (application/x-amz-json-1.1), in UTF-8."
+    aws_type = "SerializationException"
+
+
+class UnknownOperation(KmsRequestError):
+    code = "E1003"
+    title = "unknown KMS operation"
+    explanation = (
+        "X-Amz-Target must be TrentService.<Operation> with one of CreateKey, DescribeKey, ListKeys, "
+        "Encrypt, Decrypt, GenerateDataKey, GenerateRandom, GetKeyPolicy, PutKeyPolicy, ScheduleKeyDeletion, "
+        "CancelKeyDeletion."
+    )
+    aws_type = "UnknownOperationException"
+
+
+class KeyNotFound(KmsRequestError):
+    code = "E1004"
+    title = "no such KMS key"
+    explanation = "The KeyId (key id or key ARN) names no key in this KMS; aliases are not supported."
+    aws_type = "NotFoundException"
+
+
+class InvalidCiphertext(KmsRequestError):
+    code = "E1005"
+    title = "ciphertext blob is corrupt or has a different encryption context"
+    explanation = (
+        "A CiphertextBlob must come from this KMS's Encrypt or GenerateDataKey, unchanged, and be decrypted "
+        "with the same EncryptionContext."
+    )
+    aws_type = "InvalidCiphertextException"
+
+
+class IncorrectKey(KmsRequestError):
+    code = "E1006"
+    title = "ciphertext was made under another key"
+    explanation = "Decrypt was given a KeyId that differs from the key that encrypted the CiphertextBlob."
+    aws_type = "IncorrectKeyException"
+
+
+class InvalidKeyState(KmsRequestError):
+    code = "E1007"
+    title = "key state does not allow the operation"
+    explanation = "The key is pending deletion (or not pending, for CancelKeyDeletion)."
+    aws_type = "KMSInvalidStateException"
+
+
+class MalformedPolicy(KmsRequestError):
+    code = "E1008"
+    title = "malformed key policy"
+    explanation = (
+        "Key policies are JSON documents shaped like AWS key policies: Statement with Effect, Principal, "
+        "Action, optional Resource, Sid and Condition. Unknown operators, keys or fields are refused."
+    )
+    aws_type = "MalformedPolicyDocumentException"
+
+
+class AccessDenied(KmsRequestError):
+    code = "E1009"
+    title = "key policy does not allow the request"
+    explanation = (
+        "No statement of the key policy allows this principal, action and attestation evidence (or one "
+        "denies it); the audit log keeps the reasons. Deny is the default."
+    )
+    aws_type = "AccessDeniedException"
+
+
+class InvalidSignature(KmsRequestError):
+    code = "E1010"
+    title = "SigV4 signature does not match"
+    explanation = (
+        "The request's AWS Signature Version 4 does not verify with the secret of its access key, is outside "
+        "the 15-minute clock window, or is not scoped to the kms service."
+    )
+    aws_type = "InvalidSignatureException"
+
+
+class UnrecognizedClient(KmsRequestError):
+    code = "E1011"
+    title = "unknown access key"
+    explanation = (
+        "The access key in the Authorization header was not issued by this KMS (teelab kms credentials)."
+    )
+    aws_type = "UnrecognizedClientException"
+
+
+class IncompleteSignature(KmsRequestError):
+    code = "E1012"
+    title = "malformed Authorization header"
+    explanation = (
+        "Authorization must be 'AWS4-HMAC-SHA256 Credential=..., SignedHeaders=..., Signature=...' and sign "
+        "at least host and x-amz-date."
+    )
+    aws_type = "IncompleteSignatureException"
+
+
+class BodyTooLarge(KmsRequestError):
+    code = "E1013"
+    title = "request body too large"
+    explanation = (
+        "A KMS request body is capped (64 KiB by default); attestation evidence and 4 KiB plaintexts fit."
+    )
+    aws_type = "RequestEntityTooLargeException"
+    http_status = 413
+
+
+class EvidenceMalformed(KmsRequestError):
+    code = "E1014"
+    title = "Recipient evidence cannot be parsed"
+    explanation = (
+        "Recipient.AttestationDocument must be a Nitro-style attestation document, an SNP report or a TDX "
+        "quote (base64); SNP and TDX evidence also need Recipient.PublicKey and Recipient.Nonce."
+    )
+
+
+class EvidenceRefused(AccessDenied):
+    code = "E1015"
+    title = "Recipient evidence does not verify"
+    explanation = (
+        "The attestation evidence did not verify: bad signature or chain, a root the key policy does not "
+        "name, stale, a replayed nonce, or report_data that does not bind the recipient key and nonce."
+    )
+
+
+class MasterKeyError(KmsError):
+    code = "E1020"
+    title = "KMS master key unusable"
+    explanation = (
+        "The master key wraps every key's material: TEELAB_KMS_MASTER_KEY (base64 of 32 bytes) or the 0600 "
+        "file kms/master.key in the state dir. It must be 32 bytes and the file must not be readable by "
+        "others; a different master key cannot unwrap keys made under the old one."
+    )
+    exit_status = 2
+
+
+class StoreError(KmsError):
+    code = "E1021"
+    title = "KMS store unusable"
+    explanation = (
+        "The KMS SQLite database could not be opened or written (path, permissions, disk, corruption)."
+    )
+
+
+class ServerStartError(KmsError):
+    code = "E1022"
+    title = "KMS server did not start"
+    explanation = (
+        "The lab KMS could not listen (address in use, bad socket path, TLS files) or did not get ready."
+    )
+    exit_status = 2
+
+
+class KmsClientError(KmsError):
+    code = "E1023"
+    title = "KMS answered with an error"
+    explanation = "A call through the teelab KMS client got an error response; __type and message are kept."

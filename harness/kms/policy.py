@@ -1,0 +1,325 @@
+"""Key policies shaped like AWS key policies, with conditions on attestation claims; deny by default.
+
+Small and strict: unknown fields, operators or condition keys are refused when the policy is stored; a
+condition on a key the request does not carry never matches (also for the Not operators); a statement allows
+evidence from a non-vendor root (a lab CA) or a debug-mode guest only if it names that root or debug itself.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from harness.kms.errors import MalformedPolicy
+
+MAX_POLICY_BYTES = 32768
+ACTIONS = (
+    "CreateKey", "DescribeKey", "ListKeys", "Encrypt", "Decrypt", "GenerateDataKey", "GenerateRandom",
+    "GetKeyPolicy", "PutKeyPolicy", "ScheduleKeyDeletion", "CancelKeyDeletion",
+)  # fmt: skip
+_ACTION_NAMES = {f"kms:{a}".lower() for a in ACTIONS}
+
+ROOT_KEY = "teelab:RecipientAttestation:Root"
+DEBUG_KEY = "teelab:RecipientAttestation:Debug"
+
+# Condition keys, by type. AWS's and QingTian's spellings of the enclave keys, then the lab's own.
+_NITRO_KEYS = {"kms:RecipientAttestation:ImageSha384": "hex"}
+for _n in range(32):
+    _NITRO_KEYS[f"kms:RecipientAttestation:PCR{_n}"] = "hex"
+    _NITRO_KEYS[f"kms:RecipientAttestation/PCR{_n}"] = "hex"
+_LAB_KEYS = {
+    ROOT_KEY: "string",
+    DEBUG_KEY: "bool",
+    "teelab:RecipientAttestation:Kind": "string",
+    "teelab:RecipientAttestation:ModuleId": "string",
+    "teelab:RecipientAttestation:SnpMeasurement": "hex",
+    "teelab:RecipientAttestation:SnpHostData": "hex",
+    "teelab:RecipientAttestation:SnpPolicy": "number",
+    "teelab:RecipientAttestation:SnpGuestSvn": "number",
+    "teelab:RecipientAttestation:SnpVmpl": "number",
+    "teelab:RecipientAttestation:SnpTcbBootloader": "number",
+    "teelab:RecipientAttestation:SnpTcbTee": "number",
+    "teelab:RecipientAttestation:SnpTcbSnp": "number",
+    "teelab:RecipientAttestation:SnpTcbMicrocode": "number",
+    "teelab:RecipientAttestation:TdxMrtd": "hex",
+    "teelab:RecipientAttestation:TdxRtmr0": "hex",
+    "teelab:RecipientAttestation:TdxRtmr1": "hex",
+    "teelab:RecipientAttestation:TdxRtmr2": "hex",
+    "teelab:RecipientAttestation:TdxRtmr3": "hex",
+    "teelab:RecipientAttestation:TdxMrConfigId": "hex",
+    "teelab:RecipientAttestation:TdxAttributes": "number",
+}
+CONDITION_KEYS: dict[str, str] = {k.lower(): t for k, t in {**_NITRO_KEYS, **_LAB_KEYS}.items()}
+
+_STRING_OPS = {"StringEquals", "StringNotEquals", "StringEqualsIgnoreCase", "StringNotEqualsIgnoreCase"}
+_NUMERIC_OPS = {
+    "NumericEquals", "NumericNotEquals", "NumericLessThan", "NumericLessThanEquals", "NumericGreaterThan",
+    "NumericGreaterThanEquals",
+}  # fmt: skip
+_OPERATORS = {**dict.fromkeys(_STRING_OPS, "string"), **dict.fromkeys(_NUMERIC_OPS, "number"), "Bool": "bool"}
+_STATEMENT_FIELDS = {"Sid", "Effect", "Principal", "Action", "Resource", "Condition"}
+_ARN_ACCOUNT = re.compile(r"^arn:aws:iam::(\d{12}):")
+
+
+@dataclass(frozen=True)
+class Condition:
+    operator: str
+    key: str  # lower case
+    values: tuple[Any, ...]
+
+    def describe(self) -> str:
+        return f"{self.operator} {self.key} in {list(self.values)}"
+
+
+@dataclass(frozen=True)
+class Statement:
+    index: int
+    sid: str
+    effect: str  # "Allow" | "Deny"
+    principals: tuple[str, ...]  # "*", an account id, or an ARN
+    actions: tuple[str, ...]  # lower case, "kms:*" / "*" allowed
+    conditions: tuple[Condition, ...]
+
+    @property
+    def name(self) -> str:
+        return f"statement {self.index}" + (f" ({self.sid})" if self.sid else "")
+
+    def names_key(self, key: str) -> bool:
+        return any(c.key == key.lower() for c in self.conditions)
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """What a policy is evaluated against: who asks, for what, and the claims of verified evidence if any."""
+
+    action: str  # e.g. "kms:Decrypt"
+    principal: str | None  # an ARN, or None for an unsigned (anonymous) request
+    attestation: dict[str, Any] | None = None  # lower-case condition key -> value (str, int, bool)
+    vendor_root: bool = True  # the evidence chains to a vendor root (AMD, Intel, AWS), not a lab CA
+    debug: bool = False  # the evidence comes from a debug-mode guest or enclave
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class KeyPolicy:
+    text: str
+    statements: tuple[Statement, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> KeyPolicy:
+        """Parse and check a policy document; MalformedPolicy says what is wrong."""
+        if len(text.encode()) > MAX_POLICY_BYTES:
+            raise MalformedPolicy(f"policy is larger than {MAX_POLICY_BYTES} bytes")
+        try:
+            doc = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise MalformedPolicy(f"policy is not JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise MalformedPolicy("policy must be a JSON object")
+        unknown = set(doc) - {"Version", "Id", "Statement"}
+        if unknown:
+            raise MalformedPolicy(f"policy has unknown fields {sorted(unknown)}")
+        if doc.get("Version", "2012-10-17") != "2012-10-17":
+            raise MalformedPolicy("policy Version must be 2012-10-17")
+        raw = doc.get("Statement")
+        if isinstance(raw, dict):
+            raw = [raw]
+        if not isinstance(raw, list) or not raw:
+            raise MalformedPolicy("policy needs a Statement (an object or a non-empty list)")
+        return cls(text, tuple(_statement(i, s) for i, s in enumerate(raw)))
+
+    def named_roots(self) -> frozenset[str]:
+        """Roots that some Allow statement names in a Root condition: the verifier may accept these too."""
+        roots = set()
+        for statement in self.statements:
+            for cond in statement.conditions:
+                if (
+                    statement.effect == "Allow"
+                    and cond.key == ROOT_KEY.lower()
+                    and cond.operator in ("StringEquals", "StringEqualsIgnoreCase")
+                ):
+                    roots.update(
+                        str(v).lower() if "IgnoreCase" in cond.operator else str(v) for v in cond.values
+                    )
+        return frozenset(roots)
+
+    def evaluate(self, ctx: RequestContext, account: str) -> Decision:
+        """Explicit Deny wins, then any Allow, else the default deny; reasons say which statement decided."""
+        reasons: list[str] = []
+        allowed_by = None
+        for statement in self.statements:
+            why = _mismatch(statement, ctx, account)
+            if why is None:
+                if statement.effect == "Deny":
+                    return Decision(False, (*reasons, f"{statement.name} denies"))
+                allowed_by = allowed_by or statement
+            else:
+                reasons.append(f"{statement.name}: {why}")
+        if allowed_by is not None:
+            return Decision(True, (f"{allowed_by.name} allows",))
+        return Decision(False, (*reasons, "no statement allows the request (default deny)"))
+
+
+def default_policy(account: str) -> str:
+    """The policy a key gets when CreateKey names none: the account's credentials may do everything."""
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Id": "key-default-1",
+            "Statement": [
+                {
+                    "Sid": "Enable lab credentials",
+                    "Effect": "Allow",
+                    "Principal": {"AWS": f"arn:aws:iam::{account}:root"},
+                    "Action": "kms:*",
+                    "Resource": "*",
+                }
+            ],
+        },
+        indent=2,
+    )
+
+
+def _strings(value: Any, what: str, where: str) -> tuple[str, ...]:
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(v, str) and v for v in items):
+        raise MalformedPolicy(f"{where}: {what} must be a non-empty string or list of strings")
+    return tuple(items)
+
+
+def _statement(index: int, raw: Any) -> Statement:
+    where = f"statement {index}"
+    if not isinstance(raw, dict):
+        raise MalformedPolicy(f"{where} is not an object")
+    unknown = set(raw) - _STATEMENT_FIELDS
+    if unknown:
+        raise MalformedPolicy(
+            f"{where} has unsupported fields {sorted(unknown)} (NotAction etc. are not supported)"
+        )
+    sid = raw.get("Sid", "")
+    if not isinstance(sid, str):
+        raise MalformedPolicy(f"{where}: Sid must be a string")
+    effect = raw.get("Effect")
+    if effect not in ("Allow", "Deny"):
+        raise MalformedPolicy(f"{where}: Effect must be Allow or Deny")
+    principal = raw.get("Principal")
+    if principal == "*":
+        principals: tuple[str, ...] = ("*",)
+    elif isinstance(principal, dict) and set(principal) == {"AWS"}:
+        principals = _strings(principal["AWS"], "Principal.AWS", where)
+    else:
+        raise MalformedPolicy(f'{where}: Principal must be "*" or {{"AWS": ARN or list}}')
+    actions = tuple(a.lower() for a in _strings(raw.get("Action"), "Action", where))
+    for action in actions:
+        if action not in ("*", "kms:*") and action not in _ACTION_NAMES:
+            raise MalformedPolicy(f"{where}: unknown action {action!r}")
+    if "Resource" in raw:
+        _strings(raw["Resource"], "Resource", where)
+    return Statement(index, sid, effect, principals, actions, _conditions(raw.get("Condition", {}), where))
+
+
+def _conditions(raw: Any, where: str) -> tuple[Condition, ...]:
+    if not isinstance(raw, dict):
+        raise MalformedPolicy(f"{where}: Condition must be an object")
+    out = []
+    for operator, block in raw.items():
+        kind = _OPERATORS.get(operator)
+        if kind is None:
+            raise MalformedPolicy(f"{where}: unsupported condition operator {operator!r}")
+        if not isinstance(block, dict) or not block:
+            raise MalformedPolicy(f"{where}: {operator} must map condition keys to values")
+        for key, value in block.items():
+            key_type = CONDITION_KEYS.get(str(key).lower())
+            if key_type is None:
+                raise MalformedPolicy(f"{where}: unknown condition key {key!r}")
+            if {"hex": "string"}.get(key_type, key_type) != kind:
+                raise MalformedPolicy(f"{where}: {operator} cannot compare {key} (a {key_type} key)")
+            values = value if isinstance(value, list) else [value]
+            if not values:
+                raise MalformedPolicy(f"{where}: {operator} {key} has no values")
+            out.append(Condition(operator, key.lower(), tuple(_value(v, kind, where, key) for v in values)))
+    return tuple(out)
+
+
+def _value(value: Any, kind: str, where: str, key: str) -> Any:
+    if kind == "string" and isinstance(value, str):
+        return value
+    if kind == "number" and not isinstance(value, bool):
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"-?\d{1,20}|0x[0-9a-fA-F]{1,16}", value):
+            return int(value, 0)
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    raise MalformedPolicy(f"{where}: value {value!r} for {key} is not a {kind}")
+
+
+def _principal_matches(principals: tuple[str, ...], principal: str | None, account: str) -> bool:
+    for p in principals:
+        if p == "*":
+            return True
+        if principal is None:
+            continue
+        if p in (account, f"arn:aws:iam::{account}:root"):
+            match = _ARN_ACCOUNT.match(principal)
+            if match and match.group(1) == account:
+                return True
+        elif p == principal:
+            return True
+    return False
+
+
+def _condition_holds(cond: Condition, actual: Any) -> bool:
+    op = cond.operator
+    if op == "Bool":
+        return any(actual is v for v in cond.values)
+    if op in _STRING_OPS:
+        fold = "IgnoreCase" in op
+        text = actual.lower() if fold else actual
+        hit = any(text == (v.lower() if fold else v) for v in cond.values)
+        return not hit if "NotEquals" in op else hit
+    compare = {
+        "NumericEquals": lambda a, b: a == b,
+        "NumericNotEquals": lambda a, b: a != b,
+        "NumericLessThan": lambda a, b: a < b,
+        "NumericLessThanEquals": lambda a, b: a <= b,
+        "NumericGreaterThan": lambda a, b: a > b,
+        "NumericGreaterThanEquals": lambda a, b: a >= b,
+    }[op]
+    if op == "NumericNotEquals":
+        return all(compare(actual, v) for v in cond.values)
+    return any(compare(actual, v) for v in cond.values)
+
+
+def _mismatch(statement: Statement, ctx: RequestContext, account: str) -> str | None:
+    """Why ``statement`` does not apply to ``ctx``; None when it applies."""
+    action = ctx.action.lower()
+    if not any(a in ("*", "kms:*", action) for a in statement.actions):
+        return f"action {ctx.action} not listed"
+    if not _principal_matches(statement.principals, ctx.principal, account):
+        return f"principal {ctx.principal or 'anonymous'} not listed"
+    claims = ctx.attestation
+    for cond in statement.conditions:
+        if claims is None or cond.key not in claims:
+            return f"{cond.key} is not in the request (no attestation evidence or no such claim)"
+        actual = claims[cond.key]
+        if not _condition_holds(cond, actual):
+            return f"{cond.describe()} does not hold for {actual!r}"
+    if statement.effect == "Allow" and claims is not None:
+        if not ctx.vendor_root and not statement.names_key(ROOT_KEY):
+            return (
+                f"evidence chains to root {claims.get(ROOT_KEY.lower())!r}, which the statement does not name"
+            )
+        if ctx.debug and not statement.names_key(DEBUG_KEY):
+            return "evidence comes from a debug-mode guest and the statement does not allow debug"
+    return None

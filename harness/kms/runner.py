@@ -1,0 +1,246 @@
+"""Start and stop the lab KMS: in this process on its own event-loop thread, or as a subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from harness.aio import EventLoopThread
+from harness.kms.errors import ServerStartError
+from harness.kms.recipient import Verifier
+from harness.kms.server import DEFAULT_MAX_BODY, KmsHttp
+from harness.kms.service import KmsService, ServiceConfig
+from harness.kms.store import Credentials, KeyRecord, Store
+from harness.kms.tls import ensure_certificate, server_context
+
+
+@dataclass(frozen=True)
+class Listen:
+    """Where the KMS listens: loopback host and port (0: any free one) or a Unix socket; TLS optional."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    unix_path: Path | None = None
+    tls: bool = False
+    max_body: int = DEFAULT_MAX_BODY
+
+
+def default_verifier() -> Verifier:
+    from harness.kms.attested import verify_recipient
+
+    return verify_recipient
+
+
+def policy_text(policy: str | dict[str, Any] | None) -> str | None:
+    return json.dumps(policy, indent=2) if isinstance(policy, dict) else policy
+
+
+class KmsServer:
+    """A KMS serving from this process; ``endpoint`` is ``http(s)://127.0.0.1:PORT`` or ``unix:PATH``."""
+
+    def __init__(
+        self,
+        kms_dir: Path,
+        listen: Listen | None = None,
+        *,
+        verifier: Verifier | None = None,
+        config: ServiceConfig | None = None,
+    ) -> None:
+        self.kms_dir = kms_dir
+        self.listen = listen or Listen()
+        self.store = Store.open(kms_dir)
+        self.store.purge_deleted()
+        self.service = KmsService(self.store, verifier or default_verifier(), config)
+        self.http = KmsHttp(self.service, max_body=self.listen.max_body)
+        self._loop: EventLoopThread | None = None
+        self._runner: web.AppRunner | None = None
+        self.endpoint = ""
+
+    @classmethod
+    def start(cls, kms_dir: Path, listen: Listen | None = None, **kwargs: Any) -> KmsServer:
+        """Open the store in ``kms_dir`` and listen; ServerStartError if it cannot."""
+        server = cls(kms_dir, listen, **kwargs)
+        server._loop = EventLoopThread(name="teelab-kms")
+        try:
+            server.endpoint = server._loop.run(server._serve(), timeout=30)
+        except BaseException:
+            server.stop()
+            raise
+        return server
+
+    async def _serve(self) -> str:
+        listen = self.listen
+        self._runner = web.AppRunner(self.http.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        context = server_context(self.kms_dir) if listen.tls else None
+        try:
+            if listen.unix_path is not None:
+                site: web.BaseSite = web.UnixSite(self._runner, str(listen.unix_path), ssl_context=context)
+                await site.start()
+                return f"unix:{listen.unix_path}"
+            site = web.TCPSite(self._runner, listen.host, listen.port, ssl_context=context, backlog=1024)
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            where = listen.unix_path or f"{listen.host}:{listen.port}"
+            raise ServerStartError(
+                f"KMS cannot listen on {where}: {exc.strerror or exc}",
+                hint="pick another port or socket path",
+            ) from None
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        host = f"[{listen.host}]" if ":" in listen.host else listen.host
+        return f"{'https' if listen.tls else 'http'}://{host}:{port}"
+
+    @property
+    def ca_certificate(self) -> Path | None:
+        """The lab CA that signed the server certificate (TLS only)."""
+        return ensure_certificate(self.kms_dir)[0] if self.listen.tls else None
+
+    def create_key(self, policy: str | dict[str, Any] | None = None, description: str = "") -> KeyRecord:
+        """A new key with ``policy`` (JSON text or dict; None = the default policy), durable on return."""
+        from harness.kms.policy import KeyPolicy, default_policy
+
+        text = policy_text(policy) or default_policy(self.store.account)
+        KeyPolicy.parse(text)
+        return self.store.create_key(text, description)
+
+    def credentials(self, name: str = "admin") -> Credentials:
+        return self.store.issue_credentials(name)
+
+    def stop(self) -> None:
+        """Stop listening, flush the store, remove a Unix socket; safe to call twice."""
+        if self._loop is not None:
+            if self._runner is not None:
+                with contextlib.suppress(TimeoutError, RuntimeError):
+                    self._loop.run(self._runner.cleanup(), timeout=10)
+                self._runner = None
+            self._loop.close()
+            self._loop = None
+        self.store.close()
+        if self.listen.unix_path is not None:
+            Path(self.listen.unix_path).unlink(missing_ok=True)
+
+    def __enter__(self) -> KmsServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve_forever(kms_dir: Path, listen: Listen, *, ready: Any = None) -> None:
+    """Serve until SIGTERM or SIGINT; print one JSON ready line ``{"endpoint", "pid"}`` to ``ready``."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server = KmsServer.start(kms_dir, listen)
+    try:
+        out = ready or sys.stdout
+        print(json.dumps({"endpoint": server.endpoint, "pid": os.getpid()}), file=out, flush=True)
+        stop.wait()
+    finally:
+        server.stop()
+
+
+class KmsProcess:
+    """A KMS in a subprocess (``python -m harness.kms``), for isolation, benchmarks and crash tests."""
+
+    def __init__(
+        self, kms_dir: Path, listen: Listen | None = None, *, env: dict[str, str] | None = None
+    ) -> None:
+        self.kms_dir = kms_dir
+        self.listen = listen or Listen()
+        self.env = env
+        self.proc: subprocess.Popen[str] | None = None
+        self.endpoint = ""
+
+    def start(self, timeout: float = 30) -> KmsProcess:
+        listen = self.listen
+        argv = [
+            sys.executable,
+            "-m",
+            "harness.kms",
+            "--kms-dir",
+            str(self.kms_dir),
+            "--host",
+            listen.host,
+            "--port",
+            str(listen.port),
+            "--max-body",
+            str(listen.max_body),
+        ]
+        if listen.unix_path is not None:
+            argv += ["--unix", str(listen.unix_path)]
+        if listen.tls:
+            argv.append("--tls")
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(self.env or {})},
+        )
+        line = _readline(self.proc, timeout)
+        if not line:
+            err = self.proc.stderr.read() if self.proc.poll() is not None and self.proc.stderr else ""
+            self.kill()
+            raise ServerStartError("KMS subprocess did not report ready", stderr=err[-2000:])
+        self.endpoint = json.loads(line)["endpoint"]
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self, timeout: float = 10) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``; returns the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._close_pipes()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        if self.proc is not None:
+            for pipe in (self.proc.stdout, self.proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+
+    def __enter__(self) -> KmsProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
+    result: list[str] = []
+    reader = threading.Thread(
+        target=lambda: result.append(proc.stdout.readline() if proc.stdout else ""), daemon=True
+    )
+    reader.start()
+    reader.join(timeout)
+    return result[0].strip() if result else ""
