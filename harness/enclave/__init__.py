@@ -1,0 +1,25 @@
+"""Enclaves: EIF images and their PCRs, and the enclave security module (NSM API) as a state machine."""
+
+from harness.enclave.describe import describe_eif, describe_image
+from harness.enclave.eif import EifImage, SectionType, build_eif, read_eif
+from harness.enclave.errors import EnclaveError
+from harness.enclave.pcrs import (
+    ImageMeasurements,
+    pcr3_of_parent_role,
+    pcr4_of_parent_instance,
+    pcr8_of_certificate,
+)
+
+__all__ = [
+    "EifImage",
+    "EnclaveError",
+    "ImageMeasurements",
+    "SectionType",
+    "build_eif",
+    "describe_eif",
+    "describe_image",
+    "pcr3_of_parent_role",
+    "pcr4_of_parent_instance",
+    "pcr8_of_certificate",
+    "read_eif",
+]

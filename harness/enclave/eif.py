@@ -1,0 +1,699 @@
+"""Enclave image files (EIF v4, as nitro-cli writes them): read and check, build, extract kernel and initrd.
+
+Layout: a 548-byte big-endian header (magic, version, flags, default memory and vCPUs, num_sections, 32
+section offsets and sizes, CRC-32/ISO-HDLC of the whole file except the CRC field), then sections back to
+back, each a 12-byte header (type, flags, size) and its data. Large sections are streamed,
+never held in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import struct
+import tempfile
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import IntEnum
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+import harness
+from harness.enclave import errors
+from harness.enclave.pcrs import ImageMeasurements, PcrHasher, pcr8_of_certificate
+from harness.enclave.signing import (
+    SIGNATURE_SECTION_MAX_BYTES,
+    SignatureEntry,
+    check_signature,
+    load_signing_material,
+    parse_signature_section,
+    require_valid_signature,
+    signature_section,
+)
+
+EIF_MAGIC = b".eif"
+EIF_VERSION = 4
+READABLE_VERSIONS = range(2, EIF_VERSION + 1)
+MAX_SECTIONS = 32
+MIN_SECTIONS = 2
+FLAG_AARCH64 = 0x1
+DEFAULT_MEM_BYTES = 1 << 30  # what nitro-cli writes; unused by the loaders
+DEFAULT_CPUS = 2
+CMDLINE_MAX_BYTES = 64 * 1024
+METADATA_MAX_BYTES = 1 << 20
+CHUNK_BYTES = 1 << 20
+
+_HEADER = struct.Struct(f">4sHHQQHH{MAX_SECTIONS}Q{MAX_SECTIONS}QII")
+_SECTION_HEADER = struct.Struct(">HHQ")
+HEADER_BYTES = _HEADER.size  # 548
+SECTION_HEADER_BYTES = _SECTION_HEADER.size  # 12
+CRC_OFFSET = HEADER_BYTES - 4
+
+
+class SectionType(IntEnum):
+    INVALID = 0
+    KERNEL = 1
+    CMDLINE = 2
+    RAMDISK = 3
+    SIGNATURE = 4
+    METADATA = 5
+
+
+_SIZE_LIMITS = {
+    SectionType.CMDLINE: CMDLINE_MAX_BYTES,
+    SectionType.METADATA: METADATA_MAX_BYTES,
+    SectionType.SIGNATURE: SIGNATURE_SECTION_MAX_BYTES,
+}
+
+
+@dataclass(frozen=True)
+class EifHeader:
+    magic: bytes
+    version: int
+    flags: int
+    default_mem: int
+    default_cpus: int
+    reserved: int
+    num_sections: int
+    section_offsets: tuple[int, ...]
+    section_sizes: tuple[int, ...]
+    unused: int
+    crc32: int
+
+    @classmethod
+    def unpack(cls, data: bytes) -> EifHeader:
+        fields = _HEADER.unpack(data)
+        n = MAX_SECTIONS
+        return cls(
+            *fields[:7], tuple(fields[7 : 7 + n]), tuple(fields[7 + n : 7 + 2 * n]), *fields[7 + 2 * n :]
+        )
+
+    def pack(self) -> bytes:
+        return _HEADER.pack(
+            self.magic,
+            self.version,
+            self.flags,
+            self.default_mem,
+            self.default_cpus,
+            self.reserved,
+            self.num_sections,
+            *self.section_offsets,
+            *self.section_sizes,
+            self.unused,
+            self.crc32,
+        )
+
+
+@dataclass(frozen=True)
+class Section:
+    """One section: where its 12-byte header starts, its type and flags, and its data size."""
+
+    index: int
+    type: SectionType
+    flags: int
+    offset: int
+    size: int
+
+    @property
+    def data_offset(self) -> int:
+        return self.offset + SECTION_HEADER_BYTES
+
+
+@dataclass(frozen=True)
+class EifImage:
+    """A checked EIF: header, sections, the small sections decoded, measurements and check results."""
+
+    path: Path | None
+    header: EifHeader
+    sections: tuple[Section, ...]
+    cmdline: bytes
+    metadata: dict[str, Any] | None
+    signature: SignatureEntry | None
+    measurements: ImageMeasurements
+    computed_crc: int
+    signature_problem: str | None
+
+    @property
+    def version(self) -> int:
+        return self.header.version
+
+    @property
+    def crc_ok(self) -> bool:
+        return self.computed_crc == self.header.crc32
+
+    @property
+    def is_signed(self) -> bool:
+        return self.signature is not None
+
+    @property
+    def arch(self) -> str:
+        return "aarch64" if self.header.flags & FLAG_AARCH64 else "x86_64"
+
+    @property
+    def kernel(self) -> Section:
+        return next(s for s in self.sections if s.type is SectionType.KERNEL)
+
+    @property
+    def ramdisks(self) -> tuple[Section, ...]:
+        return tuple(s for s in self.sections if s.type is SectionType.RAMDISK)
+
+    @property
+    def size(self) -> int:
+        last = self.sections[-1]
+        return last.data_offset + last.size
+
+    def require_valid_signature(self, *, now: datetime | None = None) -> None:
+        """Raise E912 unless the image is signed, signs its own PCR0, and the certificate is current."""
+        if self.signature is None:
+            raise errors.EifSignatureMismatch("the image is not signed", hint="build it with a signing key")
+        require_valid_signature(self.signature, self.measurements.pcr0, now=now)
+
+    def section_chunks(self, section: Section) -> Iterator[bytes]:
+        """A section's data in chunks, read from the image file."""
+        if self.path is None:
+            raise ValueError("an image read from a stream has no file to read sections from")
+        with open(self.path, "rb") as eif:
+            eif.seek(section.data_offset)
+            left = section.size
+            while left:
+                chunk = eif.read(min(CHUNK_BYTES, left))
+                if not chunk:
+                    raise errors.EifTruncated(
+                        f"{self.path} shrank while reading section {section.index}",
+                        hint="do not change an image while it is in use",
+                    )
+                left -= len(chunk)
+                yield chunk
+
+    def write_kernel(self, dest: Path) -> Path:
+        """Write the kernel (bzImage) to ``dest``, for QEMU's -kernel."""
+        return self._write_sections(dest, [self.kernel])
+
+    def write_initrd(self, dest: Path) -> Path:
+        """Write all ramdisks concatenated in file order to ``dest``, for QEMU's -initrd."""
+        return self._write_sections(dest, self.ramdisks)
+
+    def _write_sections(self, dest: Path, sections: Sequence[Section]) -> Path:
+        with _atomic_output(Path(dest)) as out:
+            for section in sections:
+                for chunk in self.section_chunks(section):
+                    out.write(chunk)
+        return Path(dest)
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def read_eif(source: str | os.PathLike[str] | BinaryIO, *, verify_crc: bool = True) -> EifImage:
+    """Read and check an EIF from a path or a binary stream.
+
+    Raises an ``EnclaveError`` (E901-E911) naming what is wrong; nothing else escapes for any file content.
+    With ``verify_crc=False`` a checksum mismatch is recorded (``crc_ok`` False) instead of raised.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        try:
+            stream = open(path, "rb")  # noqa: SIM115 - closed below
+        except OSError as err:
+            raise errors.EifInputInvalid(
+                f"cannot open the enclave image {path}: {err.strerror}", hint="check the path", path=str(path)
+            ) from None
+        with stream:
+            return _read(stream, path, verify_crc)
+    return _read(source, None, verify_crc)
+
+
+def _read(stream: IO[bytes], path: Path | None, verify_crc: bool) -> EifImage:
+    name = str(path) if path else "the image"
+    file_size = stream.seek(0, os.SEEK_END)
+    stream.seek(0)
+    raw_header = stream.read(HEADER_BYTES)
+    if len(raw_header) < HEADER_BYTES:
+        raise errors.EifTruncated(
+            f"{name} is {file_size} bytes, shorter than the {HEADER_BYTES}-byte EIF header",
+            hint="copy the image again",
+            file_size=file_size,
+        )
+    header = EifHeader.unpack(raw_header)
+    _check_header(header, file_size, name)
+
+    crc = zlib.crc32(raw_header[:CRC_OFFSET])
+    pcr0, pcr1, pcr2 = PcrHasher(), PcrHasher(), PcrHasher()
+    sections: list[Section] = []
+    kept: dict[SectionType, bytes] = {}
+    buffer = bytearray(CHUNK_BYTES)
+    for index in range(header.num_sections):
+        offset, size = header.section_offsets[index], header.section_sizes[index]
+        stream.seek(offset)
+        raw = stream.read(SECTION_HEADER_BYTES)
+        if len(raw) < SECTION_HEADER_BYTES:
+            raise errors.EifTruncated(
+                f"{name} ends inside the header of section {index}", hint="copy it again"
+            )
+        crc = zlib.crc32(raw, crc)
+        type_number, flags, header_size = _SECTION_HEADER.unpack(raw)
+        section_type = _section_type(type_number, index, offset, name)
+        if header_size != size:
+            raise errors.EifSectionTable(
+                f"section {index} ({section_type.name.lower()}) says it is {header_size} bytes, the header's "
+                f"table says {size}",
+                hint="the image is damaged; rebuild it",
+                section=index,
+            )
+        limit = _SIZE_LIMITS.get(section_type)
+        if limit is not None and size > limit:
+            raise errors.EifSectionTable(
+                f"the {section_type.name.lower()} section is {size} bytes, more than its limit of {limit}",
+                hint="the image is damaged; rebuild it",
+                section=index,
+            )
+        _check_section_order(section_type, sections, index, name)
+        section = Section(index, section_type, flags, offset, size)
+        sections.append(section)
+        ramdisk_number = sum(1 for s in sections if s.type is SectionType.RAMDISK) - 1
+        feeds: list[PcrHasher] = []
+        if section_type in (SectionType.KERNEL, SectionType.CMDLINE):
+            feeds = [pcr0, pcr1]
+        elif section_type is SectionType.RAMDISK:
+            feeds = [pcr0, pcr1 if ramdisk_number == 0 else pcr2]
+        keep = bytearray() if limit is not None else None
+        left = size
+        while left:
+            view = memoryview(buffer)[: min(CHUNK_BYTES, left)]
+            got = stream.readinto(view)
+            if not got:
+                raise errors.EifTruncated(f"{name} ends inside section {index}", hint="copy the image again")
+            chunk = view[:got]
+            crc = zlib.crc32(chunk, crc)
+            for hasher in feeds:
+                hasher.update(chunk)
+            if keep is not None:
+                keep += chunk
+            left -= got
+        if keep is not None:
+            kept[section_type] = bytes(keep)
+
+    if verify_crc and crc != header.crc32:
+        raise errors.EifCrcMismatch(
+            f"{name}: the header's CRC-32 is {header.crc32:#010x} but the content gives {crc:#010x}",
+            hint="the image was changed or damaged after it was built; rebuild or copy it again",
+            expected=f"{header.crc32:#010x}",
+            computed=f"{crc:#010x}",
+        )
+    present = {s.type for s in sections}
+    for required in (SectionType.KERNEL, SectionType.CMDLINE, SectionType.RAMDISK):
+        if required not in present:
+            raise errors.EifMissingSection(
+                f"{name} has no {required.name.lower()} section",
+                hint="rebuild the image with a kernel, a cmdline and a ramdisk",
+            )
+    if header.version >= 4 and SectionType.METADATA not in present:
+        raise errors.EifMissingSection(
+            f"{name} is EIF version {header.version} but has no metadata section", hint="rebuild the image"
+        )
+    metadata = _parse_metadata(kept[SectionType.METADATA], name) if SectionType.METADATA in kept else None
+    signature = None
+    pcr8 = None
+    problem = None
+    if SectionType.SIGNATURE in kept:
+        signature = parse_signature_section(kept[SectionType.SIGNATURE])
+        pcr8 = pcr8_of_certificate(signature.certificate_der)
+        problem = check_signature(signature, pcr0.value)
+    measurements = ImageMeasurements(pcr0.value, pcr1.value, pcr2.value, pcr8)
+    return EifImage(
+        path,
+        header,
+        tuple(sections),
+        kept[SectionType.CMDLINE],
+        metadata,
+        signature,
+        measurements,
+        crc,
+        problem,
+    )
+
+
+def _check_header(header: EifHeader, file_size: int, name: str) -> None:
+    if header.magic != EIF_MAGIC:
+        raise errors.EifBadMagic(
+            f"{name} starts with {header.magic!r}, not the EIF magic b'.eif'",
+            hint="give an enclave image file (built by `teelab enclave build`)",
+            magic=header.magic.hex(),
+        )
+    if header.version not in READABLE_VERSIONS:
+        raise errors.EifUnsupportedVersion(
+            f"{name} is EIF version {header.version}; teelab reads versions 2 to {EIF_VERSION}",
+            hint="rebuild the image with `teelab enclave build`",
+            version=header.version,
+        )
+    if not MIN_SECTIONS <= header.num_sections <= MAX_SECTIONS:
+        raise errors.EifSectionCount(
+            f"{name} says it has {header.num_sections} sections; an EIF has {MIN_SECTIONS} to {MAX_SECTIONS}",
+            hint="the image is damaged; rebuild it",
+            num_sections=header.num_sections,
+        )
+    expected = HEADER_BYTES
+    for index in range(header.num_sections):
+        offset, size = header.section_offsets[index], header.section_sizes[index]
+        if offset != expected:
+            where = (
+                "overlaps the previous section"
+                if offset < expected
+                else f"leaves a gap after byte {expected}"
+            )
+            if index == 0:
+                where = "is not right after the header" if offset > expected else "overlaps the header"
+            raise errors.EifSectionTable(
+                f"section {index} at offset {offset} {where}",
+                hint="the image is damaged; rebuild it",
+                section=index,
+                offset=offset,
+            )
+        end = offset + SECTION_HEADER_BYTES + size
+        if end > file_size:
+            raise errors.EifTruncated(
+                f"section {index} ({size} bytes at offset {offset}) ends at byte {end}, past the end of "
+                f"{name} ({file_size} bytes)",
+                hint="the image was cut short or is damaged; copy or rebuild it",
+                section=index,
+                end=end,
+                file_size=file_size,
+            )
+        expected = end
+    if expected != file_size:
+        raise errors.EifSectionTable(
+            f"{name} has {file_size - expected} bytes after its last section",
+            hint="the image is damaged; rebuild it",
+            trailing=file_size - expected,
+        )
+
+
+def _section_type(number: int, index: int, offset: int, name: str) -> SectionType:
+    if number == SectionType.INVALID or number not in SectionType._value2member_map_:
+        raise errors.EifUnknownSection(
+            f"section {index} of {name} (offset {offset}) has type {number}",
+            hint="the image is damaged or was built by an unknown tool",
+            section=index,
+            type=number,
+        )
+    return SectionType(number)
+
+
+def _check_section_order(section_type: SectionType, before: list[Section], index: int, name: str) -> None:
+    seen = {s.type for s in before}
+    if section_type is not SectionType.RAMDISK and section_type in seen:
+        raise errors.EifSectionOrder(
+            f"{name} has a second {section_type.name.lower()} section (section {index})",
+            hint="rebuild the image",
+            section=index,
+        )
+    if section_type is SectionType.RAMDISK and SectionType.KERNEL not in seen:
+        raise errors.EifSectionOrder(
+            f"ramdisk section {index} of {name} comes before the kernel",
+            hint="rebuild the image",
+            section=index,
+        )
+
+
+def _parse_metadata(data: bytes, name: str) -> dict[str, Any]:
+    hint = "rebuild the image; the metadata section must be a JSON object"
+    try:
+        metadata = json.loads(data.decode("utf-8"))
+    except Exception as err:
+        raise errors.EifMetadataInvalid(
+            f"the metadata of {name} is not UTF-8 JSON: {err}", hint=hint
+        ) from None
+    if not isinstance(metadata, dict):
+        raise errors.EifMetadataInvalid(
+            f"the metadata of {name} is a JSON {type(metadata).__name__}, not an object", hint=hint
+        )
+    for key, kind in (("ImageName", str), ("ImageVersion", str), ("BuildMetadata", dict)):
+        if not isinstance(metadata.get(key), kind):
+            raise errors.EifMetadataInvalid(
+                f"the metadata of {name} lacks {key} ({kind.__name__})", hint=hint, keys=sorted(metadata)
+            )
+    return metadata
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+
+def build_eif(
+    output: str | os.PathLike[str],
+    *,
+    kernel: str | os.PathLike[str],
+    cmdline: str,
+    ramdisks: Sequence[str | os.PathLike[str]],
+    name: str | None = None,
+    version: str = "1.0",
+    custom_metadata: Mapping[str, Any] | None = None,
+    build_metadata: Mapping[str, str] | None = None,
+    signing_key: str | os.PathLike[str] | bytes | None = None,
+    signing_certificate: str | os.PathLike[str] | bytes | None = None,
+    arch: str = "x86_64",
+) -> EifImage:
+    """Write an EIF v4 with nitro-cli's section order: kernel, cmdline, metadata, ramdisks, [signature].
+
+    The output appears whole or not at all (a temp file in its directory, renamed). Each input is read once;
+    the output is read back once for its CRC. ``build_metadata`` overrides BuildMetadata fields (BuildTime
+    defaults to SOURCE_DATE_EPOCH when set, else now).
+    """
+    output = Path(output)
+    kernel_path = _input_file(kernel, "kernel")
+    ramdisk_paths = [_input_file(r, "ramdisk") for r in ramdisks]
+    signed = signing_key is not None or signing_certificate is not None
+    if not ramdisk_paths or 3 + signed + len(ramdisk_paths) > MAX_SECTIONS:
+        raise errors.EifInputInvalid(
+            f"an EIF takes 1 to {MAX_SECTIONS - 3 - signed} ramdisks here, got {len(ramdisk_paths)}",
+            hint="give at least one --ramdisk, and concatenate some if there are too many",
+        )
+    cmdline_bytes = _cmdline_bytes(cmdline)
+    if arch not in ("x86_64", "aarch64"):
+        raise errors.EifInputInvalid(f"unknown architecture {arch!r}", hint="use x86_64 or aarch64")
+    metadata = _metadata_bytes(name or output.stem, version, custom_metadata, build_metadata)
+    material = None
+    if signed:
+        if signing_key is None or signing_certificate is None:
+            raise errors.SigningKeyInvalid(
+                "signing needs both a private key and its certificate",
+                hint="give --private-key and --signing-certificate together",
+            )
+        key_source = signing_key if isinstance(signing_key, bytes) else Path(signing_key)
+        cert_source = (
+            signing_certificate if isinstance(signing_certificate, bytes) else Path(signing_certificate)
+        )
+        material = load_signing_material(key_source, cert_source)
+
+    with contextlib.ExitStack() as inputs:
+        kernel_file = _open_input(inputs, kernel_path, "kernel")
+        ramdisk_files = [_open_input(inputs, p, "ramdisk") for p in ramdisk_paths]
+        sizes = [os.fstat(kernel_file.fileno()).st_size, len(cmdline_bytes), len(metadata)]
+        sizes += [os.fstat(f.fileno()).st_size for f in ramdisk_files]
+        pcr0, pcr1, pcr2 = PcrHasher(), PcrHasher(), PcrHasher()
+        with _atomic_output(output) as out:
+            out.write(bytes(HEADER_BYTES))
+            offsets = []
+            # (type, source, PCR hashers it feeds) in nitro-cli's order
+            plan: list[tuple[SectionType, IO[bytes] | bytes, list[PcrHasher]]] = [
+                (SectionType.KERNEL, kernel_file, [pcr0, pcr1]),
+                (SectionType.CMDLINE, cmdline_bytes, [pcr0, pcr1]),
+                (SectionType.METADATA, metadata, []),
+            ]
+            plan += [
+                (SectionType.RAMDISK, f, [pcr0, pcr1 if i == 0 else pcr2])
+                for i, f in enumerate(ramdisk_files)
+            ]
+            for (section_type, source, feeds), size in zip(plan, sizes, strict=True):
+                offsets.append(out.tell())
+                out.write(_SECTION_HEADER.pack(section_type, 0, size))
+                copied = _copy(source, out, feeds)
+                if copied != size:
+                    raise errors.EifInputInvalid(
+                        f"the {section_type.name.lower()} changed size while being read",
+                        hint="do not change inputs during a build",
+                    )
+            signature = None
+            if material is not None:
+                signature = signature_section(material, pcr0.value)
+                offsets.append(out.tell())
+                sizes.append(len(signature))
+                out.write(_SECTION_HEADER.pack(SectionType.SIGNATURE, 0, len(signature)))
+                out.write(signature)
+            count = len(offsets)
+            header = EifHeader(
+                EIF_MAGIC,
+                EIF_VERSION,
+                FLAG_AARCH64 if arch == "aarch64" else 0,
+                DEFAULT_MEM_BYTES,
+                DEFAULT_CPUS,
+                0,
+                count,
+                tuple(offsets) + (0,) * (MAX_SECTIONS - count),
+                tuple(sizes) + (0,) * (MAX_SECTIONS - count),
+                0,
+                0,
+            )
+            out.seek(0)
+            out.write(header.pack())
+            crc = _file_crc(out)
+            out.seek(CRC_OFFSET)
+            out.write(crc.to_bytes(4, "big"))
+    header = EifHeader(**{**header.__dict__, "crc32": crc})
+    types = [p[0] for p in plan] + ([SectionType.SIGNATURE] if signature else [])
+    sections = tuple(
+        Section(i, t, 0, o, s) for i, (t, o, s) in enumerate(zip(types, offsets, sizes, strict=True))
+    )
+    entry = parse_signature_section(signature) if signature else None
+    pcr8 = pcr8_of_certificate(material.certificate_der) if material else None
+    return EifImage(
+        output,
+        header,
+        sections,
+        cmdline_bytes,
+        json.loads(metadata),
+        entry,
+        ImageMeasurements(pcr0.value, pcr1.value, pcr2.value, pcr8),
+        crc,
+        None,
+    )
+
+
+def _input_file(path: str | os.PathLike[str], what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise errors.EifInputInvalid(
+            f"the {what} {path} is not a file", hint=f"check the {what} path", path=str(path)
+        )
+    if path.stat().st_size == 0:
+        raise errors.EifInputInvalid(
+            f"the {what} {path} is empty", hint=f"give a real {what}", path=str(path)
+        )
+    return path
+
+
+def _open_input(stack: contextlib.ExitStack, path: Path, what: str) -> IO[bytes]:
+    try:
+        return stack.enter_context(open(path, "rb"))
+    except OSError as err:
+        raise errors.EifInputInvalid(
+            f"cannot read the {what} {path}: {err.strerror}",
+            hint=f"check the {what}'s permissions",
+            path=str(path),
+        ) from None
+
+
+def _cmdline_bytes(cmdline: str) -> bytes:
+    if not isinstance(cmdline, str) or "\0" in cmdline:
+        raise errors.EifInputInvalid(
+            "the kernel command line must be text without NUL bytes",
+            hint="pass the command line as one string",
+        )
+    data = cmdline.encode("utf-8")
+    if len(data) > CMDLINE_MAX_BYTES:
+        raise errors.EifInputInvalid(
+            f"the kernel command line is {len(data)} bytes, over {CMDLINE_MAX_BYTES}",
+            hint="shorten the command line",
+        )
+    return data
+
+
+def _metadata_bytes(
+    name: str, version: str, custom: Mapping[str, Any] | None, build: Mapping[str, str] | None
+) -> bytes:
+    if not name or not version:
+        raise errors.EifInputInvalid(
+            "the image name and version must not be empty", hint="give --name and --version"
+        )
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = datetime.fromtimestamp(int(epoch), UTC) if epoch and epoch.isdigit() else datetime.now(UTC)
+    build_info = {
+        "BuildTime": when.isoformat(),
+        "BuildTool": "teelab",
+        "BuildToolVersion": harness.__version__,
+        "OperatingSystem": platform.system(),
+        "KernelVersion": platform.release(),
+    }
+    build_info.update(build or {})
+    metadata = {
+        "ImageName": name,
+        "ImageVersion": version,
+        "BuildMetadata": build_info,
+        "DockerInfo": None,
+        "CustomMetadata": dict(custom) if custom is not None else None,
+    }
+    try:
+        text = json.dumps(metadata, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise errors.EifInputInvalid(
+            f"the custom metadata is not JSON: {err}",
+            hint="give a JSON object of strings, numbers, lists and objects",
+        ) from None
+    data = text.encode("utf-8")
+    if len(data) > METADATA_MAX_BYTES:
+        raise errors.EifInputInvalid(
+            f"the metadata is {len(data)} bytes, over {METADATA_MAX_BYTES}",
+            hint="shorten the custom metadata",
+        )
+    return data
+
+
+def _copy(source: IO[bytes] | bytes, out: IO[bytes], feeds: list[PcrHasher]) -> int:
+    if isinstance(source, bytes):
+        out.write(source)
+        for hasher in feeds:
+            hasher.update(source)
+        return len(source)
+    buffer = bytearray(CHUNK_BYTES)
+    total = 0
+    while got := source.readinto(buffer):
+        chunk = memoryview(buffer)[:got]
+        out.write(chunk)
+        for hasher in feeds:
+            hasher.update(chunk)
+        total += got
+    return total
+
+
+def _file_crc(out: IO[bytes]) -> int:
+    out.flush()
+    out.seek(0)
+    crc = zlib.crc32(out.read(CRC_OFFSET))
+    out.seek(HEADER_BYTES)
+    buffer = bytearray(CHUNK_BYTES)
+    while got := out.readinto(buffer):
+        crc = zlib.crc32(memoryview(buffer)[:got], crc)
+    return crc
+
+
+@contextlib.contextmanager
+def _atomic_output(path: Path) -> Iterator[IO[bytes]]:
+    """A temp file beside ``path``, renamed over it on success and removed on any failure."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    except OSError as err:
+        raise errors.EifWriteFailed(
+            f"cannot write in {path.parent}: {err.strerror}",
+            hint="give an output path in an existing, writable directory",
+            path=str(path),
+        ) from None
+    try:
+        with os.fdopen(fd, "w+b") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise errors.EifWriteFailed(
+                f"cannot write {path}: {err.strerror or err}",
+                hint="check the output path and free space",
+                path=str(path),
+            ) from None
+        raise

@@ -1,0 +1,154 @@
+"""Coded errors of enclave images and the enclave security module (E900-E949)."""
+
+from __future__ import annotations
+
+from harness.errors import LabError
+
+
+class EnclaveError(LabError):
+    code = "E900"
+    title = "enclave error"
+    explanation = "An enclave image or an enclave security module could not be used."
+    exit_status = 2
+
+
+class EifTruncated(EnclaveError):
+    code = "E901"
+    title = "enclave image truncated"
+    explanation = (
+        "The file ends before its 548-byte EIF header, or before the end of a section that its header or a "
+        "section header announces. The file was cut short while copying or writing."
+    )
+
+
+class EifBadMagic(EnclaveError):
+    code = "E902"
+    title = "not an enclave image"
+    explanation = "An EIF starts with the magic bytes '.eif' (2e 65 69 66); this file does not."
+
+
+class EifUnsupportedVersion(EnclaveError):
+    code = "E903"
+    title = "unsupported EIF version"
+    explanation = "teelab reads EIF versions 2 to 4 and writes version 4; the header names another version."
+
+
+class EifSectionCount(EnclaveError):
+    code = "E904"
+    title = "bad EIF section count"
+    explanation = "The header's num_sections must be between 2 and 32."
+
+
+class EifSectionTable(EnclaveError):
+    code = "E905"
+    title = "EIF section table inconsistent"
+    explanation = (
+        "The header's section_offsets and section_sizes must describe sections that follow the header "
+        "back to back, in order, without overlap or gap, each ending inside the file and the last one at its "
+        "end; each section header must repeat the size in the table; cmdline, metadata and signature "
+        "sections have size limits."
+    )
+
+
+class EifCrcMismatch(EnclaveError):
+    code = "E906"
+    title = "EIF checksum mismatch"
+    explanation = (
+        "The CRC-32 over the whole file (except the checksum field) differs from the one in the header: "
+        "the image was changed or damaged after it was built."
+    )
+
+
+class EifUnknownSection(EnclaveError):
+    code = "E907"
+    title = "unknown EIF section type"
+    explanation = (
+        "Section types are 1 kernel, 2 cmdline, 3 ramdisk, 4 signature and 5 metadata; type 0 (invalid) "
+        "or a higher type is refused."
+    )
+
+
+class EifMissingSection(EnclaveError):
+    code = "E908"
+    title = "EIF lacks a required section"
+    explanation = (
+        "Every EIF has one kernel, one cmdline and at least one ramdisk section; version 4 adds one "
+        "metadata section."
+    )
+
+
+class EifSectionOrder(EnclaveError):
+    code = "E909"
+    title = "EIF section repeated or out of order"
+    explanation = (
+        "Kernel, cmdline, metadata and signature sections appear at most once, and every ramdisk comes "
+        "after the kernel."
+    )
+
+
+class EifMetadataInvalid(EnclaveError):
+    code = "E910"
+    title = "EIF metadata invalid"
+    explanation = (
+        "The metadata section must be a UTF-8 JSON object with ImageName and ImageVersion strings and a "
+        "BuildMetadata object."
+    )
+
+
+class EifSignatureMalformed(EnclaveError):
+    code = "E911"
+    title = "EIF signature section malformed"
+    explanation = (
+        "The signature section must be a CBOR array of {signing_certificate, signature} maps whose first "
+        "entry holds a PEM X.509 certificate and a COSE_Sign1 (ES256/ES384/ES512) over "
+        "{register_index: 0, register_value: PCR0}."
+    )
+
+
+class EifSignatureMismatch(EnclaveError):
+    code = "E912"
+    title = "EIF signature does not verify"
+    explanation = (
+        "The COSE_Sign1 in the signature section does not verify with the signing certificate's key, signs "
+        "another PCR0 than the image's, or the certificate is outside its validity period."
+    )
+
+
+class EifInputInvalid(EnclaveError):
+    code = "E913"
+    title = "bad input for an enclave image"
+    explanation = (
+        "Building an EIF needs a readable, non-empty kernel file, a kernel command line without NUL bytes, "
+        "1 to 29 readable, non-empty ramdisk files, and a metadata object that serialises to JSON."
+    )
+
+
+class SigningKeyInvalid(EnclaveError):
+    code = "E914"
+    title = "bad EIF signing key or certificate"
+    explanation = (
+        "Signing an EIF needs a PEM EC P-384 private key and the PEM or DER X.509 certificate of its public "
+        "key; both are needed together."
+    )
+
+
+class EifWriteFailed(EnclaveError):
+    code = "E915"
+    title = "enclave image could not be written"
+    explanation = "The output path's directory is missing or not writable; nothing was left behind."
+
+
+class PcrInputInvalid(EnclaveError):
+    code = "E916"
+    title = "bad PCR input"
+    explanation = "PCR3 and PCR4 measure a non-empty text; a PCR value is 48 bytes (SHA-384)."
+
+
+class SecurityModuleConfigInvalid(EnclaveError):
+    code = "E920"
+    title = "bad security module configuration"
+    explanation = (
+        "A security module is created with boot PCRs for indexes 0-15 only, each 48 bytes, and a "
+        "non-empty module id."
+    )
+    exit_status = 1
