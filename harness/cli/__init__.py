@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "harness.cli.bench",
     "harness.cli.demo",
     "harness.cli.explain",
+    "harness.cli.kms",
 )
 
 
