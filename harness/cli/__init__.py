@@ -18,6 +18,8 @@ COMMAND_MODULES = (
     "harness.cli.demo",
     "harness.cli.explain",
     "harness.cli.kms",
+    "harness.cli.measure",
+    "harness.cli.enclave",
 )
 
 

@@ -201,7 +201,7 @@ def _snp_lab_fields(inputs: LaunchInputs) -> list[tuple[str, bytes]]:
 
 
 def _snp_input_view(inputs: LaunchInputs) -> dict[str, str]:
-    view = {name: value.hex() for name, value in _snp_lab_fields(inputs)[:4]}
+    view = {name: value.hex() or "absent" for name, value in _snp_lab_fields(inputs)[:4]}
     view.update(
         vcpus=str(inputs.vcpus),
         vcpu_type=inputs.vcpu_type,
