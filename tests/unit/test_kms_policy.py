@@ -1,0 +1,197 @@
+"""Key policies: AWS-shaped documents, strict parsing, deny by default, guards for lab roots and debug."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness.kms.errors import MalformedPolicy
+from harness.kms.policy import KeyPolicy, RequestContext, default_policy
+
+ACCOUNT = "000000000000"
+USER = f"arn:aws:iam::{ACCOUNT}:user/alice"
+PCR0 = "ab" * 48
+OTHER = "cd" * 48
+
+
+def policy(*statements: dict) -> KeyPolicy:
+    return KeyPolicy.parse(json.dumps({"Version": "2012-10-17", "Statement": list(statements)}))
+
+
+def enclave_claims(pcr0: str = PCR0, root: str = "aws-nitro", debug: bool = False) -> dict:
+    return {
+        "kms:recipientattestation:imagesha384": pcr0,
+        "kms:recipientattestation:pcr0": pcr0,
+        "kms:recipientattestation/pcr0": pcr0,
+        "teelab:recipientattestation:root": root,
+        "teelab:recipientattestation:debug": debug,
+    }
+
+
+def decrypt(claims: dict | None, *, vendor: bool = True, debug: bool = False, principal: str | None = None):
+    return RequestContext("kms:Decrypt", principal, claims, vendor_root=vendor, debug=debug)
+
+
+ALLOW_PCR0 = {
+    "Effect": "Allow",
+    "Principal": "*",
+    "Action": "kms:Decrypt",
+    "Condition": {"StringEqualsIgnoreCase": {"kms:RecipientAttestation:ImageSha384": PCR0.upper()}},
+}
+
+
+def test_pcr0_condition_allows_matching_and_refuses_other_measurement() -> None:
+    p = policy(ALLOW_PCR0)
+    assert p.evaluate(decrypt(enclave_claims()), ACCOUNT).allowed
+    refused = p.evaluate(decrypt(enclave_claims(OTHER)), ACCOUNT)
+    assert not refused.allowed
+    assert any("does not hold" in r for r in refused.reasons)
+    assert refused.reasons[-1] == "no statement allows the request (default deny)"
+
+
+def test_qingtian_spelling_and_string_equals_is_case_sensitive() -> None:
+    p = policy({**ALLOW_PCR0, "Condition": {"StringEquals": {"kms:RecipientAttestation/PCR0": PCR0.upper()}}})
+    assert not p.evaluate(decrypt(enclave_claims()), ACCOUNT).allowed
+    p = policy({**ALLOW_PCR0, "Condition": {"StringEquals": {"kms:RecipientAttestation/PCR0": PCR0}}})
+    assert p.evaluate(decrypt(enclave_claims()), ACCOUNT).allowed
+
+
+def test_condition_without_evidence_never_matches_even_for_not_operators() -> None:
+    p = policy({**ALLOW_PCR0, "Condition": {"StringNotEquals": {"kms:RecipientAttestation:PCR0": OTHER}}})
+    assert p.evaluate(decrypt(enclave_claims()), ACCOUNT).allowed
+    assert not p.evaluate(decrypt(None), ACCOUNT).allowed
+
+
+def test_lab_root_needs_a_statement_that_names_it() -> None:
+    lab = enclave_claims(root="lab")
+    assert not policy(ALLOW_PCR0).evaluate(decrypt(lab, vendor=False), ACCOUNT).allowed
+    naming = {
+        **ALLOW_PCR0,
+        "Condition": {**ALLOW_PCR0["Condition"], "StringEquals": {"teelab:RecipientAttestation:Root": "lab"}},
+    }
+    p = policy(naming)
+    assert p.named_roots() == {"lab"}
+    assert p.evaluate(decrypt(lab, vendor=False), ACCOUNT).allowed
+    # naming the root in one statement does not open another statement to it
+    other_action = {**ALLOW_PCR0, "Action": "kms:GenerateDataKey"}
+    p = policy(naming, other_action)
+    gdk = RequestContext("kms:GenerateDataKey", None, lab, vendor_root=False)
+    assert not p.evaluate(gdk, ACCOUNT).allowed
+
+
+def test_debug_enclave_refused_unless_policy_allows_debug() -> None:
+    zero = "00" * 48
+    any_root = {
+        "Effect": "Allow",
+        "Principal": "*",
+        "Action": "kms:Decrypt",
+        "Condition": {"StringEquals": {"teelab:RecipientAttestation:Kind": "nitro"}},
+    }
+    claims = {**enclave_claims(zero, debug=True), "teelab:recipientattestation:kind": "nitro"}
+    refused = policy(any_root).evaluate(decrypt(claims, debug=True), ACCOUNT)
+    assert not refused.allowed and any("debug" in r for r in refused.reasons)
+    allow_debug = {
+        **any_root,
+        "Condition": {**any_root["Condition"], "Bool": {"teelab:RecipientAttestation:Debug": "true"}},
+    }
+    assert policy(allow_debug).evaluate(decrypt(claims, debug=True), ACCOUNT).allowed
+
+
+def test_explicit_deny_wins_over_allow() -> None:
+    deny = {
+        "Effect": "Deny",
+        "Principal": "*",
+        "Action": "kms:*",
+        "Condition": {"StringEqualsIgnoreCase": {"kms:RecipientAttestation:PCR0": PCR0}},
+    }
+    decision = policy(ALLOW_PCR0, deny).evaluate(decrypt(enclave_claims()), ACCOUNT)
+    assert not decision.allowed and decision.reasons[-1].endswith("denies")
+
+
+def test_principals_account_root_matches_account_users_not_anonymous() -> None:
+    p = KeyPolicy.parse(default_policy(ACCOUNT))
+    assert p.evaluate(decrypt(None, principal=USER), ACCOUNT).allowed
+    assert not p.evaluate(decrypt(None), ACCOUNT).allowed
+    assert not p.evaluate(decrypt(None, principal="arn:aws:iam::111122223333:user/x"), ACCOUNT).allowed
+    only_bob = policy(
+        {
+            "Effect": "Allow",
+            "Principal": {"AWS": [f"arn:aws:iam::{ACCOUNT}:user/bob"]},
+            "Action": ["kms:Encrypt", "kms:Decrypt"],
+        }
+    )
+    assert not only_bob.evaluate(decrypt(None, principal=USER), ACCOUNT).allowed
+    assert only_bob.evaluate(decrypt(None, principal=f"arn:aws:iam::{ACCOUNT}:user/bob"), ACCOUNT).allowed
+    assert not only_bob.evaluate(
+        RequestContext("kms:PutKeyPolicy", f"arn:aws:iam::{ACCOUNT}:user/bob"), ACCOUNT
+    ).allowed
+
+
+def test_snp_tcb_minimums_are_numeric() -> None:
+    p = policy(
+        {
+            "Effect": "Allow",
+            "Principal": "*",
+            "Action": "kms:Decrypt",
+            "Condition": {
+                "NumericGreaterThanEquals": {
+                    "teelab:RecipientAttestation:SnpTcbSnp": 8,
+                    "teelab:RecipientAttestation:SnpTcbMicrocode": "0xd1",
+                },
+                "StringEqualsIgnoreCase": {"teelab:RecipientAttestation:SnpMeasurement": PCR0},
+            },
+        }
+    )
+    claims = {
+        "teelab:recipientattestation:snptcbsnp": 9,
+        "teelab:recipientattestation:snptcbmicrocode": 0xD1,
+        "teelab:recipientattestation:snpmeasurement": PCR0,
+    }
+    assert p.evaluate(decrypt(claims), ACCOUNT).allowed
+    assert not p.evaluate(decrypt({**claims, "teelab:recipientattestation:snptcbsnp": 7}), ACCOUNT).allowed
+
+
+@pytest.mark.parametrize(
+    ("document", "complaint"),
+    [
+        ("[]", "JSON object"),
+        ("{", "not JSON"),
+        ('{"Statement": []}', "needs a Statement"),
+        ('{"Version": "2008-10-17", "Statement": {}}', "Version"),
+        (
+            '{"Statement": {"Effect": "Allow", "Principal": "*", "Action": "kms:Decrypt", "Extra": 1}}',
+            "unsupported",
+        ),
+        ('{"Statement": {"Effect": "Allow", "Principal": "*", "NotAction": "kms:Decrypt"}}', "unsupported"),
+        ('{"Statement": {"Effect": "Maybe", "Principal": "*", "Action": "kms:Decrypt"}}', "Effect"),
+        (
+            '{"Statement": {"Effect": "Allow", "Principal": {"Service": "x"}, "Action": "kms:Decrypt"}}',
+            "Principal",
+        ),
+        ('{"Statement": {"Effect": "Allow", "Principal": "*", "Action": "kms:Fly"}}', "unknown action"),
+        (
+            '{"Statement": {"Effect": "Allow", "Principal": "*", "Action": "kms:Decrypt",'
+            ' "Condition": {"StringLike": {"kms:RecipientAttestation:PCR0": "a*"}}}}',
+            "operator",
+        ),
+        (
+            '{"Statement": {"Effect": "Allow", "Principal": "*", "Action": "kms:Decrypt",'
+            ' "Condition": {"StringEquals": {"kms:RecipientAttestation:PCR99": "a"}}}}',
+            "unknown condition key",
+        ),
+        (
+            '{"Statement": {"Effect": "Allow", "Principal": "*", "Action": "kms:Decrypt",'
+            ' "Condition": {"NumericEquals": {"kms:RecipientAttestation:PCR0": 1}}}}',
+            "cannot compare",
+        ),
+        (
+            '{"Statement": {"Effect": "Allow", "Principal": "*", "Action": "kms:Decrypt",'
+            ' "Condition": {"Bool": {"teelab:RecipientAttestation:Debug": "yes"}}}}',
+            "not a bool",
+        ),
+    ],
+)
+def test_malformed_policies_are_refused_with_a_reason(document: str, complaint: str) -> None:
+    with pytest.raises(MalformedPolicy, match=complaint):
+        KeyPolicy.parse(document)
