@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--tls", action="store_true", help="serve HTTPS with the lab certificate (kms/tls/ca.pem)"
     )
     serve.add_argument("--max-body", type=int, default=65536, help="request body cap in bytes")
+    serve.add_argument(
+        "--lab-ca", type=Path, help="lab CA directory (its root counts only where a policy names it)"
+    )
     serve.set_defaults(func=run_serve)
 
     create = cmds.add_parser("create-key", help="create a key with a key policy")
@@ -76,7 +79,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from harness.kms.runner import Listen, serve_forever
 
     listen = Listen(args.host, args.port, args.unix, args.tls, args.max_body)
-    serve_forever(_kms_dir(args), listen)
+    serve_forever(_kms_dir(args), listen, lab_dir=args.lab_ca)
     return 0
 
 

@@ -4,6 +4,7 @@ as policy condition keys and the recipient key bound by the evidence."""
 from __future__ import annotations
 
 import hmac
+from pathlib import Path
 from typing import Any
 
 from harness.kms.errors import EvidenceMalformed
@@ -24,10 +25,22 @@ def _bytes(value: Any) -> bytes | None:
     return bytes.fromhex(str(value))
 
 
-def verify_recipient(recipient: Recipient, roots: frozenset[str], now: float) -> Attested:
+class AttestVerifier:
+    """Verifies Recipient evidence with harness.attest; ``lab_dir``: the lab CA that policies may name."""
+
+    def __init__(self, lab_dir: Path | None = None) -> None:
+        self.lab_dir = lab_dir
+
+    def __call__(self, recipient: Recipient, roots: frozenset[str], now: float) -> Attested:
+        return verify_recipient(recipient, roots, now, lab_dir=self.lab_dir)
+
+
+def verify_recipient(
+    recipient: Recipient, roots: frozenset[str], now: float, *, lab_dir: Path | None = None
+) -> Attested:
     from harness import attest
 
-    policy = attest.Policy(roots=tuple(sorted(set(VENDOR_ROOTS) | set(roots))))
+    policy = attest.Policy(roots=tuple(sorted(set(VENDOR_ROOTS) | set(roots))), lab_dir=lab_dir)
     verdict = attest.verify(recipient.evidence, policy, now=now)
     if not verdict.ok:
         reasons = "; ".join(f"{r.code} {r.field}: {r.message}" for r in verdict.reasons)

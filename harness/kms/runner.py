@@ -35,10 +35,10 @@ class Listen:
     max_body: int = DEFAULT_MAX_BODY
 
 
-def default_verifier() -> Verifier:
-    from harness.kms.attested import verify_recipient
+def default_verifier(lab_dir: Path | None = None) -> Verifier:
+    from harness.kms.attested import AttestVerifier
 
-    return verify_recipient
+    return AttestVerifier(lab_dir)
 
 
 def policy_text(policy: str | dict[str, Any] | None) -> str | None:
@@ -55,12 +55,13 @@ class KmsServer:
         *,
         verifier: Verifier | None = None,
         config: ServiceConfig | None = None,
+        lab_dir: Path | None = None,
     ) -> None:
         self.kms_dir = kms_dir
         self.listen = listen or Listen()
         self.store = Store.open(kms_dir)
         self.store.purge_deleted()
-        self.service = KmsService(self.store, verifier or default_verifier(), config)
+        self.service = KmsService(self.store, verifier or default_verifier(lab_dir), config)
         self.http = KmsHttp(self.service, max_body=self.listen.max_body)
         self._loop: EventLoopThread | None = None
         self._runner: web.AppRunner | None = None
@@ -137,12 +138,12 @@ class KmsServer:
         self.stop()
 
 
-def serve_forever(kms_dir: Path, listen: Listen, *, ready: Any = None) -> None:
+def serve_forever(kms_dir: Path, listen: Listen, *, lab_dir: Path | None = None, ready: Any = None) -> None:
     """Serve until SIGTERM or SIGINT; print one JSON ready line ``{"endpoint", "pid"}`` to ``ready``."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    server = KmsServer.start(kms_dir, listen)
+    server = KmsServer.start(kms_dir, listen, lab_dir=lab_dir)
     try:
         out = ready or sys.stdout
         print(json.dumps({"endpoint": server.endpoint, "pid": os.getpid()}), file=out, flush=True)
@@ -182,6 +183,8 @@ class KmsProcess:
             argv += ["--unix", str(listen.unix_path)]
         if listen.tls:
             argv.append("--tls")
+        if self.lab_dir is not None:
+            argv += ["--lab-ca", str(self.lab_dir)]
         self.proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
