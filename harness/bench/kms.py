@@ -192,7 +192,7 @@ def bench_kms(
     min_requests: int = 300,
     on_result: Callable[[KmsBenchResult], None] | None = None,
 ) -> list[KmsBenchResult]:
-    """One result per (mode, concurrency), each of max(min_requests, clients * requests_per_client) requests."""
+    """One result per (mode, concurrency), each of max(min_requests, clients * requests_per_client) calls."""
     results = []
     with tempfile.TemporaryDirectory(prefix="teelab-bench-kms-") as tmp:
         for mode in modes:
