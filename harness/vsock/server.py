@@ -1,0 +1,208 @@
+"""The built-in switch as a service on an asyncio loop: per VM, a vhost-user socket for QEMU and a hybrid
+Unix socket for the host; VMs come and go while the others keep running."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.vsock.device import VsockDevice
+from harness.vsock.errors import CidUnavailable, VsockConfigError, VsockPathTooLong, VsockSwitchError
+from harness.vsock.packet import MAX_CID, RESERVED_CIDS
+from harness.vsock.switch import Switch
+from harness.vsock.vhost_user import VhostUserSession
+
+log = logging.getLogger(__name__)
+
+UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
+LISTENER_SUFFIX_MAX = len("_4294967295")
+
+
+@dataclass(frozen=True)
+class VmEndpoint:
+    """Where one VM's vsock lives: QEMU connects to ``vhost_socket``; host programs use ``uds``."""
+
+    name: str
+    cid: int
+    group: str
+    vhost_socket: Path
+    uds: Path
+
+    def validate(self) -> None:
+        if self.cid in RESERVED_CIDS or not 3 <= self.cid <= MAX_CID:
+            raise VsockConfigError(
+                f"VM {self.name}: CID {self.cid} is reserved or out of range",
+                hint=f"use a CID from 3 to {MAX_CID}",
+                cid=self.cid,
+            )
+        if not self.group:
+            raise VsockConfigError(f"VM {self.name}: empty routing group", hint="name the group")
+        for path, extra in ((self.vhost_socket, 0), (self.uds, LISTENER_SUFFIX_MAX)):
+            if len(os.fsencode(path)) + extra > UNIX_PATH_MAX:
+                raise VsockPathTooLong(
+                    f"VM {self.name}: socket path {path} is {len(os.fsencode(path))} bytes; with "
+                    f"{extra} more for _<port> it passes the {UNIX_PATH_MAX}-byte limit",
+                    hint="use a shorter runtime directory (TMPDIR or TEELAB_VSOCK_DIR)",
+                    path=str(path),
+                )
+
+
+class _VmService:
+    """One VM's listeners, its device in the switch and its current vhost-user session."""
+
+    def __init__(self, server: SwitchServer, endpoint: VmEndpoint, device: VsockDevice) -> None:
+        self.server = server
+        self.endpoint = endpoint
+        self.device = device
+        self.session: VhostUserSession | None = None
+        self.sessions = 0
+        self.vhost_listener = _listen(endpoint.vhost_socket)
+        try:
+            self.uds_listener = _listen(endpoint.uds)
+        except BaseException:
+            _close_listener(self.vhost_listener, endpoint.vhost_socket)
+            raise
+        loop = server.loop
+        loop.add_reader(self.vhost_listener.fileno(), self._accept_front)
+        loop.add_reader(self.uds_listener.fileno(), self._accept_host)
+
+    def _accept_front(self) -> None:
+        try:
+            sock, _ = self.vhost_listener.accept()
+        except OSError:
+            return
+        if self.session is not None and not self.session.closed:
+            log.warning("%s: a second vhost-user front-end connected; refused", self.endpoint.name)
+            sock.close()
+            return
+        self.sessions += 1
+        self.device.broken = None
+        self.session = VhostUserSession(
+            sock, self.device, self.server.loop, event_idx=self.server.event_idx, on_close=self._front_gone
+        )
+
+    def _front_gone(self, session: VhostUserSession) -> None:
+        log.info("%s: vhost-user front-end disconnected", self.endpoint.name)
+
+    def _accept_host(self) -> None:
+        try:
+            sock, _ = self.uds_listener.accept()
+        except OSError:
+            return
+        side = self.server.switch.host_sides.get(self.device)
+        if side is None:
+            sock.close()
+            return
+        side.accept(sock)
+
+    def close(self) -> None:
+        loop = self.server.loop
+        loop.remove_reader(self.vhost_listener.fileno())
+        loop.remove_reader(self.uds_listener.fileno())
+        if self.session is not None:
+            self.session.close()
+        self.server.switch.detach(self.device)
+        _close_listener(self.vhost_listener, self.endpoint.vhost_socket)
+        _close_listener(self.uds_listener, self.endpoint.uds)
+
+
+class SwitchServer:
+    """The built-in vsock switch serving VMs on ``loop``; all methods run on the loop's thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, event_idx: bool = True) -> None:
+        self.loop = loop
+        self.event_idx = event_idx
+        self.switch = Switch(loop)
+        self._vms: dict[str, _VmService] = {}
+
+    def add_vm(self, endpoint: VmEndpoint) -> None:
+        endpoint.validate()
+        if endpoint.name in self._vms:
+            raise VsockConfigError(
+                f"VM {endpoint.name} is already attached to the switch",
+                hint="detach it first or pick another name",
+            )
+        try:
+            device = self.switch.attach(endpoint.name, endpoint.cid, endpoint.group, endpoint.uds)
+        except ValueError as exc:
+            raise CidUnavailable(
+                str(exc), hint="pick another CID or another group", cid=endpoint.cid
+            ) from None
+        try:
+            self._vms[endpoint.name] = _VmService(self, endpoint, device)
+        except BaseException:
+            self.switch.detach(device)
+            raise
+        log.info("switch: %s attached as CID %d in group %s", endpoint.name, endpoint.cid, endpoint.group)
+
+    def remove_vm(self, name: str) -> None:
+        service = self._vms.pop(name, None)
+        if service is not None:
+            service.close()
+
+    def vms(self) -> list[VmEndpoint]:
+        return [s.endpoint for s in self._vms.values()]
+
+    def session_requests(self, name: str) -> list[int]:
+        """vhost-user request codes the VM's current front-end sent (diagnostics and tests)."""
+        service = self._vms.get(name)
+        return list(service.session.requests) if service and service.session else []
+
+    def stats(self) -> dict[str, object]:
+        data = self.switch.stats()
+        for name, service in self._vms.items():
+            entry = data["vms"].get(name)  # type: ignore[union-attr]
+            if entry is not None:
+                entry["front_end"] = service.session is not None and not service.session.closed
+                entry["sessions"] = service.sessions
+        return data
+
+    def close(self) -> None:
+        for name in list(self._vms):
+            self.remove_vm(name)
+
+
+def _listen(path: Path) -> socket.socket:
+    """A listening Unix socket at ``path``; a stale socket file there is replaced, anything else refused."""
+    with contextlib.suppress(FileNotFoundError):
+        mode = os.lstat(path).st_mode
+        if not stat.S_ISSOCK(mode):
+            raise VsockSwitchError(
+                f"{path} exists and is not a socket", hint="remove it or pick another path", path=str(path)
+            )
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            os.unlink(path)
+        else:
+            raise VsockSwitchError(
+                f"{path} is in use by another process", hint="stop it or pick another path", path=str(path)
+            )
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise VsockSwitchError(
+            f"cannot listen on {path}: {exc}",
+            hint="check the directory exists and is writable",
+            path=str(path),
+        ) from exc
+    return sock
+
+
+def _close_listener(sock: socket.socket, path: Path) -> None:
+    sock.close()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

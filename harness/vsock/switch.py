@@ -1,0 +1,222 @@
+"""Routing between VMs by CID inside explicit groups, and to the host (CID 2) through each VM's host side.
+
+CIDs are scoped per group: every parent can be CID 3 to its own enclaves. A VM reaches only the VMs of its
+group and the host. Packets between siblings are forwarded as they are, but the switch keeps a flow table:
+it checks that data never exceeds the receiver's advertised credit (capped at ``SIBLING_BUF_CAP``, which is
+also what the sender is told), so a hostile VM cannot make the switch buffer without bound; a violation
+resets only that flow. A VM that breaks or goes away takes its flows and host connections with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.vsock.device import VsockDevice
+from harness.vsock.hybrid import HostSide
+from harness.vsock.packet import (
+    HOST_CID,
+    OP_CREDIT_REQUEST,
+    OP_CREDIT_UPDATE,
+    OP_REQUEST,
+    OP_RESPONSE,
+    OP_RST,
+    OP_RW,
+    OP_SHUTDOWN,
+    TYPE_STREAM,
+    Header,
+)
+
+log = logging.getLogger(__name__)
+
+SIBLING_BUF_CAP = 1024 * 1024  # receive window a sibling may advertise through the switch
+MAX_FLOWS_PER_VM = 4096
+U32 = 0xFFFFFFFF
+
+
+@dataclass
+class FlowEnd:
+    """One end of a sibling flow: what it advertised as receiver and what it sent as sender."""
+
+    cid: int
+    port: int
+    buf_alloc: int = 0
+    fwd_cnt: int = 0
+    tx_cnt: int = 0
+
+
+@dataclass
+class Flow:
+    initiator: FlowEnd
+    responder: FlowEnd
+    established: bool = False
+
+    def ends(self, src_cid: int, src_port: int) -> tuple[FlowEnd, FlowEnd]:
+        """(sender, receiver) for a packet from ``src``."""
+        a, b = self.initiator, self.responder
+        return (a, b) if (a.cid, a.port) == (src_cid, src_port) else (b, a)
+
+
+@dataclass
+class Group:
+    name: str
+    vms: dict[int, VsockDevice] = field(default_factory=dict)
+    flows: dict[tuple[int, int, int, int], Flow] = field(default_factory=dict)
+
+
+class Switch:
+    """Routes packets of the VMs attached to it; each VM is one ``VsockDevice`` with a ``HostSide``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.groups: dict[str, Group] = {}
+        self._group_of: dict[VsockDevice, Group] = {}
+        self.host_sides: dict[VsockDevice, HostSide] = {}
+        self.drops: Counter[str] = Counter()  # all VMs together, by reason
+
+    # -- membership -----------------------------------------------------------------------------
+    def attach(self, name: str, cid: int, group: str, uds: Path) -> VsockDevice:
+        """A new device for VM ``name`` with ``cid`` in ``group``; its host endpoints live at ``uds``."""
+        grp = self.groups.setdefault(group, Group(group))
+        if cid in grp.vms:
+            raise ValueError(f"CID {cid} is already used in group {group!r} by {grp.vms[cid].name}")
+        vm = VsockDevice(name, cid, self, self.loop, drops=Counter())
+        grp.vms[cid] = vm
+        self._group_of[vm] = grp
+        self.host_sides[vm] = HostSide(vm, uds, self.loop)
+        vm.on_reset.append(self._vm_reset)
+        return vm
+
+    def detach(self, vm: VsockDevice) -> None:
+        """The VM is gone: its connections end and its CID is free again."""
+        self._vm_reset(vm)
+        grp = self._group_of.pop(vm, None)
+        if grp is not None and grp.vms.get(vm.cid) is vm:
+            del grp.vms[vm.cid]
+            if not grp.vms:
+                del self.groups[grp.name]
+        self.host_sides.pop(vm, None)
+        self.drops.update(vm.drops)
+
+    def _vm_reset(self, vm: VsockDevice) -> None:
+        side = self.host_sides.get(vm)
+        if side is not None:
+            side.reset()
+        grp = self._group_of.get(vm)
+        if grp is None:
+            return
+        for key in list(grp.flows):
+            if key[0] != vm.cid or key not in grp.flows:
+                continue  # each flow is listed under both directions; act once, from vm's side
+            del grp.flows[key]
+            grp.flows.pop((key[2], key[3], key[0], key[1]), None)
+            peer = grp.vms.get(key[2])
+            if peer is not None and peer is not vm:
+                peer.enqueue(Header(key[0], key[2], key[1], key[3], 0, TYPE_STREAM, OP_RST, 0, 0, 0))
+
+    def device_broken(self, vm: VsockDevice, reason: str) -> None:
+        log.warning("%s (cid %d): device stopped after a ring fault (%s)", vm.name, vm.cid, reason)
+        vm.reset(reason)
+
+    # -- routing --------------------------------------------------------------------------------
+    def route(self, vm: VsockDevice, hdr: Header, payload: list[memoryview]) -> None:
+        if hdr.dst_cid == HOST_CID:
+            self.host_sides[vm].from_guest(hdr, payload)
+            return
+        grp = self._group_of[vm]
+        peer = grp.vms.get(hdr.dst_cid)
+        if peer is None or not peer.running:
+            vm.stats["unreachable"] += 1
+            if hdr.op != OP_RST:
+                vm.enqueue(hdr.reply(OP_RST))
+            return
+        self._forward(grp, vm, peer, hdr, payload)
+
+    def _forward(
+        self, grp: Group, vm: VsockDevice, peer: VsockDevice, hdr: Header, payload: list[memoryview]
+    ) -> None:
+        key = (hdr.src_cid, hdr.src_port, hdr.dst_cid, hdr.dst_port)
+        flow = grp.flows.get(key)
+        op = hdr.op
+        if op == OP_REQUEST:
+            if flow is not None:
+                vm.fault("duplicate_request", hdr.describe())
+                self._reset_flow(grp, key, vm, peer)
+                return
+            if sum(1 for k in grp.flows if k[0] == vm.cid) >= 2 * MAX_FLOWS_PER_VM:
+                vm.fault("too_many_flows", hdr.describe())
+                vm.enqueue(hdr.reply(OP_RST))
+                return
+            flow = Flow(FlowEnd(hdr.src_cid, hdr.src_port), FlowEnd(hdr.dst_cid, hdr.dst_port))
+            grp.flows[key] = flow
+            grp.flows[(key[2], key[3], key[0], key[1])] = flow
+        elif flow is None:
+            if op != OP_RST:
+                vm.stats["no_flow"] += 1
+                vm.enqueue(hdr.reply(OP_RST))
+            return
+        sender, receiver = flow.ends(hdr.src_cid, hdr.src_port)
+        sender.buf_alloc = hdr.buf_alloc
+        sender.fwd_cnt = hdr.fwd_cnt
+        if op == OP_RW:
+            window = min(receiver.buf_alloc, SIBLING_BUF_CAP)
+            in_flight = (sender.tx_cnt - receiver.fwd_cnt) & U32
+            if not flow.established or hdr.len > window - in_flight:
+                reason = "credit_violation" if flow.established else "rw_not_established"
+                vm.fault(reason, f"{hdr.describe()} with {max(0, window - in_flight)} bytes of credit")
+                self._reset_flow(grp, key, vm, peer)
+                return
+            sender.tx_cnt = (sender.tx_cnt + hdr.len) & U32
+            vm.stats["sibling_bytes"] += hdr.len
+        elif op == OP_RESPONSE:
+            if flow.established or sender is not flow.responder:
+                vm.fault("unexpected_response", hdr.describe())
+                self._reset_flow(grp, key, vm, peer)
+                return
+            flow.established = True
+        elif op == OP_RST:
+            del grp.flows[key]
+            grp.flows.pop((key[2], key[3], key[0], key[1]), None)
+        elif op not in (OP_REQUEST, OP_SHUTDOWN, OP_CREDIT_UPDATE, OP_CREDIT_REQUEST):
+            vm.fault("unknown_op", hdr.describe())
+            self._reset_flow(grp, key, vm, peer)
+            return
+        if hdr.buf_alloc > SIBLING_BUF_CAP:
+            hdr = hdr._replace(buf_alloc=SIBLING_BUF_CAP)
+        peer.deliver(hdr, payload)
+
+    def _reset_flow(
+        self, grp: Group, key: tuple[int, int, int, int], vm: VsockDevice, peer: VsockDevice
+    ) -> None:
+        """End one flow on both sides with RST."""
+        grp.flows.pop(key, None)
+        grp.flows.pop((key[2], key[3], key[0], key[1]), None)
+        src_cid, src_port, dst_cid, dst_port = key
+        vm.enqueue(Header(dst_cid, src_cid, dst_port, src_port, 0, TYPE_STREAM, OP_RST, 0, 0, 0))
+        peer.enqueue(Header(src_cid, dst_cid, src_port, dst_port, 0, TYPE_STREAM, OP_RST, 0, 0, 0))
+
+    # -- introspection --------------------------------------------------------------------------
+    def stats(self) -> dict[str, object]:
+        vms = {}
+        for grp in self.groups.values():
+            for vm in grp.vms.values():
+                side = self.host_sides.get(vm)
+                vms[vm.name] = {
+                    "cid": vm.cid,
+                    "group": grp.name,
+                    "running": vm.running,
+                    "broken": vm.broken,
+                    "host_connections": len(side.connections) if side else 0,
+                    "sibling_flows": sum(1 for k in grp.flows if k[0] == vm.cid),
+                    "backlog_packets": len(vm.backlog),
+                    "drops": dict(vm.drops),
+                    "stats": dict(vm.stats),
+                }
+        total = Counter(self.drops)
+        for grp in self.groups.values():
+            for vm in grp.vms.values():
+                total.update(vm.drops)
+        return {"vms": vms, "drops": dict(total)}
