@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     boot.add_argument("--memory", type=int, default=512, help="guest memory in MiB")
     boot.add_argument("--json", action="store_true", help="print JSON")
     boot.set_defaults(func=run_boot)
+    from harness.cli.kms import register_bench  # teelab bench kms
+
+    register_bench(kinds)
 
 
 def run_boot(args: argparse.Namespace) -> int:

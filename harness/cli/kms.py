@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 from pathlib import Path
@@ -58,6 +59,76 @@ def register(sub: argparse._SubParsersAction) -> None:
     audit.add_argument("--since", type=int, default=0, help="rows after this row id")
     audit.add_argument("--json", action="store_true", help="print JSON")
     audit.set_defaults(func=run_audit)
+
+
+def register_bench(kinds: argparse._SubParsersAction) -> None:
+    bench = kinds.add_parser(
+        "kms", help="KMS Decrypt with and without Recipient: requests/s, p50/p99 latency"
+    )
+    bench.add_argument(
+        "--mode",
+        choices=("decrypt-recipient", "decrypt"),
+        action="append",
+        help="what to measure (default: both)",
+    )
+    bench.add_argument(
+        "--clients", type=int, action="append", help="concurrent clients (default: 1, 10, 100)"
+    )
+    bench.add_argument(
+        "--requests-per-client", type=int, default=40, help="requests per client (default: 40)"
+    )
+    bench.add_argument("--json", action="store_true", help="print JSON")
+    bench.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from harness.bench.kms import MODES, bench_kms
+
+    clients = tuple(args.clients or (1, 10, 100))
+    if min(clients) < 1 or args.requests_per_client < 1:
+        raise UsageError("--clients and --requests-per-client must be at least 1")
+    table = Table(title="bench kms (server in a subprocess, load generator in this one)")
+    for column in ("mode", "clients", "requests", "req/s", "p50 ms", "p99 ms", "max ms", "errors", "bars"):
+        table.add_column(column, justify="right" if column not in ("mode", "bars") else "left")
+
+    def show(result) -> None:  # type: ignore[no-untyped-def]
+        if not args.json:
+            f = result.figures
+            console.print(
+                f"{result.params['mode']} x {result.params['clients']}: {f['rps']:.0f} req/s, "
+                f"p99 {f['p99']:.1f} ms"
+            )
+
+    with console.status("measuring", spinner="dots") if not args.json else contextlib.nullcontext():
+        results = bench_kms(
+            modes=tuple(args.mode or MODES),
+            concurrency=clients,
+            requests_per_client=args.requests_per_client,
+            on_result=show,
+        )
+    if args.json:
+        print_json([{k: v for k, v in r.to_dict().items() if k != "samples"} for r in results])
+    else:
+        for r in results:
+            f = r.figures
+            bars = " ".join(
+                f"{b['figure']}{b['op']}{b['limit']:g} "
+                + ("[green]ok[/]" if b["holds"] else "[red]MISSED[/]")
+                for b in r.bar_results()
+            )
+            table.add_row(
+                r.params["mode"],
+                str(r.params["clients"]),
+                str(r.params["requests"]),
+                f"{f['rps']:.0f}",
+                f"{f['p50']:.2f}",
+                f"{f['p99']:.2f}",
+                f"{f['max']:.2f}",
+                str(int(f["errors"])),
+                bars,
+            )
+        console.print(table)
+    return 0 if all(r.ok for r in results) else 1
 
 
 def _kms_dir(args: argparse.Namespace) -> Path:

@@ -156,9 +156,15 @@ class KmsProcess:
     """A KMS in a subprocess (``python -m harness.kms``), for isolation, benchmarks and crash tests."""
 
     def __init__(
-        self, kms_dir: Path, listen: Listen | None = None, *, env: dict[str, str] | None = None
+        self,
+        kms_dir: Path,
+        listen: Listen | None = None,
+        *,
+        lab_dir: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.kms_dir = kms_dir
+        self.lab_dir = lab_dir
         self.listen = listen or Listen()
         self.env = env
         self.proc: subprocess.Popen[str] | None = None
