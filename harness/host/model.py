@@ -57,9 +57,15 @@ class QemuInfo:
     object_types: frozenset[str] = frozenset()
     device_types: frozenset[str] = frozenset()
     machine_types: frozenset[str] = frozenset()
+    data_dir: str | None = None  # where QEMU keeps its firmware blobs
+    firmware_files: frozenset[str] = frozenset()  # the blobs found there (qboot.rom, bios-256k.bin, ...)
 
     def has(self, type_name: str) -> bool:
         return type_name in self.object_types or type_name in self.device_types
+
+    def firmware(self, name: str) -> str | None:
+        """The path of a firmware blob QEMU ships (``qboot.rom``), or None."""
+        return f"{self.data_dir}/{name}" if self.data_dir and name in self.firmware_files else None
 
 
 @dataclass(frozen=True)
@@ -105,5 +111,6 @@ class HostInfo:
         data["qemu"]["object_types"] = sorted(self.qemu.object_types)
         data["qemu"]["device_types"] = sorted(self.qemu.device_types)
         data["qemu"]["machine_types"] = sorted(self.qemu.machine_types)
+        data["qemu"]["firmware_files"] = sorted(self.qemu.firmware_files)
         data["cpu_flags"] = sorted(self.cpu_flags)
         return data

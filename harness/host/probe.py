@@ -28,6 +28,7 @@ from harness.host.model import (
 
 QEMU_BINARY = "qemu-system-x86_64"
 BIN_DIRS = ("usr/bin", "usr/local/bin", "bin")
+DATA_DIRS = ("usr/share/qemu", "usr/local/share/qemu")
 LIBVIRT_SOCKETS = ("run/libvirt/libvirt-sock", "var/run/libvirt/libvirt-sock")
 _QEMU_TIMEOUT = 10.0
 
@@ -215,8 +216,11 @@ def qemu_info(root: Path, binary: str = QEMU_BINARY) -> QemuInfo:
         answers = pool.map(lambda args: _run([str(path), *args]), queries.values())
         outputs = dict(zip(queries, answers, strict=True))
     version = re.search(r"version (\d+)\.(\d+)\.(\d+)", outputs["version"])
+    data_dir = next((root / d for d in DATA_DIRS if (root / d).is_dir()), None)
     return QemuInfo(
-        binary=str(path) if str(root) != "/" else str(Path("/") / path.relative_to(root)),
+        binary=str(path),
+        data_dir=str(data_dir) if data_dir else None,
+        firmware_files=frozenset(_listdir(data_dir)) if data_dir else frozenset(),
         version=(int(version[1]), int(version[2]), int(version[3])) if version else None,
         object_types=frozenset(_object_types(outputs["object"])),
         device_types=frozenset(re.findall(r'^name "([^"]+)"', outputs["device"], re.M)),

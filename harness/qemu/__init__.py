@@ -4,6 +4,7 @@ from harness.qemu.argv import build_argv
 from harness.qemu.errors import SpecError
 from harness.qemu.spec import (
     Chardev,
+    ChardevChannel,
     ChardevFile,
     ChardevSocket,
     ChardevStdio,
@@ -25,6 +26,7 @@ from harness.qemu.spec import (
 
 __all__ = [
     "Chardev",
+    "ChardevChannel",
     "ChardevFile",
     "ChardevSocket",
     "ChardevStdio",

@@ -6,13 +6,17 @@ binary; ``-name N,debug-threads=on``; ``-machine TYPE[,confidential-guest-suppor
 devices' backends in device order, then the confidential guest; ``-kernel``, ``-initrd``, ``-append`` (when
 non-empty), ``-bios``; ``-nodefaults -no-user-config -nographic -no-reboot``; the QMP chardev and
 ``-mon chardev=ID,mode=control``; the console chardev and ``-serial chardev:ID``; then per device, in device
-order: its shared controller (first time only), its chardevs, its ``-device``.
+order: its shared controller (first time only), its chardevs, its ``-device``. A ``ChardevChannel`` is
+rendered as ``fd=N`` when ``channels`` maps its id to an inherited descriptor, else as a listening socket (for
+run.sh).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from harness.host.model import HostInfo
-from harness.qemu.chardevs import Chardev
+from harness.qemu.chardevs import Chardev, ChardevChannel, ChardevSocket
 from harness.qemu.spec import VMSpec, refuse_duplicate_ids
 
 DEFAULT_BINARY = "qemu-system-x86_64"
@@ -20,7 +24,13 @@ FIXED_FLAGS = ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]
 
 
 def build_argv(
-    spec: VMSpec, host: HostInfo, *, qmp: Chardev, console: Chardev, qemu_binary: str | None = None
+    spec: VMSpec,
+    host: HostInfo,
+    *,
+    qmp: Chardev,
+    console: Chardev,
+    qemu_binary: str | None = None,
+    channels: Mapping[str, int] | None = None,
 ) -> list[str]:
     """The command line for ``spec`` on ``host``; raises a SpecError (E3xx) before anything runs."""
     spec.validate(host)
@@ -51,7 +61,7 @@ def build_argv(
     argv += FIXED_FLAGS
     argv += [*qmp.args(), "-mon", f"chardev={qmp.id},mode=control"]
     argv += [*console.args(), "-serial", f"chardev:{console.id}"]
-    argv += _device_args(spec)
+    argv += _device_args(spec, channels or {})
     return argv
 
 
@@ -66,7 +76,7 @@ def _machine_options(spec: VMSpec) -> list[str]:
     return options
 
 
-def _device_args(spec: VMSpec) -> list[str]:
+def _device_args(spec: VMSpec, channels: Mapping[str, int]) -> list[str]:
     args: list[str] = []
     controllers: set[str] = set()
     for device in spec.devices:
@@ -75,6 +85,8 @@ def _device_args(spec: VMSpec) -> list[str]:
             controllers.add(controller[0])
             args += ["-device", f"{controller[1]},id={controller[0]}"]
         for chardev in device.chardevs():
+            if isinstance(chardev, ChardevChannel) and chardev.id in channels:
+                chardev = ChardevSocket(chardev.id, fd=channels[chardev.id])
             args += chardev.args()
         args += device.args()
     return args

@@ -1,4 +1,4 @@
-"""Typed QEMU character devices (``-chardev``): a socket (path or inherited fd), stdio, a file."""
+"""Typed QEMU character devices (``-chardev``): a socket (path or inherited fd), a channel, stdio, a file."""
 
 from __future__ import annotations
 
@@ -81,3 +81,15 @@ class ChardevFile(Chardev):
 
     def backend(self) -> str:
         return f"file,id={self.id},path={escape(self.path)}"
+
+
+@dataclass(frozen=True)
+class ChardevChannel(Chardev):
+    """A socketpair between QEMU and the harness: ``Machine`` makes it at launch, passes one end to QEMU as
+    ``fd=N`` and keeps the other (``machine.channel(id)``). No path, so nothing is left behind. In ``run.sh``
+    it becomes a listening socket ``<id>.sock`` beside the script."""
+
+    id: str
+
+    def backend(self) -> str:
+        return ChardevSocket(self.id, path=Path(f"{self.id}.sock"), server=True, wait=False).backend()

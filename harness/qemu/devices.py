@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from harness.host.model import HostInfo
-from harness.qemu.chardevs import Chardev, ChardevSocket
+from harness.qemu.chardevs import Chardev, ChardevChannel, ChardevSocket
 from harness.qemu.errors import MemorySizeError, OptionInvalid, VhostVsockUnavailable
 from harness.qemu.objects import MemoryBackend, MemoryBackendFile
 from harness.qemu.options import check_id, escape, require_device_type, size_mib
@@ -87,16 +87,16 @@ class VhostUserVsockPci(Device):
     """vsock served by a user-space vhost-user backend on ``chardev``; guest RAM must be shared."""
 
     id: str
-    chardev: ChardevSocket
+    chardev: ChardevSocket | ChardevChannel
     qemu_type: ClassVar[str] = "vhost-user-vsock-pci"
     needs_shared_memory: ClassVar[bool] = True
 
     def validate(self, host: HostInfo) -> None:
         super().validate(host)
-        if not isinstance(self.chardev, ChardevSocket):
+        if not isinstance(self.chardev, (ChardevSocket, ChardevChannel)):
             raise OptionInvalid(
                 f"device {self.id}: vhost-user needs a socket chardev, got {type(self.chardev).__name__}",
-                hint="pass ChardevSocket(id, path=<backend socket>)",
+                hint="pass ChardevSocket(id, path=<backend socket>) or ChardevChannel(id)",
                 id=self.id,
             )
 

@@ -33,7 +33,7 @@ from harness.aio import EventLoopThread, shared_loop
 from harness.errors import LabError
 from harness.host.model import HostInfo
 from harness.qemu.argv import build_argv
-from harness.qemu.spec import ChardevSocket, ChardevStdio, VMSpec
+from harness.qemu.spec import ChardevChannel, ChardevSocket, ChardevStdio, VMSpec
 
 log = logging.getLogger(__name__)
 
@@ -128,15 +128,17 @@ class Machine:
         self._launched_at = 0.0
         self.argv: list[str] = []
         self.exit_info: ExitInfo | None = None
+        self.channels: dict[str, socket.socket] = {}  # ChardevChannel id -> the harness's end
 
     # -- assemble -------------------------------------------------------------------------------
-    def _write_artifacts(self, qmp_fd: int, console_fd: int) -> list[str]:
+    def _write_artifacts(self, qmp_fd: int, console_fd: int, channel_fds: dict[str, int]) -> list[str]:
         argv = build_argv(
             self.spec,
             self.host,
             qmp=ChardevSocket("qmp", fd=qmp_fd),
             console=ChardevSocket("console", fd=console_fd),
             qemu_binary=self.qemu_binary,
+            channels=channel_fds,
         )
         by_hand = build_argv(
             self.spec,
@@ -161,19 +163,28 @@ class Machine:
             raise MachineStateError(f"{self.spec.name} is already launched", hint="launch a new Machine")
         qmp_parent, qmp_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         con_parent, con_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        channel_ids = [c.id for c in self.spec.chardevs() if isinstance(c, ChardevChannel)]
+        pairs = {cid: socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for cid in channel_ids}
+        children = [qmp_child, con_child, *(child for _, child in pairs.values())]
         try:
-            self.argv = self._write_artifacts(qmp_child.fileno(), con_child.fileno())
+            channel_fds = {cid: child.fileno() for cid, (_, child) in pairs.items()}
+            self.argv = self._write_artifacts(qmp_child.fileno(), con_child.fileno(), channel_fds)
             self._launched_at = time.monotonic()
             with open(self.artifacts / "qemu.stderr", "wb") as stderr:
-                self._process = self._loop.call(self._spawn, stderr, (qmp_child.fileno(), con_child.fileno()))
-            qmp_child.close()
-            con_child.close()
+                fds = tuple(child.fileno() for child in children)
+                self._process = self._loop.call(self._spawn, stderr, fds)
+            for child in children:
+                child.close()
+            self.channels = {cid: parent for cid, (parent, _) in pairs.items()}
             self._console_sock = con_parent
             self._loop.run(self._start_console(con_parent), timeout)
             self._loop.run(self._connect_qmp(qmp_parent), timeout)
         except BaseException as exc:
-            qmp_child.close()
-            con_child.close()
+            for child in children:
+                child.close()
+            for parent, _ in pairs.values():
+                parent.close()
+            self.channels = {}
             stderr_text = self._stderr_text()
             self._cleanup(stage="launch-failed")
             qmp_parent.close()
@@ -229,6 +240,11 @@ class Machine:
         self._qmp = client
 
     # -- run ------------------------------------------------------------------------------------
+    @property
+    def loop(self) -> EventLoopThread:
+        """The event-loop thread that serves this machine's QMP, console and channels."""
+        return self._loop
+
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
@@ -286,6 +302,15 @@ class Machine:
                         console_tail=self.console_text()[-2000:],
                     )
                 await self._console_changed.wait()
+
+    def channel(self, chardev_id: str) -> socket.socket:
+        """The harness's end of the ``ChardevChannel`` named ``chardev_id``."""
+        if chardev_id not in self.channels:
+            raise MachineStateError(
+                f"{self.spec.name} has no open channel {chardev_id!r} (open: {sorted(self.channels)})",
+                hint="add a device with ChardevChannel(id) to the spec and launch() the machine",
+            )
+        return self.channels[chardev_id]
 
     def console_text(self) -> str:
         return self._console.decode("utf-8", "replace")
@@ -373,8 +398,13 @@ class Machine:
         if self._console_sock is not None:
             self._console_sock.close()
             self._console_sock = None
+        for channel in self.channels.values():
+            channel.close()
+        self.channels = {}
         returncode = process.poll() if process else None
-        (self.artifacts / "exit.json").write_text(json.dumps({"stage": stage, "returncode": returncode}) + "\n")
+        (self.artifacts / "exit.json").write_text(
+            json.dumps({"stage": stage, "returncode": returncode}) + "\n"
+        )
 
     async def _close_channels(self) -> None:
         if self._qmp is not None:

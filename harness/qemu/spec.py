@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from harness.host.model import Accel, HostInfo
-from harness.qemu.chardevs import Chardev, ChardevFile, ChardevSocket, ChardevStdio
+from harness.qemu.chardevs import Chardev, ChardevChannel, ChardevFile, ChardevSocket, ChardevStdio
 from harness.qemu.devices import (
     Device,
     VhostUserVsockPci,
@@ -44,6 +44,7 @@ from harness.qemu.objects import (
 
 __all__ = [
     "Chardev",
+    "ChardevChannel",
     "ChardevFile",
     "ChardevSocket",
     "ChardevStdio",
