@@ -3,7 +3,8 @@
 A Recipient is ``{"AttestationDocument": b64, "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256"}`` for an enclave
 attestation document (which carries the public key and nonce), and additionally ``"PublicKey": b64 DER`` and
 ``"Nonce": b64`` for an SNP report or TDX quote, whose report_data must equal
-``teelab_guest.binding.report_data(nonce, public_key)``.
+``teelab_guest.binding.report_data(nonce, public_key)``; SNP evidence may add ``"Certificates": b64`` (the
+guest's certificate table, or VCEK DER/PEM).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Recipient:
     evidence: bytes
     public_key: bytes | None  # given beside SNP/TDX evidence
     nonce: bytes | None
+    certificates: tuple[bytes, ...] = ()  # SNP VCEK/VLEK (DER, PEM or a GHCB certificate table)
 
     @property
     def digest(self) -> str:
@@ -56,7 +58,13 @@ def parse_recipient(raw: Any) -> Recipient:
     """Check the Recipient object's shape; ValidationException (or EvidenceMalformed) says what is wrong."""
     if not isinstance(raw, dict):
         raise KmsRequestError("Recipient must be an object")
-    unknown = set(raw) - {"AttestationDocument", "KeyEncryptionAlgorithm", "PublicKey", "Nonce"}
+    unknown = set(raw) - {
+        "AttestationDocument",
+        "KeyEncryptionAlgorithm",
+        "PublicKey",
+        "Nonce",
+        "Certificates",
+    }
     if unknown:
         raise KmsRequestError(f"Recipient has unknown fields {sorted(unknown)}")
     algorithm = raw.get("KeyEncryptionAlgorithm")
@@ -69,12 +77,13 @@ def parse_recipient(raw: Any) -> Recipient:
         raise KmsRequestError("Recipient.AttestationDocument is required")
     public_key = _b64(raw.get("PublicKey"), "Recipient.PublicKey", 4096)
     nonce = _b64(raw.get("Nonce"), "Recipient.Nonce", 1024)
+    certificates = _b64(raw.get("Certificates"), "Recipient.Certificates", MAX_EVIDENCE_BYTES)
     if public_key is not None:
         try:
             load_recipient_key(public_key)
         except EnvelopeError as exc:
             raise EvidenceMalformed(f"Recipient.PublicKey: {exc}") from None
-    return Recipient(evidence, public_key, nonce)
+    return Recipient(evidence, public_key, nonce, (certificates,) if certificates else ())
 
 
 def _b64(value: Any, name: str, limit: int) -> bytes | None:
