@@ -45,7 +45,10 @@ def run_demo(on_phase: Callable[[Phase], None] | None = None) -> DemoResult:
             on_phase(done)
 
     with Lab() as lab:
-        phase("probe host", lambda: {"accel": lab.host.accel, "qemu": ".".join(map(str, lab.host.qemu.version or ()))})
+        phase(
+            "probe host",
+            lambda: {"accel": lab.host.accel, "qemu": ".".join(map(str, lab.host.qemu.version or ()))},
+        )
         for name in ("parent", "enclave"):
             image: list[images.BuiltImage] = []
             phase(f"image {name}", lambda name=name, image=image: _build(name, image))
@@ -70,4 +73,8 @@ def run_demo(on_phase: Callable[[Phase], None] | None = None) -> DemoResult:
 def _build(name: str, out: list[images.BuiltImage]) -> dict[str, Any]:
     image = images.build(name)
     out.append(image)
-    return {"cached": not image.built, "initrd_mib": round(image.initrd_bytes / 2**20, 1), "key": image.key[:12]}
+    return {
+        "cached": not image.built,
+        "initrd_mib": round(image.initrd_bytes / 2**20, 1),
+        "key": image.key[:12],
+    }

@@ -26,15 +26,22 @@ def bench_boot(
     result = BenchResult(
         name="boot",
         unit="s",
-        params={"image": image_name, "runs": runs, "vcpus": vcpus, "memory_mib": memory_mib,
-                "accel": lab.host.accel, "initrd_bytes": image.initrd_bytes},
+        params={
+            "image": image_name,
+            "runs": runs,
+            "vcpus": vcpus,
+            "memory_mib": memory_mib,
+            "accel": lab.host.accel,
+            "initrd_bytes": image.initrd_bytes,
+        },
     )
     if image_name in BOOT_BARS and lab.host.accel == "tcg":
         result.bars.append(Bar("median", "<=", BOOT_BARS[image_name]))
     guest_uptimes = []
     for index in range(runs):
-        spec = lab.spec_for_image(image, name=f"bench-boot-{image_name}-{index}", vcpus=vcpus,
-                                  memory_mib=memory_mib)
+        spec = lab.spec_for_image(
+            image, name=f"bench-boot-{image_name}-{index}", vcpus=vcpus, memory_mib=memory_mib
+        )
         boot = lab.boot(spec)
         lab.stop(boot.machine)
         result.samples.append(boot.seconds)

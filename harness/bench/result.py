@@ -43,8 +43,13 @@ class BenchResult:
     def bar_results(self) -> list[dict[str, Any]]:
         figures = self.figures
         return [
-            {"figure": b.figure, "op": b.op, "limit": b.limit, "value": figures.get(b.figure),
-             "holds": figures.get(b.figure) is not None and b.holds(figures[b.figure])}
+            {
+                "figure": b.figure,
+                "op": b.op,
+                "limit": b.limit,
+                "value": figures.get(b.figure),
+                "holds": figures.get(b.figure) is not None and b.holds(figures[b.figure]),
+            }
             for b in self.bars
         ]
 

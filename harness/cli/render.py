@@ -28,7 +28,9 @@ def print_bench(result: BenchResult) -> None:
         bar = bars.get(name)
         verdict = ""
         if bar:
-            verdict = f"{bar['op']} {bar['limit']:g} " + ("[green]holds[/]" if bar["holds"] else "[red]MISSED[/]")
+            verdict = f"{bar['op']} {bar['limit']:g} " + (
+                "[green]holds[/]" if bar["holds"] else "[red]MISSED[/]"
+            )
         table.add_row(name, f"{value:.3f}", verdict)
     for key, value in result.extra.items():
         table.add_row(key, str(value), "")

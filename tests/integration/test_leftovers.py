@@ -101,8 +101,10 @@ def test_fifty_cycles_leave_nothing_behind(enclave_image, hugetlbfs_mount: Path,
             ends[how] = ends.get(how, 0) + 1
             if how == "kill-harness":
                 harness = subprocess.Popen(
-                    [sys.executable, "-c", HARNESS_SCRIPT, name], stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE, text=True,
+                    [sys.executable, "-c", HARNESS_SCRIPT, name],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
                 )
                 pid = int(harness.stdout.readline())  # type: ignore[union-attr]
                 harness.kill()
@@ -112,8 +114,9 @@ def test_fifty_cycles_leave_nothing_behind(enclave_image, hugetlbfs_mount: Path,
             memory = None
             if how == "hugepages-quit":
                 memory = MemoryBackendFile("ram0", HUGEPAGE_MIB, mem_path=hugetlbfs_mount, prealloc=True)
-            spec = lab.spec_for_image(enclave_image, name=name, memory_mib=HUGEPAGE_MIB if memory else 256,
-                                      memory=memory)
+            spec = lab.spec_for_image(
+                enclave_image, name=name, memory_mib=HUGEPAGE_MIB if memory else 256, memory=memory
+            )
             if how == "powerdown":
                 boot = lab.boot(spec)
                 assert boot.machine.shutdown().stage == "powerdown"

@@ -55,8 +55,11 @@ def test_run_sh_reproduces_the_boot_by_hand(lab: Lab, enclave_image) -> None:
     machine.launch()
     machine.kill()
     proc = subprocess.Popen(
-        [str(machine.artifacts / "run.sh")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL, start_new_session=True,
+        [str(machine.artifacts / "run.sh")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 60
