@@ -1,0 +1,748 @@
+"""The lab CA: persistent AMD-, Intel- and enclave-shaped certificate chains, and the issuers of lab evidence
+(SNP reports, TDX quotes, attestation documents) in the vendors' exact wire formats."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+import struct
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cbor2
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.x509.oid import NameOID
+
+from harness.attest import certs as certs_mod
+from harness.attest.certs import Anchor, Cert, der_ia5string, der_integer, load_cert, load_pem_certs
+from harness.attest.errors import IssueError, LabAuthorityError
+from harness.attest.nitro import ALG_ES384, encode_cose_sign1, encode_payload, sig_structure
+from harness.attest.snp import SIGNED_SIZE, TcbVersion, build_snp_report, write_snp_cert_table
+from harness.attest.tdx import (
+    CERT_DATA_PCK_CHAIN,
+    CERT_DATA_QE_REPORT,
+    EnclaveReport,
+    QuoteHeader,
+    TdReportBody,
+)
+
+LAB_FORMAT = 1
+MANIFEST = "authority.json"
+LOCK_FILE = ".lock"
+DEFAULT_TCB = TcbVersion(bootloader=4, tee=0, snp=22, microcode=213)
+LAB_ORG = "teelab lab CA (not a vendor)"
+LAB_QE_VENDOR_ID = hashlib.sha256(b"teelab lab quoting enclave").digest()[:16]
+LAB_QE_MRENCLAVE = hashlib.sha256(b"teelab lab quoting enclave: code").digest()
+LAB_QE_MRSIGNER = hashlib.sha256(b"teelab lab quoting enclave: signer").digest()
+LAB_MRSEAM = hashlib.sha384(b"teelab lab TDX module").digest()
+LAB_TEE_TCB_SVN = bytes.fromhex("06010300000000000000000000000000")
+DEFAULT_XFAM = 0x00000000000602E7
+QE_AUTH_DATA = bytes(range(32))
+_P384_ORDER = (
+    0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973
+)
+_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
+# The certificates, in the order a person would read them; keys carry the same names.
+CERT_NAMES = (
+    "amd-ark",
+    "amd-ask",
+    "intel-root",
+    "intel-pck-ca",
+    "intel-pck",
+    "enclave-root",
+    "enclave-ca",
+    "enclave-leaf",
+)
+KEY_NAMES = (*CERT_NAMES, "intel-qe-ak")
+
+
+# --- public material: what a verifier needs ---------------------------------------------------------------
+@dataclass(frozen=True)
+class LabCertificates:
+    """The lab CA's certificates and chip facts, read from its directory (never its keys)."""
+
+    directory: Path
+    certs: Mapping[str, Cert]
+    chip_id: bytes
+    tcb: TcbVersion
+
+    def anchors(self) -> tuple[Anchor, ...]:
+        return (
+            Anchor("lab", "snp", self.certs["amd-ark"]),
+            Anchor("lab", "tdx", self.certs["intel-root"]),
+            Anchor("lab", "nitro", self.certs["enclave-root"]),
+        )
+
+    def intermediates(self) -> tuple[Cert, ...]:
+        return (self.certs["amd-ask"], self.certs["intel-pck-ca"], self.certs["enclave-ca"])
+
+    def vcek(self, tcb: TcbVersion) -> Cert | None:
+        """The lab VCEK for ``tcb``, if the lab has issued one (one per TCB, as AMD's KDS does)."""
+        return _read_vcek(self.directory / _vcek_file(tcb))
+
+
+_vcek_cache: dict[Path, Cert] = {}
+
+
+def _read_vcek(path: Path) -> Cert | None:
+    cached = _vcek_cache.get(path)
+    if cached is not None:
+        return cached
+    try:
+        cert = load_pem_certs(path.read_bytes(), field="vcek")[0]
+    except FileNotFoundError:
+        return None
+    _vcek_cache[path] = cert
+    return cert
+
+
+def _vcek_file(tcb: TcbVersion) -> str:
+    return f"amd-vcek-{tcb.to_bytes().hex()}.pem"
+
+
+_public_cache: dict[Path, tuple[int, LabCertificates]] = {}
+
+
+def load_lab_certificates(directory: Path | str) -> LabCertificates | None:
+    """The lab CA in ``directory``, or None if none was created there (cached until its manifest changes)."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    try:
+        stamp = manifest_path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+    cached = _public_cache.get(directory)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    manifest = _read_manifest(directory)
+    loaded = {}
+    for name in CERT_NAMES:
+        try:
+            cert = load_pem_certs((directory / f"{name}.pem").read_bytes(), field=name)[0]
+        except (OSError, IndexError) as exc:
+            raise LabAuthorityError(
+                f"lab CA in {directory} lacks {name}.pem ({exc})",
+                hint=f"remove {directory} to make a new lab CA",
+            ) from None
+        if cert.fingerprint != manifest["certs"].get(name):
+            raise LabAuthorityError(
+                f"lab CA in {directory}: {name}.pem does not match {MANIFEST}",
+                hint=f"remove {directory} to make a new lab CA",
+            )
+        loaded[name] = cert
+    public = LabCertificates(
+        directory=directory,
+        certs=loaded,
+        chip_id=bytes.fromhex(manifest["chip_id"]),
+        tcb=TcbVersion.from_bytes(bytes.fromhex(manifest["tcb"])),
+    )
+    _public_cache[directory] = (stamp, public)
+    return public
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise LabAuthorityError(
+            f"lab CA manifest {directory / MANIFEST} unreadable ({exc})",
+            hint=f"remove {directory} to make a new lab CA",
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != LAB_FORMAT:
+        raise LabAuthorityError(
+            f"lab CA in {directory} has format {manifest.get('format')!r}, this teelab uses {LAB_FORMAT}",
+            hint=f"remove {directory} to make a new lab CA",
+        )
+    return manifest
+
+
+# --- the authority: keys and issuers ----------------------------------------------------------------------
+class LabAuthority:
+    """A lab CA with its keys; get one with ``LabAuthority.load_or_create(directory)``. Thread-safe."""
+
+    def __init__(self, public: LabCertificates, keys: Mapping[str, Any], chip_seed: bytes) -> None:
+        self.public = public
+        self.directory = public.directory
+        self.chip_id = public.chip_id
+        self.tcb = public.tcb
+        self._keys = dict(keys)
+        self._chip_seed = chip_seed
+        self._vcek_keys: dict[TcbVersion, ec.EllipticCurvePrivateKey] = {}
+        self._lock = threading.Lock()
+        self._tdx_tail = self._quote_certification_tail()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load_or_create(cls, directory: Path | str) -> LabAuthority:
+        """Load the lab CA in ``directory``, creating it first if absent. Creation happens once, under a file
+        lock, so processes racing on first use agree on one CA; keys are written 0600."""
+        directory = Path(directory).absolute()
+        cached = _authorities.get(directory)
+        if cached is not None and load_lab_certificates(directory) is cached.public:
+            return cached
+        if not (directory / MANIFEST).exists():
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with _locked(directory):
+                if not (directory / MANIFEST).exists():
+                    _create(directory)
+        return cls.load(directory)
+
+    @classmethod
+    def load(cls, directory: Path | str) -> LabAuthority:
+        directory = Path(directory).absolute()
+        public = load_lab_certificates(directory)
+        if public is None:
+            raise LabAuthorityError(
+                f"no lab CA in {directory}", hint="create one with LabAuthority.load_or_create"
+            )
+        keys = {name: _read_key(directory, name) for name in KEY_NAMES}
+        for name in CERT_NAMES:
+            if keys[name].public_key().public_bytes(*_SPKI) != public.certs[
+                name
+            ].x509.public_key().public_bytes(*_SPKI):
+                raise LabAuthorityError(
+                    f"lab CA in {directory}: {name}.key does not match {name}.pem",
+                    hint=f"remove {directory} to make a new lab CA",
+                )
+        try:
+            seed = (directory / "amd-chip-seed.key").read_bytes()
+        except OSError as exc:
+            raise LabAuthorityError(
+                f"lab CA in {directory} lacks its chip seed ({exc})",
+                hint=f"remove {directory} to make a new lab CA",
+            ) from None
+        authority = cls(public, keys, seed)
+        _authorities[directory] = authority
+        return authority
+
+    # ------------------------------------------------------------------ certificates
+    def certificates_pem(self) -> dict[str, str]:
+        """Every lab certificate as PEM by name (amd-ark ... enclave-leaf, and amd-vcek for the lab TCB)."""
+        out = {name: self.public.certs[name].pem() for name in CERT_NAMES}
+        out["amd-vcek"] = self.vcek().pem()
+        return out
+
+    def anchors(self) -> tuple[Anchor, ...]:
+        return self.public.anchors()
+
+    def amd_chain(self, tcb: TcbVersion | None = None) -> tuple[Cert, Cert, Cert]:
+        """(VCEK, ASK, ARK) for ``tcb`` (default: the lab's TCB)."""
+        return self.vcek(tcb), self.public.certs["amd-ask"], self.public.certs["amd-ark"]
+
+    def intel_chain(self) -> tuple[Cert, Cert, Cert]:
+        """(PCK leaf, PCK platform CA, root)."""
+        c = self.public.certs
+        return c["intel-pck"], c["intel-pck-ca"], c["intel-root"]
+
+    def enclave_chain(self) -> tuple[Cert, Cert, Cert]:
+        """(leaf, intermediate, root) of attestation documents."""
+        c = self.public.certs
+        return c["enclave-leaf"], c["enclave-ca"], c["enclave-root"]
+
+    def snp_cert_table(self, tcb: TcbVersion | Mapping[str, int] | None = None) -> bytes:
+        """The GHCB certificate table (VCEK, ASK, ARK) a guest gets beside its report (the auxblob)."""
+        vcek, ask, ark = self.amd_chain(None if tcb is None else TcbVersion.from_value(tcb))
+        return write_snp_cert_table([("vcek", vcek.der), ("ask", ask.der), ("ark", ark.der)])
+
+    def vcek(self, tcb: TcbVersion | None = None) -> Cert:
+        """The VCEK certificate for ``tcb``; issued (and persisted) the first time a TCB is used."""
+        tcb = tcb or self.tcb
+        existing = self.public.vcek(tcb)
+        if existing is not None:
+            return existing
+        with self._lock, _locked(self.directory):
+            existing = self.public.vcek(tcb)
+            if existing is None:
+                pem = _issue_vcek(
+                    self._keys["amd-ask"],
+                    self.public.certs["amd-ask"].x509,
+                    self._vcek_key(tcb),
+                    tcb,
+                    self.chip_id,
+                )
+                _write(self.directory / _vcek_file(tcb), pem, 0o644)
+                existing = self.public.vcek(tcb)
+        assert existing is not None
+        return existing
+
+    def _vcek_key(self, tcb: TcbVersion) -> ec.EllipticCurvePrivateKey:
+        key = self._vcek_keys.get(tcb)
+        if key is None:
+            # Like the PSP, derive the VCEK from the chip secret and the TCB: one key per TCB, reproducible.
+            okm = HKDF(hashes.SHA384(), 64, salt=None, info=b"teelab lab VCEK" + tcb.to_bytes()).derive(
+                self._chip_seed
+            )
+            key = ec.derive_private_key(int.from_bytes(okm, "big") % (_P384_ORDER - 1) + 1, ec.SECP384R1())
+            self._vcek_keys[tcb] = key
+        return key
+
+    # ------------------------------------------------------------------ issuers
+    def snp_report(
+        self,
+        report_data: bytes,
+        *,
+        measurement: bytes,
+        vmpl: int = 0,
+        policy: int = 0x30000,
+        host_data: bytes = bytes(32),
+        guest_svn: int = 0,
+        tcb: TcbVersion | Mapping[str, int] | None = None,
+        family_id: bytes = bytes(16),
+        image_id: bytes = bytes(16),
+        report_id: bytes | None = None,
+        report_id_ma: bytes = b"\xff" * 32,
+        id_key_digest: bytes = bytes(48),
+        author_key_digest: bytes = bytes(48),
+        platform_info: int = 0,
+        version: int = 3,
+    ) -> bytes:
+        """A 1184-byte ATTESTATION_REPORT signed by the lab VCEK for ``tcb``; reported, current, committed
+        and launch TCB all equal ``tcb`` (default: the lab's), chip_id equals the VCEK's hwID."""
+        _check_len("report_data", report_data, 64)
+        _check_len("measurement", measurement, 48)
+        _check_len("host_data", host_data, 32)
+        _check_len("family_id", family_id, 16)
+        _check_len("image_id", image_id, 16)
+        _check_len("report_id_ma", report_id_ma, 32)
+        _check_len("id_key_digest", id_key_digest, 48)
+        _check_len("author_key_digest", author_key_digest, 48)
+        if report_id is None:
+            report_id = os.urandom(32)
+        _check_len("report_id", report_id, 32)
+        _check_range("vmpl", vmpl, 0, 3)
+        _check_range("policy", policy, 0, 2**64 - 1)
+        _check_range("guest_svn", guest_svn, 0, 2**32 - 1)
+        _check_range("platform_info", platform_info, 0, 2**64 - 1)
+        if version not in (2, 3, 5):
+            raise IssueError(f"SNP report version {version}: the lab issues 2, 3 or 5", field="version")
+        try:
+            tcb_value = TcbVersion.from_value(tcb) if tcb is not None else self.tcb
+            tcb_value.to_bytes()
+        except (ValueError, TypeError) as exc:
+            raise IssueError(f"bad tcb {tcb!r}: {exc}", field="tcb") from None
+        self.vcek(tcb_value)
+        cpuid = {"cpuid_fam_id": 0x19, "cpuid_mod_id": 0x01, "cpuid_step": 0x01} if version >= 3 else {}
+        report = build_snp_report(
+            version=version,
+            guest_svn=guest_svn,
+            policy=policy,
+            family_id=bytes(family_id),
+            image_id=bytes(image_id),
+            vmpl=vmpl,
+            signature_algo=1,
+            current_tcb=tcb_value,
+            platform_info=platform_info,
+            key_info=0,
+            report_data=bytes(report_data),
+            measurement=bytes(measurement),
+            host_data=bytes(host_data),
+            id_key_digest=bytes(id_key_digest),
+            author_key_digest=bytes(author_key_digest),
+            report_id=bytes(report_id),
+            report_id_ma=bytes(report_id_ma),
+            reported_tcb=tcb_value,
+            chip_id=self.chip_id,
+            committed_tcb=tcb_value,
+            current_major=1,
+            current_minor=55,
+            current_build=0,
+            committed_major=1,
+            committed_minor=55,
+            committed_build=0,
+            launch_tcb=tcb_value,
+            **cpuid,
+        )
+        signed = report.to_bytes()[:SIGNED_SIZE]
+        r, s = decode_dss_signature(self._vcek_key(tcb_value).sign(signed, ec.ECDSA(hashes.SHA384())))
+        return signed + r.to_bytes(72, "little") + s.to_bytes(72, "little") + bytes(368)
+
+    def tdx_quote(
+        self,
+        report_data: bytes,
+        *,
+        mrtd: bytes,
+        rtmrs: Sequence[bytes] = (),
+        td_attributes: int = 0,
+        xfam: int = DEFAULT_XFAM,
+        mrconfigid: bytes = bytes(48),
+        mrowner: bytes = bytes(48),
+        mrownerconfig: bytes = bytes(48),
+        tee_tcb_svn: bytes = LAB_TEE_TCB_SVN,
+        mrseam: bytes = LAB_MRSEAM,
+        seam_attributes: int = 0,
+    ) -> bytes:
+        """A v4 TDX quote: ECDSA P-256 over header+body with the lab attestation key, then the lab QE report
+        (binding SHA-256(attestation key || QE auth data), signed by the lab PCK leaf) and the PCK chain PEM
+        as certification data type 5 inside type 6."""
+        _check_len("report_data", report_data, 64)
+        _check_len("mrtd", mrtd, 48)
+        _check_len("mrconfigid", mrconfigid, 48)
+        _check_len("mrowner", mrowner, 48)
+        _check_len("mrownerconfig", mrownerconfig, 48)
+        _check_len("tee_tcb_svn", tee_tcb_svn, 16)
+        _check_len("mrseam", mrseam, 48)
+        if len(rtmrs) > 4:
+            raise IssueError(f"{len(rtmrs)} RTMRs given, a TD has 4", field="rtmrs")
+        for index, value in enumerate(rtmrs):
+            _check_len(f"rtmrs[{index}]", value, 48)
+        full = [bytes(v) for v in rtmrs] + [bytes(48)] * (4 - len(rtmrs))
+        for name, value in (
+            ("td_attributes", td_attributes),
+            ("xfam", xfam),
+            ("seam_attributes", seam_attributes),
+        ):
+            _check_range(name, value, 0, 2**64 - 1)
+        header = QuoteHeader(
+            4, 2, 0x81, 0, 0, LAB_QE_VENDOR_ID, hashlib.sha256(LAB_QE_VENDOR_ID).digest()[:20]
+        )
+        body = TdReportBody(
+            tee_tcb_svn=bytes(tee_tcb_svn),
+            mrseam=bytes(mrseam),
+            mrsignerseam=bytes(48),
+            seam_attributes=seam_attributes.to_bytes(8, "little"),
+            td_attributes=td_attributes.to_bytes(8, "little"),
+            xfam=xfam.to_bytes(8, "little"),
+            mrtd=bytes(mrtd),
+            mrconfigid=bytes(mrconfigid),
+            mrowner=bytes(mrowner),
+            mrownerconfig=bytes(mrownerconfig),
+            rtmr0=full[0],
+            rtmr1=full[1],
+            rtmr2=full[2],
+            rtmr3=full[3],
+            report_data=bytes(report_data),
+        )
+        signed = header.to_bytes() + body.to_bytes()
+        signature = _raw_signature(self._keys["intel-qe-ak"].sign(signed, ec.ECDSA(hashes.SHA256())), 32)
+        sig_data = signature + self._tdx_tail
+        return signed + struct.pack("<I", len(sig_data)) + sig_data
+
+    def attestation_document(
+        self,
+        *,
+        pcrs: Mapping[int, bytes],
+        public_key: bytes | None,
+        user_data: bytes | None,
+        nonce: bytes | None,
+        module_id: str,
+        timestamp_ms: int | None = None,
+        digest: str = "SHA384",
+        tagged: bool = False,
+    ) -> bytes:
+        """A COSE_Sign1 (ES384) attestation document as a Nitro security module writes it: payload map with
+        module_id, digest, timestamp, pcrs, certificate (lab leaf) and cabundle [root, intermediate]."""
+        if not isinstance(module_id, str) or not module_id:
+            raise IssueError("module_id must be non-empty text", field="module_id")
+        if not pcrs:
+            raise IssueError("at least one PCR is needed", field="pcrs")
+        for index, value in pcrs.items():
+            if not isinstance(index, int) or not 0 <= index < 32:
+                raise IssueError(f"PCR index {index!r} is not 0..31", field="pcrs")
+            if not isinstance(value, (bytes, bytearray)) or len(value) not in (32, 48, 64):
+                raise IssueError(f"PCR{index} must be 32, 48 or 64 bytes", field=f"pcrs.{index}")
+        for name, value in (("public_key", public_key), ("user_data", user_data), ("nonce", nonce)):
+            if value is not None and (not isinstance(value, (bytes, bytearray)) or len(value) > 1024):
+                raise IssueError(f"{name} must be at most 1024 bytes or None", field=name)
+        if timestamp_ms is None:
+            timestamp_ms = time.time_ns() // 1_000_000
+        leaf, intermediate, root = self.enclave_chain()
+        payload = encode_payload(
+            module_id=module_id,
+            digest=digest,
+            timestamp=int(timestamp_ms),
+            pcrs=pcrs,
+            certificate=leaf.der,
+            cabundle=[root.der, intermediate.der],
+            public_key=None if public_key is None else bytes(public_key),
+            user_data=None if user_data is None else bytes(user_data),
+            nonce=None if nonce is None else bytes(nonce),
+        )
+        protected = cbor2.dumps({1: ALG_ES384})
+        return encode_cose_sign1(
+            protected, payload, self.sign_es384(sig_structure(protected, payload)), tagged=tagged
+        )
+
+    def sign_es384(self, message: bytes) -> bytes:
+        """ECDSA P-384/SHA-384 by the enclave leaf key, as COSE's raw r||s (96 bytes)."""
+        return _raw_signature(self._keys["enclave-leaf"].sign(message, ec.ECDSA(hashes.SHA384())), 48)
+
+    def _quote_certification_tail(self) -> bytes:
+        """Everything of a lab quote's signature data after the quote signature: it never changes."""
+        ak = (
+            self._keys["intel-qe-ak"]
+            .public_key()
+            .public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)[1:]
+        )
+        qe_report = EnclaveReport.build(
+            cpu_svn=bytes.fromhex("03030202040100050000000000000000"),
+            attributes=bytes.fromhex("11000000000000000000000000000000"),
+            mrenclave=LAB_QE_MRENCLAVE,
+            mrsigner=LAB_QE_MRSIGNER,
+            isv_prod_id=2,
+            isv_svn=6,
+            report_data=hashlib.sha256(ak + QE_AUTH_DATA).digest() + bytes(32),
+        ).to_bytes()
+        qe_signature = _raw_signature(self._keys["intel-pck"].sign(qe_report, ec.ECDSA(hashes.SHA256())), 32)
+        chain = "".join(c.pem() for c in self.intel_chain()).encode() + b"\0"
+        qe_cert = (
+            qe_report
+            + qe_signature
+            + struct.pack("<H", len(QE_AUTH_DATA))
+            + QE_AUTH_DATA
+            + struct.pack("<HI", CERT_DATA_PCK_CHAIN, len(chain))
+            + chain
+        )
+        return ak + struct.pack("<HI", CERT_DATA_QE_REPORT, len(qe_cert)) + qe_cert
+
+
+_authorities: dict[Path, LabAuthority] = {}
+_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _raw_signature(der: bytes, size: int) -> bytes:
+    r, s = decode_dss_signature(der)
+    return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+
+
+def _check_len(name: str, value: object, size: int) -> None:
+    if not isinstance(value, (bytes, bytearray)) or len(value) != size:
+        got = len(value) if isinstance(value, (bytes, bytearray)) else type(value).__name__
+        raise IssueError(f"{name} must be {size} bytes, got {got}", field=name)
+
+
+def _check_range(name: str, value: object, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise IssueError(f"{name} must be an integer {low}..{high}, got {value!r}", field=name)
+
+
+# --- creation ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _read_key(directory: Path, name: str) -> Any:
+    path = directory / f"{name}.key"
+    try:
+        return serialization.load_pem_private_key(
+            path.read_bytes(), password=None, unsafe_skip_rsa_key_validation=True
+        )
+    except (OSError, ValueError, TypeError) as exc:
+        raise LabAuthorityError(
+            f"lab CA key {path} unreadable ({exc})", hint=f"remove {directory} to make a new lab CA"
+        ) from None
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, LAB_ORG),
+        ]
+    )
+
+
+def _build(
+    subject: str,
+    issuer: x509.Name,
+    public_key: Any,
+    *,
+    ca: bool,
+    path_length: int | None,
+    years: int,
+    extensions: Sequence[x509.ExtensionType] = (),
+) -> x509.CertificateBuilder:
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=365 * years))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length if ca else None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=not ca,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=ca,
+                crl_sign=ca,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+    for ext in extensions:
+        builder = builder.add_extension(ext, critical=False)
+    return builder
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _issue_vcek(
+    ask_key: rsa.RSAPrivateKey,
+    ask: x509.Certificate,
+    key: ec.EllipticCurvePrivateKey,
+    tcb: TcbVersion,
+    chip_id: bytes,
+) -> bytes:
+    def amd(oid: str, value: bytes) -> x509.UnrecognizedExtension:
+        return x509.UnrecognizedExtension(x509.ObjectIdentifier(oid), value)
+
+    extensions = [
+        amd("1.3.6.1.4.1.3704.1.1", der_integer(0)),
+        amd(certs_mod.OID_AMD_PRODUCT_NAME, der_ia5string("Lab")),
+        amd(certs_mod.OID_AMD_BL_SPL, der_integer(tcb.bootloader)),
+        amd(certs_mod.OID_AMD_TEE_SPL, der_integer(tcb.tee)),
+        amd(certs_mod.OID_AMD_SNP_SPL, der_integer(tcb.snp)),
+        *(amd(f"1.3.6.1.4.1.3704.1.3.{n}", der_integer(0)) for n in (4, 5, 6, 7)),
+        amd(certs_mod.OID_AMD_UCODE_SPL, der_integer(tcb.microcode)),
+        amd(certs_mod.OID_AMD_HWID, chip_id),
+    ]
+    builder = _build(
+        "SEV-VCEK", ask.subject, key.public_key(), ca=False, path_length=None, years=7, extensions=extensions
+    )
+    return _pem(builder.sign(ask_key, hashes.SHA384(), rsa_padding=_PSS))
+
+
+def _create(directory: Path) -> None:
+    """Generate every key and certificate; the manifest is written last, so a crash leaves no half CA."""
+    keys: dict[str, Any] = {
+        "amd-ark": rsa.generate_private_key(65537, 4096),
+        "amd-ask": rsa.generate_private_key(65537, 4096),
+        "intel-root": ec.generate_private_key(ec.SECP256R1()),
+        "intel-pck-ca": ec.generate_private_key(ec.SECP256R1()),
+        "intel-pck": ec.generate_private_key(ec.SECP256R1()),
+        "intel-qe-ak": ec.generate_private_key(ec.SECP256R1()),
+        "enclave-root": ec.generate_private_key(ec.SECP384R1()),
+        "enclave-ca": ec.generate_private_key(ec.SECP384R1()),
+        "enclave-leaf": ec.generate_private_key(ec.SECP384R1()),
+    }
+    pub = {name: key.public_key() for name, key in keys.items()}
+    made: dict[str, x509.Certificate] = {}
+
+    def issue(
+        name: str,
+        subject: str,
+        issuer: str | None,
+        *,
+        ca: bool,
+        path_length: int | None,
+        years: int,
+        digest: hashes.HashAlgorithm,
+        pss: bool = False,
+    ) -> None:
+        issuer_name = _name(subject) if issuer is None else made[issuer].subject
+        builder = _build(subject, issuer_name, pub[name], ca=ca, path_length=path_length, years=years)
+        signer = keys[name if issuer is None else issuer]
+        made[name] = builder.sign(signer, digest, rsa_padding=_PSS if pss else None)
+
+    issue("amd-ark", "ARK-Lab", None, ca=True, path_length=None, years=25, digest=hashes.SHA384(), pss=True)
+    issue("amd-ask", "SEV-Lab", "amd-ark", ca=True, path_length=0, years=25, digest=hashes.SHA384(), pss=True)
+    issue(
+        "intel-root", "teelab lab SGX Root CA", None, ca=True, path_length=1, years=25, digest=hashes.SHA256()
+    )
+    issue(
+        "intel-pck-ca",
+        "teelab lab SGX PCK Platform CA",
+        "intel-root",
+        ca=True,
+        path_length=0,
+        years=15,
+        digest=hashes.SHA256(),
+    )
+    issue(
+        "intel-pck",
+        "teelab lab SGX PCK Certificate",
+        "intel-pck-ca",
+        ca=False,
+        path_length=None,
+        years=7,
+        digest=hashes.SHA256(),
+    )
+    issue(
+        "enclave-root",
+        "teelab lab enclave root",
+        None,
+        ca=True,
+        path_length=None,
+        years=25,
+        digest=hashes.SHA384(),
+    )
+    issue(
+        "enclave-ca",
+        "teelab lab enclave intermediate",
+        "enclave-root",
+        ca=True,
+        path_length=0,
+        years=15,
+        digest=hashes.SHA384(),
+    )
+    issue(
+        "enclave-leaf",
+        "teelab lab enclave leaf",
+        "enclave-ca",
+        ca=False,
+        path_length=None,
+        years=10,
+        digest=hashes.SHA384(),
+    )
+
+    chip_seed = os.urandom(32)
+    chip_id = hashlib.sha512(b"teelab lab chip id" + chip_seed).digest()
+    for name, key in keys.items():
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        _write(directory / f"{name}.key", pem, 0o600)
+    _write(directory / "amd-chip-seed.key", chip_seed, 0o600)
+    for name, cert in made.items():
+        _write(directory / f"{name}.pem", _pem(cert), 0o644)
+    manifest = {
+        "format": LAB_FORMAT,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "chip_id": chip_id.hex(),
+        "tcb": DEFAULT_TCB.to_bytes().hex(),
+        "certs": {
+            name: load_cert(cert.public_bytes(serialization.Encoding.DER)).fingerprint
+            for name, cert in made.items()
+        },
+    }
+    _write(directory / MANIFEST, json.dumps(manifest, indent=2).encode() + b"\n", 0o644)

@@ -1,0 +1,401 @@
+"""Intel TDX quotes v4 and v5 (ECDSA P-256, certification data type 6 -> 5): parse and write byte-exact.
+
+Bytes after the declared signature-data length are kept as ``trailer``: quote buffers handed out by
+quote-generation libraries are often larger than the quote (zero padding), no signature covers those bytes,
+and the verifier never reads them; it reports their count as the claim ``trailing_bytes``.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, fields
+from typing import Any
+
+from harness.attest.binary import Reader
+from harness.attest.errors import EvidenceError, EvidenceUnsupported
+
+TEE_TYPE_TDX = 0x81
+ATT_KEY_TYPE_ECDSA_P256 = 2
+CERT_DATA_QE_REPORT = 6
+CERT_DATA_PCK_CHAIN = 5
+BODY_TYPE_TD10 = 2
+BODY_TYPE_TD15 = 3
+TD10_SIZE = 584
+TD15_SIZE = 648
+HEADER_SIZE = 48
+QE_REPORT_SIZE = 384
+INTEL_QE_VENDOR_ID = bytes.fromhex("939a7233f79c4ca9940a0db3957f0607")
+TD_ATTRIBUTE_DEBUG = 1 << 0
+TD_ATTRIBUTE_SEPT_VE_DISABLE = 1 << 28
+
+_HEADER = struct.Struct("<HHIHH16s20s")
+_HEADER_FIELDS = ("version", "att_key_type", "tee_type", "pce_svn", "qe_svn", "qe_vendor_id", "user_data")
+_TD10_LAYOUT: tuple[tuple[str, int], ...] = (
+    ("tee_tcb_svn", 16),
+    ("mrseam", 48),
+    ("mrsignerseam", 48),
+    ("seam_attributes", 8),
+    ("td_attributes", 8),
+    ("xfam", 8),
+    ("mrtd", 48),
+    ("mrconfigid", 48),
+    ("mrowner", 48),
+    ("mrownerconfig", 48),
+    ("rtmr0", 48),
+    ("rtmr1", 48),
+    ("rtmr2", 48),
+    ("rtmr3", 48),
+    ("report_data", 64),
+)
+_TD15_EXTRA: tuple[tuple[str, int], ...] = (("tee_tcb_svn2", 16), ("mrservicetd", 48))
+_QE_LAYOUT: tuple[tuple[str, str], ...] = (
+    ("cpu_svn", "16s"),
+    ("misc_select", "I"),
+    ("reserved1", "12s"),
+    ("isv_ext_prod_id", "16s"),
+    ("attributes", "16s"),
+    ("mrenclave", "32s"),
+    ("reserved2", "32s"),
+    ("mrsigner", "32s"),
+    ("reserved3", "32s"),
+    ("config_id", "64s"),
+    ("isv_prod_id", "H"),
+    ("isv_svn", "H"),
+    ("config_svn", "H"),
+    ("reserved4", "42s"),
+    ("isv_family_id", "16s"),
+    ("report_data", "64s"),
+)
+_QE_STRUCT = struct.Struct("<" + "".join(code for _, code in _QE_LAYOUT))
+assert _QE_STRUCT.size == QE_REPORT_SIZE
+
+
+@dataclass(frozen=True)
+class QuoteHeader:
+    version: int
+    att_key_type: int
+    tee_type: int
+    pce_svn: int
+    qe_svn: int
+    qe_vendor_id: bytes
+    user_data: bytes
+
+    def to_bytes(self) -> bytes:
+        return _HEADER.pack(*(getattr(self, name) for name in _HEADER_FIELDS))
+
+
+@dataclass(frozen=True)
+class TdReportBody:
+    """The TD report in a quote: TD 1.0 (584 bytes) or TD 1.5 (648, adds tee_tcb_svn2 and mrservicetd)."""
+
+    tee_tcb_svn: bytes
+    mrseam: bytes
+    mrsignerseam: bytes
+    seam_attributes: bytes
+    td_attributes: bytes
+    xfam: bytes
+    mrtd: bytes
+    mrconfigid: bytes
+    mrowner: bytes
+    mrownerconfig: bytes
+    rtmr0: bytes
+    rtmr1: bytes
+    rtmr2: bytes
+    rtmr3: bytes
+    report_data: bytes
+    tee_tcb_svn2: bytes | None = None
+    mrservicetd: bytes | None = None
+
+    @property
+    def rtmrs(self) -> tuple[bytes, bytes, bytes, bytes]:
+        return (self.rtmr0, self.rtmr1, self.rtmr2, self.rtmr3)
+
+    @property
+    def td_attributes_value(self) -> int:
+        return int.from_bytes(self.td_attributes, "little")
+
+    @property
+    def debug(self) -> bool:
+        return bool(self.td_attributes_value & TD_ATTRIBUTE_DEBUG)
+
+    @property
+    def is_td15(self) -> bool:
+        return self.tee_tcb_svn2 is not None
+
+    def to_bytes(self) -> bytes:
+        layout = _TD10_LAYOUT + (_TD15_EXTRA if self.is_td15 else ())
+        out = b""
+        for name, size in layout:
+            value = getattr(self, name)
+            if not isinstance(value, bytes) or len(value) != size:
+                raise EvidenceError(f"tdx: {name} must be {size} bytes", field=name, kind="tdx")
+            out += value
+        return out
+
+
+@dataclass(frozen=True)
+class EnclaveReport:
+    """The 384-byte SGX REPORT body of the quoting enclave (QE report)."""
+
+    cpu_svn: bytes
+    misc_select: int
+    reserved1: bytes
+    isv_ext_prod_id: bytes
+    attributes: bytes
+    mrenclave: bytes
+    reserved2: bytes
+    mrsigner: bytes
+    reserved3: bytes
+    config_id: bytes
+    isv_prod_id: int
+    isv_svn: int
+    config_svn: int
+    reserved4: bytes
+    isv_family_id: bytes
+    report_data: bytes
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> EnclaveReport:
+        return cls(*_QE_STRUCT.unpack(raw))
+
+    @classmethod
+    def build(cls, **values: Any) -> EnclaveReport:
+        defaults: dict[str, Any] = {
+            name: (bytes(struct.calcsize("<" + code)) if code.endswith("s") else 0)
+            for name, code in _QE_LAYOUT
+        }
+        defaults.update(values)
+        return cls(**defaults)
+
+    def to_bytes(self) -> bytes:
+        try:
+            return _QE_STRUCT.pack(*(getattr(self, name) for name, _ in _QE_LAYOUT))
+        except struct.error as exc:
+            raise EvidenceError(
+                f"tdx: QE report field does not fit: {exc}", field="qe_report", kind="tdx"
+            ) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            f.name: (
+                getattr(self, f.name).hex()
+                if isinstance(getattr(self, f.name), bytes)
+                else getattr(self, f.name)
+            )
+            for f in fields(self)
+        }
+
+
+@dataclass(frozen=True)
+class TdxQuote:
+    """A TDX quote with its ECDSA signature data; ``to_bytes()`` writes back the exact input."""
+
+    header: QuoteHeader
+    body: TdReportBody
+    signature: bytes
+    attestation_key: bytes
+    qe_report: EnclaveReport
+    qe_report_signature: bytes
+    qe_auth_data: bytes
+    pck_chain: bytes
+    body_type: int | None = None
+    trailer: bytes = b""
+
+    @property
+    def version(self) -> int:
+        return self.header.version
+
+    def signed_bytes(self) -> bytes:
+        """Header and body: what the attestation key signs."""
+        body = self.body.to_bytes()
+        if self.header.version == 5:
+            return self.header.to_bytes() + struct.pack("<HI", self.body_type or 0, len(body)) + body
+        return self.header.to_bytes() + body
+
+    def signature_data(self) -> bytes:
+        qe_cert = (
+            self.qe_report.to_bytes()
+            + self.qe_report_signature
+            + struct.pack("<H", len(self.qe_auth_data))
+            + self.qe_auth_data
+            + struct.pack("<HI", CERT_DATA_PCK_CHAIN, len(self.pck_chain))
+            + self.pck_chain
+        )
+        return (
+            self.signature
+            + self.attestation_key
+            + struct.pack("<HI", CERT_DATA_QE_REPORT, len(qe_cert))
+            + qe_cert
+        )
+
+    def to_bytes(self) -> bytes:
+        sig_data = self.signature_data()
+        return self.signed_bytes() + struct.pack("<I", len(sig_data)) + sig_data + self.trailer
+
+    @property
+    def pck_chain_pem(self) -> bytes:
+        return self.pck_chain.rstrip(b"\0")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {name: _hexed(getattr(self.header, name)) for name in _HEADER_FIELDS}
+        if self.body_type is not None:
+            out["body_type"] = self.body_type
+        out.update(
+            {
+                f.name: _hexed(getattr(self.body, f.name))
+                for f in fields(self.body)
+                if getattr(self.body, f.name) is not None
+            }
+        )
+        out["debug"] = self.body.debug
+        out["signature"] = self.signature.hex()
+        out["attestation_key"] = self.attestation_key.hex()
+        out["qe_report"] = self.qe_report.to_dict()
+        out["qe_report_signature"] = self.qe_report_signature.hex()
+        out["qe_auth_data"] = self.qe_auth_data.hex()
+        out["pck_chain"] = self.pck_chain_pem.decode("ascii", "replace")
+        out["trailing_bytes"] = len(self.trailer)
+        return out
+
+
+def _hexed(value: object) -> object:
+    return value.hex() if isinstance(value, bytes) else value
+
+
+def parse_tdx_quote(data: bytes) -> TdxQuote:
+    """Decode a v4 or v5 TDX quote; raises E801-E803 naming the offending field."""
+    data = bytes(data)
+    reader = Reader(data, "tdx")
+    header = QuoteHeader(*_HEADER.unpack(reader.take(HEADER_SIZE, "header")))
+    if header.version not in (4, 5):
+        raise EvidenceUnsupported(
+            f"tdx: quote version {header.version}, not 4 or 5", field="version", kind="tdx"
+        )
+    if header.att_key_type != ATT_KEY_TYPE_ECDSA_P256:
+        raise EvidenceUnsupported(
+            f"tdx: attestation key type {header.att_key_type}, only 2 (ECDSA P-256) is supported",
+            field="att_key_type",
+            kind="tdx",
+        )
+    if header.tee_type != TEE_TYPE_TDX:
+        raise EvidenceUnsupported(
+            f"tdx: tee_type {header.tee_type:#x} is not TDX (0x81)", field="tee_type", kind="tdx"
+        )
+    body_type = None
+    body_size = TD10_SIZE
+    if header.version == 5:
+        body_type = reader.u16("body_type")
+        body_size = reader.u32("body_size")
+        expected = {BODY_TYPE_TD10: TD10_SIZE, BODY_TYPE_TD15: TD15_SIZE}.get(body_type)
+        if expected is None:
+            raise EvidenceUnsupported(
+                f"tdx: v5 body type {body_type}; only 2 (TD 1.0) and 3 (TD 1.5) are supported",
+                field="body_type",
+                kind="tdx",
+            )
+        if body_size != expected:
+            raise EvidenceError(
+                f"tdx: v5 body type {body_type} must be {expected} bytes, says {body_size}",
+                field="body_size",
+                kind="tdx",
+            )
+    layout = _TD10_LAYOUT + (_TD15_EXTRA if body_size == TD15_SIZE else ())
+    body = TdReportBody(**{name: reader.take(size, name) for name, size in layout})
+
+    sig_size = reader.u32("signature_data_size")
+    sig_end = reader.pos + sig_size
+    if sig_end > len(data):
+        reader.take(sig_size, "signature_data")  # raises: truncated
+    sig = Reader(data, "tdx", offset=reader.pos, end=sig_end)
+    signature = sig.take(64, "signature")
+    attestation_key = sig.take(64, "attestation_key")
+    cert_type = sig.u16("certification_data.type")
+    if cert_type != CERT_DATA_QE_REPORT:
+        raise EvidenceUnsupported(
+            f"tdx: certification data type {cert_type}, only 6 (QE report certification data) is supported",
+            field="certification_data.type",
+            kind="tdx",
+        )
+    cert_size = sig.u32("certification_data.size")
+    if cert_size != sig.remaining:
+        raise EvidenceError(
+            f"tdx: certification data says {cert_size} bytes, signature data leaves {sig.remaining}",
+            field="certification_data.size",
+            kind="tdx",
+        )
+    qe_report = EnclaveReport.from_bytes(sig.take(QE_REPORT_SIZE, "qe_report"))
+    qe_report_signature = sig.take(64, "qe_report_signature")
+    auth_size = sig.u16("qe_auth_data.size")
+    qe_auth_data = sig.take(auth_size, "qe_auth_data")
+    inner_type = sig.u16("pck_chain.type")
+    if inner_type != CERT_DATA_PCK_CHAIN:
+        raise EvidenceUnsupported(
+            f"tdx: QE certification data type {inner_type}, only 5 (PCK certificate chain) is supported",
+            field="pck_chain.type",
+            kind="tdx",
+        )
+    inner_size = sig.u32("pck_chain.size")
+    if inner_size != sig.remaining:
+        raise EvidenceError(
+            f"tdx: PCK chain says {inner_size} bytes, certification data leaves {sig.remaining}",
+            field="pck_chain.size",
+            kind="tdx",
+        )
+    pck_chain = sig.take(inner_size, "pck_chain")
+    return TdxQuote(
+        header=header,
+        body=body,
+        signature=signature,
+        attestation_key=attestation_key,
+        qe_report=qe_report,
+        qe_report_signature=qe_report_signature,
+        qe_auth_data=qe_auth_data,
+        pck_chain=pck_chain,
+        body_type=body_type,
+        trailer=data[sig_end:],
+    )
+
+
+def quote_field_spans(quote: TdxQuote) -> dict[str, tuple[int, int]]:
+    """name -> (offset, size) of every field of ``quote`` as written by ``to_bytes()``."""
+    spans: dict[str, tuple[int, int]] = {}
+    offset = 0
+    for name, code in zip(_HEADER_FIELDS, ("H", "H", "I", "H", "H", "16s", "20s"), strict=True):
+        size = struct.calcsize("<" + code)
+        spans[name] = (offset, size)
+        offset += size
+    if quote.version == 5:
+        spans["body_type"] = (offset, 2)
+        spans["body_size"] = (offset + 2, 4)
+        offset += 6
+    for name, size in _TD10_LAYOUT + (_TD15_EXTRA if quote.body.is_td15 else ()):
+        spans[name] = (offset, size)
+        offset += size
+    for name, size in (
+        ("signature_data_size", 4),
+        ("signature", 64),
+        ("attestation_key", 64),
+        ("certification_data.type", 2),
+        ("certification_data.size", 4),
+    ):
+        spans[name] = (offset, size)
+        offset += size
+    for name, code in _QE_LAYOUT:
+        size = struct.calcsize("<" + code)
+        spans[f"qe_report.{name}"] = (offset, size)
+        offset += size
+    for name, size in (
+        ("qe_report_signature", 64),
+        ("qe_auth_data.size", 2),
+        ("qe_auth_data", len(quote.qe_auth_data)),
+        ("pck_chain.type", 2),
+        ("pck_chain.size", 4),
+        ("pck_chain", len(quote.pck_chain)),
+    ):
+        spans[name] = (offset, size)
+        offset += size
+    return spans
+
+
+def looks_like_tdx(data: bytes) -> bool:
+    return len(data) >= 4 and data[:2] in (b"\x04\x00", b"\x05\x00") and data[2:4] == b"\x02\x00"

@@ -1,0 +1,85 @@
+"""``verify(evidence, policy)``: detect the format, run every check of that kind, return a Verdict."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from harness.attest.checks import evidence_time, malformed_verdict
+from harness.attest.errors import EvidenceTruncated, UnknownEvidenceFormat
+from harness.attest.nitro import AttestationDocument, looks_like_nitro, parse_attestation_document
+from harness.attest.policy import Policy
+from harness.attest.snp import SnpReport, looks_like_snp, parse_snp_report
+from harness.attest.tdx import TdxQuote, looks_like_tdx, parse_tdx_quote
+from harness.attest.verdict import Verdict
+from harness.attest.verify_nitro import verify_nitro
+from harness.attest.verify_snp import verify_snp
+from harness.attest.verify_tdx import verify_tdx
+
+KINDS = ("snp", "tdx", "nitro")
+
+
+def detect_kind(evidence: bytes) -> str:
+    """ "snp", "tdx" or "nitro" from the first bytes; raises E802/E804 when it cannot tell."""
+    data = bytes(evidence[:4])
+    if looks_like_nitro(data):
+        return "nitro"
+    if looks_like_tdx(data):
+        return "tdx"
+    if looks_like_snp(data):
+        return "snp"
+    if len(data) < 4:
+        raise EvidenceTruncated(
+            f"{len(evidence)} bytes are too few to be evidence of any kind", field="evidence"
+        )
+    raise UnknownEvidenceFormat(
+        f"evidence starting {data.hex()} is not an SNP report (u32 version 2-5), a TDX quote (04 00 02 00 or "
+        "05 00 02 00) or a COSE_Sign1 (84 or d2 84)",
+        field="evidence",
+    )
+
+
+def parse(evidence: bytes, kind: str | None = None) -> SnpReport | TdxQuote | AttestationDocument:
+    """Decode evidence of ``kind`` (detected when None); raises E8xx errors that name the field."""
+    kind = kind or detect_kind(evidence)
+    if kind == "snp":
+        return parse_snp_report(evidence)
+    if kind == "tdx":
+        return parse_tdx_quote(evidence)
+    if kind == "nitro":
+        return parse_attestation_document(evidence)
+    raise UnknownEvidenceFormat(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}", field="kind")
+
+
+def verify(
+    evidence: bytes,
+    policy: Policy,
+    *,
+    now: dt.datetime | None = None,
+    kind: str | None = None,
+    certificates: Sequence[bytes] | bytes = (),
+    collateral: Mapping[str, Any] | None = None,
+) -> Verdict:
+    """Verify ``evidence`` against ``policy``. Never raises for bad evidence: every failed check is a Reason.
+
+    ``now`` pins the time certificates must be valid at (default: now; Nitro documents are checked at their
+    own timestamp). ``certificates`` adds certificates the evidence does not carry: the SNP VCEK/VLEK
+    (and ASK) as DER, PEM or a GHCB certificate table. ``collateral`` is Intel PCS collateral for TDX quotes
+    (tcb_info, qe_identity, CRLs and their issuer chains, as in Phala's dcap-qvl JSON).
+    """
+    if isinstance(certificates, (bytes, bytearray)):
+        certificates = [bytes(certificates)]
+    evidence = bytes(evidence)
+    at = evidence_time(now)
+    try:
+        kind = kind or detect_kind(evidence)
+    except (UnknownEvidenceFormat, EvidenceTruncated) as err:
+        return malformed_verdict("unknown", err)
+    if kind == "snp":
+        return verify_snp(evidence, policy, now=at, certificates=certificates)
+    if kind == "tdx":
+        return verify_tdx(evidence, policy, now=at, collateral=collateral)
+    if kind == "nitro":
+        return verify_nitro(evidence, policy, now=at)
+    return malformed_verdict("unknown", UnknownEvidenceFormat(f"unknown kind {kind!r}", field="kind"))

@@ -1,0 +1,226 @@
+"""Verify an SEV-SNP report: VCEK/VLEK chain to an AMD (or lab) ARK, signature, TCB and chip id against the
+certificate, guest policy bits, VMPL, minimum TCB and reference values."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+
+from harness.attest.certs import Cert, build_chain, load_any
+from harness.attest.checks import (
+    Findings,
+    check_chain,
+    check_claims,
+    check_report_data_binding,
+    check_value,
+    ecdsa_verify,
+    malformed_verdict,
+    trust_material,
+)
+from harness.attest.errors import EvidenceError
+from harness.attest.policy import Policy
+from harness.attest.roots import vendor_intermediates
+from harness.attest.snp import (
+    PLATFORM_SMT_EN,
+    POLICY_SINGLE_SOCKET,
+    SIGNATURE_ALGO_ECDSA_P384_SHA384,
+    SIGNED_SIZE,
+    SnpReport,
+    parse_snp_report,
+)
+from harness.attest.verdict import Verdict
+
+
+def snp_claims(report: SnpReport) -> dict[str, Any]:
+    """The report's facts as JSON-ready claims (documented in docs/attestation.md)."""
+    claims: dict[str, Any] = {
+        "kind": "snp",
+        "version": report.version,
+        "measurement": report.measurement.hex(),
+        "host_data": report.host_data.hex(),
+        "report_data": report.report_data.hex(),
+        "policy": report.policy,
+        "debug": report.debug,
+        "migrate_ma": report.migrate_ma,
+        "smt_allowed": report.smt_allowed,
+        "single_socket": bool(report.policy & POLICY_SINGLE_SOCKET),
+        "abi": f"{(report.policy >> 8) & 0xFF}.{report.policy & 0xFF}",
+        "vmpl": report.vmpl,
+        "guest_svn": report.guest_svn,
+        "family_id": report.family_id.hex(),
+        "image_id": report.image_id.hex(),
+        "id_key_digest": report.id_key_digest.hex(),
+        "author_key_digest": report.author_key_digest.hex(),
+        "report_id": report.report_id.hex(),
+        "report_id_ma": report.report_id_ma.hex(),
+        "signature_algo": report.signature_algo,
+        "signing_key": report.signing_key,
+        "key_info": report.key_info,
+        "platform_info": report.platform_info,
+        "smt_enabled": bool(report.platform_info & PLATFORM_SMT_EN),
+        "tcb": report.reported_tcb.to_dict(),
+        "reported_tcb": report.reported_tcb.to_dict(),
+        "current_tcb": report.current_tcb.to_dict(),
+        "committed_tcb": report.committed_tcb.to_dict(),
+        "launch_tcb": report.launch_tcb.to_dict(),
+        "current_firmware": f"{report.current_major}.{report.current_minor}.{report.current_build}",
+        "committed_firmware": f"{report.committed_major}.{report.committed_minor}.{report.committed_build}",
+        "chip_id": report.chip_id.hex(),
+    }
+    if report.version >= 3:
+        claims["cpuid"] = {
+            "family": report.cpuid_fam_id,
+            "model": report.cpuid_mod_id,
+            "stepping": report.cpuid_step,
+        }
+    if report.version >= 5:
+        claims["launch_mit_vector"] = report.launch_mit_vector
+        claims["current_mit_vector"] = report.current_mit_vector
+    return claims
+
+
+def _endorsement(candidates: Sequence[Cert], report: SnpReport) -> Cert | None:
+    """The candidate certificate most likely to have signed ``report``: TCB and chip id match first."""
+
+    def score(cert: Cert) -> int:
+        amd = cert.amd
+        assert amd is not None
+        tcb_match = amd.tcb is not None and amd.tcb.components() == report.reported_tcb.components()
+        return 2 * tcb_match + (amd.hwid == report.chip_id)
+
+    return max(candidates, key=score, default=None)
+
+
+def verify_snp(
+    data: bytes, policy: Policy, *, now: dt.datetime, certificates: Sequence[bytes] = ()
+) -> Verdict:
+    try:
+        report = parse_snp_report(data)
+    except EvidenceError as err:
+        return malformed_verdict("snp", err)
+    found = Findings()
+    claims = snp_claims(report)
+
+    if report.signature_algo != SIGNATURE_ALGO_ECDSA_P384_SHA384:
+        found.fail(
+            "signature-algo-unsupported",
+            "signature_algo",
+            f"signature_algo {report.signature_algo}; only 1 (ECDSA P-384 with SHA-384) is defined",
+        )
+    signer = report.signing_key
+    anchors, lab = trust_material(policy)
+    supplied: list[Cert] = []
+    for index, blob in enumerate(certificates):
+        try:
+            supplied += load_any(blob, field=f"certificates[{index}]")
+        except EvidenceError as err:
+            found.fail("malformed", err.field, err.message)
+    root = None
+    if signer not in ("vcek", "vlek"):
+        found.fail(
+            "signing-key-unsupported",
+            "key_info",
+            f"the report names signing key {signer!r}; only VCEK and VLEK signed reports can be verified",
+        )
+    else:
+        candidates = [c for c in supplied if c.amd is not None and c.amd.signing_key == signer]
+        if lab is not None and signer == "vcek":
+            lab_vcek = lab.vcek(report.reported_tcb)
+            if lab_vcek is not None:
+                candidates.append(lab_vcek)
+        endorsement = _endorsement(candidates, report)
+        if endorsement is None:
+            found.fail(
+                "missing-certificate",
+                signer,
+                f"no {signer.upper()} certificate for this report (chip_id {report.chip_id.hex()[:16]}..., "
+                f"TCB {report.reported_tcb.to_bytes().hex()}); pass it in certificates= "
+                "(from the guest's certificate table or AMD's KDS)",
+            )
+        else:
+            root = _check_endorsement(
+                found, endorsement, report, data, policy, anchors, lab, supplied, now, signer
+            )
+            if endorsement.amd is not None and endorsement.amd.product:
+                claims["product"] = endorsement.amd.product
+
+    if report.debug and not policy.allow_debug:
+        found.fail(
+            "debug-not-allowed", "policy", "the guest policy allows debugging (bit 19); the policy refuses it"
+        )
+    if report.migrate_ma and not policy.allow_migrate_ma:
+        found.fail(
+            "migrate-ma-not-allowed",
+            "policy",
+            "the guest policy allows a migration agent (bit 18); the policy refuses it",
+        )
+    if not policy.allow_smt and report.platform_info & PLATFORM_SMT_EN:
+        found.fail(
+            "smt-not-allowed", "platform_info", "SMT is enabled on the platform; the policy refuses it"
+        )
+    if report.vmpl > policy.max_vmpl:
+        found.fail(
+            "vmpl-not-allowed",
+            "vmpl",
+            f"the report was requested at VMPL {report.vmpl}, the policy allows at most {policy.max_vmpl}",
+        )
+    if policy.min_tcb is not None and not report.reported_tcb.at_least(policy.min_tcb):
+        found.fail(
+            "tcb-too-low",
+            "reported_tcb",
+            f"reported TCB {report.reported_tcb.components()} is below the minimum "
+            f"{policy.min_tcb.components()}",
+        )
+    check_value(found, "measurement-mismatch", "measurement", policy.measurement, report.measurement)
+    check_value(found, "host-data-mismatch", "host_data", policy.host_data, report.host_data)
+    check_report_data_binding(found, policy, report.report_data, claims)
+    if policy.max_age is not None:
+        found.note("SNP reports carry no time; max_age is not applied (freshness comes from the nonce)")
+    check_claims(found, policy.claims, claims)
+    return found.verdict("snp", root, claims)
+
+
+def _check_endorsement(
+    found: Findings,
+    endorsement: Cert,
+    report: SnpReport,
+    data: bytes,
+    policy: Policy,
+    anchors: Sequence[Any],
+    lab: Any,
+    supplied: Sequence[Cert],
+    now: dt.datetime,
+    signer: str,
+) -> str | None:
+    pool = [c for c in supplied if c is not endorsement] + list(vendor_intermediates())
+    if lab is not None:
+        pool += lab.intermediates()
+    chain = build_chain(endorsement, pool, anchors, field=signer)
+    root = check_chain(found, chain, "snp", policy, at=now, field=signer)
+    if not ecdsa_verify(endorsement, report.signature, data[:SIGNED_SIZE], hashes.SHA384()):
+        found.fail(
+            "signature-invalid",
+            "signature",
+            f"the report signature does not verify with the {signer.upper()} public key",
+        )
+    amd = endorsement.amd
+    assert amd is not None
+    if amd.tcb is None:
+        found.fail("tcb-mismatch", "reported_tcb", f"the {signer.upper()} carries no TCB extensions")
+    elif amd.tcb.components() != report.reported_tcb.components():
+        found.fail(
+            "tcb-mismatch",
+            "reported_tcb",
+            f"reported TCB {report.reported_tcb.components()} differs from "
+            f"the {signer.upper()}'s {amd.tcb.components()}",
+        )
+    if signer == "vcek":
+        if report.mask_chip_key:
+            if any(report.chip_id):
+                found.fail("chip-id-mismatch", "chip_id", "MASK_CHIP_KEY is set but chip_id is not zero")
+        elif amd.hwid != report.chip_id:
+            found.fail("chip-id-mismatch", "chip_id", "chip_id differs from the VCEK's hwID")
+    return root

@@ -1,0 +1,78 @@
+"""SEV-SNP: genuine AMD reports verify against AMD roots; lab reports against the lab root only when named."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from harness import paths
+from harness.attest import LabAuthority, Policy, parse_snp_report, verify
+from harness.attest.snp import FIELD_SPANS, TcbVersion
+
+VECTORS = Path(__file__).parents[1] / "vectors" / "snp"
+# (folder, endorsement certificate, root, policy needs); the VLEK expired in 2025-12: pin the time.
+AMD_REPORTS = [
+    ("", "vcek.der", "amd-milan", {}),
+    ("extra/go-sev-guest_milan", "vcek.der", "amd-milan", {"allow_debug": True}),
+    ("extra/trustee_milan_vcek", "vcek.der", "amd-milan", {}),
+    ("extra/trustee_milan_vlek", "vlek.der", "amd-milan", {"max_vmpl": 1}),
+    ("extra/trustee_azure_genoa", "vcek.pem", "amd-genoa", {}),
+]
+AT = dt.datetime(2025, 6, 1, tzinfo=dt.UTC)
+
+
+@pytest.fixture(scope="session")
+def lab() -> LabAuthority:
+    return LabAuthority.load_or_create(paths.state_dir() / "lab-ca")
+
+
+def amd(folder: str, cert: str) -> tuple[bytes, bytes]:
+    return (VECTORS / folder / "report.bin").read_bytes(), (VECTORS / folder / cert).read_bytes()
+
+
+@pytest.mark.parametrize(("folder", "cert", "root", "needs"), AMD_REPORTS)
+def test_genuine_amd_reports_verify_against_their_amd_root(
+    folder: str, cert: str, root: str, needs: dict
+) -> None:
+    report, endorsement = amd(folder, cert)
+    verdict = verify(report, Policy(**needs), certificates=[endorsement], now=AT)
+    assert verdict.ok, verdict.reasons
+    assert verdict.kind == "snp" and verdict.root == root
+    assert verdict.claims["measurement"] == parse_snp_report(report).measurement.hex()
+
+
+@pytest.mark.parametrize(("folder", "cert", "root", "needs"), AMD_REPORTS)
+def test_genuine_amd_reports_are_refused_by_a_lab_only_policy(
+    folder: str, cert: str, root: str, needs: dict
+) -> None:
+    report, endorsement = amd(folder, cert)
+    verdict = verify(report, Policy(roots=("lab",), **needs), certificates=[endorsement], now=AT)
+    assert not verdict.ok
+    assert verdict.codes == {"untrusted-root"} and verdict.root == root
+
+
+def test_lab_report_verifies_only_when_the_policy_names_lab(lab: LabAuthority) -> None:
+    report = lab.snp_report(bytes(64), measurement=b"\x11" * 48)
+    assert verify(report, Policy(roots=("lab",), measurement=b"\x11" * 48)).ok
+    refused = verify(report, Policy())  # vendor roots only: the default
+    assert refused.codes == {"untrusted-root"} and refused.root == "lab"
+    milan_only = verify(report, Policy(roots=("amd-milan",)))
+    assert milan_only.codes == {"untrusted-root"}
+
+
+def test_lab_report_tcb_and_chip_id_equal_the_vcek_extensions(lab: LabAuthority) -> None:
+    tcb = TcbVersion(bootloader=2, tee=1, snp=9, microcode=80)
+    report = parse_snp_report(lab.snp_report(bytes(64), measurement=bytes(48), tcb=tcb))
+    vcek = lab.vcek(tcb)
+    assert vcek.amd is not None and vcek.amd.tcb == tcb == report.reported_tcb
+    assert vcek.amd.hwid == report.chip_id == lab.chip_id
+    assert verify(lab.snp_report(bytes(64), measurement=bytes(48), tcb=tcb), Policy(roots=("lab",))).ok
+
+
+def test_report_round_trips_byte_exact_for_every_vector() -> None:
+    for folder, cert, _, _ in AMD_REPORTS:
+        data = amd(folder, cert)[0]
+        assert parse_snp_report(data).to_bytes() == data
+    assert sum(size for _, size in FIELD_SPANS.values()) == 1184
