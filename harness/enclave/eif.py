@@ -271,7 +271,6 @@ def _read(stream: IO[bytes], path: Path | None, verify_crc: bool) -> EifImage:
                 hint="the image is damaged; rebuild it",
                 section=index,
             )
-        _check_section_order(section_type, sections, index, name)
         section = Section(index, section_type, flags, offset, size)
         sections.append(section)
         ramdisk_number = sum(1 for s in sections if s.type is SectionType.RAMDISK) - 1
@@ -315,6 +314,8 @@ def _read(stream: IO[bytes], path: Path | None, verify_crc: bool) -> EifImage:
         raise errors.EifMissingSection(
             f"{name} is EIF version {header.version} but has no metadata section", hint="rebuild the image"
         )
+    for position, section in enumerate(sections):
+        _check_section_order(section.type, sections[:position], section.index, name)
     metadata = _parse_metadata(kept[SectionType.METADATA], name) if SectionType.METADATA in kept else None
     signature = None
     pcr8 = None
@@ -374,17 +375,22 @@ def _check_header(header: EifHeader, file_size: int, name: str) -> None:
                 offset=offset,
             )
         end = offset + SECTION_HEADER_BYTES + size
-        if end > file_size:
-            raise errors.EifTruncated(
-                f"section {index} ({size} bytes at offset {offset}) ends at byte {end}, past the end of "
-                f"{name} ({file_size} bytes)",
-                hint="the image was cut short or is damaged; copy or rebuild it",
+        if end >= 1 << 64:
+            raise errors.EifSectionTable(
+                f"section {index} ({size} bytes at offset {offset}) overflows the 64-bit file space",
+                hint="the image is damaged; rebuild it",
                 section=index,
-                end=end,
-                file_size=file_size,
+                size=size,
             )
         expected = end
-    if expected != file_size:
+    if expected > file_size:
+        raise errors.EifTruncated(
+            f"{name} is {file_size} bytes but its section table needs {expected}",
+            hint="the image was cut short or is damaged; copy or rebuild it",
+            needed=expected,
+            file_size=file_size,
+        )
+    if expected < file_size:
         raise errors.EifSectionTable(
             f"{name} has {file_size - expected} bytes after its last section",
             hint="the image is damaged; rebuild it",
@@ -474,7 +480,9 @@ def build_eif(
     cmdline_bytes = _cmdline_bytes(cmdline)
     if arch not in ("x86_64", "aarch64"):
         raise errors.EifInputInvalid(f"unknown architecture {arch!r}", hint="use x86_64 or aarch64")
-    metadata = _metadata_bytes(name or output.stem, version, custom_metadata, build_metadata)
+    metadata = _metadata_bytes(
+        output.stem if name is None else name, version, custom_metadata, build_metadata
+    )
     material = None
     if signed:
         if signing_key is None or signing_certificate is None:
@@ -548,6 +556,7 @@ def build_eif(
         Section(i, t, 0, o, s) for i, (t, o, s) in enumerate(zip(types, offsets, sizes, strict=True))
     )
     entry = parse_signature_section(signature) if signature else None
+    problem = check_signature(entry, pcr0.value) if entry else None
     pcr8 = pcr8_of_certificate(material.certificate_der) if material else None
     return EifImage(
         output,
@@ -558,7 +567,7 @@ def build_eif(
         entry,
         ImageMeasurements(pcr0.value, pcr1.value, pcr2.value, pcr8),
         crc,
-        None,
+        problem,
     )
 
 

@@ -235,7 +235,7 @@ def check_signature(entry: SignatureEntry, pcr0: bytes) -> str | None:
         signed = _loads_exactly(payload)
         index = signed["register_index"]
         value = _byte_field(signed["register_value"], "register_value")
-    except (EifSignatureMalformed, Exception):
+    except Exception:
         return "the signed payload is not {register_index, register_value}"
     if type(index) is not int or index != 0:
         return f"the signature is for PCR{index}, not PCR0"
@@ -262,7 +262,7 @@ def require_valid_signature(entry: SignatureEntry, pcr0: bytes, *, now: datetime
         )
 
 
-def certificate_info(certificate: x509.Certificate, signature_algorithm: str | None = None) -> dict[str, Any]:
+def certificate_info(certificate: x509.Certificate) -> dict[str, Any]:
     """nitro-cli's ``SigningCertificate`` object of describe-eif."""
     issuer: dict[str, str] = {}
     for attribute in certificate.issuer:
@@ -271,7 +271,7 @@ def certificate_info(certificate: x509.Certificate, signature_algorithm: str | N
     oid = certificate.signature_algorithm_oid
     return {
         "IssuerName": dict(sorted(issuer.items())),
-        "Algorithm": signature_algorithm or getattr(oid, "_name", None) or oid.dotted_string,
+        "Algorithm": getattr(oid, "_name", None) or oid.dotted_string,
         "NotBefore": _openssl_time(certificate.not_valid_before_utc),
         "NotAfter": _openssl_time(certificate.not_valid_after_utc),
         "Signature": certificate.signature.hex(":").upper(),
