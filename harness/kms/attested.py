@@ -4,6 +4,7 @@ policy condition keys and the recipient key the evidence binds."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from harness.kms.recipient import Attested, Recipient, base_conditions, refuse
 # Reasons that say the bytes are not evidence at all (ValidationException) rather than evidence that fails.
 _MALFORMED = {"malformed", "truncated", "unsupported", "unknown-format"}
 _PREFIX = "teelab:recipientattestation:"
+log = logging.getLogger("teelab.kms")
 
 
 class AttestVerifier:
@@ -48,12 +50,17 @@ def verify_recipient(
         nonce=recipient.nonce if bound else None,
         public_key=recipient.public_key if bound else None,
     )
-    verdict = attest.verify(
-        recipient.evidence,
-        policy,
-        now=dt.datetime.fromtimestamp(now, dt.UTC),
-        certificates=recipient.certificates,
-    )
+    try:
+        verdict = attest.verify(
+            recipient.evidence,
+            policy,
+            now=dt.datetime.fromtimestamp(now, dt.UTC),
+            certificates=recipient.certificates,
+        )
+    except Exception as exc:  # attacker-controlled bytes at a trust boundary: never a 5xx
+        # the verifier promises Reasons, not exceptions; if one slips through it is still the evidence's fault
+        log.warning("verifier raised %s on %s evidence: %s", type(exc).__name__, kind, exc)
+        raise EvidenceMalformed(f"{kind} evidence could not be verified ({type(exc).__name__})") from None
     if not verdict.ok:
         reasons = "; ".join(str(r) for r in verdict.reasons[:4])
         if verdict.root is None and verdict.codes <= _MALFORMED:

@@ -115,6 +115,16 @@ class KmsServer:
         KeyPolicy.parse(text)
         return self.store.create_key(text, description)
 
+    def set_account_policy(self, policy: str | dict[str, Any] | None) -> None:
+        """The policy of key-less operations (CreateKey, ListKeys, GenerateRandom); None restores the default
+        (lab credentials may do all three; nobody else)."""
+        from harness.kms.policy import KeyPolicy
+
+        text = policy_text(policy)
+        if text is not None:
+            KeyPolicy.parse(text)
+        self.store.set_account_policy(text)
+
     def credentials(self, name: str = "admin") -> Credentials:
         return self.store.issue_credentials(name)
 

@@ -1,0 +1,278 @@
+"""Release to attested recipients with the real verifier and lab-issued evidence: enclave documents, SNP
+reports and TDX quotes; PCR and measurement conditions, debug, lab roots, replay, staleness, tampering."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+
+import boto3
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+from teelab_guest.binding import report_data
+from teelab_guest.kms_client import KmsCallError, KmsClient, RecipientKey, Transport
+
+from harness.attest import LabAuthority
+from harness.kms import KmsServer
+
+PCR0 = bytes.fromhex("5a" * 48)
+OTHER_PCR0 = bytes.fromhex("6b" * 48)
+MEASUREMENT = bytes.fromhex("7c" * 48)
+SECRET = b"the sealed secret: correct horse battery staple"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> LabAuthority:
+    return LabAuthority.load_or_create(tmp_path_factory.mktemp("lab-ca"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, lab: LabAuthority) -> Iterator[KmsServer]:
+    with KmsServer.start(tmp_path_factory.mktemp("kms") / "kms", lab_dir=lab.directory) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def admin(server: KmsServer) -> KmsClient:
+    creds = server.credentials("admin")
+    return KmsClient(Transport.endpoint(server.endpoint), access_key=creds.access_key, secret=creds.secret)
+
+
+@pytest.fixture(scope="module")
+def recipient() -> RecipientKey:
+    return RecipientKey()
+
+
+def allow(condition: dict, action: str | list[str] = "kms:Decrypt") -> dict:
+    return {
+        "Statement": [
+            {
+                "Sid": "attested",
+                "Effect": "Allow",
+                "Principal": "*",
+                "Action": action,
+                "Condition": condition,
+            },
+            {
+                "Sid": "operator",
+                "Effect": "Allow",
+                "Principal": {"AWS": "arn:aws:iam::000000000000:root"},
+                "Action": "kms:*",
+            },
+        ]
+    }
+
+
+LAB_PCR0 = {
+    "StringEqualsIgnoreCase": {"kms:RecipientAttestation:ImageSha384": PCR0.hex().upper()},
+    "StringEquals": {"teelab:RecipientAttestation:Root": "lab"},
+}
+
+
+def sealed(server: KmsServer, admin: KmsClient, policy: dict) -> tuple[str, bytes]:
+    key = server.create_key(policy).id
+    return key, admin.encrypt(key, SECRET)
+
+
+def document(
+    lab: LabAuthority,
+    recipient: RecipientKey,
+    *,
+    pcr0: bytes = PCR0,
+    nonce: bytes | None = None,
+    timestamp_ms: int | None = None,
+    zero: bool = False,
+) -> bytes:
+    pcrs = {i: bytes(48) for i in range(3)} if zero else {0: pcr0, 1: bytes.fromhex("11" * 48), 2: bytes(48)}
+    return lab.attestation_document(
+        pcrs=pcrs,
+        public_key=recipient.public_key_der,
+        user_data=None,
+        nonce=nonce,
+        module_id="i-0123456789abcdef0-enc0123456789abcdef",
+        timestamp_ms=timestamp_ms,
+    )
+
+
+def anonymous(server: KmsServer) -> KmsClient:
+    return KmsClient(Transport.endpoint(server.endpoint))
+
+
+def refused(call) -> KmsCallError:  # type: ignore[no-untyped-def]
+    with pytest.raises(KmsCallError) as exc:
+        call()
+    assert exc.value.status < 500
+    return exc.value
+
+
+def test_enclave_with_the_named_pcr0_gets_the_secret_only_as_ciphertext_for_recipient(
+    server: KmsServer,
+    admin: KmsClient,
+    lab: LabAuthority,
+    recipient: RecipientKey,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    key, blob = sealed(server, admin, allow(LAB_PCR0))
+    evidence = document(lab, recipient)
+    answer = anonymous(server).call(
+        "Decrypt", {"CiphertextBlob": base64.b64encode(blob).decode(), "Recipient": recipient.field(evidence)}
+    )
+    assert "Plaintext" not in answer
+    raw = json.dumps(answer).encode()
+    for form in (SECRET, base64.b64encode(SECRET), SECRET.hex().encode()):
+        assert form not in raw
+        assert form.decode() not in caplog.text
+    assert recipient.open(base64.b64decode(answer["CiphertextForRecipient"])) == SECRET
+    row = [r for r in server.store.audit(key_id=key) if r.operation == "Decrypt"][-1]
+    assert row.decision == "allow" and row.evidence_digest
+    assert SECRET.decode() not in json.dumps(row.to_dict())
+
+
+def test_pcr0_mismatch_is_refused(
+    server: KmsServer, admin: KmsClient, lab: LabAuthority, recipient: RecipientKey
+) -> None:
+    _, blob = sealed(server, admin, allow(LAB_PCR0))
+    err = refused(
+        lambda: anonymous(server).decrypt(
+            blob, recipient=recipient, evidence=document(lab, recipient, pcr0=OTHER_PCR0)
+        )
+    )
+    assert err.aws_type == "AccessDeniedException"
+
+
+def test_debug_enclave_is_refused_unless_the_policy_allows_debug(
+    server: KmsServer, admin: KmsClient, lab: LabAuthority, recipient: RecipientKey
+) -> None:
+    any_lab_enclave = {
+        "StringEquals": {
+            "teelab:RecipientAttestation:Root": "lab",
+            "teelab:RecipientAttestation:Kind": "nitro",
+        }
+    }
+    _, blob = sealed(server, admin, allow(any_lab_enclave))
+    debug_doc = document(lab, recipient, zero=True)
+    err = refused(lambda: anonymous(server).decrypt(blob, recipient=recipient, evidence=debug_doc))
+    assert err.aws_type == "AccessDeniedException"
+    assert anonymous(server).decrypt(blob, recipient=recipient, evidence=document(lab, recipient)) == SECRET
+    _, blob = sealed(
+        server, admin, allow({**any_lab_enclave, "Bool": {"teelab:RecipientAttestation:Debug": True}})
+    )
+    assert anonymous(server).decrypt(blob, recipient=recipient, evidence=debug_doc) == SECRET
+
+
+def test_lab_root_is_refused_when_the_policy_does_not_name_it(
+    server: KmsServer, admin: KmsClient, lab: LabAuthority, recipient: RecipientKey
+) -> None:
+    pcr0_only = {"StringEqualsIgnoreCase": {"kms:RecipientAttestation:PCR0": PCR0.hex()}}
+    key, blob = sealed(server, admin, allow(pcr0_only))
+    err = refused(
+        lambda: anonymous(server).decrypt(blob, recipient=recipient, evidence=document(lab, recipient))
+    )
+    assert err.aws_type == "AccessDeniedException"
+    reasons = " ".join(r for row in server.store.audit(key_id=key) for r in row.reasons)
+    assert "untrusted-root" in reasons or "does not name" in reasons
+
+
+def test_tampered_truncated_stale_and_replayed_documents_are_refused(
+    server: KmsServer, admin: KmsClient, lab: LabAuthority, recipient: RecipientKey
+) -> None:
+    _, blob = sealed(server, admin, allow(LAB_PCR0))
+    good = document(lab, recipient)
+    position = good.index(PCR0)
+    resigned = good[:position] + OTHER_PCR0 + good[position + len(OTHER_PCR0) :]
+    client = anonymous(server)
+    assert (
+        refused(lambda: client.decrypt(blob, recipient=recipient, evidence=resigned)).aws_type
+        == "AccessDeniedException"
+    )
+    assert (
+        refused(lambda: client.decrypt(blob, recipient=recipient, evidence=good[:-100])).aws_type
+        == "ValidationException"
+    )
+    stale = document(lab, recipient, timestamp_ms=int((time.time() - 900) * 1000))
+    assert (
+        refused(lambda: client.decrypt(blob, recipient=recipient, evidence=stale)).aws_type
+        == "AccessDeniedException"
+    )
+    with_nonce = document(lab, recipient, nonce=os.urandom(16))
+    assert client.decrypt(blob, recipient=recipient, evidence=with_nonce) == SECRET
+    err = refused(lambda: client.decrypt(blob, recipient=recipient, evidence=with_nonce))
+    assert err.aws_type == "AccessDeniedException" and "replay" in err.message
+
+
+def test_snp_report_bound_to_the_recipient_key(
+    server: KmsServer, admin: KmsClient, lab: LabAuthority, recipient: RecipientKey
+) -> None:
+    policy = allow(
+        {
+            "StringEqualsIgnoreCase": {"teelab:RecipientAttestation:SnpMeasurement": MEASUREMENT.hex()},
+            "StringEquals": {"teelab:RecipientAttestation:Root": "lab"},
+            "NumericGreaterThanEquals": {"teelab:RecipientAttestation:SnpTcbSnp": 1},
+        }
+    )
+    _, blob = sealed(server, admin, policy)
+    client = anonymous(server)
+    nonce = os.urandom(32)
+    report = lab.snp_report(report_data(nonce, recipient.public_key_der), measurement=MEASUREMENT)
+    assert client.decrypt(blob, recipient=recipient, evidence=report, nonce=nonce) == SECRET
+    # the same report with another key beside it: report_data does not bind that key
+    thief = RecipientKey()
+    nonce2 = os.urandom(32)
+    report2 = lab.snp_report(report_data(nonce2, recipient.public_key_der), measurement=MEASUREMENT)
+    err = refused(lambda: client.decrypt(blob, recipient=thief, evidence=report2, nonce=nonce2))
+    assert err.aws_type == "AccessDeniedException"
+    nonce3 = os.urandom(32)
+    other = lab.snp_report(report_data(nonce3, recipient.public_key_der), measurement=bytes(48))
+    assert (
+        refused(lambda: client.decrypt(blob, recipient=recipient, evidence=other, nonce=nonce3)).aws_type
+        == "AccessDeniedException"
+    )
+    nonce4 = os.urandom(32)
+    debug = lab.snp_report(
+        report_data(nonce4, recipient.public_key_der), measurement=MEASUREMENT, policy=0x30000 | 1 << 19
+    )
+    assert (
+        refused(lambda: client.decrypt(blob, recipient=recipient, evidence=debug, nonce=nonce4)).aws_type
+        == "AccessDeniedException"
+    )
+
+
+def test_generate_data_key_and_random_with_recipient_through_boto3(
+    server: KmsServer, admin: KmsClient, lab: LabAuthority, recipient: RecipientKey
+) -> None:
+    key = server.create_key(allow(LAB_PCR0, ["kms:Decrypt", "kms:GenerateDataKey"])).id
+    creds = server.credentials("sdk")
+    sdk = boto3.client(
+        "kms",
+        endpoint_url=server.endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=creds.access_key,
+        aws_secret_access_key=creds.secret,
+        config=Config(retries={"max_attempts": 1}),
+    )
+    field = {"AttestationDocument": document(lab, recipient), "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256"}
+    out = sdk.generate_data_key(KeyId=key, KeySpec="AES_256", Recipient=field)
+    assert not out.get("Plaintext")
+    data_key = recipient.open(out["CiphertextForRecipient"])
+    assert len(data_key) == 32
+    assert sdk.decrypt(CiphertextBlob=out["CiphertextBlob"])["Plaintext"] == data_key
+    again = sdk.decrypt(CiphertextBlob=out["CiphertextBlob"], Recipient=field)
+    assert recipient.open(again["CiphertextForRecipient"]) == data_key
+    with pytest.raises(ClientError) as exc:  # the default account policy does not name the lab root
+        sdk.generate_random(NumberOfBytes=48, Recipient=field)
+    assert exc.value.response["Error"]["Code"] == "AccessDeniedException"
+    server.set_account_policy(allow(LAB_PCR0, "kms:GenerateRandom"))
+    random = sdk.generate_random(NumberOfBytes=48, Recipient=field)
+    assert len(recipient.open(random["CiphertextForRecipient"])) == 48
+    with pytest.raises(ClientError) as exc:
+        sdk.decrypt(
+            CiphertextBlob=out["CiphertextBlob"],
+            Recipient={**field, "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_1"},
+        )
+    assert exc.value.response["Error"]["Code"] == "ValidationException"
