@@ -266,11 +266,15 @@ class Chain:
 _chain_cache: dict[tuple[object, ...], Chain] = {}
 
 
-def build_chain(leaf: Cert, pool: Sequence[Cert], anchors: Sequence[Anchor], *, field: str) -> Chain:
+def build_chain(
+    leaf: Cert, pool: Sequence[Cert], anchors: Sequence[Anchor], *, field: str, leaf_signs: str = "data"
+) -> Chain:
     """Walk issuer names from ``leaf`` through ``pool`` to one of ``anchors`` (matched by fingerprint),
-    verifying every signature and the CA constraints. Cached by the fingerprints involved."""
+    verifying every signature and the CA constraints; ``leaf_signs`` is "data" or "crls" (a CRL issuer's
+    chain). Cached by the fingerprints involved."""
     key = (
         field,
+        leaf_signs,
         leaf.fingerprint,
         tuple(c.fingerprint for c in pool),
         tuple((a.name, a.cert.fingerprint) for a in anchors),
@@ -278,7 +282,7 @@ def build_chain(leaf: Cert, pool: Sequence[Cert], anchors: Sequence[Anchor], *, 
     cached = _chain_cache.get(key)
     if cached is not None:
         return cached
-    chain = _walk(leaf, pool, anchors, field)
+    chain = _walk(leaf, pool, anchors, field, leaf_signs)
     if len(_chain_cache) >= _CACHE_LIMIT:
         _chain_cache.clear()
     _chain_cache[key] = chain
@@ -295,7 +299,7 @@ def _signed_by(cert: Cert, issuer: Cert) -> bool:
     return True
 
 
-def _walk(leaf: Cert, pool: Sequence[Cert], anchors: Sequence[Anchor], field: str) -> Chain:
+def _walk(leaf: Cert, pool: Sequence[Cert], anchors: Sequence[Anchor], field: str, leaf_signs: str) -> Chain:
     by_fp = {a.cert.fingerprint: a for a in anchors}
     path = [leaf]
     problems: list[Problem] = []
@@ -345,14 +349,20 @@ def _walk(leaf: Cert, pool: Sequence[Cert], anchors: Sequence[Anchor], field: st
                 )
             break
         path.append(issuer)
-    problems += _constraint_problems(path, field)
+    problems += _constraint_problems(path, field, leaf_signs)
     return Chain(tuple(path), anchor, tuple(problems))
 
 
-def _constraint_problems(path: Sequence[Cert], field: str) -> list[Problem]:
+def _constraint_problems(path: Sequence[Cert], field: str, leaf_signs: str) -> list[Problem]:
     found = []
     leaf = path[0]
-    if leaf.key_usage is not None and not leaf.key_usage.digital_signature:
+    usage = leaf.key_usage
+    if leaf_signs == "crls":
+        if usage is not None and not usage.crl_sign:
+            found.append(
+                Problem("ca-constraints", field, f"{leaf.subject_text} may not sign CRLs (keyUsage)")
+            )
+    elif usage is not None and not usage.digital_signature:
         found.append(Problem("ca-constraints", field, f"{leaf.subject_text} may not sign (keyUsage)"))
     for depth, ca in enumerate(path[1:]):
         if ca.ca is not True:

@@ -24,6 +24,7 @@ from harness.attest.checks import (
     raw_rs,
     trust_material,
 )
+from harness.attest.collateral import check_collateral
 from harness.attest.errors import EvidenceError
 from harness.attest.policy import Policy
 from harness.attest.tdx import INTEL_QE_VENDOR_ID, TdxQuote, parse_tdx_quote
@@ -140,10 +141,8 @@ def verify_tdx(
     check_report_data_binding(found, policy, quote.body.report_data, claims)
     if collateral is None:
         found.note("no TDX collateral given: TCB status, QE identity and revocation were not checked")
-    else:
-        found.note(
-            "TDX collateral is not evaluated yet: TCB status, QE identity and revocation were not checked"
-        )
+    elif pck_chain:
+        claims["tcb"] = check_collateral(found, quote, pck_chain, collateral, anchors, policy, now)
     if policy.max_age is not None:
         found.note("TDX quotes carry no time; max_age is not applied (freshness comes from the nonce)")
     check_claims(found, policy.claims, claims)
