@@ -15,9 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import cbor2
-
-from teelab_guest import tee_wire
+from teelab_guest import nsm_wire, tee_wire
 
 TSM_REPORT_DIR = "sys/kernel/config/tsm/report"
 SEV_GUEST_DEVICE = "dev/sev-guest"
@@ -279,26 +277,12 @@ def tdx_guest_report(platform: Platform, report_data: bytes) -> Evidence:
 # -- /dev/nsm -----------------------------------------------------------------------------------------------
 
 
-def nsm_attestation_request(
-    user_data: bytes | None = None, nonce: bytes | None = None, public_key: bytes | None = None
-) -> bytes:
-    """The NSM Attestation request, CBOR as the Nitro NSM API encodes it."""
-    return cbor2.dumps({"Attestation": {"user_data": user_data, "nonce": nonce, "public_key": public_key}})
-
-
 def nsm_document(response: bytes, source: str) -> bytes:
     """The attestation document of an NSM Attestation response; EvidenceError for an NSM error."""
     try:
-        message = cbor2.loads(response)
-    except Exception as exc:
-        raise EvidenceError(source, f"NSM response is not CBOR: {exc}") from None
-    if isinstance(message, dict) and isinstance(message.get("Attestation"), dict):
-        document = message["Attestation"].get("document")
-        if isinstance(document, bytes):
-            return document
-    if isinstance(message, dict) and "Error" in message:
-        raise EvidenceError(source, f"NSM refused: {message['Error']}")
-    raise EvidenceError(source, f"unexpected NSM response {str(message)[:200]}")
+        return nsm_wire.decode_response(response, nsm_wire.Operation.ATTESTATION).document  # type: ignore[union-attr]
+    except nsm_wire.NsmError as exc:
+        raise EvidenceError(source, f"NSM {exc}") from None
 
 
 def nsm_raw(request_address: int, request_length: int, response_address: int, response_length: int) -> bytes:
@@ -339,7 +323,7 @@ def _nsm_ioctl(platform: Platform, request: bytes) -> bytes:
 
 
 def nsm_evidence(platform: Platform, report_data: bytes) -> Evidence:
-    document = nsm_document(_nsm_ioctl(platform, nsm_attestation_request(user_data=report_data)), "nsm")
+    document = nsm_document(_nsm_ioctl(platform, nsm_wire.attestation(user_data=report_data)), "nsm")
     return Evidence("nsm", document, b"", "nsm", "report_data is the document's user_data")
 
 
@@ -358,9 +342,7 @@ def emulated_evidence(platform: Platform, report_data: bytes, vmpl: int) -> Evid
             answer = _expect(port, tee_wire.Request(new_id, "tdx-quote", report_data=report_data))
             return Evidence("tdx", _field(answer, "quote"), b"", source)
         if kind == "nsm":
-            request = tee_wire.Request(
-                new_id, "nsm", nsm_request=nsm_attestation_request(user_data=report_data)
-            )
+            request = tee_wire.Request(new_id, "nsm", nsm_request=nsm_wire.attestation(user_data=report_data))
             document = nsm_document(_field(_expect(port, request), "response"), source)
             return Evidence("nsm", document, b"", source, "report_data is the document's user_data")
     raise EvidenceError(source, f"the security processor describes itself as {kind!r}")

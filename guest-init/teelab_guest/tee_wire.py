@@ -182,11 +182,12 @@ def read_frame(stream: BinaryIO, limit: int = MAX_RESPONSE_BODY) -> dict[str, An
 
 
 def call(stream: BinaryIO, request: Request, max_stale: int = 8) -> dict[str, Any]:
-    """Send ``request`` and return the matching response (stale responses with other ids are skipped)."""
+    """Send ``request`` and return the matching response. Frames with other ids are skipped: answers to an
+    earlier process's requests, or the service's note (id null) about bytes it could not read."""
     stream.write(encode_frame(request.to_message(), MAX_REQUEST_BODY))
     stream.flush()
     for _ in range(max_stale + 1):
         response = read_frame(stream)
-        if response.get("id") == request.id or (response.get("id") is None and response.get("ok") is False):
+        if response.get("id") == request.id:
             return response
     raise WireError("bad-frame", f"no response with id {request.id} after {max_stale} stale frames")

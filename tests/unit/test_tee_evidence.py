@@ -302,10 +302,12 @@ def test_nsm_ioctl_passes_an_attestation_request_and_reads_the_document(tmp_path
 
 
 def test_nsm_errors_are_reported() -> None:
-    with pytest.raises(EvidenceError, match="NSM refused: InvalidArgument"):
+    with pytest.raises(EvidenceError, match="NSM InvalidArgument"):
         evidence.nsm_document(cbor2.dumps({"Error": "InvalidArgument"}), "nsm")
-    with pytest.raises(EvidenceError, match="not CBOR"):
+    with pytest.raises(EvidenceError, match="NSM InvalidResponse"):
         evidence.nsm_document(b"\xff\xff", "nsm")
+    with pytest.raises(EvidenceError, match="expected a Attestation response"):
+        evidence.nsm_document(cbor2.dumps({"GetRandom": {"random": b"x"}}), "nsm")
 
 
 def test_first_source_that_exists_wins(tmp_path: Path) -> None:
