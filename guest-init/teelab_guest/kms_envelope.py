@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from asn1crypto import algos, cms, core, keys
+from asn1crypto import algos, cms, core
 from cryptography.hazmat.primitives import hashes, padding, serialization
 from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -35,8 +35,14 @@ def _oaep() -> asym_padding.OAEP:
 
 def subject_key_identifier(public_key_der: bytes) -> bytes:
     """SHA-1 of the subjectPublicKey bits (RFC 5280 4.2.1.2 method 1): names the recipient in the envelope."""
-    info = keys.PublicKeyInfo.load(public_key_der)
-    return hashlib.sha1(info["public_key"].contents[1:]).digest()
+    return _ski(load_recipient_key(public_key_der))
+
+
+def _ski(key: rsa.RSAPublicKey) -> bytes:
+    # for RSA the subjectPublicKey BIT STRING holds exactly the PKCS#1 RSAPublicKey DER
+    return hashlib.sha1(
+        key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
+    ).digest()
 
 
 def load_recipient_key(public_key_der: bytes) -> rsa.RSAPublicKey:
@@ -54,8 +60,29 @@ def load_recipient_key(public_key_der: bytes) -> rsa.RSAPublicKey:
     return key
 
 
+def _tlv(tag: int, content: bytes) -> bytes:
+    """One DER element: tag, definite length, content."""
+    size = len(content)
+    if size < 0x80:
+        return bytes((tag, size)) + content
+    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(length))) + length + content
+
+
+# The constant parts of the envelope, encoded once by asn1crypto; seal() only frames the variable parts.
+_VERSION_2 = core.Integer(2).dump()
+_ENVELOPED_DATA = cms.ContentType("enveloped_data").dump()
+_DATA = cms.ContentType("data").dump()
+_AES256_CBC = algos.EncryptionAlgorithmId("aes256_cbc").dump()
+_RSAES_OAEP_SHA256 = cms.KeyEncryptionAlgorithm(
+    {"algorithm": "rsaes_oaep", "parameters": _OAEP_SHA256}
+).dump()
+
+
 def seal(plaintext: bytes, public_key_der: bytes) -> bytes:
-    """DER ContentInfo(EnvelopedData) that only the holder of the private key for ``public_key_der`` opens."""
+    """DER ContentInfo(EnvelopedData) that only the holder of the private key for ``public_key_der`` opens:
+    KeyTransRecipientInfo v2 naming the key by subject key identifier, RSAES-OAEP (SHA-256, MGF1-SHA-256),
+    AES-256-CBC content with PKCS#7 padding."""
     recipient = load_recipient_key(public_key_der)
     content_key = os.urandom(32)
     iv = os.urandom(16)
@@ -63,31 +90,16 @@ def seal(plaintext: bytes, public_key_der: bytes) -> bytes:
     padded = padder.update(plaintext) + padder.finalize()
     encryptor = Cipher(algorithms.AES(content_key), modes.CBC(iv)).encryptor()
     encrypted = encryptor.update(padded) + encryptor.finalize()
-    recipient_info = cms.KeyTransRecipientInfo(
-        {
-            "version": "v2",
-            "rid": cms.RecipientIdentifier(
-                {"subject_key_identifier": subject_key_identifier(public_key_der)}
-            ),
-            "key_encryption_algorithm": {"algorithm": "rsaes_oaep", "parameters": _OAEP_SHA256},
-            "encrypted_key": recipient.encrypt(content_key, _oaep()),
-        }
+    ktri = _tlv(
+        0x30,
+        _VERSION_2
+        + _tlv(0x80, _ski(recipient))
+        + _RSAES_OAEP_SHA256
+        + _tlv(0x04, recipient.encrypt(content_key, _oaep())),
     )
-    enveloped = cms.EnvelopedData(
-        {
-            "version": "v2",
-            "recipient_infos": [cms.RecipientInfo({"ktri": recipient_info})],
-            "encrypted_content_info": {
-                "content_type": "data",
-                "content_encryption_algorithm": {
-                    "algorithm": "aes256_cbc",
-                    "parameters": core.OctetString(iv),
-                },
-                "encrypted_content": encrypted,
-            },
-        }
-    )
-    return cms.ContentInfo({"content_type": "enveloped_data", "content": enveloped}).dump()
+    content = _tlv(0x30, _DATA + _tlv(0x30, _AES256_CBC + _tlv(0x04, iv)) + _tlv(0x80, encrypted))
+    enveloped = _tlv(0x30, _VERSION_2 + _tlv(0x31, ktri) + content)
+    return _tlv(0x30, _ENVELOPED_DATA + _tlv(0xA0, enveloped))
 
 
 def open_envelope(envelope: bytes, private_key: rsa.RSAPrivateKey) -> bytes:
@@ -103,11 +115,7 @@ def open_envelope(envelope: bytes, private_key: rsa.RSAPrivateKey) -> bytes:
             raise EnvelopeError(f"content encryption is {algorithm['algorithm'].native}, not aes256_cbc")
         iv = algorithm["parameters"].native
         encrypted = content["encrypted_content"].native
-        own_ski = subject_key_identifier(
-            private_key.public_key().public_bytes(
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-        )
+        own_ski = _ski(private_key.public_key())
         encrypted_key = None
         for choice in enveloped["recipient_infos"]:
             if choice.name != "ktri":

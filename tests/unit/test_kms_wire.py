@@ -153,3 +153,63 @@ def test_openssl_cms_opens_the_envelope(tmp_path: Path) -> None:
         check=True,
     ).stdout
     assert "rsaesOaep" in printed and "aes-256-cbc" in printed and "sha256" in printed
+
+
+def test_hand_framed_envelope_is_the_der_asn1crypto_would_write() -> None:
+    from asn1crypto import cms
+
+    key, der = _rsa()
+    envelope = kms_envelope.seal(b"framing check", der)
+    parsed = cms.ContentInfo.load(envelope)
+    enveloped = parsed["content"]
+    ktri = enveloped["recipient_infos"][0].chosen
+    content = enveloped["encrypted_content_info"]
+    rebuilt = cms.ContentInfo(
+        {
+            "content_type": "enveloped_data",
+            "content": cms.EnvelopedData(
+                {
+                    "version": "v2",
+                    "recipient_infos": [
+                        cms.RecipientInfo(
+                            {
+                                "ktri": cms.KeyTransRecipientInfo(
+                                    {
+                                        "version": "v2",
+                                        "rid": cms.RecipientIdentifier(
+                                            {
+                                                "subject_key_identifier": kms_envelope.subject_key_identifier(
+                                                    der
+                                                )
+                                            }
+                                        ),
+                                        "key_encryption_algorithm": {
+                                            "algorithm": "rsaes_oaep",
+                                            "parameters": {
+                                                "hash_algorithm": {"algorithm": "sha256"},
+                                                "mask_gen_algorithm": {
+                                                    "algorithm": "mgf1",
+                                                    "parameters": {"algorithm": "sha256"},
+                                                },
+                                            },
+                                        },
+                                        "encrypted_key": ktri["encrypted_key"].native,
+                                    }
+                                )
+                            }
+                        )
+                    ],
+                    "encrypted_content_info": {
+                        "content_type": "data",
+                        "content_encryption_algorithm": {
+                            "algorithm": "aes256_cbc",
+                            "parameters": content["content_encryption_algorithm"]["parameters"],
+                        },
+                        "encrypted_content": content["encrypted_content"].native,
+                    },
+                }
+            ),
+        }
+    )
+    assert rebuilt.dump(force=True) == envelope
+    assert kms_envelope.open_envelope(envelope, key) == b"framing check"
