@@ -73,6 +73,17 @@ def temp_entries() -> set[str]:
     return set(os.listdir(tempfile.gettempdir()))
 
 
+@pytest.fixture
+def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A temp dir of this test's own, for the harness here and in its child processes: other processes on the
+    machine cannot make entries appear in it."""
+    private = tmp_path / "tmp"
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+    monkeypatch.setenv("TMPDIR", str(private))
+    return private
+
+
 def wait_gone(pid: int, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -88,7 +99,9 @@ def hugetlbfs_mount(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return hugepages.ensure_hugetlbfs(2048)
 
 
-def test_fifty_cycles_leave_nothing_behind(enclave_image, hugetlbfs_mount: Path, state_dir: Path) -> None:
+def test_fifty_cycles_leave_nothing_behind(
+    enclave_image, hugetlbfs_mount: Path, state_dir: Path, private_tmp: Path
+) -> None:
     host = probe()
     free_before = host.free_hugepages(2048)
     temp_before = temp_entries()
