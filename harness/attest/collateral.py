@@ -14,8 +14,8 @@ from asn1crypto import core as asn1
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from harness.attest.certs import Anchor, Cert, build_chain, load_pem_certs
-from harness.attest.checks import Findings, check_chain, ecdsa_verify
+from harness.attest.certs import Anchor, Cert, Chain, build_chain, load_pem_certs
+from harness.attest.checks import Findings, ecdsa_verify
 from harness.attest.errors import CollateralError, EvidenceError
 from harness.attest.policy import Policy
 from harness.attest.tdx import TdxQuote
@@ -167,14 +167,16 @@ def check_collateral(
     pck_chain: Sequence[Cert],
     data: Mapping[str, Any],
     anchors: Sequence[Anchor],
+    quote_root: Anchor | None,
     policy: Policy,
     now: dt.datetime,
 ) -> dict[str, Any]:
-    """Every collateral check; returns the TCB claims (status, component statuses, date, advisories)."""
+    """Every collateral check; returns the TCB claims (status, component statuses, date, advisories).
+    The collateral's issuer chains must end at the root the quote's PCK chain ends at."""
     try:
         collateral = parse_collateral(data)
         pck = pck_extensions(pck_chain[0])
-        return _evaluate(found, quote, pck_chain, pck, collateral, anchors, policy, now)
+        return _evaluate(found, quote, pck_chain, pck, collateral, anchors, quote_root, policy, now)
     except EvidenceError as err:
         found.fail(err.reason if isinstance(err, CollateralError) else "malformed", err.field, err.message)
         return {"status": None}
@@ -187,10 +189,10 @@ def _evaluate(
     pck: PckExtensions,
     collateral: Collateral,
     anchors: Sequence[Anchor],
+    quote_root: Anchor | None,
     policy: Policy,
     now: dt.datetime,
 ) -> dict[str, Any]:
-    roots = set()
     for key, chain_certs, message, body, sig in (
         (
             "tcb_info",
@@ -208,7 +210,7 @@ def _evaluate(
         ),
     ):
         chain = build_chain(chain_certs[0], chain_certs[1:], anchors, field=f"collateral.{key}_issuer_chain")
-        roots.add(check_chain(found, chain, "tdx", policy, at=now, field=f"collateral.{key}_issuer_chain"))
+        _check_issuer_chain(found, chain, quote_root, now, f"collateral.{key}_issuer_chain")
         if not ecdsa_verify(chain_certs[0], _rs(sig), body, hashes.SHA256()):
             found.fail(
                 "collateral-signature-invalid",
@@ -222,10 +224,8 @@ def _evaluate(
         field="collateral.pck_crl_issuer_chain",
         leaf_signs="crls",
     )
-    roots.add(check_chain(found, crl_chain, "tdx", policy, at=now, field="collateral.pck_crl_issuer_chain"))
+    _check_issuer_chain(found, crl_chain, quote_root, now, "collateral.pck_crl_issuer_chain")
     _check_crls(found, collateral, pck_chain, crl_chain.certs[-1], now)
-    if len({r for r in roots if r is not None}) > 1:
-        found.fail("collateral-mismatch", "collateral", f"collateral chains end at different roots: {roots}")
 
     tcb_info = collateral.tcb_info
     qe_identity = collateral.qe_identity
@@ -279,6 +279,20 @@ def _evaluate(
         "advisory_ids": list(platform.get("advisoryIDs", [])) if platform else [],
         "fmspc": pck.fmspc.hex(),
     }
+
+
+def _check_issuer_chain(
+    found: Findings, chain: Chain, quote_root: Anchor | None, now: dt.datetime, field: str
+) -> None:
+    for problem in (*chain.problems, *chain.validity_problems(now, field)):
+        found.fail(problem.code, problem.field, problem.message)
+    if chain.anchor is not None and chain.anchor != quote_root:
+        found.fail(
+            "collateral-mismatch",
+            field,
+            f"the chain ends at the {chain.anchor.name} root, the quote's "
+            f"PCK chain at {quote_root.name if quote_root else 'no known root'}",
+        )
 
 
 def _rs(signature: bytes) -> tuple[int, int]:

@@ -81,20 +81,20 @@ def verify_tdx(
     found = Findings()
     claims = tdx_claims(quote)
     anchors, lab = trust_material(policy)
-    root = None
-    pck = None
+    root = quote_root = None
     try:
         pck_chain = load_pem_certs(quote.pck_chain_pem, field="pck_chain")
+        if not pck_chain:
+            found.fail("missing-certificate", "pck_chain", "the quote carries no PCK certificate")
     except EvidenceError as err:
         found.fail("malformed", err.field, err.message)
         pck_chain = ()
-    if not pck_chain:
-        found.fail("missing-certificate", "pck_chain", "the quote carries no PCK certificate")
-    else:
+    if pck_chain:
         pck = pck_chain[0]
         pool = list(pck_chain[1:]) + (list(lab.intermediates()) if lab is not None else [])
         chain = build_chain(pck, pool, anchors, field="pck_chain")
         root = check_chain(found, chain, "tdx", policy, at=now, field="pck_chain")
+        quote_root = chain.anchor
         qe_report = quote.qe_report.to_bytes()
         if not ecdsa_verify(pck, raw_rs(quote.qe_report_signature), qe_report, hashes.SHA256()):
             found.fail(
@@ -142,7 +142,9 @@ def verify_tdx(
     if collateral is None:
         found.note("no TDX collateral given: TCB status, QE identity and revocation were not checked")
     elif pck_chain:
-        claims["tcb"] = check_collateral(found, quote, pck_chain, collateral, anchors, policy, now)
+        claims["tcb"] = check_collateral(
+            found, quote, pck_chain, collateral, anchors, quote_root, policy, now
+        )
     if policy.max_age is not None:
         found.note("TDX quotes carry no time; max_age is not applied (freshness comes from the nonce)")
     check_claims(found, policy.claims, claims)

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "harness.cli.kms",
     "harness.cli.measure",
     "harness.cli.enclave",
+    "harness.cli.attest",
 )
 
 

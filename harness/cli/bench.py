@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     from harness.cli.kms import register_bench  # teelab bench kms
 
     register_bench(kinds)
+    from harness.cli.attest import register_bench as register_attest_bench  # teelab bench attest
+
+    register_attest_bench(kinds)
 
 
 def run_boot(args: argparse.Namespace) -> int:
