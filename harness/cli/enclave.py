@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import statistics
+import tempfile
+import time
 from pathlib import Path
 
 from rich.table import Table
+from teelab_guest import nsm_wire
 
-from harness.cli.render import console, print_json
+from harness.bench.result import Bar, BenchResult
+from harness.cli.render import console, print_bench, print_json
 from harness.enclave import EifImage, build_eif, describe_image, read_eif
 from harness.enclave.errors import EifInputInvalid
+from harness.enclave.nsm import SecurityModule
+from harness.errors import UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -104,7 +113,7 @@ def print_describe_table(image: EifImage) -> None:
     table.add_row("checksum", _verdict(info["CheckCRC"], f"{image.header.crc32:#010x}"))
     if image.signature is not None:
         cert = info["SigningCertificate"]
-        table.add_row("signed by", image.signature.certificate.subject.rfc4514_string())
+        table.add_row("signed by", image.signature.subject)
         table.add_row("certificate", f"{cert['Algorithm']}, {cert['NotBefore']} to {cert['NotAfter']}")
         table.add_row("signature", _verdict(info["SignatureCheck"], image.signature_problem or "signs PCR0"))
     else:
@@ -124,3 +133,117 @@ def print_describe_table(image: EifImage) -> None:
 
 def _verdict(ok: bool, detail: str) -> str:
     return f"[green]ok[/] ({detail})" if ok else f"[red]FAILED[/] ({detail})"
+
+
+# ------------------------------------------------------------------------------------------------ benchmarks
+EIF_DESCRIBE_BAR_S = 1.0  # describe (read, CRC, PCRs) of an image with a 40 MiB ramdisk, 2-vCPU host
+NSM_ATTESTATION_BAR_MS = 20.0  # one Attestation request signed by the lab CA
+
+
+def register_bench(kinds: argparse._SubParsersAction) -> None:
+    """``teelab bench eif`` and ``teelab bench nsm``."""
+    eif = kinds.add_parser("eif", help="seconds to build and to describe (read, CRC, PCRs) an enclave image")
+    eif.add_argument(
+        "--ramdisk-mib", type=int, default=40, help="size of the application ramdisk (default 40)"
+    )
+    eif.add_argument("-n", "--runs", type=int, default=5, help="number of builds and describes (default: 5)")
+    eif.add_argument("--json", action="store_true", help="print JSON")
+    eif.set_defaults(func=run_bench_eif)
+    nsm = kinds.add_parser("nsm", help="security module latency: Attestation (lab CA signs), ExtendPCR")
+    nsm.add_argument("-n", "--requests", type=int, default=200, help="requests of each kind (default: 200)")
+    nsm.add_argument("--json", action="store_true", help="print JSON")
+    nsm.set_defaults(func=run_bench_nsm)
+
+
+def bench_eif(ramdisk_mib: int, runs: int) -> BenchResult:
+    """Samples: seconds to describe the image; extra: build seconds and describe throughput."""
+    result = BenchResult(
+        "eif", "s", {"ramdisk_mib": ramdisk_mib, "runs": runs, "kernel_mib": 8, "bootstrap_mib": 2}
+    )
+    if ramdisk_mib >= 40:
+        result.bars.append(Bar("median", "<=", EIF_DESCRIBE_BAR_S))
+    builds = []
+    with tempfile.TemporaryDirectory(prefix="teelab-bench-eif-") as tmp:
+        root = Path(tmp)
+        for name, mib in (("bzImage", 8), ("init.cpio", 2), ("app.cpio", ramdisk_mib)):
+            with open(root / name, "wb") as out:
+                for _ in range(mib):
+                    out.write(os.urandom(1 << 20))
+        for _ in range(runs):
+            start = time.perf_counter()
+            image = build_eif(
+                root / "app.eif",
+                kernel=root / "bzImage",
+                cmdline="console=ttyS0",
+                ramdisks=[root / "init.cpio", root / "app.cpio"],
+            )
+            builds.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            read_eif(root / "app.eif")
+            result.samples.append(time.perf_counter() - start)
+        size_mib = image.size / (1 << 20)
+    result.extra["image_mib"] = round(size_mib, 1)
+    result.extra["build_median_s"] = round(statistics.median(builds), 3)
+    result.extra["describe_mib_per_s"] = round(size_mib / statistics.median(result.samples))
+    return result
+
+
+def bench_nsm(requests: int) -> BenchResult:
+    """Samples: milliseconds per Attestation request (lab CA signature included); extra: ExtendPCR and
+    DescribePCR microseconds."""
+    from harness.attest import LabAuthority
+
+    result = BenchResult(
+        "nsm", "ms", {"requests": requests}, bars=[Bar("median", "<=", NSM_ATTESTATION_BAR_MS)]
+    )
+    with tempfile.TemporaryDirectory(prefix="teelab-bench-nsm-") as tmp:
+        authority = LabAuthority.load_or_create(Path(tmp) / "lab-ca")
+        module = SecurityModule(
+            {0: bytes(48)}, debug=False, issue_document=authority.attestation_document, module_id="bench"
+        )
+        attestation = nsm_wire.attestation(nonce=os.urandom(32), public_key=os.urandom(300))
+        for kind, request, sink in (
+            ("extend", nsm_wire.extend_pcr(16, b"x" * 64), []),
+            ("describe", nsm_wire.describe_pcr(0), []),
+            ("attestation", attestation, result.samples),
+        ):
+            for _ in range(requests):
+                start = time.perf_counter()
+                response = module.handle(request)
+                sink.append((time.perf_counter() - start) * (1e3 if kind == "attestation" else 1e6))
+            nsm_wire.decode_response(response)  # raises if the last answer was an error
+            if kind != "attestation":
+                result.extra[f"{kind}_pcr_median_us"] = round(statistics.median(sink), 1)
+    return result
+
+
+def run_bench_eif(args: argparse.Namespace) -> int:
+    if args.runs < 1 or args.ramdisk_mib < 1:
+        raise UsageError("--runs and --ramdisk-mib must be at least 1")
+    with (
+        console.status("building and describing", spinner="dots")
+        if not args.json
+        else contextlib.nullcontext()
+    ):
+        result = bench_eif(args.ramdisk_mib, args.runs)
+    return _report(result, args.json)
+
+
+def run_bench_nsm(args: argparse.Namespace) -> int:
+    if args.requests < 1:
+        raise UsageError("--requests must be at least 1")
+    with (
+        console.status("asking the security module", spinner="dots")
+        if not args.json
+        else contextlib.nullcontext()
+    ):
+        result = bench_nsm(args.requests)
+    return _report(result, args.json)
+
+
+def _report(result: BenchResult, as_json: bool) -> int:
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        print_bench(result)
+    return 0 if result.ok else 1

@@ -6,7 +6,6 @@ import os
 from typing import Any
 
 from harness.enclave.eif import EifImage, read_eif
-from harness.enclave.signing import certificate_info
 
 
 def describe_eif(path: str | os.PathLike[str], *, verify_crc: bool = True) -> dict[str, Any]:
@@ -23,7 +22,7 @@ def describe_image(image: EifImage) -> dict[str, Any]:
         "IsSigned": image.is_signed,
     }
     if image.signature is not None:
-        info["SigningCertificate"] = certificate_info(image.signature.certificate)
+        info["SigningCertificate"] = image.signature.info
     info["CheckCRC"] = image.crc_ok
     if image.signature is not None:
         info["SignatureCheck"] = image.signature_problem is None

@@ -49,14 +49,15 @@ class SigningMaterial:
 
 @dataclass(frozen=True)
 class SignatureEntry:
-    """The first {signing_certificate, signature} of a signature section, decoded."""
+    """The first {signing_certificate, signature} of a signature section, decoded and checked to be readable:
+    the certificate, its DER (what PCR8 measures), its public key, nitro-cli's description of it, the COSE."""
 
     certificate: x509.Certificate
+    certificate_der: bytes
+    public_key: Any
+    subject: str
+    info: dict[str, Any]
     cose_sign1: bytes
-
-    @property
-    def certificate_der(self) -> bytes:
-        return self.certificate.public_bytes(serialization.Encoding.DER)
 
 
 def load_signing_material(private_key: Path | bytes, certificate: Path | bytes) -> SigningMaterial:
@@ -176,11 +177,17 @@ def parse_signature_section(data: bytes) -> SignatureEntry:
     cert_pem = _byte_field(first["signing_certificate"], "signing_certificate")
     try:
         certificate = x509.load_pem_x509_certificate(cert_pem)
+        # x509 parses parts lazily: read now what later steps use, so a damaged certificate fails here
+        der = certificate.public_bytes(serialization.Encoding.DER)
+        public_key = certificate.public_key()
+        subject = certificate.subject.rfc4514_string()
+        info = certificate_info(certificate)
     except Exception as err:
         raise EifSignatureMalformed(
-            f"signing_certificate is not a PEM certificate: {err}", hint=hint
+            f"signing_certificate is not a readable PEM certificate: {err}", hint=hint
         ) from None
-    return SignatureEntry(certificate, _byte_field(first["signature"], "signature"))
+    signature = _byte_field(first["signature"], "signature")
+    return SignatureEntry(certificate, der, public_key, subject, info, signature)
 
 
 def _decode_cose_sign1(data: bytes) -> tuple[bytes, int, bytes, bytes]:
@@ -219,7 +226,7 @@ def check_signature(entry: SignatureEntry, pcr0: bytes) -> str | None:
     """None when the COSE_Sign1 verifies with the certificate's key and signs this PCR0; else the reason."""
     protected, alg, payload, signature = _decode_cose_sign1(entry.cose_sign1)
     hash_type, curve_type, size = COSE_ALGORITHMS[alg]
-    key = entry.certificate.public_key()
+    key = entry.public_key
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, curve_type):
         return f"the certificate's key does not fit COSE algorithm {alg}"
     if len(signature) != 2 * size:
@@ -258,7 +265,7 @@ def require_valid_signature(entry: SignatureEntry, pcr0: bytes, *, now: datetime
         raise EifSignatureMismatch(
             problem,
             hint="re-sign the image with a current certificate",
-            subject=cert.subject.rfc4514_string(),
+            subject=entry.subject,
         )
 
 

@@ -138,3 +138,12 @@ def test_bad_build_input_exits_2_and_writes_nothing(
 def test_a_missing_image_exits_2(run, files: Path) -> None:
     status, _, err = run("enclave", "describe-eif", str(files / "none.eif"))
     assert status == 2 and err.startswith("[ E913 ]")
+
+
+def test_the_benchmarks_report_their_figures() -> None:
+    from harness.cli.enclave import bench_eif, bench_nsm
+
+    eif = bench_eif(ramdisk_mib=1, runs=2).to_dict()
+    assert len(eif["samples"]) == 2 and eif["image_mib"] == 11.0 and eif["build_median_s"] > 0
+    nsm = bench_nsm(requests=3).to_dict()
+    assert len(nsm["samples"]) == 3 and nsm["extend_pcr_median_us"] > 0 and nsm["bars"][0]["limit"] == 20.0

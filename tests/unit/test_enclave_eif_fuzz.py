@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
 import tempfile
 import zlib
@@ -17,7 +18,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness.enclave import build_eif, read_eif
+from harness.enclave import build_eif, describe_image, read_eif
 from harness.enclave.errors import EnclaveError
 
 
@@ -79,8 +80,9 @@ def _parse(data: bytes, verify_crc: bool) -> None:
     except EnclaveError as err:
         assert 900 <= int(err.code[1:]) <= 949 and err.hint, err
         return
-    # accepted: the table it reports must describe the file it read
+    # accepted: the table it reports must describe the file it read, and it can be described
     assert image.size == len(data)
+    json.dumps(describe_image(image))
     assert image.kernel.size >= 0 and image.ramdisks
     assert not verify_crc or image.crc_ok
 

@@ -363,7 +363,7 @@ def _check_any_response(module: SecurityModule, request: bytes) -> None:
     assert type(decoded).__name__.replace("Response", "") == type(parsed).__name__.replace("Request", "")
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(requests)
 def test_random_cbor_requests_only_ever_get_responses(request: Any) -> None:
     module = SecurityModule(BOOT, debug=False, issue_document=Issuer(), module_id="fuzz")
