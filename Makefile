@@ -6,17 +6,19 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 HOST_PACKAGES := ansible/host-packages.txt
 IMAGES := enclave parent
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test host venv images lint unit integration clean
+.PHONY: demo test host venv images lint unit integration bench clean
 
 demo: host venv images
 	$(BIN)/teelab demo
 
+# pytest exits 5 when it collects no tests; make fails on any non-zero status, so that cannot pass.
 test: host venv images lint
 	$(BIN)/pytest tests
 
 host:
-	@missing=$$(grep -v '^\s*#' $(HOST_PACKAGES) | xargs -n1 | while read -r p; do \
+	@missing=$$(sed 's/#.*//' $(HOST_PACKAGES) | xargs -n1 | while read -r p; do \
 	    dpkg-query -W -f='$${Status}\n' "$$p" 2>/dev/null | grep -q '^install ok installed' || echo "$$p"; done); \
 	if [ -n "$$missing" ]; then \
 	    echo "installing host packages:" $$missing; \
@@ -43,6 +45,10 @@ unit: host venv
 
 integration: host venv images
 	$(BIN)/pytest tests/integration
+
+bench: host venv images
+	$(BIN)/teelab bench boot --image enclave -n 5
+	$(BIN)/teelab bench boot --image parent -n 5
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from harness.bench.boot import bench_boot
+from harness.bench.image import bench_image
 from harness.cli.render import console, print_bench, print_json
 from harness.lab import Lab
 
@@ -19,6 +20,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     boot.add_argument("--memory", type=int, default=512, help="guest memory in MiB")
     boot.add_argument("--json", action="store_true", help="print JSON")
     boot.set_defaults(func=run_boot)
+    image = kinds.add_parser("image", help="seconds to build a guest image, cold (empty cache) and warm")
+    image.add_argument("--image", default="enclave", help="image recipe (default: enclave)")
+    image.add_argument("-n", "--runs", type=int, default=5, help="warm builds (default: 5)")
+    image.add_argument("--no-cold", action="store_true", help="skip the cold build")
+    image.add_argument("--json", action="store_true", help="print JSON")
+    image.set_defaults(func=run_image)
     from harness.cli.kms import register_bench  # teelab bench kms
 
     register_bench(kinds)
@@ -32,14 +39,30 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_boot(args: argparse.Namespace) -> int:
     with Lab() as lab:
+
         def progress(index: int, seconds: float) -> None:
             if not args.json:
                 console.print(f"boot {index + 1}/{args.runs}: {seconds:.2f} s")
 
-        result = bench_boot(lab, args.image, args.runs, vcpus=args.vcpus, memory_mib=args.memory,
-                            on_sample=progress)
+        result = bench_boot(
+            lab, args.image, args.runs, vcpus=args.vcpus, memory_mib=args.memory, on_sample=progress
+        )
     if args.json:
         print_json(result.to_dict())
     else:
         print_bench(result)
     return 0 if result.ok else 1
+
+
+def run_image(args: argparse.Namespace) -> int:
+    def progress(kind: str, seconds: float) -> None:
+        if not args.json:
+            console.print(f"{kind} build: {seconds:.2f} s")
+
+    result = bench_image(args.image, args.runs, cold=not args.no_cold, on_sample=progress)
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        print_bench(result)
+    cold_ok = args.no_cold or str(result.extra.get("cold_bar", "")).endswith("holds")
+    return 0 if result.ok and cold_ok else 1
