@@ -77,6 +77,13 @@ def register_bench(kinds: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--requests-per-client", type=int, default=40, help="requests per client (default: 40)"
     )
+    bench.add_argument(
+        "--open-rate",
+        type=float,
+        default=320.0,
+        help="offered req/s of the open-loop run at the most clients (0: skip; default: 320)",
+    )
+    bench.add_argument("--profile-dir", type=Path, help="profile the server; pstats files land here")
     bench.add_argument("--json", action="store_true", help="print JSON")
     bench.set_defaults(func=run_bench)
 
@@ -88,15 +95,17 @@ def run_bench(args: argparse.Namespace) -> int:
     if min(clients) < 1 or args.requests_per_client < 1:
         raise UsageError("--clients and --requests-per-client must be at least 1")
     table = Table(title="bench kms (server in a subprocess, load generator in this one)")
-    for column in ("mode", "clients", "requests", "req/s", "p50 ms", "p99 ms", "max ms", "errors", "bars"):
-        table.add_column(column, justify="right" if column not in ("mode", "bars") else "left")
+    for column in ("mode", "clients", "load", "req/s", "p50 ms", "p99 ms", "max ms", "errors", "bars"):
+        table.add_column(
+            column, justify="left" if column in ("mode", "load", "bars") else "right", no_wrap=True
+        )
 
     def show(result) -> None:  # type: ignore[no-untyped-def]
         if not args.json:
             f = result.figures
             console.print(
-                f"{result.params['mode']} x {result.params['clients']}: {f['rps']:.0f} req/s, "
-                f"p99 {f['p99']:.1f} ms"
+                f"{result.params['mode']} x {result.params['clients']} ({result.params['load']}): "
+                f"{f['rps']:.0f} req/s, p99 {f['p99']:.1f} ms"
             )
 
     with console.status("measuring", spinner="dots") if not args.json else contextlib.nullcontext():
@@ -104,6 +113,8 @@ def run_bench(args: argparse.Namespace) -> int:
             modes=tuple(args.mode or MODES),
             concurrency=clients,
             requests_per_client=args.requests_per_client,
+            open_rate=args.open_rate or None,
+            profile_dir=args.profile_dir,
             on_result=show,
         )
     if args.json:
@@ -111,15 +122,21 @@ def run_bench(args: argparse.Namespace) -> int:
     else:
         for r in results:
             f = r.figures
-            bars = " ".join(
-                f"{b['figure']}{b['op']}{b['limit']:g} "
-                + ("[green]ok[/]" if b["holds"] else "[red]MISSED[/]")
-                for b in r.bar_results()
+            results_of_bars = r.bar_results()
+            missed = [f"{b['figure']}{b['op']}{b['limit']:g}" for b in results_of_bars if not b["holds"]]
+            bars = (
+                ""
+                if not results_of_bars
+                else (
+                    "[red]missed " + ", ".join(missed) + "[/]"
+                    if missed
+                    else f"[green]{len(results_of_bars)} held[/]"
+                )
             )
             table.add_row(
                 r.params["mode"],
                 str(r.params["clients"]),
-                str(r.params["requests"]),
+                r.params["load"],
                 f"{f['rps']:.0f}",
                 f"{f['p50']:.2f}",
                 f"{f['p99']:.2f}",

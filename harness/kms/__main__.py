@@ -20,11 +20,12 @@ def main() -> int:
     parser.add_argument("--tls", action="store_true")
     parser.add_argument("--max-body", type=int, default=65536)
     parser.add_argument("--lab-ca", type=Path, help="lab CA directory whose root key policies may name")
+    parser.add_argument("--profile", type=Path, help="write a cProfile of request serving to this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     try:
         listen = Listen(args.host, args.port, args.unix, args.tls, args.max_body)
-        serve_forever(args.kms_dir, listen, lab_dir=args.lab_ca)
+        serve_forever(args.kms_dir, listen, lab_dir=args.lab_ca, profile=args.profile)
     except LabError as err:
         print(str(err), file=sys.stderr)
         return err.exit_status

@@ -148,17 +148,34 @@ class KmsServer:
         self.stop()
 
 
-def serve_forever(kms_dir: Path, listen: Listen, *, lab_dir: Path | None = None, ready: Any = None) -> None:
-    """Serve until SIGTERM or SIGINT; print one JSON ready line ``{"endpoint", "pid"}`` to ``ready``."""
+def serve_forever(
+    kms_dir: Path,
+    listen: Listen,
+    *,
+    lab_dir: Path | None = None,
+    ready: Any = None,
+    profile: Path | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT; print one JSON ready line ``{"endpoint", "pid"}`` to ``ready``.
+    With ``profile``, the event-loop thread (where requests are served) is profiled into that pstats file."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server = KmsServer.start(kms_dir, listen, lab_dir=lab_dir)
+    profiler = None
+    if profile is not None and server._loop is not None:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        server._loop.call(profiler.enable)
     try:
         out = ready or sys.stdout
         print(json.dumps({"endpoint": server.endpoint, "pid": os.getpid()}), file=out, flush=True)
         stop.wait()
     finally:
+        if profiler is not None and server._loop is not None:
+            server._loop.call(profiler.disable)
+            profiler.dump_stats(str(profile))
         server.stop()
 
 
@@ -172,9 +189,11 @@ class KmsProcess:
         *,
         lab_dir: Path | None = None,
         env: dict[str, str] | None = None,
+        profile: Path | None = None,
     ) -> None:
         self.kms_dir = kms_dir
         self.lab_dir = lab_dir
+        self.profile = profile
         self.listen = listen or Listen()
         self.env = env
         self.proc: subprocess.Popen[str] | None = None
@@ -201,6 +220,8 @@ class KmsProcess:
             argv.append("--tls")
         if self.lab_dir is not None:
             argv += ["--lab-ca", str(self.lab_dir)]
+        if self.profile is not None:
+            argv += ["--profile", str(self.profile)]
         self.proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
