@@ -276,3 +276,32 @@ def test_generate_data_key_and_random_with_recipient_through_boto3(
             Recipient={**field, "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_1"},
         )
     assert exc.value.response["Error"]["Code"] == "ValidationException"
+
+
+def test_tdx_quote_with_mrtd_and_rtmr_conditions(
+    server: KmsServer, admin: KmsClient, lab: LabAuthority, recipient: RecipientKey
+) -> None:
+    mrtd, rtmr0 = bytes.fromhex("d1" * 48), bytes.fromhex("e2" * 48)
+    _, blob = sealed(
+        server,
+        admin,
+        allow(
+            {
+                "StringEqualsIgnoreCase": {
+                    "teelab:RecipientAttestation:TdxMrtd": mrtd.hex(),
+                    "teelab:RecipientAttestation:TdxRtmr0": rtmr0.hex(),
+                },
+                "StringEquals": {"teelab:RecipientAttestation:Root": "lab"},
+            }
+        ),
+    )
+    client = anonymous(server)
+    nonce = os.urandom(32)
+    quote = lab.tdx_quote(report_data(nonce, recipient.public_key_der), mrtd=mrtd, rtmrs=[rtmr0])
+    assert client.decrypt(blob, recipient=recipient, evidence=quote, nonce=nonce) == SECRET
+    nonce = os.urandom(32)
+    other = lab.tdx_quote(report_data(nonce, recipient.public_key_der), mrtd=mrtd, rtmrs=[bytes(48)])
+    assert (
+        refused(lambda: client.decrypt(blob, recipient=recipient, evidence=other, nonce=nonce)).aws_type
+        == "AccessDeniedException"
+    )
