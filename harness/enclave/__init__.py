@@ -3,6 +3,7 @@
 from harness.enclave.describe import describe_eif, describe_image
 from harness.enclave.eif import EifImage, SectionType, build_eif, read_eif
 from harness.enclave.errors import EnclaveError
+from harness.enclave.nsm import SecurityModule
 from harness.enclave.pcrs import (
     ImageMeasurements,
     pcr3_of_parent_role,
@@ -15,6 +16,7 @@ __all__ = [
     "EnclaveError",
     "ImageMeasurements",
     "SectionType",
+    "SecurityModule",
     "build_eif",
     "describe_eif",
     "describe_image",

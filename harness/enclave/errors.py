@@ -119,7 +119,9 @@ class EifInputInvalid(EnclaveError):
     title = "bad input for an enclave image"
     explanation = (
         "Building an EIF needs a readable, non-empty kernel file, a kernel command line without NUL bytes, "
-        "1 to 29 readable, non-empty ramdisk files, and a metadata object that serialises to JSON."
+        "readable, non-empty ramdisk files (1 to 29, or 28 when signed: 32 sections in all), custom metadata "
+        "that serialises to JSON, a name and version, and arch x86_64 or aarch64. Reading needs an existing "
+        "image path."
     )
 
 
