@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "harness.cli.explain",
     "harness.cli.kms",
     "harness.cli.measure",
+    "harness.cli.tee",
     "harness.cli.enclave",
     "harness.cli.attest",
 )

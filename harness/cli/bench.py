@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     from harness.cli.attest import register_bench as register_attest_bench  # teelab bench attest
 
     register_attest_bench(kinds)
+    from harness.cli.tee import register_bench as register_tee_bench  # teelab bench tee
+
+    register_tee_bench(kinds)
 
 
 def run_boot(args: argparse.Namespace) -> int:

@@ -101,8 +101,8 @@ class RateLimit:
     """A token bucket: ``burst`` requests at once, then ``per_second``. A guest over the limit is slowed
     down (its next request is read later), not refused."""
 
-    per_second: float = 50.0
-    burst: int = 20
+    per_second: float = 200.0
+    burst: int = 50
 
     def __post_init__(self) -> None:
         self._tokens = float(self.burst)
