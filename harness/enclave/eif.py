@@ -9,6 +9,7 @@ never held in memory.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -496,79 +497,89 @@ def build_eif(
         )
         material = load_signing_material(key_source, cert_source)
 
+    pcr0, pcr1, pcr2 = PcrHasher(), PcrHasher(), PcrHasher()
     with contextlib.ExitStack() as inputs:
         kernel_file = _open_input(inputs, kernel_path, "kernel")
         ramdisk_files = [_open_input(inputs, p, "ramdisk") for p in ramdisk_paths]
-        sizes = [os.fstat(kernel_file.fileno()).st_size, len(cmdline_bytes), len(metadata)]
-        sizes += [os.fstat(f.fileno()).st_size for f in ramdisk_files]
-        pcr0, pcr1, pcr2 = PcrHasher(), PcrHasher(), PcrHasher()
+        # (type, source, PCR hashers it feeds) in nitro-cli's order
+        plan: list[tuple[SectionType, IO[bytes] | bytes, list[PcrHasher]]] = [
+            (SectionType.KERNEL, kernel_file, [pcr0, pcr1]),
+            (SectionType.CMDLINE, cmdline_bytes, [pcr0, pcr1]),
+            (SectionType.METADATA, metadata, []),
+        ]
+        plan += [
+            (SectionType.RAMDISK, f, [pcr0, pcr1 if i == 0 else pcr2]) for i, f in enumerate(ramdisk_files)
+        ]
         with _atomic_output(output) as out:
-            out.write(bytes(HEADER_BYTES))
-            offsets = []
-            # (type, source, PCR hashers it feeds) in nitro-cli's order
-            plan: list[tuple[SectionType, IO[bytes] | bytes, list[PcrHasher]]] = [
-                (SectionType.KERNEL, kernel_file, [pcr0, pcr1]),
-                (SectionType.CMDLINE, cmdline_bytes, [pcr0, pcr1]),
-                (SectionType.METADATA, metadata, []),
-            ]
-            plan += [
-                (SectionType.RAMDISK, f, [pcr0, pcr1 if i == 0 else pcr2])
-                for i, f in enumerate(ramdisk_files)
-            ]
-            for (section_type, source, feeds), size in zip(plan, sizes, strict=True):
-                offsets.append(out.tell())
-                out.write(_SECTION_HEADER.pack(section_type, 0, size))
-                copied = _copy(source, out, feeds)
-                if copied != size:
-                    raise errors.EifInputInvalid(
-                        f"the {section_type.name.lower()} changed size while being read",
-                        hint="do not change inputs during a build",
-                    )
+            sections = _write_sections(out, plan)
             signature = None
             if material is not None:
                 signature = signature_section(material, pcr0.value)
-                offsets.append(out.tell())
-                sizes.append(len(signature))
-                out.write(_SECTION_HEADER.pack(SectionType.SIGNATURE, 0, len(signature)))
-                out.write(signature)
-            count = len(offsets)
-            header = EifHeader(
-                EIF_MAGIC,
-                EIF_VERSION,
-                FLAG_AARCH64 if arch == "aarch64" else 0,
-                DEFAULT_MEM_BYTES,
-                DEFAULT_CPUS,
-                0,
-                count,
-                tuple(offsets) + (0,) * (MAX_SECTIONS - count),
-                tuple(sizes) + (0,) * (MAX_SECTIONS - count),
-                0,
-                0,
-            )
-            out.seek(0)
-            out.write(header.pack())
-            crc = _file_crc(out)
-            out.seek(CRC_OFFSET)
-            out.write(crc.to_bytes(4, "big"))
-    header = EifHeader(**{**header.__dict__, "crc32": crc})
-    types = [p[0] for p in plan] + ([SectionType.SIGNATURE] if signature else [])
-    sections = tuple(
-        Section(i, t, 0, o, s) for i, (t, o, s) in enumerate(zip(types, offsets, sizes, strict=True))
-    )
+                sections.append(_write_section(out, len(sections), SectionType.SIGNATURE, signature, []))
+            flags = FLAG_AARCH64 if arch == "aarch64" else 0
+            header = _write_header(out, flags, sections)
     entry = parse_signature_section(signature) if signature else None
-    problem = check_signature(entry, pcr0.value) if entry else None
-    pcr8 = pcr8_of_certificate(material.certificate_der) if material else None
     return EifImage(
         output,
         header,
-        sections,
+        tuple(sections),
         cmdline_bytes,
         json.loads(metadata),
         entry,
-        ImageMeasurements(pcr0.value, pcr1.value, pcr2.value, pcr8),
-        crc,
-        problem,
+        ImageMeasurements(
+            pcr0.value, pcr1.value, pcr2.value, pcr8_of_certificate(entry.certificate_der) if entry else None
+        ),
+        header.crc32,
+        check_signature(entry, pcr0.value) if entry else None,
     )
+
+
+def _write_sections(
+    out: IO[bytes], plan: list[tuple[SectionType, IO[bytes] | bytes, list[PcrHasher]]]
+) -> list[Section]:
+    """Leave room for the header, then write each planned section, feeding its data to its PCR hashers."""
+    out.write(bytes(HEADER_BYTES))
+    return [
+        _write_section(out, index, kind, source, feeds) for index, (kind, source, feeds) in enumerate(plan)
+    ]
+
+
+def _write_section(
+    out: IO[bytes], index: int, kind: SectionType, source: IO[bytes] | bytes, feeds: list[PcrHasher]
+) -> Section:
+    size = len(source) if isinstance(source, bytes) else os.fstat(source.fileno()).st_size
+    offset = out.tell()
+    out.write(_SECTION_HEADER.pack(kind, 0, size))
+    if _copy(source, out, feeds) != size:
+        raise errors.EifInputInvalid(
+            f"the {kind.name.lower()} changed size while being read",
+            hint="do not change inputs during a build",
+        )
+    return Section(index, kind, 0, offset, size)
+
+
+def _write_header(out: IO[bytes], flags: int, sections: list[Section]) -> EifHeader:
+    """Write the header over the room left for it, then the CRC of the whole file."""
+    pad = (0,) * (MAX_SECTIONS - len(sections))
+    header = EifHeader(
+        EIF_MAGIC,
+        EIF_VERSION,
+        flags,
+        DEFAULT_MEM_BYTES,
+        DEFAULT_CPUS,
+        0,
+        len(sections),
+        tuple(s.offset for s in sections) + pad,
+        tuple(s.size for s in sections) + pad,
+        0,
+        0,
+    )
+    out.seek(0)
+    out.write(header.pack())
+    crc = _file_crc(out)
+    out.seek(CRC_OFFSET)
+    out.write(crc.to_bytes(4, "big"))
+    return dataclasses.replace(header, crc32=crc)
 
 
 def _input_file(path: str | os.PathLike[str], what: str) -> Path:
