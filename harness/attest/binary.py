@@ -14,12 +14,18 @@ class Reader:
         self.pos = offset
         self.end = len(data) if end is None else end
 
-    def take(self, size: int, field: str) -> bytes:
+    def take(self, size: int, field: str, *, size_field: str | None = None) -> bytes:
+        """The next ``size`` bytes of ``field``; when ``size`` came from a length field of the format, name
+        it as ``size_field``: a length that runs past the end is that field's fault."""
         if size < 0 or self.pos + size > self.end:
+            named = size_field or field
             raise EvidenceTruncated(
-                f"{self.kind}: {field} needs {size} bytes at offset {self.pos:#x}, "
+                f"{self.kind}: {named} says {field} has {size} bytes at offset {self.pos:#x}, "
+                f"only {max(0, self.end - self.pos)} remain"
+                if size_field
+                else f"{self.kind}: {field} needs {size} bytes at offset {self.pos:#x}, "
                 f"only {max(0, self.end - self.pos)} remain",
-                field=field,
+                field=named,
                 kind=self.kind,
                 offset=self.pos,
             )

@@ -69,7 +69,11 @@ class Cert:
 
     @functools.cached_property
     def public_key(self) -> Any:
-        return self.x509.public_key()
+        """The subject public key, or None for a key type cryptography does not support."""
+        try:
+            return self.x509.public_key()
+        except Exception:  # UnsupportedAlgorithm, ValueError for malformed keys
+            return None
 
     @property
     def self_issued(self) -> bool:
@@ -133,6 +137,8 @@ def load_pem_certs(pem: bytes, *, field: str) -> tuple[Cert, ...]:
 
 def load_any(blob: bytes, *, field: str = "certificates") -> tuple[Cert, ...]:
     """Certificates from PEM (one or many), a single DER certificate, or an SNP certificate table."""
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise EvidenceError(f"{field}: certificates must be bytes, not {type(blob).__name__}", field=field)
     blob = bytes(blob)
     if b"-----BEGIN CERTIFICATE-----" in blob:
         return load_pem_certs(blob, field=field)
@@ -267,13 +273,21 @@ _chain_cache: dict[tuple[object, ...], Chain] = {}
 
 
 def build_chain(
-    leaf: Cert, pool: Sequence[Cert], anchors: Sequence[Anchor], *, field: str, leaf_signs: str = "data"
+    leaf: Cert,
+    pool: Sequence[Cert],
+    anchors: Sequence[Anchor],
+    *,
+    field: str,
+    leaf_field: str | None = None,
+    leaf_signs: str = "data",
 ) -> Chain:
     """Walk issuer names from ``leaf`` through ``pool`` to one of ``anchors`` (matched by fingerprint),
-    verifying every signature and the CA constraints; ``leaf_signs`` is "data" or "crls" (a CRL issuer's
-    chain). Cached by the fingerprints involved."""
+    verifying every signature and the CA constraints. Problems are reported under ``field`` (those of the
+    leaf itself under ``leaf_field``); ``leaf_signs`` is "data" or "crls" (a CRL issuer's chain). Cached by
+    the fingerprints involved."""
     key = (
         field,
+        leaf_field,
         leaf_signs,
         leaf.fingerprint,
         tuple(c.fingerprint for c in pool),
@@ -282,7 +296,7 @@ def build_chain(
     cached = _chain_cache.get(key)
     if cached is not None:
         return cached
-    chain = _walk(leaf, pool, anchors, field, leaf_signs)
+    chain = _walk(leaf, pool, anchors, field, leaf_field or field, leaf_signs)
     if len(_chain_cache) >= _CACHE_LIMIT:
         _chain_cache.clear()
     _chain_cache[key] = chain
@@ -299,7 +313,9 @@ def _signed_by(cert: Cert, issuer: Cert) -> bool:
     return True
 
 
-def _walk(leaf: Cert, pool: Sequence[Cert], anchors: Sequence[Anchor], field: str, leaf_signs: str) -> Chain:
+def _walk(
+    leaf: Cert, pool: Sequence[Cert], anchors: Sequence[Anchor], field: str, leaf_field: str, leaf_signs: str
+) -> Chain:
     by_fp = {a.cert.fingerprint: a for a in anchors}
     path = [leaf]
     problems: list[Problem] = []
@@ -328,42 +344,44 @@ def _walk(leaf: Cert, pool: Sequence[Cert], anchors: Sequence[Anchor], field: st
         candidates = [a.cert for a in anchors if a.cert.subject == current.issuer]
         candidates += [c for c in pool if c.subject == current.issuer and c.fingerprint not in seen]
         issuer = next((c for c in candidates if _signed_by(current, c)), None)
-        if issuer is None:
-            if candidates:
-                problems.append(
-                    Problem(
-                        "chain-invalid",
-                        field,
-                        f"the signature on {current.subject_text} does not verify under any "
-                        f"certificate named {candidates[0].subject_text}",
-                    )
+        if issuer is None and candidates:
+            # Report it, then keep walking with the named issuer: its own problems get reported too.
+            where = leaf_field if current is leaf else field
+            problems.append(
+                Problem(
+                    "chain-invalid",
+                    where,
+                    f"the signature on {current.subject_text} does not verify under any "
+                    f"certificate named {candidates[0].subject_text}",
                 )
-            else:
-                problems.append(
-                    Problem(
-                        "untrusted-root",
-                        field,
-                        f"no known certificate issued {current.subject_text} "
-                        f"(issuer {current.x509.issuer.rfc4514_string()})",
-                    )
+            )
+            issuer = candidates[0]
+        elif issuer is None:
+            problems.append(
+                Problem(
+                    "untrusted-root",
+                    field,
+                    f"no known certificate issued {current.subject_text} "
+                    f"(issuer {current.x509.issuer.rfc4514_string()})",
                 )
+            )
             break
         path.append(issuer)
-    problems += _constraint_problems(path, field, leaf_signs)
+    problems += _constraint_problems(path, field, leaf_field, leaf_signs)
     return Chain(tuple(path), anchor, tuple(problems))
 
 
-def _constraint_problems(path: Sequence[Cert], field: str, leaf_signs: str) -> list[Problem]:
+def _constraint_problems(path: Sequence[Cert], field: str, leaf_field: str, leaf_signs: str) -> list[Problem]:
     found = []
     leaf = path[0]
     usage = leaf.key_usage
     if leaf_signs == "crls":
         if usage is not None and not usage.crl_sign:
             found.append(
-                Problem("ca-constraints", field, f"{leaf.subject_text} may not sign CRLs (keyUsage)")
+                Problem("ca-constraints", leaf_field, f"{leaf.subject_text} may not sign CRLs (keyUsage)")
             )
     elif usage is not None and not usage.digital_signature:
-        found.append(Problem("ca-constraints", field, f"{leaf.subject_text} may not sign (keyUsage)"))
+        found.append(Problem("ca-constraints", leaf_field, f"{leaf.subject_text} may not sign (keyUsage)"))
     for depth, ca in enumerate(path[1:]):
         if ca.ca is not True:
             found.append(

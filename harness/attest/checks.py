@@ -156,11 +156,24 @@ def check_value(found: Findings, code: str, field: str, expected: bytes | None, 
 
 
 def check_claims(found: Findings, pinned: Mapping[str, Any], claims: Mapping[str, Any]) -> None:
+    """Every pinned claim must equal the evidence's; a difference inside a map or list is reported at its
+    dotted path ("reported_tcb.microcode", "pcrs.0")."""
     for key, expected in pinned.items():
         if key not in claims:
             found.fail("claim-mismatch", key, f"the evidence has no claim {key!r}; the policy pins it")
-        elif claims[key] != expected:
-            found.fail("claim-mismatch", key, f"{key} is {claims[key]!r}, the policy pins {expected!r}")
+        else:
+            _diff(found, key, expected, claims[key])
+
+
+def _diff(found: Findings, path: str, expected: Any, actual: Any) -> None:
+    if isinstance(expected, Mapping) and isinstance(actual, Mapping):
+        for key in sorted(set(expected) | set(actual), key=str):
+            _diff(found, f"{path}.{key}", expected.get(key), actual.get(key))
+    elif isinstance(expected, list) and isinstance(actual, list) and len(expected) == len(actual):
+        for index, (want, have) in enumerate(zip(expected, actual, strict=True)):
+            _diff(found, f"{path}.{index}", want, have)
+    elif expected != actual:
+        found.fail("claim-mismatch", path, f"{path} is {actual!r}, the policy pins {expected!r}")
 
 
 def check_report_data_binding(

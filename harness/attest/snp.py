@@ -342,4 +342,5 @@ def write_snp_cert_table(entries: Sequence[tuple[str, bytes]]) -> bytes:
 
 
 def looks_like_snp(data: bytes) -> bool:
-    return len(data) >= 4 and int.from_bytes(data[:4], "little") in SUPPORTED_VERSIONS
+    """A small little-endian u32 version first (the parser then names an unsupported one)."""
+    return len(data) >= 4 and 0 < int.from_bytes(data[:4], "little") < 256

@@ -305,7 +305,7 @@ def parse_tdx_quote(data: bytes) -> TdxQuote:
     sig_size = reader.u32("signature_data_size")
     sig_end = reader.pos + sig_size
     if sig_end > len(data):
-        reader.take(sig_size, "signature_data")  # raises: truncated
+        reader.take(sig_size, "signature_data", size_field="signature_data_size")  # raises: truncated
     sig = Reader(data, "tdx", offset=reader.pos, end=sig_end)
     signature = sig.take(64, "signature")
     attestation_key = sig.take(64, "attestation_key")
@@ -326,7 +326,7 @@ def parse_tdx_quote(data: bytes) -> TdxQuote:
     qe_report = EnclaveReport.from_bytes(sig.take(QE_REPORT_SIZE, "qe_report"))
     qe_report_signature = sig.take(64, "qe_report_signature")
     auth_size = sig.u16("qe_auth_data.size")
-    qe_auth_data = sig.take(auth_size, "qe_auth_data")
+    qe_auth_data = sig.take(auth_size, "qe_auth_data", size_field="qe_auth_data.size")
     inner_type = sig.u16("pck_chain.type")
     if inner_type != CERT_DATA_PCK_CHAIN:
         raise EvidenceUnsupported(
@@ -398,4 +398,10 @@ def quote_field_spans(quote: TdxQuote) -> dict[str, tuple[int, int]]:
 
 
 def looks_like_tdx(data: bytes) -> bool:
-    return len(data) >= 4 and data[:2] in (b"\x04\x00", b"\x05\x00") and data[2:4] == b"\x02\x00"
+    """Two of version 4/5, attestation key type 2 and tee_type 0x81 (so a bad third one gets named)."""
+    head = bytes(data[:8])
+    return (
+        (head[:2] in (b"\x04\x00", b"\x05\x00"))
+        + (head[2:4] == b"\x02\x00")
+        + (head[4:8] == TEE_TYPE_TDX.to_bytes(4, "little"))
+    ) >= 2

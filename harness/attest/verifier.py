@@ -10,7 +10,7 @@ from harness.attest.checks import evidence_time, malformed_verdict
 from harness.attest.errors import EvidenceTruncated, UnknownEvidenceFormat
 from harness.attest.nitro import AttestationDocument, looks_like_nitro, parse_attestation_document
 from harness.attest.policy import Policy
-from harness.attest.snp import SnpReport, looks_like_snp, parse_snp_report
+from harness.attest.snp import REPORT_SIZE, SnpReport, looks_like_snp, parse_snp_report
 from harness.attest.tdx import TdxQuote, looks_like_tdx, parse_tdx_quote
 from harness.attest.verdict import Verdict
 from harness.attest.verify_nitro import verify_nitro
@@ -22,20 +22,22 @@ KINDS = ("snp", "tdx", "nitro")
 
 def detect_kind(evidence: bytes) -> str:
     """ "snp", "tdx" or "nitro" from the first bytes; raises E802/E804 when it cannot tell."""
-    data = bytes(evidence[:4])
+    data = bytes(evidence[:8])
     if looks_like_nitro(data):
         return "nitro"
+    if len(evidence) == REPORT_SIZE and looks_like_snp(data):
+        return "snp"  # TDX quotes are never 1184 bytes (at least 1226)
     if looks_like_tdx(data):
         return "tdx"
     if looks_like_snp(data):
         return "snp"
-    if len(data) < 4:
+    if len(evidence) < 4:
         raise EvidenceTruncated(
             f"{len(evidence)} bytes are too few to be evidence of any kind", field="evidence"
         )
     raise UnknownEvidenceFormat(
-        f"evidence starting {data.hex()} is not an SNP report (u32 version 2-5), a TDX quote (04 00 02 00 or "
-        "05 00 02 00) or a COSE_Sign1 (84 or d2 84)",
+        f"evidence starting {data[:4].hex()} is not an SNP report (u32 version 2-5), a TDX quote "
+        "(04 00 02 00 or 05 00 02 00) or a COSE_Sign1 (84 or d2 84)",
         field="evidence",
     )
 

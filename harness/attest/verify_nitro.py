@@ -70,8 +70,12 @@ def verify_nitro(data: bytes, policy: Policy, *, now: dt.datetime) -> Verdict:
     except EvidenceError as err:
         found.fail("malformed", err.field, err.message)
     if leaf is not None:
-        chain = build_chain(leaf, pool, anchors, field="cabundle")
+        chain = build_chain(leaf, pool, anchors, field="cabundle", leaf_field="certificate")
         root = check_chain(found, chain, "nitro", policy, at=issued, field="cabundle")
+        if chain.anchor is not None and doc.cabundle[0] != chain.anchor.cert.der:
+            found.fail(
+                "chain-invalid", "cabundle.0", "cabundle[0] is not the root certificate the chain ends at"
+            )
         if len(doc.signature) != 2 * PCR_SIZE or not ecdsa_verify(
             leaf, raw_rs(doc.signature), doc.sig_structure(), hashes.SHA384()
         ):

@@ -33,52 +33,68 @@ from harness.attest.snp import (
 )
 from harness.attest.verdict import Verdict
 
+UNSIGNED_RESERVED = (
+    0x330  # the signature structure's reserved tail: no signature covers it, so it must be zero
+)
+
+
+# Report fields that are claims under their own names; the rest are reserved (covered by the signature).
+_CLAIMED = (
+    "version",
+    "guest_svn",
+    "policy",
+    "family_id",
+    "image_id",
+    "vmpl",
+    "signature_algo",
+    "current_tcb",
+    "platform_info",
+    "key_info",
+    "report_data",
+    "measurement",
+    "host_data",
+    "id_key_digest",
+    "author_key_digest",
+    "report_id",
+    "report_id_ma",
+    "reported_tcb",
+    "chip_id",
+    "committed_tcb",
+    "current_build",
+    "current_minor",
+    "current_major",
+    "committed_build",
+    "committed_minor",
+    "committed_major",
+    "launch_tcb",
+)
+
 
 def snp_claims(report: SnpReport) -> dict[str, Any]:
-    """The report's facts as JSON-ready claims (documented in docs/attestation.md)."""
-    claims: dict[str, Any] = {
-        "kind": "snp",
-        "version": report.version,
-        "measurement": report.measurement.hex(),
-        "host_data": report.host_data.hex(),
-        "report_data": report.report_data.hex(),
-        "policy": report.policy,
-        "debug": report.debug,
-        "migrate_ma": report.migrate_ma,
-        "smt_allowed": report.smt_allowed,
-        "single_socket": bool(report.policy & POLICY_SINGLE_SOCKET),
-        "abi": f"{(report.policy >> 8) & 0xFF}.{report.policy & 0xFF}",
-        "vmpl": report.vmpl,
-        "guest_svn": report.guest_svn,
-        "family_id": report.family_id.hex(),
-        "image_id": report.image_id.hex(),
-        "id_key_digest": report.id_key_digest.hex(),
-        "author_key_digest": report.author_key_digest.hex(),
-        "report_id": report.report_id.hex(),
-        "report_id_ma": report.report_id_ma.hex(),
-        "signature_algo": report.signature_algo,
-        "signing_key": report.signing_key,
-        "key_info": report.key_info,
-        "platform_info": report.platform_info,
-        "smt_enabled": bool(report.platform_info & PLATFORM_SMT_EN),
-        "tcb": report.reported_tcb.to_dict(),
-        "reported_tcb": report.reported_tcb.to_dict(),
-        "current_tcb": report.current_tcb.to_dict(),
-        "committed_tcb": report.committed_tcb.to_dict(),
-        "launch_tcb": report.launch_tcb.to_dict(),
-        "current_firmware": f"{report.current_major}.{report.current_minor}.{report.current_build}",
-        "committed_firmware": f"{report.committed_major}.{report.committed_minor}.{report.committed_build}",
-        "chip_id": report.chip_id.hex(),
-    }
+    """The report's facts as JSON-ready claims under the report's field names, plus derived ones
+    (documented in docs/attestation.md)."""
+    fields = report.to_dict()
+    claims: dict[str, Any] = {"kind": "snp", **{name: fields[name] for name in _CLAIMED}}
     if report.version >= 3:
-        claims["cpuid"] = {
-            "family": report.cpuid_fam_id,
-            "model": report.cpuid_mod_id,
-            "stepping": report.cpuid_step,
-        }
+        claims.update(
+            cpuid_fam_id=report.cpuid_fam_id, cpuid_mod_id=report.cpuid_mod_id, cpuid_step=report.cpuid_step
+        )
     if report.version >= 5:
-        claims["launch_mit_vector"] = report.launch_mit_vector
-        claims["current_mit_vector"] = report.current_mit_vector
+        claims.update(
+            launch_mit_vector=report.launch_mit_vector, current_mit_vector=report.current_mit_vector
+        )
+    claims.update(
+        debug=report.debug,
+        migrate_ma=report.migrate_ma,
+        smt_allowed=report.smt_allowed,
+        single_socket=bool(report.policy & POLICY_SINGLE_SOCKET),
+        abi_major=(report.policy >> 8) & 0xFF,
+        abi_minor=report.policy & 0xFF,
+        signing_key=report.signing_key,
+        mask_chip_key=report.mask_chip_key,
+        smt_enabled=bool(report.platform_info & PLATFORM_SMT_EN),
+        tcb=report.reported_tcb.to_dict(),
+    )
     return claims
 
 
@@ -200,6 +216,10 @@ def _check_endorsement(
         pool += lab.intermediates()
     chain = build_chain(endorsement, pool, anchors, field=signer)
     root = check_chain(found, chain, "snp", policy, at=now, field=signer)
+    if any(data[UNSIGNED_RESERVED:]):
+        found.fail(
+            "signature-invalid", "signature", "the reserved bytes after r and s (0x330-0x49F) are not zero"
+        )
     if not ecdsa_verify(endorsement, report.signature, data[:SIGNED_SIZE], hashes.SHA384()):
         found.fail(
             "signature-invalid",

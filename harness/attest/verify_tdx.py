@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import hmac
 from collections.abc import Mapping
+from dataclasses import fields
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes
@@ -34,40 +35,33 @@ _RTMR_FIELDS = ("rtmr0", "rtmr1", "rtmr2", "rtmr3")
 
 
 def tdx_claims(quote: TdxQuote) -> dict[str, Any]:
-    """The quote's facts as JSON-ready claims (documented in docs/attestation.md)."""
-    body = quote.body
+    """The quote's facts as JSON-ready claims under the quote's field names, plus derived ones
+    (documented in docs/attestation.md)."""
+    header, body = quote.header, quote.body
     claims: dict[str, Any] = {
         "kind": "tdx",
-        "version": quote.version,
-        "mrtd": body.mrtd.hex(),
-        "rtmrs": [r.hex() for r in body.rtmrs],
-        "mrconfigid": body.mrconfigid.hex(),
-        "mrowner": body.mrowner.hex(),
-        "mrownerconfig": body.mrownerconfig.hex(),
-        "report_data": body.report_data.hex(),
-        "td_attributes": body.td_attributes.hex(),
-        "debug": body.debug,
-        "xfam": body.xfam.hex(),
-        "mrseam": body.mrseam.hex(),
-        "mrsignerseam": body.mrsignerseam.hex(),
-        "seam_attributes": body.seam_attributes.hex(),
-        "tee_tcb_svn": body.tee_tcb_svn.hex(),
-        "tcb": {"tee_tcb_svn": body.tee_tcb_svn.hex(), "status": None},
-        "qe_vendor_id": quote.header.qe_vendor_id.hex(),
-        "user_data": quote.header.user_data.hex(),
-        "attestation_key": quote.attestation_key.hex(),
-        "qe": {
-            "mrenclave": quote.qe_report.mrenclave.hex(),
-            "mrsigner": quote.qe_report.mrsigner.hex(),
-            "isv_prod_id": quote.qe_report.isv_prod_id,
-            "isv_svn": quote.qe_report.isv_svn,
-        },
-        "trailing_bytes": len(quote.trailer),
+        "version": header.version,
+        "att_key_type": header.att_key_type,
+        "tee_type": header.tee_type,
+        "pce_svn": header.pce_svn,
+        "qe_svn": header.qe_svn,
+        "qe_vendor_id": header.qe_vendor_id.hex(),
+        "user_data": header.user_data.hex(),
     }
-    if body.tee_tcb_svn2 is not None:
-        claims["tee_tcb_svn2"] = body.tee_tcb_svn2.hex()
-    if body.mrservicetd is not None:
-        claims["mrservicetd"] = body.mrservicetd.hex()
+    if quote.body_type is not None:
+        claims["body_type"] = quote.body_type
+    claims.update(
+        {f.name: getattr(body, f.name).hex() for f in fields(body) if getattr(body, f.name) is not None}
+    )
+    claims.update(
+        rtmrs=[r.hex() for r in body.rtmrs],
+        debug=body.debug,
+        tcb={"tee_tcb_svn": body.tee_tcb_svn.hex(), "status": None},
+        attestation_key=quote.attestation_key.hex(),
+        qe_report={k: v for k, v in quote.qe_report.to_dict().items() if not k.startswith("reserved")},
+        qe_auth_data=quote.qe_auth_data.hex(),
+        trailing_bytes=len(quote.trailer),
+    )
     return claims
 
 
