@@ -1,2 +1,36 @@
 """TEE layer: expected launch measurements, what each TEE kind adds to a ``VMSpec`` (real SEV-SNP/TDX or the
 emulated security processor), and the host-side service behind emulated devices."""
+
+from harness.tee.backends import (
+    EmulatedNsmBackend,
+    EmulatedSnpBackend,
+    EmulatedTdxBackend,
+    SnpBackend,
+    TdxBackend,
+    TeeAttachment,
+    TeeBackend,
+    backend_for_spec,
+    choose_backend,
+)
+from harness.tee.device import DeviceService, SecurityProcessor
+from harness.tee.errors import TeeError
+from harness.tee.measure import LaunchInputs, SnpMeasurement, TdxMeasurement, measure
+
+__all__ = [
+    "DeviceService",
+    "EmulatedNsmBackend",
+    "EmulatedSnpBackend",
+    "EmulatedTdxBackend",
+    "LaunchInputs",
+    "SecurityProcessor",
+    "SnpBackend",
+    "SnpMeasurement",
+    "TdxBackend",
+    "TdxMeasurement",
+    "TeeAttachment",
+    "TeeBackend",
+    "TeeError",
+    "backend_for_spec",
+    "choose_backend",
+    "measure",
+]

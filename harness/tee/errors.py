@@ -80,11 +80,3 @@ class DeviceConfigError(TeeError):
     )
     exit_status = 2
 
-
-class DeviceRequestFailed(TeeError):
-    code = "E958"
-    title = "emulated security processor refused a request"
-    explanation = (
-        "A request sent to an emulated security-processor port (from a host-side client) was answered with "
-        "an error frame; the error keeps the frame's code and message."
-    )

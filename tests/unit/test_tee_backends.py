@@ -26,6 +26,7 @@ from harness.tee.backends import (
     TdxBackend,
     backend_for_spec,
     choose_backend,
+    lab_authority,
 )
 from harness.tee.errors import (
     FirmwareCannotMeasureKernel,
@@ -41,8 +42,8 @@ CONSOLE = ChardevSocket("console", fd=4)
 
 
 @pytest.fixture(scope="module")
-def authority(tmp_path_factory: pytest.TempPathFactory) -> LabAuthority:
-    return LabAuthority.load_or_create(tmp_path_factory.mktemp("lab-ca"))
+def authority() -> LabAuthority:
+    return lab_authority()  # the session's lab CA, under the test state dir
 
 
 @pytest.fixture

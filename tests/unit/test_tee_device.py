@@ -25,7 +25,7 @@ from teelab_guest.tee_wire import MAGIC, MAX_REQUEST_BODY, Request
 from harness.aio import shared_loop
 from harness.attest import LAB, LabAuthority, Policy, parse_snp_report, parse_tdx_quote, verify
 from harness.enclave.nsm import SecurityModule
-from harness.tee.backends import lab_snp_issuer, lab_tdx_issuer
+from harness.tee.backends import lab_authority, lab_snp_issuer, lab_tdx_issuer
 from harness.tee.device import DeviceService, FrameAssembler, RateLimit, SecurityProcessor
 from harness.tee.errors import DeviceConfigError
 from harness.tee.measure import LaunchInputs, measure_snp, measure_tdx
@@ -34,8 +34,8 @@ HOST_DATA = bytes(range(32))
 
 
 @pytest.fixture(scope="module")
-def authority(tmp_path_factory: pytest.TempPathFactory) -> LabAuthority:
-    return LabAuthority.load_or_create(tmp_path_factory.mktemp("lab-ca"))
+def authority() -> LabAuthority:
+    return lab_authority()  # the session's lab CA, under the test state dir
 
 
 @pytest.fixture(scope="module")
