@@ -215,17 +215,17 @@ def read_eif(source: str | os.PathLike[str] | BinaryIO, *, verify_crc: bool = Tr
     Raises an ``EnclaveError`` (E901-E911) naming what is wrong; nothing else escapes for any file content.
     With ``verify_crc=False`` a checksum mismatch is recorded (``crc_ok`` False) instead of raised.
     """
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        try:
-            stream = open(path, "rb")  # noqa: SIM115 - closed below
-        except OSError as err:
-            raise errors.EifInputInvalid(
-                f"cannot open the enclave image {path}: {err.strerror}", hint="check the path", path=str(path)
-            ) from None
-        with stream:
+    path = Path(source) if isinstance(source, (str, os.PathLike)) else None
+    try:
+        with contextlib.ExitStack() as stack:
+            stream = stack.enter_context(open(path, "rb")) if path else source
             return _read(stream, path, verify_crc)
-    return _read(source, None, verify_crc)
+    except OSError as err:
+        raise errors.EifInputInvalid(
+            f"cannot read the enclave image {path or 'stream'}: {err.strerror or err}",
+            hint="give a readable, seekable image file",
+            path=str(path),
+        ) from None
 
 
 def _read(stream: IO[bytes], path: Path | None, verify_crc: bool) -> EifImage:

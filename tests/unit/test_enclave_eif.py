@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 import tracemalloc
 import zlib
@@ -556,9 +557,15 @@ def test_a_checksum_mismatch_can_be_reported_instead_of_refused(tmp_path: Path) 
     assert info["CheckCRC"] is False
 
 
-def test_a_missing_image_file_is_a_coded_error(tmp_path: Path) -> None:
-    with pytest.raises(errors.EifInputInvalid, match="cannot open"):
+def test_a_missing_or_unreadable_image_is_a_coded_error(tmp_path: Path) -> None:
+    with pytest.raises(errors.EifInputInvalid, match="cannot read"):
         read_eif(tmp_path / "nope.eif")
+    with pytest.raises(errors.EifInputInvalid, match="cannot read"):
+        read_eif(tmp_path)
+    os.mkfifo(tmp_path / "fifo")
+    fifo = os.fdopen(os.open(tmp_path / "fifo", os.O_RDWR), "rb", buffering=0)
+    with fifo, pytest.raises(errors.EifInputInvalid, match=r"Illegal seek"):
+        read_eif(fifo)
 
 
 # ------------------------------------------------------------------------------------------------ building
