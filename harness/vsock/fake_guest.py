@@ -36,7 +36,6 @@ from harness.vsock.packet import (
 from harness.vsock.virtqueue import DESC, DESC_F_NEXT, DESC_F_WRITE, U16, USED_ELEM, RingAddresses, SplitQueue
 
 USER_BASE = 0x7F00_0000_0000  # where the fake front-end pretends guest RAM is mapped
-RING_AREA = 0x10000
 GUEST_BUF_ALLOC = 256 * 1024
 U32 = 0xFFFFFFFF
 
@@ -90,12 +89,6 @@ class DriverQueue:
             U16.pack_into(self.ram, self.avail + 4 + 2 * self.size, self.last_used)
         return out
 
-    def needs_kick(self) -> bool:
-        if not self.event_idx:
-            return True
-        avail_event = U16.unpack_from(self.ram, self.used + 4 + 8 * self.size)[0]
-        return avail_event == (self.avail_idx - 1) & 0xFFFF or True
-
 
 @dataclass
 class GuestConn:
@@ -130,15 +123,16 @@ class FakeGuest:
         self,
         cid: int,
         *,
-        ram_mib: int = 8,
+        ram_kib: int = 8192,
         queue_size: int = 128,
         rx_buf: int = 4096,
+        max_payload: int = MAX_PAYLOAD,
         split_header: bool = True,
         event_idx: bool = True,
         memfd: bool = False,
     ) -> None:
         self.cid = cid
-        self.size = ram_mib * 1024 * 1024
+        self.size = ram_kib * 1024
         if memfd:
             self.fd: int | None = os.memfd_create("fake-guest-ram")
             os.ftruncate(self.fd, self.size)
@@ -150,16 +144,22 @@ class FakeGuest:
             self.ram = memoryview(bytearray(self.size))
         self.queue_size = queue_size
         self.event_idx = event_idx
+        ring_area = -(-(16 * queue_size + 6 + 2 * queue_size + 4 + 6 + 8 * queue_size) // 4096) * 4096
+        self.ring_area = ring_area
         self.rx = DriverQueue(self.ram, 0, queue_size, event_idx)
-        self.tx = DriverQueue(self.ram, RING_AREA, queue_size, event_idx)
+        self.tx = DriverQueue(self.ram, ring_area, queue_size, event_idx)
         self.rx_buf = rx_buf
         self.split_header = split_header
-        slot = HEADER_SIZE + rx_buf
-        self._rx_base = 2 * RING_AREA
-        self._rx_slots = {}
-        self._tx_base = self._rx_base + slot * queue_size
-        self._tx_slot = HEADER_SIZE + MAX_PAYLOAD
-        self._tx_free = deque(range(min(queue_size // 2, (self.size - self._tx_base) // self._tx_slot)))
+        per_chain = 2 if split_header else 1
+        self._rx_base = 2 * ring_area
+        self._rx_slots: dict[int, int] = {}
+        self._tx_base = self._rx_base + (HEADER_SIZE + rx_buf) * (queue_size // per_chain)
+        self.max_payload = max_payload
+        self._tx_slot = HEADER_SIZE + max_payload
+        tx_slots = min(queue_size // 2, (self.size - self._tx_base) // self._tx_slot)
+        if tx_slots < 1:
+            raise ValueError(f"{ram_kib} KiB of RAM is too small for these queues and buffers")
+        self._tx_free = deque(range(tx_slots))
         self._tx_slots: dict[int, int] = {}
         self.device: VsockDevice | None = None
         self.front: FakeFront | None = None
@@ -169,7 +169,7 @@ class FakeGuest:
         self.packets: list[Header] = []  # every packet received, in order
         self._next_port = 50000
         self.buf_alloc = GUEST_BUF_ALLOC
-        for i in range(queue_size // (2 if split_header else 1)):
+        for i in range(queue_size // per_chain):
             self._post_rx(i)
 
     # -- wiring ---------------------------------------------------------------------------------
@@ -287,7 +287,7 @@ class FakeGuest:
 
     def _push(self, conn: GuestConn) -> None:
         while conn.outgoing and conn.state == "established":
-            n = min(len(conn.outgoing), conn.credit(), MAX_PAYLOAD)
+            n = min(len(conn.outgoing), conn.credit(), self.max_payload)
             if n <= 0:
                 return
             if not self.send_packet(self._hdr(conn, OP_RW, length=n), bytes(conn.outgoing[:n])):

@@ -105,8 +105,6 @@ class GuestMemory:
     # -- access ---------------------------------------------------------------------------------
     def gpa(self, addr: int, length: int) -> memoryview:
         """A view of ``length`` bytes at guest-physical ``addr``; it must lie inside one region."""
-        if length == 0:
-            return memoryview(b"")
         for m in self._mapped:
             if m.gpa_start <= addr and addr + length <= m.gpa_end:
                 offset = addr - m.gpa_start
