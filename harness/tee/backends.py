@@ -11,7 +11,6 @@ from typing import Any, ClassVar, Literal, Protocol
 
 from teelab_guest.tee_wire import TEE_PORT
 
-from harness import paths
 from harness.aio import EventLoopThread
 from harness.host.model import HostInfo
 from harness.qemu.spec import (
@@ -50,7 +49,6 @@ Kind = Literal["snp", "tdx", "nsm"]
 TEE_PORT_ID = "tee0"
 TEE_CHANNEL = "tee"
 SEPT_VE_DISABLE = 1 << 28
-LAB_CA_DIR = "lab-ca"
 
 
 class Launched(Protocol):
@@ -79,10 +77,11 @@ def launch_inputs(spec: VMSpec, *, vcpu_type: str, policy: int, guest_features: 
 
 
 def lab_authority() -> Any:
-    """The persistent lab CA under the state dir (created on first use)."""
+    """The persistent lab CA the verifier trusts by default (under the state dir; created on first use)."""
+    from harness.attest.checks import default_lab_dir
     from harness.attest.lab import LabAuthority
 
-    return LabAuthority.load_or_create(paths.state_dir() / LAB_CA_DIR)
+    return LabAuthority.load_or_create(default_lab_dir())
 
 
 @dataclass

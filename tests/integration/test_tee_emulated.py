@@ -15,10 +15,10 @@ import cbor2
 import pytest
 
 from harness.attest import LAB, Policy, parse_snp_report, verify
+from harness.attest.checks import default_lab_dir
 from harness.lab import GuestBoot, Lab
-from harness.paths import state_dir
 from harness.qemu.spec import VMSpec
-from harness.tee.backends import LAB_CA_DIR, EmulatedSnpBackend, EmulatedTdxBackend, TeeAttachment
+from harness.tee.backends import EmulatedSnpBackend, EmulatedTdxBackend, TeeAttachment
 
 pytestmark = pytest.mark.vm
 
@@ -72,7 +72,7 @@ def test_snp_evidence_from_inside_the_guest_verifies_against_teelab_measure(snp_
         measurement=bytes.fromhex(expected["measurement"]),
         host_data=HOST_DATA,
         report_data=nonce,
-        lab_dir=state_dir() / LAB_CA_DIR,
+        lab_dir=default_lab_dir(),
     )
     verdict = verify(got["blob"], policy, certificates=got["aux"])  # type: ignore[arg-type]
     assert verdict.ok, verdict.reasons
@@ -111,7 +111,7 @@ def test_tdx_quote_from_inside_the_guest_verifies_against_teelab_measure(enclave
         mrtd=bytes.fromhex(expected["mrtd"]),
         rtmrs={i: bytes.fromhex(expected[f"rtmr{i}"]) for i in range(4)},
         report_data=b"\xaa" * 64,
-        lab_dir=state_dir() / LAB_CA_DIR,
+        lab_dir=default_lab_dir(),
     )
     verdict = verify(got["blob"], policy)  # type: ignore[arg-type]
     assert verdict.ok, verdict.reasons
