@@ -10,6 +10,7 @@ import sqlite3
 import time
 import uuid
 from calendar import timegm
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
@@ -38,15 +39,20 @@ CONTENT_TYPE = "application/x-amz-json-1.1"
 class KmsHttp:
     """The aiohttp application around a ``KmsService``."""
 
-    def __init__(self, service: KmsService, *, max_body: int = DEFAULT_MAX_BODY) -> None:
+    def __init__(self, service: KmsService, *, max_body: int = DEFAULT_MAX_BODY, workers: int = 2) -> None:
         self.service = service
         self.store: Store = service.store
         self.max_body = max_body
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="teelab-kms")
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body)
         app.router.add_route("*", "/{tail:.*}", self.handle)
+        app.on_cleanup.append(self._close)
         return app
+
+    async def _close(self, app: web.Application) -> None:
+        self._pool.shutdown(wait=True)
 
     async def handle(self, request: web.Request) -> web.Response:
         request_id = str(uuid.uuid4())
@@ -60,7 +66,10 @@ class KmsHttp:
             if not target.startswith("TrentService."):
                 raise UnknownOperation("X-Amz-Target must be TrentService.<Operation>", given=target[:64])
             audit.principal = self._authenticate(request, body)
-            outcome = self.service.call(operation, _parse_json(body), audit)
+            document = _parse_json(body)
+            outcome = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self.service.call, operation, document, audit
+            )
             await self._commit(outcome, audit, request_id, 200, None)
         except KmsRequestError as err:
             return await self._refuse(err, audit, request_id)

@@ -13,6 +13,7 @@ import json
 import re
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ class KmsService:
         self.config = config or ServiceConfig()
         self.clock = clock
         self._nonces = store.live_nonces()
+        self._nonce_lock = threading.Lock()
         self._policies: dict[str, KeyPolicy] = {}
         self._ops: dict[str, Callable[[dict[str, Any], Audit], Outcome]] = {
             name: getattr(self, "_op_" + name) for name in ACTIONS
@@ -88,7 +90,8 @@ class KmsService:
         return self.store.account
 
     def call(self, operation: str, body: Any, audit: Audit) -> Outcome:
-        """Serve one request; raises a KmsRequestError subclass when it is refused."""
+        """Serve one request; raises a KmsRequestError subclass when it is refused. Thread-safe: the HTTP
+        layer runs calls on a small pool so that OpenSSL work (which releases the GIL) uses a second CPU."""
         op = self._ops.get(operation)
         if op is None:
             raise UnknownOperation(f"unknown operation {operation[:64]!r}")
@@ -172,9 +175,6 @@ class KmsService:
                 raise refuse(f"attestation document is dated {-age:.0f} s in the future")
         if attested.nonce is not None:
             digest = hashlib.sha256(attested.kind.encode() + b"\0" + attested.nonce).hexdigest()
-            expires = self._nonces.get(digest)
-            if expires is not None and expires > now:
-                raise refuse("attestation nonce was already used (replay)", nonce_digest=digest)
             if attested.timestamp_ms is not None:
                 expiry = (
                     attested.timestamp_ms / 1000
@@ -183,9 +183,13 @@ class KmsService:
                 )
             else:
                 expiry = now + self.config.nonce_ttl_s
-            if len(self._nonces) > 100_000:
-                self._nonces = {d: e for d, e in self._nonces.items() if e > now}
-            self._nonces[digest] = expiry
+            with self._nonce_lock:  # requests are served on several threads: check and claim at once
+                expires = self._nonces.get(digest)
+                if expires is not None and expires > now:
+                    raise refuse("attestation nonce was already used (replay)", nonce_digest=digest)
+                if len(self._nonces) > 100_000:
+                    self._nonces = {d: e for d, e in self._nonces.items() if e > now}
+                self._nonces[digest] = expiry
             audit.nonce = (digest, expiry)
         return attested
 
