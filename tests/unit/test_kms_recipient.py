@@ -305,3 +305,24 @@ def test_tdx_quote_with_mrtd_and_rtmr_conditions(
         refused(lambda: client.decrypt(blob, recipient=recipient, evidence=other, nonce=nonce)).aws_type
         == "AccessDeniedException"
     )
+
+
+def test_a_nonce_is_accepted_once_even_when_sent_concurrently(
+    server: KmsServer, admin: KmsClient, lab: LabAuthority, recipient: RecipientKey
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, blob = sealed(server, admin, allow(LAB_PCR0))
+    evidence = document(lab, recipient, nonce=os.urandom(16))
+
+    def attempt(_: int) -> str:
+        try:
+            anonymous(server).decrypt(blob, recipient=recipient, evidence=evidence)
+            return "released"
+        except KmsCallError as err:
+            return err.aws_type
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        outcomes = list(pool.map(attempt, range(32)))
+    assert outcomes.count("released") == 1
+    assert set(outcomes) == {"released", "AccessDeniedException"}
