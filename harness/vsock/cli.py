@@ -1,0 +1,190 @@
+"""``teelab vsock ...``: run the built-in switch as its own process, a host-side vsock-proxy, and show which
+backend the probe picks.
+
+``teelab vsock serve`` takes rust-vmm vhost-device-vsock's ``--vm`` syntax, so either can stand in for the
+other: ``--vm guest-cid=4,socket=/run/vm4.vhost,uds-path=/run/vm4.vsock[,groups=g1][,name=vm4]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from harness.vsock import backends
+from harness.vsock.errors import ProxyTargetRefused, VsockConfigError
+from harness.vsock.server import SwitchServer, VmEndpoint
+
+VM_KEYS = {"guest-cid", "guest_cid", "socket", "uds-path", "uds_path", "groups", "name"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    vsock = sub.add_parser("vsock", help="vsock: the user-space switch, vsock-proxy, backend choice")
+    kinds = vsock.add_subparsers(dest="vsock", metavar="COMMAND", required=True)
+
+    serve = kinds.add_parser("serve", help="run the built-in vhost-user-vsock switch until SIGTERM")
+    serve.add_argument(
+        "--vm",
+        action="append",
+        required=True,
+        metavar="SPEC",
+        help="guest-cid=N,socket=PATH,uds-path=PATH[,groups=NAME][,name=NAME] (repeatable)",
+    )
+    serve.add_argument("--no-event-idx", action="store_true", help="do not offer VIRTIO_RING_F_EVENT_IDX")
+    serve.add_argument("--stats", type=Path, help="write the switch's counters here (JSON) when it stops")
+    serve.add_argument("-v", "--verbose", action="store_true")
+    serve.set_defaults(func=run_serve)
+
+    proxy = kinds.add_parser("proxy", help="forward guest vsock connections to a TCP address on an allowlist")
+    proxy.add_argument("--config", type=Path, required=True, help="allowlist file (YAML subset or JSON)")
+    proxy.add_argument(
+        "--uds",
+        type=Path,
+        action="append",
+        default=[],
+        help="a VM's hybrid socket (user-space switch); repeatable. Default: kernel AF_VSOCK",
+    )
+    proxy.add_argument("local_port", type=int)
+    proxy.add_argument("remote_addr")
+    proxy.add_argument("remote_port", type=int)
+    proxy.set_defaults(func=run_proxy)
+
+    backend = kinds.add_parser("backend", help="the vsock backend this host would use")
+    backend.add_argument("--json", action="store_true")
+    backend.set_defaults(func=run_backend)
+
+
+def parse_vm(spec: str) -> VmEndpoint:
+    """One ``--vm`` value; the routing group defaults to 'default', as in vhost-device-vsock."""
+    fields: dict[str, str] = {}
+    for part in spec.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or key not in VM_KEYS:
+            raise VsockConfigError(
+                f"--vm {spec!r}: cannot read {part!r}",
+                hint="use guest-cid=N,socket=PATH,uds-path=PATH[,groups=NAME][,name=NAME]",
+            )
+        fields[key.replace("_", "-")] = value
+    missing = [k for k in ("guest-cid", "socket", "uds-path") if k not in fields]
+    if missing or not fields["guest-cid"].isdigit():
+        raise VsockConfigError(
+            f"--vm {spec!r}: needs guest-cid (a number), socket and uds-path",
+            hint="e.g. --vm guest-cid=4,socket=/run/vm4.vhost,uds-path=/run/vm4.vsock",
+        )
+    group = fields.get("groups", "default")
+    if "+" in group:
+        raise VsockConfigError(
+            f"--vm {spec!r}: a VM belongs to one routing group here, not {group!r}",
+            hint="give one group name",
+        )
+    cid = int(fields["guest-cid"])
+    return VmEndpoint(
+        name=fields.get("name", f"cid{cid}"),
+        cid=cid,
+        group=group,
+        vhost_socket=Path(fields["socket"]),
+        uds=Path(fields["uds-path"]),
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    endpoints = [parse_vm(spec) for spec in args.vm]
+    loop = asyncio.new_event_loop()
+    server = SwitchServer(loop, event_idx=not args.no_event_idx)
+    try:
+        for endpoint in endpoints:
+            server.add_vm(endpoint)
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        print(json.dumps({"serving": [e.name for e in endpoints]}), flush=True)
+        loop.run_until_complete(stop.wait())
+    finally:
+        stats = server.stats()
+        server.close()
+        loop.close()
+        if args.stats:
+            args.stats.write_text(json.dumps(stats, indent=1) + "\n")
+    return 0
+
+
+def run_proxy(args: argparse.Namespace) -> int:
+    import socket
+    import threading
+
+    from teelab_guest import vsock_proxy
+
+    from harness.vsock.errors import AllowlistError
+
+    try:
+        allowlist = vsock_proxy.load_allowlist(str(args.config))
+    except (OSError, vsock_proxy.AllowlistError) as exc:
+        raise AllowlistError(
+            f"{args.config}: {exc}", hint="see docs/vsock.md for the allowlist format"
+        ) from None
+    if not vsock_proxy.allowed(allowlist, args.remote_addr, args.remote_port):
+        raise ProxyTargetRefused(
+            f"{args.remote_addr}:{args.remote_port} is not in {args.config}",
+            hint="add it to the allowlist, or forward to an address that is there",
+        )
+    listeners = []
+    for uds in args.uds:
+        path = uds.with_name(f"{uds.name}_{args.local_port}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        path.unlink(missing_ok=True)
+        sock.bind(str(path))
+        sock.listen(128)
+        listeners.append(sock)
+    if not args.uds:
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        sock.bind((socket.VMADDR_CID_ANY, args.local_port))
+        sock.listen(128)
+        listeners.append(sock)
+    remote = (args.remote_addr, args.remote_port)
+    print(json.dumps({"proxy": args.local_port, "to": f"{remote[0]}:{remote[1]}"}), flush=True)
+    threads = [threading.Thread(target=vsock_proxy.serve, args=(s, remote), daemon=True) for s in listeners]
+    for thread in threads:
+        thread.start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for sock in listeners:
+            sock.close()
+        for uds in args.uds:
+            uds.with_name(f"{uds.name}_{args.local_port}").unlink(missing_ok=True)
+    return 0
+
+
+def run_backend(args: argparse.Namespace) -> int:
+    from harness.host.probe import probe
+
+    host = probe()
+    chosen = backends.configured_backend()
+    plain = backends.resolve(host, chosen, grouped=False)
+    grouped = backends.resolve(host, chosen, grouped=True) if chosen != backends.KERNEL else None
+    data = {
+        "configured": chosen,
+        "vm_without_group": plain,
+        "vm_in_group": grouped,
+        "vhost_vsock_device": host.vhost_vsock,
+        "vhost_device_vsock_binary": backends.external_binary(),
+    }
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        for key, value in data.items():
+            print(f"{key:28} {value}")
+    return 0
