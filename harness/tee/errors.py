@@ -79,4 +79,3 @@ class DeviceConfigError(TeeError):
         "32 bytes, a measurement of the wrong kind or length, an NSM device without a security module."
     )
     exit_status = 2
-
