@@ -42,6 +42,8 @@ LAB_FORMAT = 1
 MANIFEST = "authority.json"
 LOCK_FILE = ".lock"
 DEFAULT_TCB = TcbVersion(bootloader=4, tee=0, snp=22, microcode=213)
+# Lab certificates are valid from this date, so evidence pinned to earlier test times still verifies.
+LAB_EPOCH = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
 LAB_ORG = "teelab lab CA (not a vendor)"
 LAB_QE_VENDOR_ID = hashlib.sha256(b"teelab lab quoting enclave").digest()[:16]
 LAB_QE_MRENCLAVE = hashlib.sha256(b"teelab lab quoting enclave: code").digest()
@@ -588,7 +590,7 @@ def _build(
         .issuer_name(issuer)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_before(LAB_EPOCH)
         .not_valid_after(now + dt.timedelta(days=365 * years))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length if ca else None), critical=True)
         .add_extension(

@@ -150,14 +150,14 @@ def parse_attestation_document(data: bytes) -> AttestationDocument:
     if isinstance(top, cbor2.CBORTag):
         _require(top.tag == COSE_SIGN1_TAG, "tag", f"is {top.tag}, COSE_Sign1 is {COSE_SIGN1_TAG}")
         top, tagged = top.value, True
-    _require(isinstance(top, list) and len(top) == 4, "cose_sign1", "must be an array of 4 items")
+    _require(isinstance(top, (list, tuple)) and len(top) == 4, "cose_sign1", "must be an array of 4 items")
     protected, unprotected, payload, signature = top
     _require(isinstance(protected, bytes), "protected", "must be a byte string")
-    _require(isinstance(unprotected, dict), "unprotected", "must be a map")
+    _require(isinstance(unprotected, Mapping), "unprotected", "must be a map")
     _require(isinstance(payload, bytes), "payload", "must be a byte string (detached payloads are not used)")
     _require(isinstance(signature, bytes), "signature", "must be a byte string")
     headers = _decode(protected, "protected") if protected else {}
-    _require(isinstance(headers, dict), "protected", "must encode a map")
+    _require(isinstance(headers, Mapping), "protected", "must encode a map")
     algorithm = headers.get(1)
     if algorithm != ALG_ES384:
         raise EvidenceUnsupported(
@@ -166,7 +166,7 @@ def parse_attestation_document(data: bytes) -> AttestationDocument:
             kind="nitro",
         )
     body = _decode(payload, "payload")
-    _require(isinstance(body, dict), "payload", "must encode a map")
+    _require(isinstance(body, Mapping), "payload", "must encode a map")
     for name in _REQUIRED:
         _require(name in body, name, "is missing from the payload")
     _require(
@@ -177,7 +177,7 @@ def parse_attestation_document(data: bytes) -> AttestationDocument:
         type(body["timestamp"]) is int and body["timestamp"] >= 0, "timestamp", "must be an unsigned integer"
     )
     pcrs = body["pcrs"]
-    _require(isinstance(pcrs, dict) and 0 < len(pcrs) <= 32, "pcrs", "must be a map of 1..32 entries")
+    _require(isinstance(pcrs, Mapping) and 0 < len(pcrs) <= 32, "pcrs", "must be a map of 1..32 entries")
     for index, value in pcrs.items():
         _require(type(index) is int and 0 <= index < 32, "pcrs", f"index {index!r} is not 0..31")
         _require(isinstance(value, bytes), f"pcrs.{index}", "must be a byte string")
@@ -185,7 +185,7 @@ def parse_attestation_document(data: bytes) -> AttestationDocument:
         isinstance(body["certificate"], bytes) and body["certificate"], "certificate", "must be a byte string"
     )
     cabundle = body["cabundle"]
-    _require(isinstance(cabundle, list) and cabundle, "cabundle", "must be a non-empty array")
+    _require(isinstance(cabundle, (list, tuple)) and cabundle, "cabundle", "must be a non-empty array")
     for position, cert in enumerate(cabundle):
         _require(isinstance(cert, bytes) and cert, f"cabundle.{position}", "must be a byte string")
     optional: dict[str, bytes | None] = {}

@@ -1,0 +1,133 @@
+"""`teelab attest verify|show|roots|lab|issue`: exit 0 only for evidence that holds; every reason printed."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+
+VECTORS = Path(__file__).parents[1] / "vectors"
+
+
+def write_policy(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    return path
+
+
+def test_issue_then_verify_lab_evidence_against_a_lab_policy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    evidence = tmp_path / "report.bin"
+    assert main(["attest", "issue", "snp", "--out", str(evidence), "--measurement", "aa" * 48]) == 0
+    good = write_policy(tmp_path, f'roots = ["lab"]\nmeasurement = "{"aa" * 48}"\n')
+    capsys.readouterr()
+    assert main(["attest", "verify", str(evidence), "--policy", str(good)]) == 0
+    assert "VERIFIED snp evidence, root: lab" in capsys.readouterr().out
+
+
+def test_a_refused_verdict_exits_1_and_prints_every_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    evidence = tmp_path / "quote.bin"
+    assert main(["attest", "issue", "tdx", "--out", str(evidence), "--debug"]) == 0
+    strict = write_policy(tmp_path, f'roots = ["intel-sgx"]\nmrtd = "{"bb" * 48}"\n')
+    capsys.readouterr()
+    assert main(["attest", "verify", str(evidence), "--policy", str(strict), "--json"]) == 1
+    verdict = json.loads(capsys.readouterr().out)
+    assert not verdict["ok"] and verdict["root"] == "lab"
+    assert {r["code"] for r in verdict["reasons"]} == {"untrusted-root", "debug-not-allowed", "mrtd-mismatch"}
+    assert main(["attest", "verify", str(evidence), "--policy", str(strict)]) == 1
+    out = capsys.readouterr().out
+    assert "REFUSED" in out and "[td_attributes]" in out and "mrtd-mismatch [mrtd]" in out
+
+
+def test_vendor_evidence_in_hex_or_base64_with_certificates_and_a_pinned_time(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    amd = write_policy(tmp_path, 'roots = ["amd-milan"]\n')
+    hexed = tmp_path / "report.hex"
+    hexed.write_text((VECTORS / "snp" / "report.bin").read_bytes().hex().upper())
+    vcek = str(VECTORS / "snp" / "vcek.der")
+    assert main(["attest", "verify", str(hexed), "--policy", str(amd), "--cert", vcek]) == 0
+    nitro = tmp_path / "doc.b64"
+    nitro.write_bytes(base64.b64encode((VECTORS / "nitro" / "attestation_doc.bin").read_bytes()))
+    aws = write_policy(tmp_path, 'roots = ["aws-nitro"]\nmax_age = 600\n')
+    assert main(["attest", "verify", str(nitro), "--policy", str(aws), "--at", "2025-12-25T13:20:00Z"]) == 0
+    assert main(["attest", "verify", str(nitro), "--policy", str(aws)]) == 1
+    tdx = write_policy(tmp_path, "")
+    quote, collateral = VECTORS / "tdx" / "quote.bin", VECTORS / "tdx" / "collateral.json"
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "attest",
+                "verify",
+                str(quote),
+                "--policy",
+                str(tdx),
+                "--collateral",
+                str(collateral),
+                "--at",
+                "2025-06-20T00:00:00Z",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["claims"]["tcb"]["status"] == "UpToDate"
+
+
+def test_show_decodes_every_field(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["attest", "show", str(VECTORS / "snp" / "report.bin"), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["kind"] == "snp" and shown["fields"]["measurement"].startswith("7a1e5c26")
+    assert main(["attest", "show", str(VECTORS / "tdx" / "quote.bin")]) == 0
+    assert "mrtd: 91eb2b44" in capsys.readouterr().out
+
+
+def test_roots_lists_the_vendor_roots_and_the_lab(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["attest", "lab", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["attest", "roots", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == [
+        "amd-milan",
+        "amd-genoa",
+        "intel-sgx",
+        "aws-nitro",
+        "lab",
+        "lab",
+        "lab",
+    ]
+
+
+def test_bad_input_exits_2_with_a_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    policy = write_policy(tmp_path, "")
+    assert main(["attest", "verify", str(tmp_path / "absent.bin"), "--policy", str(policy)]) == 2
+    assert "E830" in capsys.readouterr().err
+    bad = write_policy(tmp_path, 'measurement = "12"\n')
+    assert main(["attest", "verify", str(VECTORS / "snp" / "report.bin"), "--policy", str(bad)]) == 2
+    assert "E810" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "attest",
+                "verify",
+                str(VECTORS / "snp" / "report.bin"),
+                "--policy",
+                str(policy),
+                "--at",
+                "yesterday",
+            ]
+        )
+        == 2
+    )
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"\xff" * 10)
+    assert main(["attest", "show", str(garbage)]) == 2
+    assert "E804" in capsys.readouterr().err

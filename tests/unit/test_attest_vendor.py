@@ -1,0 +1,117 @@
+"""Genuine Intel TDX quotes (with and without DCAP collateral) and AWS Nitro attestation documents verify
+against the vendor roots with the same code as lab evidence, and are refused by a lab-only policy."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.attest import Policy, parse_tdx_quote, verify
+
+VECTORS = Path(__file__).parents[1] / "vectors"
+TDX = [  # folder, needs, the TD's debug bit
+    ("", {}, False),
+    ("extra/trustee_v4_exact_length", {"allow_debug": True}, True),
+    ("extra/go-tdx-guest_v4_SPR_E4_with_trailer", {}, False),
+    ("extra/go-tdx-guest_v5", {}, False),
+    ("extra/phala_v5_outdated", {}, False),
+]
+NITRO = [
+    ("", {}),
+    ("extra/dstack-attest_prod_userdata", {}),
+    ("extra/dstack-attest_debug_mode", {"allow_debug": True}),
+]
+TDX_AT = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
+COLLATERAL_AT = dt.datetime(2025, 6, 20, tzinfo=dt.UTC)  # inside the primary collateral's window
+
+
+def tdx(folder: str, name: str = "quote.bin") -> bytes:
+    return (VECTORS / "tdx" / folder / name).read_bytes()
+
+
+def collateral(folder: str = "") -> dict:
+    return json.loads((VECTORS / "tdx" / folder / "collateral.json").read_text())
+
+
+@pytest.mark.parametrize(("folder", "needs", "debug"), TDX)
+def test_genuine_tdx_quotes_verify_against_the_intel_root(folder: str, needs: dict, debug: bool) -> None:
+    verdict = verify(tdx(folder), Policy(**needs), now=TDX_AT)
+    assert verdict.ok, verdict.reasons
+    assert (verdict.kind, verdict.root, verdict.claims["debug"]) == ("tdx", "intel-sgx", debug)
+    assert verdict.claims["mrtd"] == parse_tdx_quote(tdx(folder)).body.mrtd.hex()
+    assert any("collateral" in note for note in verdict.notes)
+
+
+@pytest.mark.parametrize(("folder", "needs", "debug"), TDX)
+def test_genuine_tdx_quotes_are_refused_by_a_lab_only_policy(folder: str, needs: dict, debug: bool) -> None:
+    verdict = verify(tdx(folder), Policy(roots=("lab",), **needs), now=TDX_AT)
+    assert verdict.codes == {"untrusted-root"} and verdict.root == "intel-sgx"
+
+
+def test_the_debug_td_is_refused_by_default() -> None:
+    verdict = verify(tdx("extra/trustee_v4_exact_length"), Policy(), now=TDX_AT)
+    assert verdict.codes == {"debug-not-allowed"} and verdict.fields() == {"td_attributes"}
+
+
+def test_collateral_gives_the_tcb_status_of_platform_qe_and_module() -> None:
+    verdict = verify(tdx(""), Policy(), now=COLLATERAL_AT, collateral=collateral())
+    assert verdict.ok, verdict.reasons
+    tcb = verdict.claims["tcb"]
+    assert (tcb["status"], tcb["platform_status"], tcb["qe_status"], tcb["module_status"]) == (
+        "UpToDate",
+    ) * 4
+    assert tcb["fmspc"] == "b0c06f000000" and tcb["tcb_date"] == "2024-03-13T00:00:00Z"
+
+
+def test_collateral_out_of_its_window_is_expired() -> None:
+    verdict = verify(tdx(""), Policy(), now=dt.datetime(2025, 8, 1, tzinfo=dt.UTC), collateral=collateral())
+    assert verdict.codes == {"collateral-expired"}
+    assert verdict.fields() == {"collateral.tcb_info", "collateral.qe_identity", "collateral.pck_crl"}
+
+
+def test_a_platform_below_every_tcb_level_is_refused() -> None:
+    folder = "extra/phala_v5_outdated"
+    verdict = verify(tdx(folder), Policy(), now=TDX_AT, collateral=collateral(folder))
+    assert verdict.codes == {"tcb-status"} and verdict.claims["tcb"]["platform_status"] is None
+
+
+def test_tampered_collateral_is_refused() -> None:
+    forged = collateral()
+    forged["tcb_info"] = forged["tcb_info"].replace('"tcbStatus":"OutOfDate"', '"tcbStatus":"UpToDate"')
+    assert forged["tcb_info"] != collateral()["tcb_info"]
+    verdict = verify(tdx(""), Policy(), now=COLLATERAL_AT, collateral=forged)
+    assert verdict.codes == {"collateral-signature-invalid"} and verdict.fields() == {"collateral.tcb_info"}
+    broken = collateral() | {"qe_identity": "{not json"}
+    assert verify(tdx(""), Policy(), now=COLLATERAL_AT, collateral=broken).codes == {"collateral-malformed"}
+
+
+def test_collateral_for_another_platform_is_refused() -> None:
+    other = collateral("extra/phala_v5_outdated")
+    verdict = verify(tdx(""), Policy(), now=dt.datetime(2026, 3, 1, tzinfo=dt.UTC), collateral=other)
+    assert "collateral-mismatch" in verdict.codes
+
+
+@pytest.mark.parametrize(("folder", "needs"), NITRO)
+def test_genuine_nitro_documents_verify_at_their_own_timestamp(folder: str, needs: dict) -> None:
+    data = (VECTORS / "nitro" / folder / "attestation_doc.bin").read_bytes()
+    verdict = verify(data, Policy(**needs))  # certificates expired long ago; the document's time is used
+    assert verdict.ok, verdict.reasons
+    assert (verdict.kind, verdict.root) == ("nitro", "aws-nitro")
+    assert verdict.claims["debug"] is bool(needs)
+    assert verify(data, Policy(roots=("lab",), **needs)).codes == {"untrusted-root"}
+
+
+def test_a_nitro_document_older_than_max_age_is_stale() -> None:
+    data = (VECTORS / "nitro" / "attestation_doc.bin").read_bytes()
+    verdict = verify(data, Policy(max_age=300))
+    assert verdict.codes == {"evidence-stale"} and verdict.fields() == {"timestamp"}
+    taken = dt.datetime.fromtimestamp(verdict.claims["timestamp"] / 1000, dt.UTC)
+    assert verify(data, Policy(max_age=300), now=taken + dt.timedelta(seconds=10)).ok
+
+
+def test_the_debug_enclave_is_refused_by_default() -> None:
+    data = (VECTORS / "nitro" / "extra/dstack-attest_debug_mode" / "attestation_doc.bin").read_bytes()
+    assert verify(data, Policy()).codes == {"debug-not-allowed"}
