@@ -13,7 +13,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,7 @@ class LabCertificates:
     certs: Mapping[str, Cert]
     chip_id: bytes
     tcb: TcbVersion
+    _vceks: dict[TcbVersion, Cert] = field(default_factory=dict, compare=False, repr=False)
 
     def anchors(self) -> tuple[Anchor, ...]:
         return (
@@ -92,22 +93,14 @@ class LabCertificates:
 
     def vcek(self, tcb: TcbVersion) -> Cert | None:
         """The lab VCEK for ``tcb``, if the lab has issued one (one per TCB, as AMD's KDS does)."""
-        return _read_vcek(self.directory / _vcek_file(tcb))
-
-
-_vcek_cache: dict[Path, Cert] = {}
-
-
-def _read_vcek(path: Path) -> Cert | None:
-    cached = _vcek_cache.get(path)
-    if cached is not None:
+        cached = self._vceks.get(tcb)
+        if cached is None:
+            try:
+                cached = load_pem_certs((self.directory / _vcek_file(tcb)).read_bytes(), field="vcek")[0]
+            except FileNotFoundError:
+                return None
+            self._vceks[tcb] = cached
         return cached
-    try:
-        cert = load_pem_certs(path.read_bytes(), field="vcek")[0]
-    except FileNotFoundError:
-        return None
-    _vcek_cache[path] = cert
-    return cert
 
 
 def _vcek_file(tcb: TcbVersion) -> str:
@@ -196,6 +189,7 @@ class LabAuthority:
             return cached
         if not (directory / MANIFEST).exists():
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(directory, 0o700)
             with _locked(directory):
                 if not (directory / MANIFEST).exists():
                     _create(directory)
@@ -226,6 +220,7 @@ class LabAuthority:
                 hint=f"remove {directory} to make a new lab CA",
             ) from None
         authority = cls(public, keys, seed)
+        authority.vcek()  # the VCEK of the lab's own TCB always exists
         _authorities[directory] = authority
         return authority
 

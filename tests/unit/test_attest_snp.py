@@ -76,3 +76,25 @@ def test_report_round_trips_byte_exact_for_every_vector() -> None:
         data = amd(folder, cert)[0]
         assert parse_snp_report(data).to_bytes() == data
     assert sum(size for _, size in FIELD_SPANS.values()) == 1184
+
+
+@pytest.mark.parametrize("version", [2, 3, 5])
+def test_lab_issues_every_report_version_and_claims_follow_it(lab: LabAuthority, version: int) -> None:
+    data = lab.snp_report(bytes(64), measurement=bytes(48), version=version)
+    verdict = verify(data, Policy(roots=("lab",)))
+    assert verdict.ok and verdict.claims["version"] == version
+    assert ("cpuid_fam_id" in verdict.claims) is (version >= 3)
+    assert ("current_mit_vector" in verdict.claims) is (version >= 5)
+    assert parse_snp_report(data).to_bytes() == data
+
+
+def test_a_recreated_lab_ca_is_not_confused_with_the_old_one(tmp_path: Path) -> None:
+    import shutil
+
+    first = LabAuthority.load_or_create(tmp_path / "ca")
+    report = first.snp_report(bytes(64), measurement=bytes(48))
+    shutil.rmtree(tmp_path / "ca")
+    second = LabAuthority.load_or_create(tmp_path / "ca")
+    assert second.chip_id != first.chip_id
+    verdict = verify(report, Policy(roots=("lab",), lab_dir=tmp_path / "ca"))
+    assert not verdict.ok and {"chain-invalid", "signature-invalid"} & verdict.codes
