@@ -12,7 +12,7 @@ from harness.attest.errors import (
     PolicyError,
     UnknownEvidenceFormat,
 )
-from harness.attest.lab import LabAuthority, LabCertificates, load_lab_certificates
+from harness.attest.lab import LabAuthority, LabCertificates, default_lab_dir, load_lab_certificates
 from harness.attest.nitro import AttestationDocument, parse_attestation_document
 from harness.attest.policy import NonceBook, Policy
 from harness.attest.roots import LAB, ROOT_NAMES, VENDOR_ROOT_NAMES, VENDOR_ROOTS
@@ -44,6 +44,7 @@ __all__ = [
     "TdxQuote",
     "UnknownEvidenceFormat",
     "Verdict",
+    "default_lab_dir",
     "detect_kind",
     "load_lab_certificates",
     "parse",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import hmac
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -14,10 +13,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from teelab_guest import binding
 
-from harness import paths
 from harness.attest.certs import Anchor, Cert, Chain
 from harness.attest.errors import EvidenceError
-from harness.attest.lab import LabCertificates, load_lab_certificates
+from harness.attest.lab import LabCertificates, default_lab_dir, load_lab_certificates
 from harness.attest.policy import Policy
 from harness.attest.roots import vendor_anchors
 from harness.attest.verdict import Reason, Verdict
@@ -85,10 +83,6 @@ def evidence_time(now: dt.datetime | None) -> dt.datetime:
     if now is None:
         return dt.datetime.now(dt.UTC)
     return now if now.tzinfo is not None else now.replace(tzinfo=dt.UTC)
-
-
-def default_lab_dir() -> Path:
-    return paths.state_dir() / "lab-ca"
 
 
 def trust_material(policy: Policy) -> tuple[tuple[Anchor, ...], LabCertificates | None]:

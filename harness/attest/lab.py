@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
+from harness import paths
 from harness.attest import certs as certs_mod
 from harness.attest.certs import Anchor, Cert, der_ia5string, der_integer, load_cert, load_pem_certs
 from harness.attest.errors import IssueError, LabAuthorityError
@@ -68,6 +69,11 @@ CERT_NAMES = (
     "enclave-leaf",
 )
 KEY_NAMES = (*CERT_NAMES, "intel-qe-ak")
+
+
+def default_lab_dir() -> Path:
+    """Where the lab CA lives unless told otherwise: ``lab-ca`` under the state dir."""
+    return paths.state_dir() / "lab-ca"
 
 
 # --- public material: what a verifier needs ---------------------------------------------------------------

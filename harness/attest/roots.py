@@ -61,9 +61,6 @@ VENDOR_INTERMEDIATES: dict[str, str] = {
 }
 VENDOR_ROOT_NAMES: tuple[str, ...] = tuple(r.name for r in VENDOR_ROOTS)
 ROOT_NAMES: tuple[str, ...] = (*VENDOR_ROOT_NAMES, LAB)
-ROOT_KINDS: dict[str, tuple[str, ...]] = {r.name: (r.kind,) for r in VENDOR_ROOTS} | {
-    LAB: ("snp", "tdx", "nitro")
-}
 
 
 def _load_pinned(file: str, sha256: str) -> Cert:

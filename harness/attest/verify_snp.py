@@ -173,10 +173,15 @@ def verify_snp(
             "policy",
             "the guest policy allows a migration agent (bit 18); the policy refuses it",
         )
-    if not policy.allow_smt and report.platform_info & PLATFORM_SMT_EN:
-        found.fail(
-            "smt-not-allowed", "platform_info", "SMT is enabled on the platform; the policy refuses it"
-        )
+    if not policy.allow_smt:
+        if report.smt_allowed:
+            found.fail(
+                "smt-not-allowed", "policy", "the guest policy allows SMT (bit 16); the policy refuses it"
+            )
+        if report.platform_info & PLATFORM_SMT_EN:
+            found.fail(
+                "smt-not-allowed", "platform_info", "SMT is enabled on the platform; the policy refuses it"
+            )
     if report.vmpl > policy.max_vmpl:
         found.fail(
             "vmpl-not-allowed",

@@ -6,8 +6,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from harness import paths
-from harness.attest import AttestError, LabAuthority, Policy, verify
+from harness.attest import AttestError, LabAuthority, Policy, default_lab_dir, verify
 from harness.bench.result import Bar, BenchResult
 
 # The bar of the attestation brief, on a 2-vCPU host: one P-384 verify plus parsing per report.
@@ -40,7 +39,7 @@ def _policy(kind: str, lab_dir: Path) -> Policy:
 def bench_attest(kind: str, *, count: int = 500, rounds: int = 5, lab_dir: Path | None = None) -> BenchResult:
     """Issue ``count`` distinct lab evidence items of ``kind``, then verify all of them ``rounds`` times;
     each sample is one round's rate in items per second. The first verification warms the chain cache."""
-    lab_dir = lab_dir or paths.state_dir() / "lab-ca"
+    lab_dir = lab_dir or default_lab_dir()
     lab = LabAuthority.load_or_create(lab_dir)
     issue = _issuer(lab, kind)
     started = time.perf_counter()

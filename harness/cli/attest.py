@@ -15,12 +15,12 @@ from typing import Any
 
 from rich.markup import escape
 
-from harness import paths
 from harness.attest import (
     KINDS,
     LabAuthority,
     Policy,
     Verdict,
+    default_lab_dir,
     detect_kind,
     load_lab_certificates,
     parse,
@@ -139,7 +139,7 @@ def _at(value: str | None) -> dt.datetime | None:
 
 
 def _lab_dir(value: Path | None) -> Path:
-    return value or paths.state_dir() / "lab-ca"
+    return value or default_lab_dir()
 
 
 # --- commands ---------------------------------------------------------------------------------------------
