@@ -230,12 +230,18 @@ class SnpReport:
     # --- wire ------------------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         values = []
-        for name, _ in _LAYOUT:
+        for name, code in _LAYOUT:
             value = getattr(self, name)
-            values.append(value.to_bytes() if name in _TCB_FIELDS else value)
+            if name in _TCB_FIELDS:
+                value = value.to_bytes()
+            elif code.endswith("s") and len(value) != FIELD_SPANS[name][1]:
+                raise EvidenceError(
+                    f"snp: {name} must be {FIELD_SPANS[name][1]} bytes", field=name, kind="snp"
+                )
+            values.append(value)
         try:
             return _STRUCT.pack(*values)
-        except struct.error as exc:
+        except (struct.error, ValueError) as exc:
             raise EvidenceError(f"snp: a field does not fit its size: {exc}", field="report") from None
 
     def to_dict(self) -> dict[str, Any]:

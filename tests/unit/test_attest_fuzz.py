@@ -11,9 +11,12 @@ from hypothesis import strategies as st
 
 from harness.attest import (
     EvidenceError,
+    LabAuthority,
     Policy,
     Verdict,
+    default_lab_dir,
     parse_attestation_document,
+    parse_snp_cert_table,
     parse_snp_report,
     parse_tdx_quote,
     verify,
@@ -97,3 +100,23 @@ def test_verify_never_raises_for_hostile_bytes(data: bytes) -> None:
     verdict = verify(data, Policy(roots=("lab", "amd-milan", "intel-sgx", "aws-nitro")))
     assert isinstance(verdict, Verdict)
     assert verdict.ok == (not verdict.reasons)
+
+
+CERT_TABLE = LabAuthority.load_or_create(default_lab_dir()).snp_cert_table()
+
+
+@settings(max_examples=1000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.one_of(
+        st.binary(max_size=200),
+        st.binary(max_size=40).map(lambda b: CERT_TABLE[:48] + b),
+        st.integers(0, len(CERT_TABLE)).map(lambda n: CERT_TABLE[:n]),
+    )
+)
+def test_snp_cert_table_parser_raises_only_coded_errors(data: bytes) -> None:
+    try:
+        entries = parse_snp_cert_table(data)
+    except EvidenceError as err:
+        assert err.code.startswith("E80") and err.field == "cert_table"
+    else:
+        assert all(der for _, der in entries)

@@ -98,3 +98,20 @@ def test_a_recreated_lab_ca_is_not_confused_with_the_old_one(tmp_path: Path) -> 
     assert second.chip_id != first.chip_id
     verdict = verify(report, Policy(roots=("lab",), lab_dir=tmp_path / "ca"))
     assert not verdict.ok and {"chain-invalid", "signature-invalid"} & verdict.codes
+
+
+def test_amd_serial_number_zero_is_accepted_deliberately_and_silently() -> None:
+    import warnings
+
+    from harness.attest import certs
+
+    report, der = amd("", "vcek.der")
+    certs._cache.pop(certs.fingerprint(der), None)  # parse it now, not from the cache
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        cert = certs.load_cert(der)
+        verdict = verify(report, Policy(), certificates=[der], now=AT)
+    assert verdict.ok and not seen
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # reading the serial is what cryptography warns about
+        assert cert.x509.serial_number == 0
