@@ -304,11 +304,11 @@ def build_chain(
 
 
 def _signed_by(cert: Cert, issuer: Cert) -> bool:
-    if not isinstance(cert.x509.signature_hash_algorithm, _ACCEPTED_HASHES):
-        return False
     try:
+        if not isinstance(cert.x509.signature_hash_algorithm, _ACCEPTED_HASHES):
+            return False
         cert.x509.verify_directly_issued_by(issuer.x509)
-    except Exception:  # InvalidSignature, ValueError (names), TypeError (key types)
+    except Exception:  # UnsupportedAlgorithm (unknown OIDs), InvalidSignature, ValueError, TypeError
         return False
     return True
 

@@ -59,7 +59,11 @@ def verify_nitro(data: bytes, policy: Policy, *, now: dt.datetime) -> Verdict:
         return malformed_verdict("nitro", err)
     found = Findings()
     claims = nitro_claims(doc)
-    issued = dt.datetime.fromtimestamp(doc.timestamp / 1000, dt.UTC)
+    try:
+        issued = dt.datetime.fromtimestamp(doc.timestamp / 1000, dt.UTC)
+    except (ValueError, OverflowError, OSError):
+        bad = EvidenceError(f"timestamp {doc.timestamp} ms is not a date", field="timestamp")
+        return malformed_verdict("nitro", bad)
     anchors, _ = trust_material(policy)
     root = None
     leaf: Cert | None = None
