@@ -188,3 +188,41 @@ def run_backend(args: argparse.Namespace) -> int:
         for key, value in data.items():
             print(f"{key:28} {value}")
     return 0
+
+
+def register_bench(kinds: argparse._SubParsersAction) -> None:
+    """``teelab bench vsock``."""
+    bench = kinds.add_parser("vsock", help="vsock throughput and round trips, with a virtio-serial baseline")
+    bench.add_argument("--image", default="enclave", help="image recipe to boot (default: enclave)")
+    bench.add_argument("--size", type=int, default=64, help="MiB per transfer (default: 64)")
+    bench.add_argument("--rtt-count", type=int, default=500, help="round trips to time (default: 500)")
+    bench.add_argument("--backend", default="builtin", choices=["builtin", "vhost-device-vsock"])
+    bench.add_argument("--vcpus", type=int, default=2)
+    bench.add_argument("--json", action="store_true", help="print JSON")
+    bench.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from harness.bench.vsock import bench_vsock
+    from harness.cli.render import console, print_bench, print_json
+    from harness.lab import Lab
+
+    def progress(name: str, value: str) -> None:
+        if not args.json:
+            console.print(f"{name:<22} {value}")
+
+    with Lab() as lab:
+        result = bench_vsock(
+            lab,
+            image_name=args.image,
+            size_mib=args.size,
+            rtt_count=args.rtt_count,
+            backend=args.backend,
+            vcpus=args.vcpus,
+            on_step=progress,
+        )
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        print_bench(result)
+    return 0 if result.ok else 1

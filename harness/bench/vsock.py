@@ -1,0 +1,248 @@
+"""``teelab bench vsock``: vsock throughput (host->guest, guest->host, guest<->guest, MB/s) and round-trip
+latency (p50, p99), with the same guest->host transfer over virtio-serial as a baseline in the same run.
+
+Throughput is bytes over the receiver's time from the first byte to the last; 1 MB = 10**6 bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from teelab_guest.vsock_peer import Pattern
+
+from harness import images
+from harness.agent import ExecResult, GuestAgent
+from harness.bench.result import Bar, BenchResult
+from harness.lab import GuestBoot, Lab
+from harness.qemu.spec import ChardevChannel, MemoryBackendMemfd, VirtioSerialPort
+from harness.vsock.errors import VsockConnectionRefused
+from harness.vsock.host import VsockHost
+
+SERIAL_PORT = "org.teelab.bench.0"
+SERIAL_CHANNEL = "bench"
+# The bars of the vsock issue, under TCG on a 2-vCPU host.
+TCG_BARS = (
+    Bar("guest_to_host_mb_s", ">=", 25.0),
+    Bar("guest_to_guest_mb_s", ">=", 15.0),
+    Bar("rtt_p50_ms", "<=", 2.0),
+    Bar("vsock_over_serial", ">=", 0.5),
+)
+PEER = ["python3", "-m", "teelab_guest.vsock_peer"]
+
+
+@dataclass
+class VsockBenchResult(BenchResult):
+    """Named figures (``measured``) and the host<->guest round trips in ms (``rtt_ms``)."""
+
+    measured: dict[str, float] = field(default_factory=dict)
+    rtt_ms: list[float] = field(default_factory=list)
+
+    @property
+    def figures(self) -> dict[str, float]:
+        figures = dict(self.measured)
+        if self.rtt_ms:
+            ordered = sorted(self.rtt_ms)
+            figures["rtt_p50_ms"] = round(statistics.median(ordered), 3)
+            figures["rtt_p99_ms"] = round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 3)
+        return figures
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data["rtt_count"] = len(self.rtt_ms)
+        return data
+
+
+class _Background:
+    """A guest command running while the host does its side."""
+
+    def __init__(self, agent: GuestAgent, argv: list[str], timeout: float) -> None:
+        self.result: ExecResult | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(agent, argv, timeout), daemon=True)
+        self._thread.start()
+
+    def _run(self, agent: GuestAgent, argv: list[str], timeout: float) -> None:
+        try:
+            self.result = agent.exec(argv, timeout=timeout, check=True)
+        except BaseException as exc:  # handed to the caller in json()
+            self.error = exc
+
+    def json(self, timeout: float = 600) -> dict[str, Any]:
+        self._thread.join(timeout)
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None, "guest command still running"
+        return json.loads(self.result.stdout)
+
+
+def _mb_s(nbytes: int, seconds: float) -> float:
+    return round(nbytes / seconds / 1e6, 2) if seconds > 0 else 0.0
+
+
+def _drain(sock: socket.socket, limit: int | None = None) -> tuple[int, float]:
+    buf = bytearray(1 << 20)
+    total, first = 0, None
+    while limit is None or total < limit:
+        n = sock.recv_into(buf)
+        if not n:
+            break
+        if first is None:
+            first = time.monotonic()
+        total += n
+    return total, (time.monotonic() - first) if first else 0.0
+
+
+def _connect(vsock: VsockHost, cid: int, port: int, wait: float = 60.0) -> socket.socket:
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return vsock.connect(cid, port, timeout=wait)
+        except VsockConnectionRefused:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def bench_vsock(
+    lab: Lab,
+    *,
+    image_name: str = "enclave",
+    size_mib: int = 64,
+    rtt_count: int = 500,
+    backend: str = "builtin",
+    vcpus: int = 2,
+    memory_mib: int = 512,
+    on_step: Callable[[str, str], None] | None = None,
+) -> VsockBenchResult:
+    """Boot two guests in one routing group and measure; ``on_step(name, value)`` reports progress."""
+    image = images.build(image_name)
+    size = size_mib << 20
+    result = VsockBenchResult(
+        name="vsock",
+        unit="MB/s, ms",
+        params={
+            "image": image_name,
+            "bytes": size,
+            "rtt_count": rtt_count,
+            "backend": backend,
+            "vcpus": vcpus,
+            "accel": lab.host.accel,
+        },
+    )
+    if lab.host.accel == "tcg":
+        result.bars.extend(TCG_BARS)
+    step = on_step or (lambda _name, _value: None)
+    group = f"bench{os.getpid()}"
+    with VsockHost(lab.host, backend=backend) as vsock:
+        guests: dict[str, GuestBoot] = {}
+        # Attach both before booting either: vhost-device-vsock takes a group's VMs when it starts.
+        attachments = {
+            name: vsock.attach(f"bench-{name}-{os.getpid()}", group=group, cid=cid)
+            for name, cid in (("a", 3), ("b", 16))
+        }
+        for name, attachment in attachments.items():
+            devices = list(attachment.devices)
+            if name == "a":
+                devices.append(
+                    VirtioSerialPort("bench0", name=SERIAL_PORT, chardev=ChardevChannel(SERIAL_CHANNEL))
+                )
+            memory = MemoryBackendMemfd("ram0", memory_mib, share=True)
+            spec = lab.spec_for_image(
+                image,
+                name=attachment.name,
+                vcpus=vcpus,
+                memory_mib=memory_mib,
+                memory=memory,
+                devices=devices,
+            )
+            guests[name] = lab.boot(spec)
+            step(f"boot {name}", f"{guests[name].seconds:.2f} s")
+        a, b = guests["a"], guests["b"]
+        assert a.agent is not None and b.agent is not None
+        measured = result.measured
+        result.extra["backend_used"] = vsock.attachments[a.machine.spec.name].backend
+
+        # guest -> host
+        with vsock.listen(7000, vm=a.machine.spec.name) as listener:
+            sender = _Background(
+                a.agent, [*PEER, "source", "--cid", "2", "--port", "7000", "--bytes", str(size)], 600
+            )
+            conn, _cid = listener.accept(timeout=120)
+            total, seconds = _drain(conn)
+            conn.sendall(json.dumps({"bytes": total, "seconds": seconds}).encode() + b"\n")
+            conn.close()
+            sender.json()
+        measured["guest_to_host_mb_s"] = _mb_s(total, seconds)
+        step("guest -> host", f"{measured['guest_to_host_mb_s']} MB/s")
+
+        # the same transfer over virtio-serial
+        channel = a.machine.channel(SERIAL_CHANNEL)
+        channel.setblocking(True)
+        writer = _Background(
+            a.agent, [*PEER, "serial-source", "--name", SERIAL_PORT, "--bytes", str(size)], 600
+        )
+        total, seconds = _drain(channel, size)
+        writer.json()
+        measured["serial_guest_to_host_mb_s"] = _mb_s(total, seconds)
+        measured["vsock_over_serial"] = round(
+            measured["guest_to_host_mb_s"] / measured["serial_guest_to_host_mb_s"], 2
+        )
+        step("virtio-serial", f"{measured['serial_guest_to_host_mb_s']} MB/s")
+
+        # host -> guest
+        sink = _Background(a.agent, [*PEER, "sink", "--port", "7001"], 600)
+        conn = _connect(vsock, 3, 7001)
+        Pattern().send(conn.sendall, size)
+        conn.shutdown(socket.SHUT_WR)
+        _drain(conn)
+        conn.close()
+        report = sink.json()
+        measured["host_to_guest_mb_s"] = _mb_s(report["bytes"], report["seconds"])
+        step("host -> guest", f"{measured['host_to_guest_mb_s']} MB/s")
+
+        # guest -> guest
+        sink = _Background(a.agent, [*PEER, "sink", "--port", "7002"], 600)
+        b.agent.exec(
+            [*PEER, "source", "--cid", "3", "--port", "7002", "--bytes", str(size)], timeout=600, check=True
+        )
+        report = sink.json()
+        measured["guest_to_guest_mb_s"] = _mb_s(report["bytes"], report["seconds"])
+        step("guest -> guest", f"{measured['guest_to_guest_mb_s']} MB/s")
+
+        # round trips host <-> guest, then guest <-> guest
+        echo = _Background(a.agent, [*PEER, "echo", "--port", "7003"], 600)
+        conn = _connect(vsock, 3, 7003)
+        message = b"r" * 64
+        for _ in range(rtt_count):
+            started = time.perf_counter()
+            conn.sendall(message)
+            got = 0
+            while got < len(message):
+                got += len(conn.recv(len(message) - got))
+            result.rtt_ms.append((time.perf_counter() - started) * 1000)
+        conn.close()
+        echo.json()
+        step("host <-> guest rtt", f"p50 {result.figures['rtt_p50_ms']} ms")
+        echo = _Background(a.agent, [*PEER, "echo", "--port", "7004"], 600)
+        pings = b.agent.exec(
+            [*PEER, "pingpong", "--cid", "3", "--port", "7004", "--count", str(rtt_count)],
+            timeout=600,
+            check=True,
+        )
+        echo.json()
+        report = json.loads(pings.stdout)
+        measured["guest_rtt_p50_ms"] = round(report["p50_ms"], 3)
+        measured["guest_rtt_p99_ms"] = round(report["p99_ms"], 3)
+        step("guest <-> guest rtt", f"p50 {measured['guest_rtt_p50_ms']} ms")
+        result.extra["switch"] = {"drops": vsock.stats().get("drops", {})}
+        for guest in guests.values():
+            lab.stop(guest.machine)
+    return result
