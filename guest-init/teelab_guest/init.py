@@ -176,6 +176,10 @@ def run_guest(started: float, steps: list[tuple[str, float]]) -> None:
         if args.get(protocol.DEBUG_KEY):
             say("teelab: " + " ".join(f"{name}={at:.3f}" for name, at in steps))
         say(protocol.ready_line(role, uptime()))
+        if role == "enclave":
+            from teelab_guest import enclave_app  # an enclave image's /app/run, in a thread
+
+            enclave_app.start(say)
     except Exception:
         import traceback
 
