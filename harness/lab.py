@@ -4,6 +4,7 @@ guests and owns their teardown."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from teelab_guest import protocol
 
 from harness import images
 from harness.agent import AGENT_CHANNEL, GuestAgent, agent_port
+from harness.enclave.run import DEFAULT_PARENT_ROLE, plan_enclave
 from harness.host.model import HostInfo
 from harness.host.probe import probe
 from harness.qemu.machine import Machine, MachineError
@@ -108,6 +110,50 @@ class Lab:
         """Build (or take from the cache) image ``name`` and boot it."""
         image = images.build(name)
         return self.boot(self.spec_for_image(image, **spec_options), timeout=timeout)  # type: ignore[arg-type]
+
+    def boot_enclave(
+        self,
+        eif_path: str | os.PathLike[str],
+        *,
+        debug: bool = False,
+        parent_role: str = DEFAULT_PARENT_ROLE,
+        parent_instance: str | None = None,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
+        agent: bool = True,
+        name: str | None = None,
+        timeout: float = 60.0,
+    ) -> GuestBoot:
+        """Boot an enclave image (EIF) with its emulated security module: PCR0-2 (and 8) from the image, PCR3
+        and PCR4 from ``parent_role``/``parent_instance``; documents carry zero PCRs when ``debug``.
+
+        No network, no disk; ``agent`` adds the lab's agent port. ``stop``/``close`` end it: QEMU, and with
+        its port the module's service; the kernel and initrd memfds are closed once QEMU has loaded them.
+        Bad input (E932/E933 sizing, E901-E913 image) raises before anything starts.
+        """
+        fast = self.host.qemu.firmware(FAST_FIRMWARE)
+        launch = plan_enclave(
+            eif_path, host=self.host, debug=debug, parent_role=parent_role, parent_instance=parent_instance,
+            vcpus=vcpus, memory_mib=memory_mib, agent=agent, firmware=Path(fast) if fast else None, name=name,
+        )  # fmt: skip
+        started = time.monotonic()
+        try:
+            machine = self.launch(launch.spec)
+        except BaseException:
+            launch.close()
+            raise
+        finally:
+            launch.release_files()
+        try:
+            launch.attachment.after_launch(machine)
+            match = machine.wait_for_console(READY_PATTERN, timeout)
+            seconds = time.monotonic() - started
+            guest_agent = self.agent(machine) if agent else None
+        except BaseException:
+            self.stop(machine, powerdown_timeout=0)
+            launch.close()
+            raise
+        return GuestBoot(machine, match["role"], float(match["uptime"]), seconds, guest_agent)
 
     def stop(self, machine: Machine, powerdown_timeout: float = 10.0) -> None:
         if machine in self._machines:

@@ -154,3 +154,68 @@ class SecurityModuleConfigInvalid(EnclaveError):
         "non-empty module id."
     )
     exit_status = 1
+
+
+# ------------------------------------------------------------------------------ enclave recipes and launches
+
+
+class EnclaveRecipeUnknown(EnclaveError):
+    code = "E930"
+    title = "unknown enclave recipe"
+    explanation = (
+        "No images/enclaves/<name>/enclave.toml exists; the hint names the recipes there are."
+    )
+
+
+class EnclaveRecipeInvalid(EnclaveError):
+    code = "E931"
+    title = "bad enclave recipe"
+    explanation = (
+        "An enclave recipe needs name (its folder's name), version, base (an image recipe), an even vcpus "
+        "count of 2 or more, memory_mib of 128 or more, cmdline as a list of words, and an app/ folder of "
+        "regular files and folders (no links, devices or sockets) with at least one file."
+    )
+
+
+class EnclaveMemoryTooSmall(EnclaveError):
+    code = "E932"
+    title = "enclave memory too small"
+    explanation = (
+        "An enclave needs at least 128 MiB and at least 4 times the size of its image (EIF): the kernel "
+        "unpacks the ramdisks into memory next to the image itself."
+    )
+
+
+class EnclaveVcpuCount(EnclaveError):
+    code = "E933"
+    title = "bad enclave vCPU count"
+    explanation = (
+        "Enclaves take whole cores: an even number of vCPUs, from 2 to 62 (the QingTian and Nitro rule)."
+    )
+
+
+class EnclaveAppFailed(EnclaveError):
+    code = "E934"
+    title = "enclave application failed"
+    explanation = (
+        "The enclave booted but its application (/app/run) exited with a non-zero status or did not report "
+        "an attestation document line (TEELAB-APP-DOCUMENT); the console log has its output."
+    )
+    exit_status = 1
+
+
+class EnclaveAppPackFailed(EnclaveError):
+    code = "E935"
+    title = "could not pack the enclave application"
+    explanation = "Writing the application ramdisk (a newc cpio of the recipe's app/ folder) failed."
+    exit_status = 1
+
+
+class EnclaveImageChanged(EnclaveError):
+    code = "E936"
+    title = "enclave image changed during launch"
+    explanation = (
+        "The kernel, command line or ramdisks handed to the VM do not give the PCRs the image had when it "
+        "was read: the file was rewritten while the enclave was being launched. Launch it again."
+    )
+    exit_status = 1
