@@ -1,4 +1,5 @@
-"""``teelab enclave build`` and ``teelab enclave describe-eif``: enclave images and their measurements."""
+"""``teelab enclave build``, ``describe-eif``, ``build-image`` (from a recipe) and ``boot`` (under the
+emulated security module): enclave images, their measurements, and booting them."""
 
 from __future__ import annotations
 
@@ -57,6 +58,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     describe.set_defaults(func=run_describe)
 
+    build_image = commands.add_parser(
+        "build-image", help="build an enclave image from images/enclaves/NAME (or take it from the cache)"
+    )
+    build_image.add_argument("name", help="the enclave recipe: images/enclaves/<name>/enclave.toml")
+    build_image.add_argument("--json", action="store_true", help="print describe-eif JSON with the path")
+    build_image.set_defaults(func=run_build_image)
+
+    boot = commands.add_parser(
+        "boot", help="boot an EIF, verify the attestation document its /app/run reports, and stop"
+    )
+    boot.add_argument("eif", type=Path, help="the enclave image")
+    boot.add_argument("--debug", action="store_true", help="debug mode: documents carry all-zero PCRs")
+    boot.add_argument("--vcpus", type=int, help="vCPUs, even (default: the image's, else 2)")
+    boot.add_argument("--memory", type=int, dest="memory_mib", help="MiB (default: the image's, else 512)")
+    boot.add_argument("--parent-role", help="what PCR3 measures (default: teelab-host)")
+    boot.add_argument("--parent-instance", help="what PCR4 measures (default: this host's name)")
+    boot.add_argument("--timeout", type=float, default=60.0, help="seconds for boot and app each (60)")
+    boot.add_argument("--json", action="store_true", help="print JSON")
+    boot.set_defaults(func=run_boot)
+
 
 def run_build(args: argparse.Namespace) -> int:
     custom = None
@@ -96,6 +117,101 @@ def run_describe(args: argparse.Namespace) -> int:
     else:
         print_describe_table(image)
     return 0
+
+
+def run_build_image(args: argparse.Namespace) -> int:
+    from harness.images.eif import build_enclave_image
+
+    status = console.status(f"enclave {args.name}", spinner="dots") if not args.json else None
+    with status or contextlib.nullcontext():
+
+        def step(name: str) -> None:
+            if status is not None:
+                status.update(f"enclave {args.name}: {name}")
+
+        built = build_enclave_image(args.name, on_step=step)
+    image = read_eif(built.path)
+    if args.json:
+        print_json(
+            {
+                "Path": str(built.path),
+                "Key": built.key,
+                "Built": built.built,
+                "Seconds": round(built.seconds, 2),
+                "EifBytes": built.eif_bytes,
+                "ApplicationRamdiskBytes": built.app_ramdisk_bytes,
+                "MinimumMemoryMiB": built.minimum_memory_mib,
+                **describe_image(image),
+            }
+        )
+        return 0
+    print_describe_table(image)
+    how = "built" if built.built else "cached"
+    console.print(
+        f"enclave [bold]{built.name}[/] {built.version} {built.key[:16]}: {how} in {built.seconds:.2f} s, "
+        f"EIF {built.eif_bytes / 2**20:.1f} MiB (application {built.app_ramdisk_bytes:,} bytes), "
+        f"needs >= {built.minimum_memory_mib} MiB\n  {built.path}"
+    )
+    return 0
+
+
+def run_boot(args: argparse.Namespace) -> int:
+    from harness.attest import LAB, Policy, verify
+    from harness.attest.checks import default_lab_dir
+    from harness.enclave.run import wait_for_app
+    from harness.lab import Lab
+
+    image = read_eif(args.eif)  # refuse a bad image before anything starts
+    status = console.status(f"booting {args.eif}", spinner="dots") if not args.json else None
+    with Lab() as lab, status or contextlib.nullcontext():
+        parent = {"parent_role": args.parent_role} if args.parent_role is not None else {}
+        boot = lab.boot_enclave(
+            args.eif, debug=args.debug, vcpus=args.vcpus, memory_mib=args.memory_mib, agent=False,
+            parent_instance=args.parent_instance, timeout=args.timeout, **parent,
+        )  # fmt: skip
+        if status is not None:
+            status.update("waiting for /app/run")
+        ready_at = time.monotonic()
+        app = wait_for_app(boot.machine, args.timeout)
+        app_seconds = time.monotonic() - ready_at
+        spec = boot.machine.spec
+    policy = Policy(
+        roots=(LAB,),
+        pcrs={0: image.measurements.pcr0},
+        nonce=app.nonce,
+        public_key=app.public_key,
+        lab_dir=default_lab_dir(),
+    )
+    verdict = verify(app.document, policy)
+    report = {
+        "Eif": str(args.eif),
+        "EnclaveID": verdict.claims.get("module_id"),
+        "DebugMode": args.debug,
+        "NumberOfCPUs": spec.vcpus,
+        "MemoryMiB": spec.memory_mib,
+        "BootSeconds": round(boot.seconds, 2),
+        "AppSeconds": round(app_seconds, 2),
+        "DocumentBytes": len(app.document),
+        "Measurements": image.measurements.to_dict(),
+        "Verdict": verdict.to_dict(),
+    }
+    if args.json:
+        print_json(report)
+    else:
+        table = Table(title=f"enclave {args.eif}", show_header=False)
+        table.add_column("field", style="bold")
+        table.add_column("value", overflow="fold")
+        for key in ("EnclaveID", "DebugMode", "NumberOfCPUs", "MemoryMiB", "BootSeconds", "AppSeconds",
+                    "DocumentBytes"):  # fmt: skip
+            table.add_row(key, str(report[key]))
+        table.add_row("PCR0", image.measurements.pcr0.hex())
+        table.add_row(
+            "verdict", "[green]verifies[/] (lab root, PCR0, nonce, key)" if verdict.ok else "[red]REFUSED[/]"
+        )
+        for reason in verdict.reasons:
+            table.add_row("", str(reason))
+        console.print(table)
+    return 0 if verdict.ok else 1
 
 
 def print_describe_table(image: EifImage) -> None:
