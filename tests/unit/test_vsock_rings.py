@@ -1,0 +1,193 @@
+"""Guest memory (regions, translation, bounds, memfd mapping) and split virtqueues (chains, used ring,
+notification suppression) as the switch sees them."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+import pytest
+
+from harness.vsock.errors import GuestFault
+from harness.vsock.memory import GuestMemory, MemoryRegion
+from harness.vsock.virtqueue import (
+    DESC,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    U16,
+    ChainFault,
+    RingAddresses,
+    SplitQueue,
+)
+
+USER = 0x7F00_0000_0000
+
+
+def two_regions() -> tuple[GuestMemory, bytearray, bytearray]:
+    low, high = bytearray(0x10000), bytearray(0x10000)
+    memory = GuestMemory.synthetic([
+        (MemoryRegion(0x0, 0x10000, USER), low),
+        (MemoryRegion(0x100000, 0x10000, USER + 0x200000), high),
+    ])  # fmt: skip
+    return memory, low, high
+
+
+def test_gpa_and_user_addresses_translate_to_the_same_bytes() -> None:
+    memory, low, high = two_regions()
+    memory.gpa(0x100010, 4)[:] = b"abcd"
+    assert bytes(high[0x10:0x14]) == b"abcd"
+    assert bytes(memory.uva(USER + 0x200010, 4)) == b"abcd"
+    memory.uva(USER + 8, 2)[:] = b"zz"
+    assert bytes(low[8:10]) == b"zz"
+
+
+@pytest.mark.parametrize(
+    ("addr", "length"),
+    [(0xFFFF, 2), (0x10000, 1), (0xFFFFF, 2), (0x110000, 1), (2**64 - 1, 1), (0x50000, 0), (0x110001, 0)],
+)
+def test_accesses_outside_or_across_regions_fault(addr: int, length: int) -> None:
+    memory, _, _ = two_regions()
+    with pytest.raises(GuestFault) as fault:
+        memory.gpa(addr, length)
+    assert fault.value.reason == "bad_address"
+
+
+def test_overlapping_regions_are_refused() -> None:
+    with pytest.raises(GuestFault):
+        GuestMemory.synthetic(
+            [
+                (MemoryRegion(0, 0x2000, USER), bytearray(0x2000)),
+                (MemoryRegion(0x1000, 0x2000, USER + 0x10000), bytearray(0x2000)),
+            ]
+        )
+
+
+def test_memfd_regions_with_offsets_are_mapped_shared() -> None:
+    fd = os.memfd_create("test-ram")
+    os.ftruncate(fd, 0x40000)
+    try:
+        regions = [
+            MemoryRegion(0x0, 0xA0000 - 0x60000, USER, 0),
+            MemoryRegion(0x100000, 0x10000, USER + 0x100000, 0x30000),
+        ]
+        memory = GuestMemory.from_fds(regions, [fd, fd])
+        memory.gpa(0x100000, 5)[:] = b"hello"
+        with mmap.mmap(fd, 0x40000) as view:
+            assert view[0x30000:0x30005] == b"hello"
+        memory.close()
+        with pytest.raises(GuestFault):
+            GuestMemory.from_fds([MemoryRegion(0, 0x1000, USER, 0x100000000)], [fd])  # past the file
+    finally:
+        os.close(fd)
+
+
+# -- virtqueues -----------------------------------------------------------------------------------
+QSIZE = 8
+DESC_AT, AVAIL_AT, USED_AT = 0x0, 0x1000, 0x2000
+
+
+def queue(event_idx: bool = True) -> tuple[SplitQueue, bytearray]:
+    ram = bytearray(0x10000)
+    memory = GuestMemory.synthetic([(MemoryRegion(0, len(ram), USER), ram)])
+    addrs = RingAddresses(USER + DESC_AT, USER + AVAIL_AT, USER + USED_AT)
+    return SplitQueue(memory, QSIZE, addrs, event_idx=event_idx), ram
+
+
+def offer(ram: bytearray, slot: int, head: int) -> None:
+    U16.pack_into(ram, AVAIL_AT + 4 + 2 * slot, head)
+    U16.pack_into(ram, AVAIL_AT + 2, slot + 1)
+
+
+def test_a_chain_yields_readable_then_writable_views() -> None:
+    q, ram = queue()
+    DESC.pack_into(ram, DESC_AT + 16 * 2, 0x4000, 44, DESC_F_NEXT, 5)
+    DESC.pack_into(ram, DESC_AT + 16 * 5, 0x5000, 100, DESC_F_NEXT | DESC_F_WRITE, 1)
+    DESC.pack_into(ram, DESC_AT + 16 * 1, 0x6000, 50, DESC_F_WRITE, 0)
+    offer(ram, 0, 2)
+    chain = q.pop()
+    assert chain is not None and chain.head == 2
+    assert [len(v) for v in chain.readable] == [44] and [len(v) for v in chain.writable] == [100, 50]
+    assert (chain.readable_len, chain.writable_len) == (44, 150)
+    assert q.pop() is None
+
+
+@pytest.mark.parametrize(
+    ("descs", "reason"),
+    [
+        ({0: (0x4000, 8, DESC_F_NEXT, 1), 1: (0x4000, 8, DESC_F_NEXT, 0)}, "desc_loop"),
+        ({0: (0x4000, 8, DESC_F_NEXT, QSIZE)}, "desc_index"),
+        ({0: (0x4000, 8, 4, 0)}, "indirect_desc"),
+        ({0: (0xFFF0, 0x20, 0, 0)}, "bad_address"),
+        ({0: (0x4000, 8, DESC_F_NEXT | DESC_F_WRITE, 1), 1: (0x5000, 8, 0, 0)}, "desc_order"),
+    ],
+)
+def test_bad_chains_fault_and_can_be_returned(descs: dict, reason: str) -> None:
+    q, ram = queue()
+    for index, desc in descs.items():
+        DESC.pack_into(ram, DESC_AT + 16 * index, *desc)
+    offer(ram, 0, 0)
+    with pytest.raises(ChainFault) as fault:
+        q.pop()
+    assert fault.value.reason == reason and fault.value.head == 0
+
+
+def test_a_head_out_of_range_cannot_be_returned() -> None:
+    q, ram = queue()
+    offer(ram, 0, QSIZE + 1)
+    with pytest.raises(ChainFault) as fault:
+        q.pop()
+    assert fault.value.head is None
+
+
+def test_an_avail_index_running_past_the_ring_breaks_the_queue() -> None:
+    q, ram = queue()
+    U16.pack_into(ram, AVAIL_AT + 2, QSIZE + 1)
+    with pytest.raises(GuestFault):
+        q.pop()
+    assert q.broken == "avail_overrun" and q.pop() is None
+
+
+def test_used_elements_are_published_once_per_batch() -> None:
+    q, ram = queue()
+    for i in range(3):
+        q.push(i, 10 * i)
+        assert U16.unpack_from(ram, USED_AT + 2)[0] == 0  # not visible before publish
+    q.publish()
+    assert U16.unpack_from(ram, USED_AT + 2)[0] == 3
+    assert [struct.unpack_from("<II", ram, USED_AT + 4 + 8 * i) for i in range(3)] == [
+        (0, 0),
+        (1, 10),
+        (2, 20),
+    ]
+
+
+def test_event_idx_interrupts_only_when_the_driver_asked() -> None:
+    q, ram = queue(event_idx=True)
+    U16.pack_into(ram, AVAIL_AT + 4 + 2 * QSIZE, 5)  # used_event: interrupt when used idx passes 5
+    for i in range(3):
+        q.push(i, 0)
+    assert not q.publish()  # used idx 3
+    for i in range(3):
+        q.push(i, 0)
+    assert q.publish()  # used idx 6 passed 5
+    q.push(0, 0)
+    assert not q.publish()
+
+
+def test_without_event_idx_the_no_interrupt_flag_is_honoured() -> None:
+    q, ram = queue(event_idx=False)
+    q.push(0, 0)
+    assert q.publish()
+    U16.pack_into(ram, AVAIL_AT, 1)  # VRING_AVAIL_F_NO_INTERRUPT
+    q.push(1, 0)
+    assert not q.publish()
+
+
+def test_arm_kick_asks_for_the_next_buffer_and_reports_a_race() -> None:
+    q, ram = queue(event_idx=True)
+    assert not q.arm_kick()
+    assert U16.unpack_from(ram, USED_AT + 4 + 8 * QSIZE)[0] == 0  # avail_event = next avail index
+    DESC.pack_into(ram, DESC_AT, 0x4000, 8, 0, 0)
+    offer(ram, 0, 0)
+    assert q.arm_kick()  # a buffer arrived: the caller drains again instead of sleeping
