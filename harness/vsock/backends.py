@@ -7,11 +7,9 @@ where it exists for VMs without a routing group and the built-in switch for ever
 
 from __future__ import annotations
 
-import os
 import shutil
-import tomllib
-from pathlib import Path
 
+from harness import config
 from harness.host.model import HostInfo
 from harness.vsock.errors import VsockBackendUnavailable, VsockConfigError
 
@@ -21,41 +19,13 @@ BUILTIN = "builtin"
 EXTERNAL = "vhost-device-vsock"
 BACKENDS = (AUTO, KERNEL, BUILTIN, EXTERNAL)
 ENV_BACKEND = "TEELAB_VSOCK_BACKEND"
-ENV_CONFIG = "TEELAB_CONFIG"
 EXTERNAL_BINARY = "vhost-device-vsock"
 
 
-def configured_backend(requested: str | None = None, config: Path | None = None) -> str:
+def configured_backend(requested: str | None = None) -> str:
     """The backend asked for: ``requested``, else $TEELAB_VSOCK_BACKEND, else ``[vsock] backend`` in
-    teelab.toml ($TEELAB_CONFIG, else ./teelab.toml), else ``auto``."""
-    source = "argument"
-    name = requested
-    if name is None and os.environ.get(ENV_BACKEND):
-        name, source = os.environ[ENV_BACKEND], ENV_BACKEND
-    if name is None:
-        path = config or Path(os.environ.get(ENV_CONFIG) or "teelab.toml")
-        name, source = _from_toml(path), str(path)
-    name = name or AUTO
-    if name not in BACKENDS:
-        raise VsockConfigError(
-            f"unknown vsock backend {name!r} (from {source})",
-            hint=f"use one of: {', '.join(BACKENDS)}",
-            backend=name,
-        )
-    return name
-
-
-def _from_toml(path: Path) -> str | None:
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise VsockConfigError(f"cannot read {path}: {exc}", hint="fix the TOML syntax") from exc
-    value = data.get("vsock", {}).get("backend")
-    if value is not None and not isinstance(value, str):
-        raise VsockConfigError(f"{path}: [vsock] backend must be a string", hint='backend = "builtin"')
-    return value
+    teelab.toml, else ``auto`` (the probe decides per VM)."""
+    return config.choice("vsock", "backend", BACKENDS, AUTO, requested=requested)
 
 
 def external_binary() -> str | None:

@@ -14,6 +14,7 @@ import pytest
 from qemu_hosts import tcg_host
 
 from harness.aio import EventLoopThread
+from harness.errors import ConfigError
 from harness.host.ledger import Ledger
 from harness.qemu import ChardevSocket, MemoryBackendMemfd, VMSpec, build_argv
 from harness.vsock import backends
@@ -56,15 +57,17 @@ def test_backend_comes_from_argument_then_environment_then_toml(tmp_path: Path, 
     monkeypatch.delenv(backends.ENV_BACKEND, raising=False)
     toml = tmp_path / "teelab.toml"
     toml.write_text('[vsock]\nbackend = "builtin"\n')
-    assert backends.configured_backend(config=toml) == "builtin"
+    monkeypatch.setenv("TEELAB_CONFIG", str(toml))
+    assert backends.configured_backend() == "builtin"
     monkeypatch.setenv(backends.ENV_BACKEND, "kernel")
-    assert backends.configured_backend(config=toml) == "kernel"
-    assert backends.configured_backend("auto", config=toml) == "auto"
+    assert backends.configured_backend() == "kernel"
+    assert backends.configured_backend("auto") == "auto"
     monkeypatch.delenv(backends.ENV_BACKEND)
-    assert backends.configured_backend(config=tmp_path / "missing.toml") == "auto"
-    with pytest.raises(VsockConfigError) as err:
+    toml.write_text("")
+    assert backends.configured_backend() == "auto"
+    with pytest.raises(ConfigError) as err:
         backends.configured_backend("vmci")
-    assert err.value.code == "E702"
+    assert err.value.code == "E101"
 
 
 def test_auto_takes_the_kernel_only_where_it_exists_and_only_for_vms_without_a_group() -> None:
