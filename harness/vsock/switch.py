@@ -146,7 +146,7 @@ class Switch:
                 vm.fault("duplicate_request", hdr.describe())
                 self._reset_flow(grp, key, vm, peer)
                 return
-            if sum(1 for k in grp.flows if k[0] == vm.cid) >= 2 * MAX_FLOWS_PER_VM:
+            if sum(1 for k in grp.flows if k[0] == vm.cid) >= MAX_FLOWS_PER_VM:
                 vm.fault("too_many_flows", hdr.describe())
                 vm.enqueue(hdr.reply(OP_RST))
                 return
