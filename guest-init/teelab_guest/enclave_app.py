@@ -55,11 +55,11 @@ def parse_document_line(text: str) -> AppDocument | None:
     )
 
 
-def start(say: Callable[[str], None], path: str = APP_RUN) -> threading.Thread | None:
+def start(say: Callable[[str], None], path: str = APP_RUN, console: str = CONSOLE) -> threading.Thread | None:
     """Run ``path`` once in a thread when it exists; None when the image has no application."""
     if not os.path.lexists(path):
         return None
-    thread = threading.Thread(target=run, args=(path, say), name="enclave-app", daemon=True)
+    thread = threading.Thread(target=run, args=(path, say, console), name="enclave-app", daemon=True)
     thread.start()
     return thread
 
