@@ -86,6 +86,8 @@ class VsockDevice:
         return self.broken is None and RX_QUEUE in self.queues and TX_QUEUE in self.queues
 
     def start_queue(self, index: int, queue: SplitQueue, call_fd: int | None) -> None:
+        if not self.queues:
+            self.broken = None  # the driver set its rings up afresh (a reboot or a driver reload)
         self.queues[index] = queue
         if call_fd is not None:
             self.call_fds[index] = call_fd

@@ -394,6 +394,17 @@ def test_hostile_ring_index_breaks_only_that_vm() -> None:
     rig.b.write(rig.bc, b"still here")
     settle(rig)
     assert rig.c.read(rig.cb) == b"still here"
+    # The guest resets its device (QEMU stops both rings) and sets up fresh rings: A works again.
+    rig.a_dev.stop_queue(RX_QUEUE)
+    rig.a_dev.stop_queue(TX_QUEUE)
+    fresh = FakeGuest(A, ram_kib=RAM_KIB, queue_size=QUEUE, max_payload=4096)
+    fresh.attach(rig.a_dev)
+    assert rig.a_dev.running
+    rig.c.listen(600)
+    conn = fresh.connect(C, 600)
+    settle(rig)
+    fresh.pump()
+    assert conn.state == "established"
 
 
 def test_packets_to_other_groups_are_refused() -> None:
