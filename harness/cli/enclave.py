@@ -4,6 +4,7 @@ emulated security module): enclave images, their measurements, and booting them.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
@@ -192,6 +193,7 @@ def run_boot(args: argparse.Namespace) -> int:
         "BootSeconds": round(boot.seconds, 2),
         "AppSeconds": round(app_seconds, 2),
         "DocumentBytes": len(app.document),
+        "Document": base64.b64encode(app.document).decode(),
         "Measurements": image.measurements.to_dict(),
         "Verdict": verdict.to_dict(),
     }
