@@ -106,6 +106,7 @@ class GuestConn:
     peer_fwd_cnt: int = 0
     peer_shutdown: int = 0
     shutdown_sent: int = 0
+    shutdown_pending: int = 0
     reset: bool = False
 
     def credit(self) -> int:
@@ -169,6 +170,7 @@ class FakeGuest:
         self.packets: list[Header] = []  # every packet received, in order
         self._next_port = 50000
         self.buf_alloc = GUEST_BUF_ALLOC
+        self._control: deque[Header] = deque()
         for i in range(queue_size // per_chain):
             self._post_rx(i)
 
@@ -205,6 +207,15 @@ class FakeGuest:
         else:
             head = self.rx.add([(gpa, HEADER_SIZE + self.rx_buf, True)])
         self._rx_slots[head] = slot
+
+    def send_control(self, hdr: Header) -> None:
+        """Send a packet without payload, queued (like a kernel does) while the tx ring is full."""
+        if self._control or not self.send_packet(hdr):
+            self._control.append(hdr)
+
+    def _flush_control(self) -> None:
+        while self._control and self.send_packet(self._control[0]):
+            self._control.popleft()
 
     def send_packet(self, hdr: Header, payload: bytes = b"") -> bool:
         """Put one packet on the tx ring and kick; False when the ring or the tx buffers are full."""
@@ -263,7 +274,7 @@ class FakeGuest:
         self._next_port += 1
         conn = GuestConn(self._next_port, cid, port)
         self.conns[(conn.local_port, cid, port)] = conn
-        self.send_packet(self._hdr(conn, OP_REQUEST))
+        self.send_control(self._hdr(conn, OP_REQUEST))
         return conn
 
     def write(self, conn: GuestConn, data: bytes) -> None:
@@ -271,8 +282,12 @@ class FakeGuest:
         self._push(conn)
 
     def shutdown(self, conn: GuestConn, flags: int = SHUTDOWN_SEND) -> None:
+        """Shut down after the data already written has gone (as a blocking send() would ensure)."""
         conn.shutdown_sent |= flags
-        self.send_packet(self._hdr(conn, OP_SHUTDOWN, flags))
+        if conn.outgoing:
+            conn.shutdown_pending |= flags
+        else:
+            self.send_control(self._hdr(conn, OP_SHUTDOWN, flags))
 
     def close(self, conn: GuestConn) -> None:
         self.shutdown(conn, SHUTDOWN_BOTH)
@@ -282,11 +297,11 @@ class FakeGuest:
         conn.received.clear()
         conn.fwd_cnt = (conn.fwd_cnt + len(data)) & U32
         if data and conn.state == "established":
-            self.send_packet(self._hdr(conn, OP_CREDIT_UPDATE))
+            self.send_control(self._hdr(conn, OP_CREDIT_UPDATE))
         return data
 
     def _push(self, conn: GuestConn) -> None:
-        while conn.outgoing and conn.state == "established":
+        while conn.outgoing and conn.state == "established" and not self._control:
             n = min(len(conn.outgoing), conn.credit(), self.max_payload)
             if n <= 0:
                 return
@@ -294,13 +309,18 @@ class FakeGuest:
                 return
             del conn.outgoing[:n]
             conn.tx_cnt = (conn.tx_cnt + n) & U32
+        if conn.shutdown_pending and not conn.outgoing:
+            self.send_control(self._hdr(conn, OP_SHUTDOWN, conn.shutdown_pending))
+            conn.shutdown_pending = 0
 
     def pump(self) -> int:
         """Handle received packets like a guest kernel would; returns how many were handled."""
+        self._flush_control()
         packets = self.receive_packets()
         for hdr, payload in packets:
             self.packets.append(hdr)
             self._handle(hdr, payload)
+        self._flush_control()
         for conn in list(self.conns.values()):
             self._push(conn)
         return len(packets)
@@ -320,9 +340,9 @@ class FakeGuest:
                 )
                 self.conns[key] = conn
                 self.accepted.append(conn)
-                self.send_packet(self._hdr(conn, OP_RESPONSE))
+                self.send_control(self._hdr(conn, OP_RESPONSE))
             else:
-                self.send_packet(
+                self.send_control(
                     Header(self.cid, hdr.src_cid, hdr.dst_port, hdr.src_port, 0, TYPE_STREAM, OP_RST, 0, 0, 0)
                 )
             return
@@ -339,10 +359,10 @@ class FakeGuest:
         elif hdr.op == OP_SHUTDOWN:
             conn.peer_shutdown |= hdr.flags & SHUTDOWN_BOTH
             if conn.peer_shutdown == SHUTDOWN_BOTH:
-                self.send_packet(self._hdr(conn, OP_RST))
+                self.send_control(self._hdr(conn, OP_RST))
                 conn.state = "closed"
         elif hdr.op == OP_CREDIT_REQUEST:
-            self.send_packet(self._hdr(conn, OP_CREDIT_UPDATE))
+            self.send_control(self._hdr(conn, OP_CREDIT_UPDATE))
 
     def find(self, peer_cid: int, peer_port: int) -> GuestConn | None:
         for conn in self.conns.values():
@@ -434,6 +454,7 @@ class FakeFront:
         if self.enable_rings:
             for index in (RX_QUEUE, TX_QUEUE):
                 self.request(18, struct.pack("<II", index, 1))
+        self.request(1, reply=True)  # a barrier: every message above has been handled
         return {"features": offered, "protocol": protocol, "queues": queues, "cid": cid}
 
     def kick(self, index: int) -> None:

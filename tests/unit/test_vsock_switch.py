@@ -149,6 +149,7 @@ def test_host_connects_and_the_guest_echoes(rig: Rig) -> None:
         vm.guest.listen(5000)
     vm.pump.behaviours.append(echo)
     sock = connect_hybrid(vm.endpoint.uds, 5000)
+    sock.settimeout(30)
     data = os.urandom(4 << 20)
     writer = threading.Thread(target=lambda: (sock.sendall(data), sock.shutdown(socket.SHUT_WR)))
     writer.start()
@@ -206,6 +207,7 @@ def test_sixty_four_concurrent_connections_to_one_guest(rig: Rig) -> None:
 
     def client(i: int) -> None:
         sock = connect_hybrid(vm.endpoint.uds, 5000)
+        sock.settimeout(30)
         message = f"client {i} ".encode() * 5000
         sock.sendall(message)
         sock.shutdown(socket.SHUT_WR)
