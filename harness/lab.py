@@ -145,7 +145,7 @@ class Lab:
         finally:
             launch.release_files()
         try:
-            launch.attachment.after_launch(machine)
+            launch.serve(machine)
             match = machine.wait_for_console(READY_PATTERN, timeout)
             seconds = time.monotonic() - started
             guest_agent = self.agent(machine) if agent else None

@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 from teelab_guest import nsm_wire
 
@@ -211,7 +212,7 @@ def run_boot(args: argparse.Namespace) -> int:
             "verdict", "[green]verifies[/] (lab root, PCR0, nonce, key)" if verdict.ok else "[red]REFUSED[/]"
         )
         for reason in verdict.reasons:
-            table.add_row("", str(reason))
+            table.add_row("", escape(str(reason)))
         console.print(table)
     return 0 if verdict.ok else 1
 
@@ -256,6 +257,7 @@ def _verdict(ok: bool, detail: str) -> str:
 # ------------------------------------------------------------------------------------------------ benchmarks
 EIF_DESCRIBE_BAR_S = 1.0  # describe (read, CRC, PCRs) of an image with a 40 MiB ramdisk, 2-vCPU host
 NSM_ATTESTATION_BAR_MS = 20.0  # one Attestation request signed by the lab CA
+ENCLAVE_FIRST_DOCUMENT_BAR_S = 6.0  # boot_enclave -> /app/run's document on the console, TCG, 2 vCPUs
 
 
 def register_bench(kinds: argparse._SubParsersAction) -> None:
@@ -271,6 +273,12 @@ def register_bench(kinds: argparse._SubParsersAction) -> None:
     nsm.add_argument("-n", "--requests", type=int, default=200, help="requests of each kind (default: 200)")
     nsm.add_argument("--json", action="store_true", help="print JSON")
     nsm.set_defaults(func=run_bench_nsm)
+    enclave = kinds.add_parser(
+        "enclave", help="seconds from asking for the hello enclave to its first attestation document (TCG)"
+    )
+    enclave.add_argument("-n", "--runs", type=int, default=3, help="number of boots (default: 3)")
+    enclave.add_argument("--json", action="store_true", help="print JSON")
+    enclave.set_defaults(func=run_bench_enclave)
 
 
 def bench_eif(ramdisk_mib: int, runs: int) -> BenchResult:
@@ -333,6 +341,48 @@ def bench_nsm(requests: int) -> BenchResult:
             if kind != "attestation":
                 result.extra[f"{kind}_pcr_median_us"] = round(statistics.median(sink), 1)
     return result
+
+
+def bench_enclave(runs: int) -> BenchResult:
+    """Samples: seconds from ``Lab.boot_enclave`` of the hello image to its boot-time attestation document;
+    extra: the plan (read, copy into memfds, measure), boot-to-readiness and app medians."""
+    from harness.enclave.run import plan_enclave, wait_for_app
+    from harness.images.eif import build_enclave_image
+    from harness.lab import Lab
+
+    built = build_enclave_image("hello")
+    with Lab() as lab:
+        result = BenchResult(
+            "enclave",
+            "s",
+            {"image": "hello", "runs": runs, "accel": lab.host.accel, "eif_bytes": built.eif_bytes},
+        )
+        if lab.host.accel == "tcg":
+            result.bars.append(Bar("median", "<=", ENCLAVE_FIRST_DOCUMENT_BAR_S))
+        plans, boots, apps = [], [], []
+        for index in range(runs):
+            start = time.perf_counter()
+            with plan_enclave(built.path, host=lab.host):
+                plans.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            boot = lab.boot_enclave(built.path, agent=False, name=f"bench-enclave-{index}")
+            ready = time.perf_counter()
+            wait_for_app(boot.machine)
+            result.samples.append(time.perf_counter() - start)
+            boots.append(boot.seconds)
+            apps.append(time.perf_counter() - ready)
+            lab.stop(boot.machine)
+    for name, values in (("plan", plans), ("boot", boots), ("app", apps)):
+        result.extra[f"{name}_median_s"] = round(statistics.median(values), 3)
+    return result
+
+
+def run_bench_enclave(args: argparse.Namespace) -> int:
+    if args.runs < 1:
+        raise UsageError("--runs must be at least 1")
+    with console.status("booting enclaves", spinner="dots") if not args.json else contextlib.nullcontext():
+        result = bench_enclave(args.runs)
+    return _report(result, args.json)
 
 
 def run_bench_eif(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ import fcntl
 import os
 import re
 import socket
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from harness.enclave.pcrs import PcrHasher, pcr3_of_parent_role, pcr4_of_parent_
 from harness.host.model import HostInfo
 from harness.qemu.machine import Machine
 from harness.qemu.spec import VMSpec
-from harness.tee.backends import EmulatedNsmBackend, TeeAttachment, lab_authority
+from harness.tee.backends import TEE_CHANNEL, EmulatedNsmBackend, TeeAttachment, lab_authority
 
 MIB = 1 << 20
 MIN_MEMORY_MIB = 128
@@ -82,6 +83,15 @@ class EnclaveLaunch:
     debug: bool
     files: list[int] = field(default_factory=list)
 
+    def serve(self, machine: Machine) -> None:
+        """Answer the module on the launched VM's port, from a duplicate of the port's socket: when QEMU
+        exits, the service reads EOF and closes its own copy, whenever the machine closes its end. The launch
+        is kept (``launch_of``) as long as the machine object lives, and with it the service's task."""
+        service = self.attachment.service
+        assert service is not None
+        service.serve_socket(machine.channel(TEE_CHANNEL).dup(), machine.loop)
+        _LAUNCHED[machine] = self
+
     def release_files(self) -> None:
         """Close the kernel and initrd memfds: once QEMU has started it holds its own copy."""
         while self.files:
@@ -97,6 +107,14 @@ class EnclaveLaunch:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_LAUNCHED: weakref.WeakKeyDictionary[Machine, EnclaveLaunch] = weakref.WeakKeyDictionary()
+
+
+def launch_of(machine: Machine) -> EnclaveLaunch | None:
+    """The launch behind an enclave machine (its module, PCRs, enclave id, service), or None."""
+    return _LAUNCHED.get(machine)
 
 
 def plan_enclave(

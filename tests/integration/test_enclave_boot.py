@@ -4,13 +4,13 @@ reason for another PCR0, debug mode, a stale nonce, a policy naming only the Nit
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +20,7 @@ from teelab_guest.enclave_app import AppDocument, parse_document_line
 from harness.attest import LAB, NonceBook, Policy, verify
 from harness.attest.checks import default_lab_dir
 from harness.enclave import pcr3_of_parent_role, pcr4_of_parent_instance
-from harness.enclave.run import wait_for_app
+from harness.enclave.run import launch_of, wait_for_app
 from harness.images.eif import BuiltEnclave, build_enclave_image
 from harness.lab import GuestBoot, Lab
 
@@ -81,7 +81,9 @@ def test_the_app_attests_at_boot_and_its_document_verifies_with_the_lab_root_and
     policy = lab_policy(pcrs=expected, nonce=app.nonce, public_key=app.public_key, user_data=b"hello")
     verdict = verify(app.document, policy)
     assert verdict.ok, verdict.reasons
-    assert verdict.root == LAB and verdict.claims["module_id"].startswith(f"{PARENT_INSTANCE}-enc")
+    launch = launch_of(enclave.machine)
+    assert launch is not None and launch.enclave_id.startswith(f"{PARENT_INSTANCE}-enc")
+    assert verdict.root == LAB and verdict.claims["module_id"] == launch.enclave_id
 
 
 def test_a_fresh_nonce_verifies_and_each_wrong_expectation_fails_for_its_own_reason(
@@ -131,25 +133,18 @@ def test_stopping_the_enclave_ends_qemu_the_module_service_and_the_image_files(
     lab: Lab, enclave: GuestBoot
 ) -> None:
     machine = enclave.machine
-    assert services(machine.loop) == {f"{VM_NAME}-tee"}
+    launch = launch_of(machine)
+    assert launch is not None and launch.spec.name == VM_NAME
+    service = launch.attachment.service
+    assert service is not None and service.serving
+    assert service.stats.answered >= 4  # describe + attestation, at boot and through the agent
     assert not memfds()  # the kernel and initrd were released once QEMU had loaded them
     lab.stop(machine)
     assert not machine.running and machine.exit_info is not None
-    assert services(machine.loop) == set()
-
-
-def services(loop: Any) -> set[str]:
-    """Names of the security-processor services still serving on ``loop``."""
-
-    async def names() -> set[str]:
-        found = set()
-        for task in asyncio.all_tasks():
-            coro = task.get_coro()
-            if getattr(coro, "__qualname__", "") == "DeviceService.serve" and coro.cr_frame is not None:
-                found.add(coro.cr_frame.f_locals["self"].name)
-        return found
-
-    return loop.run(names(), 5)
+    deadline = time.monotonic() + 5
+    while service.serving and time.monotonic() < deadline:  # it reads EOF from QEMU's end of the port
+        time.sleep(0.01)
+    assert not service.serving
 
 
 def memfds() -> list[str]:
