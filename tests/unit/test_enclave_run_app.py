@@ -84,3 +84,36 @@ def test_no_document_line_parses_as_none() -> None:
         is None
     )
     assert enclave_app.parse_document_line("TEELAB-APP-DOCUMENT nonce=zz public_key= document=") is None
+
+
+class FakeMachine:
+    """What ``wait_for_app`` reads of a machine: the console and its name."""
+
+    def __init__(self, console: str) -> None:
+        self.console = console
+        self.console_log = Path("console.log")
+        self.spec = type("Spec", (), {"name": "enclave-test"})()
+
+    def wait_for_console(self, pattern: str, timeout: float) -> re.Match[str]:
+        match = re.search(pattern, self.console)
+        assert match is not None
+        return match
+
+    def console_text(self) -> str:
+        return self.console
+
+
+def test_wait_for_app_returns_the_reported_document_or_says_why_not() -> None:
+    from harness.enclave.errors import EnclaveAppFailed
+    from harness.enclave.run import wait_for_app
+
+    line = enclave_app.document_line(b"doc", nonce=b"\x01", public_key=b"key")
+    ok = FakeMachine(f"TEELAB-READY role=enclave uptime=1.0\r\n{line}\r\nTEELAB-APP-EXIT status=0\r\n")
+    assert wait_for_app(ok).document == b"doc"  # type: ignore[arg-type]
+    for console, said in (
+        (f"{line}\r\nTEELAB-APP-EXIT status=1\r\n", "exited with status 1"),
+        ("Traceback ...\r\nTEELAB-APP-EXIT status=0\r\n", "reported no attestation document"),
+    ):
+        with pytest.raises(EnclaveAppFailed, match=said) as caught:
+            wait_for_app(FakeMachine(console))  # type: ignore[arg-type]
+        assert (caught.value.code, caught.value.exit_status) == ("E934", 1)
