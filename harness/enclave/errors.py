@@ -162,9 +162,7 @@ class SecurityModuleConfigInvalid(EnclaveError):
 class EnclaveRecipeUnknown(EnclaveError):
     code = "E930"
     title = "unknown enclave recipe"
-    explanation = (
-        "No images/enclaves/<name>/enclave.toml exists; the hint names the recipes there are."
-    )
+    explanation = "No images/enclaves/<name>/enclave.toml exists; the hint names the recipes there are."
 
 
 class EnclaveRecipeInvalid(EnclaveError):
