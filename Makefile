@@ -5,7 +5,7 @@ PYTHON ?= /usr/bin/python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 HOST_PACKAGES := ansible/host-packages.txt
-IMAGES := enclave parent
+IMAGES := enclave parent cvm
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: demo test host venv images lint unit integration bench clean

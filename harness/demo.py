@@ -1,15 +1,42 @@
-"""The main job, as far as it goes today: build the guest images, boot each one to guest-init's readiness
-line, report what the guests said, and tear everything down."""
+"""The main job: a lab KMS releases a secret to the confidential VM it expects, and refuses the other one.
+
+1. The lab KMS starts on loopback; a key's policy names the launch measurement of the expected CVM (emulated
+   SEV-SNP here, real SNP where the host can) and the lab root; the operator encrypts a secret under it.
+2. Two CVMs boot side by side from the same image: the expected one, and one whose kernel command line differs
+   (so its measurement differs). Each reaches the host (CID 2) over vsock; the host's vsock-proxy forwards
+   port 8000 to the KMS and nothing else.
+3. In each guest, ``teelab_guest.unseal`` makes an RSA key, gets an SNP report binding it, and asks the KMS to
+   Decrypt with that key as the Recipient. The KMS verifies the report against the key policy.
+4. The expected CVM is served (it reports the secret's SHA-256, never the secret); the other is refused, and
+   the KMS's audit log says why. Everything is torn down.
+"""
 
 from __future__ import annotations
 
+import base64
+import concurrent.futures
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from teelab_guest.kms_client import KmsClient, Transport
+
 from harness import images
-from harness.lab import Lab
+from harness.attest.checks import default_lab_dir
+from harness.kms import KmsServer, Listen
+from harness.lab import GuestBoot, Lab
+
+KMS_VSOCK_PORT = 8000
+DEMO_IMAGE = "cvm"
+MODIFIED_CMDLINE = "teelab.variant=modified"
 
 
 @dataclass
@@ -22,59 +49,130 @@ class Phase:
 @dataclass
 class DemoResult:
     phases: list[Phase] = field(default_factory=list)
+    cvms: dict[str, dict[str, Any]] = field(default_factory=dict)
     ok: bool = False
+    seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
-            "seconds": round(sum(p.seconds for p in self.phases), 2),
+            "seconds": round(self.seconds, 2),
             "phases": [{"name": p.name, "seconds": round(p.seconds, 2), **p.detail} for p in self.phases],
+            "cvms": self.cvms,
         }
 
 
-def run_demo(on_phase: Callable[[Phase], None] | None = None) -> DemoResult:
-    """Boot the parent and the enclave image once each; ``ok`` when both reported ready and stopped."""
-    result = DemoResult()
+def key_policy(operator_arn: str, measurement: str) -> dict[str, Any]:
+    """The operator may encrypt; anyone may decrypt who proves, with lab-root SNP evidence of a non-debug
+    guest, the launch measurement ``measurement``."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "operator",
+                "Effect": "Allow",
+                "Principal": {"AWS": operator_arn},
+                "Action": ["kms:Encrypt", "kms:DescribeKey"],
+                "Resource": "*",
+            },
+            {
+                "Sid": "measured-cvm",
+                "Effect": "Allow",
+                "Principal": "*",
+                "Action": "kms:Decrypt",
+                "Resource": "*",
+                "Condition": {
+                    "StringEqualsIgnoreCase": {
+                        "teelab:RecipientAttestation:Kind": "snp",
+                        "teelab:RecipientAttestation:Root": "lab",
+                        "teelab:RecipientAttestation:SnpMeasurement": measurement,
+                    },
+                    "Bool": {"teelab:RecipientAttestation:Debug": "false"},
+                },
+            },
+        ],
+    }
 
-    def phase(name: str, work: Callable[[], dict[str, Any]]) -> None:
-        start = time.monotonic()
-        detail = work()
-        done = Phase(name, time.monotonic() - start, detail)
+
+def run_demo(on_phase: Callable[[Phase], None] | None = None) -> DemoResult:
+    """Run the main job; ``ok`` only when the expected CVM is served and the modified one refused."""
+    result = DemoResult()
+    started = time.monotonic()
+
+    @contextmanager
+    def phase(name: str) -> Iterator[dict[str, Any]]:
+        begun = time.monotonic()
+        detail: dict[str, Any] = {}
+        yield detail
+        done = Phase(name, time.monotonic() - begun, detail)
         result.phases.append(done)
         if on_phase:
             on_phase(done)
 
-    with Lab() as lab:
-        phase(
-            "probe host",
-            lambda: {"accel": lab.host.accel, "qemu": ".".join(map(str, lab.host.qemu.version or ()))},
-        )
-        for name in ("parent", "enclave"):
-            image: list[images.BuiltImage] = []
-            phase(f"image {name}", lambda name=name, image=image: _build(name, image))
-
-            def boot(image: list[images.BuiltImage] = image, name: str = name) -> dict[str, Any]:
-                booted = lab.boot(lab.spec_for_image(image[0], name=f"demo-{name}"))
-                exit_info = booted.machine.shutdown()
-                return {
-                    "role": booted.role,
-                    "guest_uptime": booted.guest_uptime,
-                    "ready_after": round(booted.seconds, 2),
-                    "stopped_by": exit_info.stage,
-                    "artifacts": str(booted.machine.artifacts),
-                }
-
-            phase(f"boot {name}", boot)
-    boots = [p for p in result.phases if p.name.startswith("boot ")]
-    result.ok = len(boots) == 2 and all(p.detail["stopped_by"] == "powerdown" for p in boots)
+    secret = os.urandom(32)
+    with ExitStack() as stack:
+        lab = stack.enter_context(Lab())
+        with phase("host") as detail:
+            detail.update(accel=lab.host.accel, vsock=lab.vsock.backend, tee=lab.tee_mode("snp"))
+        with phase("image") as detail:
+            image = images.build(DEMO_IMAGE)
+            detail.update(
+                image=image.name, cached=not image.built, initrd_mib=round(image.initrd_bytes / 2**20, 1)
+            )
+        with phase("kms") as detail:
+            kms_dir = Path(tempfile.mkdtemp(prefix="teelab-demo-kms-"))
+            stack.callback(shutil.rmtree, kms_dir, ignore_errors=True)
+            kms = stack.enter_context(KmsServer.start(kms_dir, Listen(port=0), lab_dir=default_lab_dir()))
+            host, port = kms.endpoint.removeprefix("http://").rsplit(":", 1)
+            stack.enter_context(lab.vsock_proxy(KMS_VSOCK_PORT, (host, int(port))))
+            detail.update(endpoint=kms.endpoint, vsock_port=KMS_VSOCK_PORT)
+        with phase("plan") as detail:
+            # One vCPU each: two CVMs boot side by side, and a TCG vCPU is a host thread on a 2-CPU machine.
+            plans = {
+                "expected": lab.plan_cvm(image, name="demo-expected", kind="snp", vcpus=1),
+                "modified": lab.plan_cvm(
+                    image, name="demo-modified", kind="snp", cmdline_extra=MODIFIED_CMDLINE
+                ),
+            }
+            measurement = plans["expected"].measurement_hex()
+            operator = kms.credentials("operator")
+            key = kms.create_key(key_policy(operator.arn, measurement), description="teelab demo secret")
+            endpoint = Transport.endpoint(kms.endpoint)
+            with KmsClient(endpoint, access_key=operator.access_key, secret=operator.secret) as client:
+                blob = client.encrypt(key.id, secret)
+            detail.update(key=key.id, measurement=measurement[:24] + "...")
+        with phase("boot") as detail, concurrent.futures.ThreadPoolExecutor(2) as pool:
+            boots: dict[str, GuestBoot] = dict(
+                zip(plans, pool.map(lab.boot_planned, plans.values()), strict=True)
+            )
+            detail.update({name: round(boot.seconds, 2) for name, boot in boots.items()})
+        with phase("unseal") as detail, concurrent.futures.ThreadPoolExecutor(2) as pool:
+            argv = ["python3", "-m", "teelab_guest.unseal", "--kms", f"vsock:2:{KMS_VSOCK_PORT}",
+                    "--ciphertext", base64.b64encode(blob).decode()]  # fmt: skip
+            outcomes = pool.map(lambda b: _outcome(b.agent.exec(argv, timeout=120).stdout), boots.values())
+            result.cvms = dict(zip(boots, outcomes, strict=True))
+            for name, plan in plans.items():
+                result.cvms[name]["measurement"] = plan.measurement_hex()
+            detail.update({name: cvm["outcome"] for name, cvm in result.cvms.items()})
+        with phase("audit") as detail:
+            rows = [r for r in kms.store.audit(key_id=key.id) if r.operation == "Decrypt"]
+            detail["decisions"] = [{"decision": r.decision, "reasons": list(r.reasons)} for r in rows]
+        with phase("teardown"):
+            stack.close()
+    expected, modified = result.cvms.get("expected", {}), result.cvms.get("modified", {})
+    result.ok = (
+        expected.get("outcome") == "served"
+        and expected.get("sha256") == hashlib.sha256(secret).hexdigest()
+        and modified.get("outcome") == "refused"
+        and modified.get("error") == "AccessDeniedException"
+    )
+    result.seconds = time.monotonic() - started
     return result
 
 
-def _build(name: str, out: list[images.BuiltImage]) -> dict[str, Any]:
-    image = images.build(name)
-    out.append(image)
-    return {
-        "cached": not image.built,
-        "initrd_mib": round(image.initrd_bytes / 2**20, 1),
-        "key": image.key[:12],
-    }
+def _outcome(stdout: bytes) -> dict[str, Any]:
+    lines = stdout.decode(errors="replace").strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, ValueError):
+        return {"outcome": "broken", "output": stdout.decode(errors="replace")[-500:]}

@@ -7,9 +7,10 @@ import contextlib
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from teelab_guest import protocol
 
@@ -19,7 +20,10 @@ from harness.enclave.run import DEFAULT_PARENT_ROLE, plan_enclave
 from harness.host.model import HostInfo
 from harness.host.probe import probe
 from harness.qemu.machine import Machine, MachineError
-from harness.qemu.spec import ChardevChannel, Device, MemoryBackend, VMSpec
+from harness.qemu.spec import ChardevChannel, Device, MemoryBackend, MemoryBackendMemfd, VMSpec
+from harness.tee.backends import TeeAttachment, choose_backend
+from harness.tee.measure import SnpMeasurement, TdxMeasurement
+from harness.vsock import VsockAttachment, VsockHost, VsockProxy
 
 READY_PATTERN = re.compile(protocol.READY_REGEX)
 FAST_FIRMWARE = "qboot.rom"  # a minimal BIOS: boots a -kernel guest ~70 ms sooner than SeaBIOS under TCG
@@ -36,6 +40,28 @@ class GuestBoot:
     agent: GuestAgent | None = None  # the guest agent, when the spec carries its port
 
 
+@dataclass(frozen=True)
+class CvmPlan:
+    """A confidential VM ready to boot: ``spec`` with its TEE (real or emulated) and vsock attached."""
+
+    name: str
+    tee: TeeAttachment
+    vsock: VsockAttachment | None
+
+    @property
+    def spec(self) -> VMSpec:
+        return self.tee.spec
+
+    def measurement_hex(self) -> str | None:
+        """The launch measurement (SNP) or MRTD (TDX) the guest's evidence will carry, or None."""
+        expected = self.tee.measurement
+        if isinstance(expected, SnpMeasurement):
+            return expected.measurement.hex()
+        if isinstance(expected, TdxMeasurement):
+            return expected.mrtd.hex()
+        return None
+
+
 class Lab:
     """One lab session: the host probe, the machines it launched and their teardown."""
 
@@ -43,6 +69,8 @@ class Lab:
         self.host = host or probe()
         self._machines: list[Machine] = []
         self._agents: dict[Machine, GuestAgent] = {}
+        self._closers: dict[Machine, list[Callable[[], None]]] = {}  # run once the machine has stopped
+        self._vsock: VsockHost | None = None
         self.launched: list[Machine] = []  # every machine of this session, for artifact reports
 
     # -- specs ----------------------------------------------------------------------------------
@@ -87,18 +115,100 @@ class Lab:
         self._machines.append(machine)
         return machine
 
-    def boot(self, spec: VMSpec, *, timeout: float = 60.0) -> GuestBoot:
-        """Launch ``spec`` and wait for guest-init's readiness line."""
+    def boot(
+        self,
+        spec: VMSpec,
+        *,
+        timeout: float = 60.0,
+        on_launch: Callable[[Machine], Any] | None = None,
+        closers: Sequence[Callable[[], None]] = (),
+    ) -> GuestBoot:
+        """Launch ``spec`` and wait for guest-init's readiness line. ``on_launch`` runs as soon as QEMU is up
+        (to serve a device's port); ``closers`` run once the machine has stopped, or at once if it fails to
+        start."""
         started = time.monotonic()
-        machine = self.launch(spec)
         try:
+            machine = self.launch(spec)
+        except BaseException:
+            _run_all(closers)
+            raise
+        self._closers[machine] = list(closers)
+        try:
+            if on_launch is not None:
+                on_launch(machine)
             match = machine.wait_for_console(READY_PATTERN, timeout)
             seconds = time.monotonic() - started
             agent = self.agent(machine) if _has_agent(spec) else None
-        except MachineError:
-            self.stop(machine)
+        except BaseException:
+            self.stop(machine, powerdown_timeout=0)
             raise
         return GuestBoot(machine, match["role"], float(match["uptime"]), seconds, agent)
+
+    # -- vsock and confidential VMs -------------------------------------------------------------
+    @property
+    def vsock(self) -> VsockHost:
+        """This lab's vsock (backend chosen by the probe and teelab.toml), made on first use."""
+        if self._vsock is None:
+            self._vsock = VsockHost(self.host)
+        return self._vsock
+
+    @contextlib.contextmanager
+    def vsock_proxy(
+        self, port: int, remote: tuple[str, int], allowlist: list[tuple[str, int]] | None = None
+    ) -> Iterator[VsockProxy]:
+        """Forward guest connections to host (CID 2) ``port`` to ``remote``, which must be on ``allowlist``
+        (default: ``remote`` alone)."""
+        with VsockProxy(self.vsock.listen(port), remote, allowlist) as proxy:
+            yield proxy
+
+    def tee_mode(self, kind: str) -> str:
+        """``real`` when this host runs ``kind`` (snp, tdx) guests on hardware, else ``emulated``."""
+        return "emulated" if choose_backend(kind, self.host).emulated else "real"  # type: ignore[arg-type]
+
+    def plan_cvm(
+        self,
+        image: images.BuiltImage,
+        *,
+        name: str,
+        kind: str = "snp",
+        mode: str = "auto",
+        cmdline_extra: str = "",
+        vcpus: int = 2,
+        memory_mib: int = 512,
+        vsock: bool = True,
+        group: str | None = None,
+        cid: int | None = None,
+        **tee_options: Any,
+    ) -> CvmPlan:
+        """A confidential VM booting ``image`` with role ``cvm``: the TEE of ``kind`` (real where the host has
+        it unless ``mode`` says otherwise, emulated elsewhere) and, with ``vsock``, a vsock device."""
+        attachment = self.vsock.attach(name, group=group, cid=cid) if vsock else None
+        try:
+            shared = attachment is not None and attachment.needs_shared_memory
+            spec = self.spec_for_image(
+                image, name=name, role="cvm", vcpus=vcpus, memory_mib=memory_mib, cmdline_extra=cmdline_extra,
+                memory=MemoryBackendMemfd("ram0", memory_mib, share=True) if shared else None,
+                devices=attachment.devices if attachment else (),
+            )  # fmt: skip
+            tee = choose_backend(kind, self.host, mode, **tee_options).attach(spec, self.host)  # type: ignore[arg-type]
+        except BaseException:
+            if attachment is not None:
+                self.vsock.detach(name)
+            raise
+        return CvmPlan(name, tee, attachment)
+
+    def boot_planned(self, plan: CvmPlan, *, timeout: float = 60.0) -> GuestBoot:
+        """Boot a planned CVM; its TEE service and vsock go when it stops."""
+        closers = [plan.tee.close]
+        if plan.vsock is not None:
+            closers.append(lambda: self.vsock.detach(plan.name))
+        return self.boot(plan.spec, timeout=timeout, on_launch=plan.tee.after_launch, closers=closers)
+
+    def boot_cvm(self, image: str | images.BuiltImage, *, timeout: float = 60.0, **options: Any) -> GuestBoot:
+        """Plan and boot a CVM from an image (name or built image); see ``plan_cvm`` for ``options``."""
+        built = images.build(image) if isinstance(image, str) else image
+        options.setdefault("name", built.name)
+        return self.boot_planned(self.plan_cvm(built, **options), timeout=timeout)
 
     def agent(self, machine: Machine) -> GuestAgent:
         """The guest agent of a machine this lab launched (one per machine)."""
@@ -136,24 +246,12 @@ class Lab:
             eif_path, host=self.host, debug=debug, parent_role=parent_role, parent_instance=parent_instance,
             vcpus=vcpus, memory_mib=memory_mib, agent=agent, firmware=Path(fast) if fast else None, name=name,
         )  # fmt: skip
-        started = time.monotonic()
-        try:
-            machine = self.launch(launch.spec)
-        except BaseException:
-            launch.close()
-            raise
-        finally:
-            launch.release_files()
-        try:
+
+        def serve(machine: Machine) -> None:
+            launch.release_files()  # QEMU holds its own copies of the kernel and initrd now
             launch.serve(machine)
-            match = machine.wait_for_console(READY_PATTERN, timeout)
-            seconds = time.monotonic() - started
-            guest_agent = self.agent(machine) if agent else None
-        except BaseException:
-            self.stop(machine, powerdown_timeout=0)
-            launch.close()
-            raise
-        return GuestBoot(machine, match["role"], float(match["uptime"]), seconds, guest_agent)
+
+        return self.boot(launch.spec, timeout=timeout, on_launch=serve, closers=[launch.close])
 
     def stop(self, machine: Machine, powerdown_timeout: float = 10.0) -> None:
         if machine in self._machines:
@@ -161,20 +259,38 @@ class Lab:
         agent = self._agents.pop(machine, None)
         if agent is not None:
             agent.close()
-        if machine.exit_info is None:
-            machine.shutdown(powerdown_timeout=powerdown_timeout)
+        try:
+            if machine.exit_info is None:
+                machine.shutdown(powerdown_timeout=powerdown_timeout)
+        finally:
+            _run_all(self._closers.pop(machine, []))
 
     def close(self) -> None:
-        """Stop every machine this lab launched, newest first."""
+        """Stop every machine this lab launched, newest first, then the lab's vsock."""
         for machine in reversed(list(self._machines)):
             with contextlib.suppress(MachineError):
                 self.stop(machine, powerdown_timeout=3.0)
+        if self._vsock is not None:
+            self._vsock.close()
+            self._vsock = None
 
     def __enter__(self) -> Lab:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _run_all(closers: Sequence[Callable[[], None]]) -> None:
+    """Run every closer even when one fails; the first failure is raised after the rest have run."""
+    failure: BaseException | None = None
+    for close in closers:
+        try:
+            close()
+        except Exception as exc:  # keep closing the rest
+            failure = failure or exc
+    if failure is not None:
+        raise failure
 
 
 def _has_agent(spec: VMSpec) -> bool:

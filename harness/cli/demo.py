@@ -1,4 +1,4 @@
-"""``teelab demo``: the main job with each phase's time, a summary, and ``--json``."""
+"""``teelab demo``: the main job with a live view of its phases, a summary, and ``--json``."""
 
 from __future__ import annotations
 
@@ -12,28 +12,41 @@ from harness.demo import Phase, run_demo
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("demo", help="run the main job end to end")
+    parser = sub.add_parser(
+        "demo", help="run the main job: the KMS serves the expected CVM, refuses the other"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    def show(phase: Phase) -> None:
-        if not args.json:
-            detail = " ".join(f"{k}={v}" for k, v in phase.detail.items() if k != "artifacts")
-            console.print(f"[bold]{phase.name:<14}[/] {phase.seconds:6.2f} s  {detail}")
+    status = console.status("teelab demo: starting", spinner="dots") if not args.json else None
 
-    with console.status("running the demo", spinner="dots") if not args.json else contextlib.nullcontext():
+    def show(phase: Phase) -> None:
+        if status is None:
+            return
+        detail = " ".join(f"{k}={v}" for k, v in phase.detail.items() if k not in ("decisions", "endpoint"))
+        console.print(f"[green]✓[/] [bold]{phase.name:<9}[/] {phase.seconds:6.2f} s  {detail}")
+        status.update(f"teelab demo: after {phase.name}")
+
+    with status if status is not None else contextlib.nullcontext():
         result = run_demo(show)
     if args.json:
         print_json(result.to_dict())
         return 0 if result.ok else 1
-    table = Table(title="teelab demo")
-    table.add_column("phase")
-    table.add_column("seconds", justify="right")
-    for phase in result.phases:
-        table.add_row(phase.name, f"{phase.seconds:.2f}")
-    table.add_row("[bold]total[/]", f"{sum(p.seconds for p in result.phases):.2f}")
+    table = Table(title="confidential VMs and the lab KMS")
+    for column in ("CVM", "launch measurement", "KMS", "detail"):
+        table.add_column(column)
+    for name, cvm in result.cvms.items():
+        outcome = cvm.get("outcome", "?")
+        colour = "green" if outcome == "served" else "yellow" if outcome == "refused" else "red"
+        detail = f"secret sha256 {cvm['sha256'][:16]}..." if outcome == "served" else cvm.get("error", "")
+        table.add_row(name, str(cvm.get("measurement", ""))[:24] + "...", f"[{colour}]{outcome}[/]", detail)
     console.print(table)
-    console.print("[green]demo OK[/]" if result.ok else "[red]demo FAILED[/]")
+    audit = next((p.detail.get("decisions", []) for p in result.phases if p.name == "audit"), [])
+    for decision in audit:
+        why = [r for r in decision["reasons"] if "does not hold" in r or "allows" in r]
+        console.print(f"  KMS audit: {decision['decision']}: {'; '.join(why)[:200]}")
+    verdict = "[green]demo OK[/]" if result.ok else "[red]demo FAILED[/]"
+    console.print(f"{verdict}: expected CVM served, modified CVM refused ({result.seconds:.1f} s)")
     return 0 if result.ok else 1

@@ -3,12 +3,14 @@ vhost-vsock, the built-in user-space vhost-user-vsock switch, or rust-vmm's vhos
 
 from harness.vsock.backends import BACKENDS, configured_backend
 from harness.vsock.host import VsockAttachment, VsockHost, VsockListener, connect_hybrid
+from harness.vsock.proxy import VsockProxy
 
 __all__ = [
     "BACKENDS",
     "VsockAttachment",
     "VsockHost",
     "VsockListener",
+    "VsockProxy",
     "configured_backend",
     "connect_hybrid",
 ]
