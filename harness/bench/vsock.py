@@ -184,13 +184,13 @@ def bench_vsock(
         step("guest -> host", f"{measured['guest_to_host_mb_s']} MB/s")
 
         # the same transfer over virtio-serial
-        channel = a.machine.channel(SERIAL_CHANNEL)
-        channel.setblocking(True)
-        writer = _Background(
-            a.agent, [*PEER, "serial-source", "--name", SERIAL_PORT, "--bytes", str(size)], 600
-        )
-        total, seconds = _drain(channel, size)
-        writer.json()
+        with a.machine.channel(SERIAL_CHANNEL) as channel:
+            channel.setblocking(True)
+            writer = _Background(
+                a.agent, [*PEER, "serial-source", "--name", SERIAL_PORT, "--bytes", str(size)], 600
+            )
+            total, seconds = _drain(channel, size)
+            writer.json()
         measured["serial_guest_to_host_mb_s"] = _mb_s(total, seconds)
         measured["vsock_over_serial"] = round(
             measured["guest_to_host_mb_s"] / measured["serial_guest_to_host_mb_s"], 2

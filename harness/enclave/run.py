@@ -84,12 +84,12 @@ class EnclaveLaunch:
     files: list[int] = field(default_factory=list)
 
     def serve(self, machine: Machine) -> None:
-        """Answer the module on the launched VM's port, from a duplicate of the port's socket: when QEMU
-        exits, the service reads EOF and closes its own copy, whenever the machine closes its end. The launch
-        is kept (``launch_of``) as long as the machine object lives, and with it the service's task."""
+        """Answer the module on the launched VM's port (the service owns its copy of the port's socket and
+        closes it on QEMU's EOF). The launch is kept (``launch_of``) as long as the machine object lives, and
+        with it the service's task."""
         service = self.attachment.service
         assert service is not None
-        service.serve_socket(machine.channel(TEE_CHANNEL).dup(), machine.loop)
+        service.serve_socket(machine.channel(TEE_CHANNEL), machine.loop)
         _LAUNCHED[machine] = self
 
     def release_files(self) -> None:

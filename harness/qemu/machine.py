@@ -304,13 +304,16 @@ class Machine:
                 await self._console_changed.wait()
 
     def channel(self, chardev_id: str) -> socket.socket:
-        """The harness's end of the ``ChardevChannel`` named ``chardev_id``."""
+        """A duplicate of the harness's end of the ``ChardevChannel`` named ``chardev_id``; the caller owns
+        and closes it. Each user holding its own descriptor means the machine's cleanup never closes a socket
+        that an event loop is still watching (and never hands its number to something else meanwhile); each
+        user sees EOF when QEMU exits."""
         if chardev_id not in self.channels:
             raise MachineStateError(
                 f"{self.spec.name} has no open channel {chardev_id!r} (open: {sorted(self.channels)})",
                 hint="add a device with ChardevChannel(id) to the spec and launch() the machine",
             )
-        return self.channels[chardev_id]
+        return self.channels[chardev_id].dup()
 
     def console_text(self) -> str:
         return self._console.decode("utf-8", "replace")

@@ -15,3 +15,8 @@ def enclave_image() -> images.BuiltImage:
 @pytest.fixture(scope="session")
 def parent_image() -> images.BuiltImage:
     return images.build("parent")
+
+
+@pytest.fixture(scope="session")
+def cvm_image() -> images.BuiltImage:
+    return images.build("cvm")
