@@ -122,7 +122,7 @@ def run_describe(args: argparse.Namespace) -> int:
 
 
 def run_build_image(args: argparse.Namespace) -> int:
-    from harness.images.eif import build_enclave_image
+    from harness.enclave.recipes import build_enclave_image
 
     status = console.status(f"enclave {args.name}", spinner="dots") if not args.json else None
     with status or contextlib.nullcontext():
@@ -346,8 +346,8 @@ def bench_nsm(requests: int) -> BenchResult:
 def bench_enclave(runs: int) -> BenchResult:
     """Samples: seconds from ``Lab.boot_enclave`` of the hello image to its boot-time attestation document;
     extra: the plan (read, copy into memfds, measure), boot-to-readiness and app medians."""
+    from harness.enclave.recipes import build_enclave_image
     from harness.enclave.run import plan_enclave, wait_for_app
-    from harness.images.eif import build_enclave_image
     from harness.lab import Lab
 
     built = build_enclave_image("hello")

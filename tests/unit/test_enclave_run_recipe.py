@@ -14,6 +14,7 @@ import pytest
 
 from harness import images
 from harness.enclave import read_eif
+from harness.enclave import recipes as enclave_images
 from harness.enclave.eif import SectionType
 from harness.enclave.errors import (
     EnclaveMemoryTooSmall,
@@ -21,7 +22,6 @@ from harness.enclave.errors import (
     EnclaveRecipeUnknown,
     EnclaveVcpuCount,
 )
-from harness.images import eif as enclave_images
 from harness.images.recipe import recipes_dir
 
 REPO_IMAGES = Path(__file__).resolve().parents[2] / "images"
