@@ -22,7 +22,7 @@ COMMAND_MODULES = (
     "harness.cli.tee",
     "harness.cli.enclave",
     "harness.cli.attest",
-    "harness.vsock.cli",
+    "harness.cli.vsock",
 )
 
 

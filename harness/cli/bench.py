@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from harness.cli.tee import register_bench as register_tee_bench  # teelab bench tee
 
     register_tee_bench(kinds)
-    from harness.vsock.cli import register_bench as register_vsock_bench  # teelab bench vsock
+    from harness.cli.vsock import register_bench as register_vsock_bench  # teelab bench vsock
 
     register_vsock_bench(kinds)
 

@@ -14,11 +14,11 @@ import pytest
 from qemu_hosts import tcg_host
 
 from harness.aio import EventLoopThread
+from harness.cli.vsock import parse_vm
 from harness.errors import ConfigError
 from harness.host.ledger import Ledger
 from harness.qemu import ChardevSocket, MemoryBackendMemfd, VMSpec, build_argv
 from harness.vsock import backends
-from harness.vsock.cli import parse_vm
 from harness.vsock.errors import (
     CidUnavailable,
     VsockBackendUnavailable,
