@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 
 from harness.bench.boot import bench_boot
 from harness.bench.image import bench_image
 from harness.cli.render import console, print_bench, print_json
 from harness.lab import Lab
+
+# CLI modules that add their own ``teelab bench <name>`` through ``register_bench(subparsers)``.
+BENCH_MODULES = (
+    "harness.cli.attest",
+    "harness.cli.enclave",
+    "harness.cli.kms",
+    "harness.cli.tee",
+    "harness.cli.vsock",
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,21 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     image.add_argument("--no-cold", action="store_true", help="skip the cold build")
     image.add_argument("--json", action="store_true", help="print JSON")
     image.set_defaults(func=run_image)
-    from harness.cli.kms import register_bench  # teelab bench kms
-
-    register_bench(kinds)
-    from harness.cli.enclave import register_bench as register_enclave_bench  # teelab bench eif, nsm
-
-    register_enclave_bench(kinds)
-    from harness.cli.attest import register_bench as register_attest_bench  # teelab bench attest
-
-    register_attest_bench(kinds)
-    from harness.cli.tee import register_bench as register_tee_bench  # teelab bench tee
-
-    register_tee_bench(kinds)
-    from harness.cli.vsock import register_bench as register_vsock_bench  # teelab bench vsock
-
-    register_vsock_bench(kinds)
+    for name in BENCH_MODULES:
+        importlib.import_module(name).register_bench(kinds)
 
 
 def run_boot(args: argparse.Namespace) -> int:
