@@ -1,8 +1,12 @@
-"""Where teelab keeps state and cache: XDG directories, overridable by environment variables."""
+"""Where teelab keeps state and cache (XDG directories, overridable by environment variables), and the file
+lock that serialises processes sharing them."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -31,3 +35,15 @@ def _dir(own: str, xdg: str, fallback: str) -> Path:
         path = Path(base) / "teelab"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created 0600 if missing) across processes; released on exit,
+    or by the kernel if the process dies."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -3,16 +3,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import os
 import struct
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,7 +194,7 @@ class LabAuthority:
         if not (directory / MANIFEST).exists():
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.chmod(directory, 0o700)
-            with _locked(directory):
+            with paths.exclusive_lock(directory / LOCK_FILE):
                 if not (directory / MANIFEST).exists():
                     _create(directory)
         return cls.load(directory)
@@ -265,7 +263,7 @@ class LabAuthority:
         existing = self.public.vcek(tcb)
         if existing is not None:
             return existing
-        with self._lock, _locked(self.directory):
+        with self._lock, paths.exclusive_lock(self.directory / LOCK_FILE):
             existing = self.public.vcek(tcb)
             if existing is None:
                 pem = _issue_vcek(
@@ -531,16 +529,6 @@ def _check_range(name: str, value: object, low: int, high: int) -> None:
 
 
 # --- creation ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
 def _write(path: Path, data: bytes, mode: int) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)

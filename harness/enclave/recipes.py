@@ -8,9 +8,7 @@ cpio of ``app/`` under ``/app`` (PCR2). Builds land in ``$XDG_CACHE_HOME/teelab/
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -20,7 +18,7 @@ import stat
 import tempfile
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from harness.enclave.eif import build_eif
 from harness.enclave.errors import EnclaveAppPackFailed, EnclaveRecipeInvalid, EnclaveRecipeUnknown
 from harness.enclave.pcrs import ImageMeasurements
 from harness.enclave.run import check_memory, check_vcpus, minimum_memory_mib
-from harness.images import rootfs
+from harness.images import cache, rootfs
 from harness.images.errors import PackFailed
 from harness.images.recipe import recipes_dir
 
@@ -46,14 +44,12 @@ __all__ = [
     "pack_app_ramdisk",
 ]
 
-KEEP_BUILDS = 3
 APP_MOUNT = "app"  # the application ramdisk unpacks under /app
 ROLE = "enclave"
 RECIPE_FILE = "enclave.toml"
 RECIPE_KEYS = {"name", "version", "description", "base", "vcpus", "memory_mib", "cmdline"}
 SKIPPED = ("__pycache__", ".pyc")  # left behind by running the app on the host; not part of the image
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}")
-_BUILD = re.compile(r"-[0-9a-f]{16}")  # what follows the name in a build folder's name
 # What writes the EIF's bytes, beside the base image's key (which covers guest-init and harness.images).
 BUILDER_SOURCES = (Path(__file__), Path(eif_format.__file__), Path(rootfs.__file__))
 
@@ -272,16 +268,16 @@ def build_enclave_image(
         step(f"base image {recipe.base}")
         base = images.build(recipe.base, on_step=lambda what: step(f"base image {recipe.base}: {what}"))
     key = enclave_key(recipe, base)
-    out = enclaves_dir() / f"{name}-{key[:16]}"
+    out = cache.build_dir(enclaves_dir(), name, key)
     cached = _load(out, started)
     if cached is not None:
         return cached
-    with _build_lock(name):
+    with cache.build_lock(enclaves_dir(), name):
         cached = _load(out, started)  # another process may have built it while we waited
         if cached is not None:
             return cached
         _build(recipe, base, key, out, step)
-        _prune(name, keep=out)
+        cache.prune_builds(enclaves_dir(), name, "enclave.json", keep=out)
     built = _load(out, started)
     assert built is not None
     return dataclasses.replace(built, built=True)
@@ -372,26 +368,3 @@ def _is_word(word: object) -> bool:
         and bool(word)
         and not any(c.isspace() or c in "\"'\\" or ord(c) < 0x20 for c in word)
     )
-
-
-@contextlib.contextmanager
-def _build_lock(name: str) -> Iterator[None]:
-    with open(enclaves_dir() / f".lock-{name}", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _prune(name: str, keep: Path) -> None:
-    """Keep the newest few builds of ``name``."""
-    ours = [
-        p
-        for p in enclaves_dir().glob(f"{name}-*/enclave.json")
-        if _BUILD.fullmatch(p.parent.name[len(name) :])
-    ]
-    builds = sorted(ours, key=lambda p: p.stat().st_mtime, reverse=True)
-    for manifest in builds[KEEP_BUILDS:]:
-        if manifest.parent != keep:
-            shutil.rmtree(manifest.parent, ignore_errors=True)

@@ -8,7 +8,6 @@ time; claims of processes that are gone (or whose pid was reused) are reaped on 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import time
@@ -109,15 +108,11 @@ class Ledger:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict[str, dict[str, Any]]]:
-        with open(self._lock_path, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                table = self._load()
-                _reap(table)
-                yield table
-                self._store(table)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with paths.exclusive_lock(self._lock_path):
+            table = self._load()
+            _reap(table)
+            yield table
+            self._store(table)
 
     def _load(self) -> dict[str, dict[str, Any]]:
         try:

@@ -7,20 +7,18 @@ guest-init source file; a build lands in ``$XDG_CACHE_HOME/teelab/images/<name>-
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness import paths
-from harness.images import kernel, rootfs
+from harness.images import cache, kernel, rootfs
 from harness.images.errors import ImageError
 from harness.images.recipe import (
     Recipe,
@@ -31,8 +29,6 @@ from harness.images.recipe import (
 )
 
 __all__ = ["BuiltImage", "ImageError", "build", "image_key", "list_images", "recipe_names"]
-
-KEEP_BUILDS = 3
 
 
 @dataclass(frozen=True)
@@ -82,16 +78,16 @@ def build(name: str, *, on_step: Callable[[str], None] | None = None) -> BuiltIm
     started = time.monotonic()
     recipe = load_recipe(name)
     key = image_key(recipe)
-    out = images_dir() / f"{name}-{key[:16]}"
+    out = cache.build_dir(images_dir(), name, key)
     cached = _load(out, started)
     if cached is not None:
         return cached
-    with _build_lock(name):
+    with cache.build_lock(images_dir(), name):
         cached = _load(out, started)  # another process may have built it while we waited
         if cached is not None:
             return cached
         _build(recipe, key, out, on_step or (lambda step: None))
-        _prune(name, keep=out)
+        cache.prune_builds(images_dir(), name, "image.json", keep=out)
     image = _load(out, started)
     assert image is not None
     return dataclasses.replace(image, built=True)
@@ -103,7 +99,7 @@ def list_images() -> list[dict[str, object]]:
     for name in recipe_names():
         recipe = load_recipe(name)
         key = image_key(recipe)
-        image = _load(images_dir() / f"{name}-{key[:16]}", time.monotonic())
+        image = _load(cache.build_dir(images_dir(), name, key), time.monotonic())
         rows.append(
             {
                 "name": name,
@@ -172,21 +168,3 @@ def _load(out: Path, started: float) -> BuiltImage | None:
         built=False,
         seconds=time.monotonic() - started,
     )
-
-
-@contextlib.contextmanager
-def _build_lock(name: str) -> Iterator[None]:
-    with open(images_dir() / f".lock-{name}", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _prune(name: str, keep: Path) -> None:
-    """Keep the newest few builds of ``name``."""
-    builds = sorted(images_dir().glob(f"{name}-*/image.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for manifest in builds[KEEP_BUILDS:]:
-        if manifest.parent != keep:
-            shutil.rmtree(manifest.parent, ignore_errors=True)

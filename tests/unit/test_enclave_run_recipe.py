@@ -22,6 +22,7 @@ from harness.enclave.errors import (
     EnclaveRecipeUnknown,
     EnclaveVcpuCount,
 )
+from harness.images import cache
 from harness.images.recipe import recipes_dir
 
 REPO_IMAGES = Path(__file__).resolve().parents[2] / "images"
@@ -273,7 +274,7 @@ def test_an_app_change_changes_pcr2_only_and_keeps_old_builds_bounded(
 ) -> None:
     run = lab_images / "enclaves" / "demo" / "app" / "run"
     builds = []
-    for n in range(enclave_images.KEEP_BUILDS + 2):
+    for n in range(cache.KEEP_BUILDS + 2):
         run.write_text(f"#!/bin/sh\necho hello {n}\n")
         builds.append(enclave_images.build_enclave_image("demo", base=base))
     first, second = builds[:2]
@@ -281,7 +282,7 @@ def test_an_app_change_changes_pcr2_only_and_keeps_old_builds_bounded(
     assert first.measurements.pcr2 != second.measurements.pcr2
     assert first.measurements.pcr0 != second.measurements.pcr0
     kept = sorted(p.name for p in enclave_images.enclaves_dir().iterdir() if p.is_dir())
-    assert len(kept) == enclave_images.KEEP_BUILDS
+    assert len(kept) == cache.KEEP_BUILDS
     assert builds[-1].directory.name in kept and builds[0].directory.name not in kept
 
 
