@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,21 @@ def test_modules_come_after_their_dependencies(tmp_path: Path) -> None:
                 assert order.index(dependency) < order.index(name), (dependency, name)
     with pytest.raises(RecipeInvalid, match="not in the pinned kernel"):
         tree.with_dependencies(("nvidia",))
+
+
+def test_pruning_keeps_the_newest_builds_and_spares_other_names(tmp_path: Path) -> None:
+    from harness.images import cache
+
+    def build(name: str, key: str, age: int) -> Path:
+        folder = cache.build_dir(tmp_path, name, key * 16)
+        folder.mkdir()
+        (folder / "image.json").write_text("{}")
+        os.utime(folder / "image.json", (1_000_000 + age, 1_000_000 + age))
+        return folder
+
+    ours = [build("enclave", str(i), i) for i in range(5)]
+    other = build("enclave-big", "a", 0)
+    cache.prune_builds(tmp_path, "enclave", "image.json", keep=ours[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [ours[0].name, ours[4].name, ours[3].name, ours[2].name, other.name]
+    )
