@@ -8,7 +8,6 @@ import base64
 import http.client
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,17 +48,6 @@ class Raw:
                     raise
         SEEN.append(response.status)
         return response.status, json.loads(data) if data else {}
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> LabAuthority:
-    return LabAuthority.load_or_create(tmp_path_factory.mktemp("lab-ca"))
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, lab: LabAuthority) -> Iterator[KmsServer]:
-    with KmsServer.start(tmp_path_factory.mktemp("kms") / "kms", lab_dir=lab.directory) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,17 +46,6 @@ blob = signed.encrypt(job["key"], b"from the guest")
 out["round_trip"] = signed.decrypt(blob).decode()
 print(json.dumps(out), flush=True)
 """
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> LabAuthority:
-    return LabAuthority.load_or_create(tmp_path_factory.mktemp("lab-ca"))
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, lab: LabAuthority) -> Iterator[KmsServer]:
-    with KmsServer.start(tmp_path_factory.mktemp("kms") / "kms", lab_dir=lab.directory) as srv:
-        yield srv
 
 
 @pytest.mark.skipif(not DEBIAN_PYTHON.exists(), reason="needs Debian's /usr/bin/python3")

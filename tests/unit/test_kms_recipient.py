@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
 
 import boto3
 import pytest
@@ -24,17 +23,6 @@ PCR0 = bytes.fromhex("5a" * 48)
 OTHER_PCR0 = bytes.fromhex("6b" * 48)
 MEASUREMENT = bytes.fromhex("7c" * 48)
 SECRET = b"the sealed secret: correct horse battery staple"
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> LabAuthority:
-    return LabAuthority.load_or_create(tmp_path_factory.mktemp("lab-ca"))
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, lab: LabAuthority) -> Iterator[KmsServer]:
-    with KmsServer.start(tmp_path_factory.mktemp("kms") / "kms", lab_dir=lab.directory) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")
