@@ -10,6 +10,11 @@ from collections.abc import Sequence
 
 from harness.errors import LabError
 
+DESCRIPTION = (
+    "teelab: a lab harness for confidential computing on QEMU/KVM: SEV-SNP, TDX and enclave VMs, "
+    "emulated byte-exactly where the hardware is missing. `teelab explain CODE` explains an error."
+)
+
 # Modules that define ``register(subparsers)``; each adds its own subcommands.
 COMMAND_MODULES = (
     "harness.cli.doctor",
@@ -27,7 +32,7 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="teelab", description=__doc__)
+    parser = argparse.ArgumentParser(prog="teelab", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
