@@ -110,6 +110,7 @@ class Machine:
         qemu_binary: str | None = None,
         loop: EventLoopThread | None = None,
     ) -> None:
+        spec.validate(host)  # a bad spec raises its SpecError (E3xx) before anything exists, folder included
         self.spec = spec
         self.host = host
         self.qemu_binary = qemu_binary
