@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 
 from rich.table import Table
 
@@ -46,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     audit = next((p.detail.get("decisions", []) for p in result.phases if p.name == "audit"), [])
     for decision in audit:
         why = [r for r in decision["reasons"] if "does not hold" in r or "allows" in r]
-        console.print(f"  KMS audit: {decision['decision']}: {'; '.join(why)[:200]}")
+        text = re.sub(r"[0-9a-f]{16,}", lambda m: m[0][:12] + "...", "; ".join(why))
+        console.print(f"  KMS audit: {decision['decision']}: {text}", highlight=False, soft_wrap=True)
     verdict = "[green]demo OK[/]" if result.ok else "[red]demo FAILED[/]"
     console.print(f"{verdict}: expected CVM served, modified CVM refused ({result.seconds:.1f} s)")
     return 0 if result.ok else 1
