@@ -126,8 +126,10 @@ def _tdx_conditions(claims: Any) -> dict[str, Any]:
     out: dict[str, Any] = {
         _PREFIX + "tdxmrtd": claims.get("mrtd"),
         _PREFIX + "tdxmrconfigid": claims.get("mrconfigid"),
-        _PREFIX + "tdxattributes": claims.get("td_attributes"),
     }
+    attributes = claims.get("td_attributes")  # the quote's 8 bytes (little-endian) in hex: a number key
+    if attributes is not None:
+        out[_PREFIX + "tdxattributes"] = int.from_bytes(bytes.fromhex(attributes), "little")
     rtmrs = claims.get("rtmrs") or []
     for index, value in enumerate(rtmrs):
         out[_PREFIX + f"tdxrtmr{index}"] = value

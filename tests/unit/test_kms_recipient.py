@@ -295,6 +295,35 @@ def test_tdx_quote_with_mrtd_and_rtmr_conditions(
     )
 
 
+def test_tdx_attributes_are_compared_as_a_number(
+    server: KmsServer, admin: KmsClient, lab: LabAuthority, recipient: RecipientKey
+) -> None:
+    sept_ve_disable = 1 << 28
+    _, blob = sealed(
+        server,
+        admin,
+        allow(
+            {
+                "NumericEquals": {"teelab:RecipientAttestation:TdxAttributes": f"{sept_ve_disable:#x}"},
+                "NumericLessThan": {"teelab:RecipientAttestation:TdxAttributes": 1 << 29},
+                "StringEquals": {"teelab:RecipientAttestation:Root": "lab"},
+            }
+        ),
+    )
+    client = anonymous(server)
+
+    def decrypt(td_attributes: int) -> bytes:
+        nonce = os.urandom(32)
+        quote = lab.tdx_quote(
+            report_data(nonce, recipient.public_key_der), mrtd=bytes(48), td_attributes=td_attributes
+        )
+        return client.decrypt(blob, recipient=recipient, evidence=quote, nonce=nonce)
+
+    assert decrypt(sept_ve_disable) == SECRET
+    assert refused(lambda: decrypt(0)).aws_type == "AccessDeniedException"
+    assert refused(lambda: decrypt(sept_ve_disable | 1 << 29)).aws_type == "AccessDeniedException"
+
+
 def test_a_nonce_is_accepted_once_even_when_sent_concurrently(
     server: KmsServer, admin: KmsClient, lab: LabAuthority, recipient: RecipientKey
 ) -> None:
