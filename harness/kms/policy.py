@@ -119,7 +119,7 @@ class KeyPolicy:
             raise MalformedPolicy(f"policy is larger than {MAX_POLICY_BYTES} bytes")
         try:
             doc = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, or an over-long integer
             raise MalformedPolicy(f"policy is not JSON: {exc}") from None
         if not isinstance(doc, dict):
             raise MalformedPolicy("policy must be a JSON object")
@@ -254,8 +254,10 @@ def _value(value: Any, kind: str, where: str, key: str) -> Any:
     if kind == "number" and not isinstance(value, bool):
         if isinstance(value, int):
             return value
-        if isinstance(value, str) and re.fullmatch(r"-?\d{1,20}|0x[0-9a-fA-F]{1,16}", value):
-            return int(value, 0)
+        if isinstance(value, str) and re.fullmatch(r"-?\d{1,20}", value):
+            return int(value)  # decimal, leading zeros and all ("07")
+        if isinstance(value, str) and re.fullmatch(r"0x[0-9a-fA-F]{1,16}", value):
+            return int(value, 16)
     if kind == "bool":
         if isinstance(value, bool):
             return value

@@ -152,6 +152,23 @@ def test_snp_tcb_minimums_are_numeric() -> None:
     assert not p.evaluate(decrypt({**claims, "teelab:recipientattestation:snptcbsnp": 7}), ACCOUNT).allowed
 
 
+def test_number_strings_are_decimal_or_0x_hex() -> None:
+    def vmpl_at_most(value: object) -> KeyPolicy:
+        return policy(
+            {
+                "Effect": "Allow",
+                "Principal": "*",
+                "Action": "kms:Decrypt",
+                "Condition": {"NumericLessThanEquals": {"teelab:RecipientAttestation:SnpVmpl": value}},
+            }
+        )
+
+    for value in ("07", "0x7", 7):
+        p = vmpl_at_most(value)
+        assert p.evaluate(decrypt({"teelab:recipientattestation:snpvmpl": 7}), ACCOUNT).allowed, value
+        assert not p.evaluate(decrypt({"teelab:recipientattestation:snpvmpl": 8}), ACCOUNT).allowed, value
+
+
 @pytest.mark.parametrize(
     ("document", "complaint"),
     [
@@ -190,6 +207,7 @@ def test_snp_tcb_minimums_are_numeric() -> None:
             ' "Condition": {"Bool": {"teelab:RecipientAttestation:Debug": "yes"}}}}',
             "not a bool",
         ),
+        ('{"Id": ' + "1" * 5000 + ', "Statement": {}}', "not JSON"),
     ],
 )
 def test_malformed_policies_are_refused_with_a_reason(document: str, complaint: str) -> None:
