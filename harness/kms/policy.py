@@ -281,6 +281,12 @@ def _principal_matches(principals: tuple[str, ...], principal: str | None, accou
     return False
 
 
+def _claim_is(value: Any, kind: str) -> bool:
+    if kind == "number":
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, bool if kind == "bool" else str)
+
+
 def _condition_holds(cond: Condition, actual: Any) -> bool:
     op = cond.operator
     if op == "Bool":
@@ -315,6 +321,11 @@ def _mismatch(statement: Statement, ctx: RequestContext, account: str) -> str | 
         if claims is None or cond.key not in claims:
             return f"{cond.key} is not in the request (no attestation evidence or no such claim)"
         actual = claims[cond.key]
+        kind = _OPERATORS[cond.operator]
+        if not _claim_is(actual, kind):  # cannot be compared: fail closed
+            if statement.effect == "Allow":
+                return f"{cond.key} is {actual!r}, not a {kind}"
+            continue
         if not _condition_holds(cond, actual):
             return f"{cond.describe()} does not hold for {actual!r}"
     if statement.effect == "Allow" and claims is not None:

@@ -63,6 +63,28 @@ def test_condition_without_evidence_never_matches_even_for_not_operators() -> No
     assert not p.evaluate(decrypt(None), ACCOUNT).allowed
 
 
+def test_a_claim_of_another_type_fails_closed() -> None:
+    conditions = [
+        {"NumericNotEquals": {"teelab:RecipientAttestation:TdxAttributes": 1}},
+        {"NumericLessThan": {"teelab:RecipientAttestation:TdxAttributes": 1}},
+        {"StringNotEquals": {"teelab:RecipientAttestation:SnpMeasurement": PCR0}},
+        {"Bool": {"teelab:RecipientAttestation:Debug": False}},
+    ]
+    claims = {
+        "teelab:recipientattestation:tdxattributes": "0000001000000000",
+        "teelab:recipientattestation:snpmeasurement": 7,
+        "teelab:recipientattestation:debug": 0,
+    }
+    for condition in conditions:
+        p = policy({**ALLOW_PCR0, "Condition": condition})
+        decision = p.evaluate(decrypt(claims), ACCOUNT)
+        assert not decision.allowed, condition
+        assert "not a" in decision.reasons[0], decision.reasons
+        deny = {"Effect": "Deny", "Principal": "*", "Action": "kms:Decrypt", "Condition": condition}
+        unconditional = {k: v for k, v in ALLOW_PCR0.items() if k != "Condition"}
+        assert not policy(unconditional, deny).evaluate(decrypt(claims), ACCOUNT).allowed, condition
+
+
 def test_lab_root_needs_a_statement_that_names_it() -> None:
     lab = enclave_claims(root="lab")
     assert not policy(ALLOW_PCR0).evaluate(decrypt(lab, vendor=False), ACCOUNT).allowed
