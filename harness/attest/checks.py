@@ -20,9 +20,11 @@ from harness.attest.policy import Policy
 from harness.attest.roots import vendor_anchors
 from harness.attest.verdict import Reason, Verdict
 
-# Failures that mean the evidence itself is not authentic (as opposed to authentic but unwanted).
+# Failures that mean the evidence itself is not authentic (as opposed to authentic but unwanted). A
+# certificate that cannot be read ("malformed") leaves the signature unchecked, so it counts too.
 AUTHENTICITY_CODES = frozenset(
     {
+        "malformed",
         "signature-invalid",
         "chain-invalid",
         "untrusted-root",

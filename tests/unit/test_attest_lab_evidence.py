@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import cbor2
 import pytest
 from teelab_guest.binding import report_data
 
 from harness import paths
 from harness.attest import LabAuthority, NonceBook, Policy, verify
+from harness.attest.nitro import ALG_ES384, encode_cose_sign1, encode_payload
 
 KINDS = ("snp", "tdx", "nitro")
 MEASUREMENT = bytes(range(48))
@@ -102,6 +104,40 @@ def test_nonces_are_single_use_and_expire(lab: LabAuthority, kind: str) -> None:
     assert check(b"never issued by the book") == {"nonce-unknown"}
     clock.now += 61
     assert check(late) == {"nonce-stale"}
+
+
+def _with_unreadable_certificate(lab: LabAuthority, kind: str, nonce: bytes) -> bytes:
+    """Evidence bound to ``nonce`` whose endorsing certificate cannot be parsed: no signature is checked."""
+    if kind == "tdx":
+        quote = issue(lab, "tdx", nonce=nonce)
+        at = quote.index(b"-----BEGIN CERTIFICATE-----") + 40
+        return quote[:at] + b"!" + quote[at + 1 :]
+    _, intermediate, root = lab.enclave_chain()
+    payload = encode_payload(
+        module_id="lab-enclave",
+        digest="SHA384",
+        timestamp=1_700_000_000_000,
+        pcrs={0: MEASUREMENT, 1: OTHER, 2: OTHER},
+        certificate=b"\x30 not a certificate",
+        cabundle=[root.der, intermediate.der],
+        public_key=PUBLIC_KEY,
+        user_data=None,
+        nonce=nonce,
+    )
+    return encode_cose_sign1(cbor2.dumps({1: ALG_ES384}), payload, bytes(96))
+
+
+@pytest.mark.parametrize("kind", ("tdx", "nitro"))
+def test_evidence_with_an_unreadable_certificate_does_not_use_up_the_nonce(
+    lab: LabAuthority, kind: str
+) -> None:
+    book = NonceBook()
+    nonce = book.issue()
+    bound = {"nonce": nonce, "nonce_book": book, "public_key": PUBLIC_KEY}
+    forged = verify(_with_unreadable_certificate(lab, kind, nonce), policy(kind, **bound))
+    assert "malformed" in forged.codes and not forged.ok
+    assert book.check(nonce) is None
+    assert verify(issue(lab, kind, nonce=nonce), policy(kind, **bound)).ok
 
 
 @pytest.mark.parametrize("kind", KINDS)
