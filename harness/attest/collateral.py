@@ -107,7 +107,7 @@ def parse_collateral(data: Mapping[str, Any]) -> Collateral:
         text = data[key]
         try:
             value = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise CollateralError(
                 f"collateral.{key} is not JSON ({exc})", field=f"collateral.{key}"
             ) from None
@@ -250,6 +250,7 @@ def _evaluate(
     platform = _platform_level(tcb_info, pck, quote.body.tee_tcb_svn)
     module_status = _module_status(found, quote, tcb_info)
     statuses = [platform.get("tcbStatus") if platform else None, qe_status, module_status]
+    advisories = _texts(platform, "advisoryIDs") if platform else []
     status = None
     if platform is None:
         found.fail(
@@ -261,12 +262,11 @@ def _evaluate(
     elif all(s in STATUS_ORDER for s in statuses):
         status = max(statuses, key=STATUS_ORDER.index)  # type: ignore[arg-type]
         if status not in policy.tcb_statuses:
-            advisories = ", ".join(platform.get("advisoryIDs", [])) or "none"
             found.fail(
                 "tcb-status",
                 "tcb",
                 f"TCB status {status} (platform {statuses[0]}, QE {qe_status}, TDX "
-                f"module {module_status}; advisories {advisories}) is not one of "
+                f"module {module_status}; advisories {', '.join(advisories) or 'none'}) is not one of "
                 f"{', '.join(policy.tcb_statuses)}",
             )
     return {
@@ -276,7 +276,7 @@ def _evaluate(
         "qe_status": qe_status,
         "module_status": module_status,
         "tcb_date": platform.get("tcbDate") if platform else None,
-        "advisory_ids": list(platform.get("advisoryIDs", [])) if platform else [],
+        "advisory_ids": advisories,
         "fmspc": pck.fmspc.hex(),
     }
 
@@ -301,9 +301,33 @@ def _rs(signature: bytes) -> tuple[int, int]:
 
 def _time(value: Any) -> dt.datetime | None:
     try:
-        return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        moment = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     except ValueError:
         return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.UTC)
+
+
+# The collateral bodies are JSON from outside: these read them so that a value of the wrong shape counts as
+# absent (and so fails its check) instead of raising.
+def _maps(body: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
+    """The objects in the list ``body[key]``."""
+    value = body.get(key)
+    return [item for item in value if isinstance(item, Mapping)] if isinstance(value, list) else []
+
+
+def _texts(body: Mapping[str, Any], key: str) -> list[str]:
+    value = body.get(key)
+    return [str(item) for item in value] if isinstance(value, list) else []
+
+
+def _level_status(owner: Mapping[str, Any], svn: int) -> str:
+    """The tcbStatus of the first of ``owner``'s TCB levels whose isvsvn ``svn`` meets; "Revoked" if none."""
+    for level in _maps(owner, "tcbLevels"):
+        tcb = level.get("tcb")
+        needed = tcb.get("isvsvn") if isinstance(tcb, Mapping) else None
+        if isinstance(needed, int | float) and svn >= needed:
+            return str(level.get("tcbStatus"))
+    return "Revoked"
 
 
 def _check_window(found: Findings, field: str, body: Mapping[str, Any], now: dt.datetime) -> None:
@@ -397,17 +421,14 @@ def _qe_status(found: Findings, quote: TdxQuote, identity: Mapping[str, Any]) ->
             "qe_report",
             f"the quoting enclave does not match Intel's QE identity: {', '.join(mismatches)}",
         )
-    for level in identity.get("tcbLevels", []):
-        if isinstance(level, Mapping) and qe.isv_svn >= level.get("tcb", {}).get("isvsvn", 1 << 16):
-            return str(level.get("tcbStatus"))
-    return "Revoked"
+    return _level_status(identity, qe.isv_svn)
 
 
 def _platform_level(
     tcb_info: Mapping[str, Any], pck: PckExtensions, tee_tcb_svn: bytes
 ) -> Mapping[str, Any] | None:
     start = 2 if tee_tcb_svn[1] > 0 else 0  # components 0 and 1 belong to the TDX module identity
-    for level in tcb_info.get("tcbLevels", []):
+    for level in _maps(tcb_info, "tcbLevels"):
         try:
             tcb = level["tcb"]
             sgx = [int(c["svn"]) for c in tcb["sgxtcbcomponents"]]
@@ -429,17 +450,14 @@ def _platform_level(
 def _module_status(found: Findings, quote: TdxQuote, tcb_info: Mapping[str, Any]) -> str | None:
     svn, version = quote.body.tee_tcb_svn[0], quote.body.tee_tcb_svn[1]
     if version == 0:
-        module = tcb_info.get("tdxModule") or {}
-        _check_module(found, quote, module, "tdxModule")
+        module = tcb_info.get("tdxModule")
+        _check_module(found, quote, module if isinstance(module, Mapping) else {}, "tdxModule")
         return "UpToDate"
     wanted = f"TDX_{version:02X}"
-    for identity in tcb_info.get("tdxModuleIdentities") or []:
-        if isinstance(identity, Mapping) and str(identity.get("id", "")).upper() == wanted:
+    for identity in _maps(tcb_info, "tdxModuleIdentities"):
+        if str(identity.get("id", "")).upper() == wanted:
             _check_module(found, quote, identity, wanted)
-            for level in identity.get("tcbLevels", []):
-                if isinstance(level, Mapping) and svn >= level.get("tcb", {}).get("isvsvn", 1 << 16):
-                    return str(level.get("tcbStatus"))
-            return "Revoked"
+            return _level_status(identity, svn)
     found.fail("tdx-module-mismatch", "tee_tcb_svn", f"the TCB info has no TDX module identity {wanted}")
     return None
 

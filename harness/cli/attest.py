@@ -152,7 +152,7 @@ def run_verify(args: argparse.Namespace) -> int:
     if args.collateral is not None:
         try:
             collateral = json.loads(args.collateral.read_text())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise EvidenceFileError(
                 f"cannot read collateral {args.collateral}: {exc}", path=str(args.collateral)
             ) from None

@@ -131,3 +131,15 @@ def test_bad_input_exits_2_with_a_code(tmp_path: Path, capsys: pytest.CaptureFix
     garbage.write_bytes(b"\xff" * 10)
     assert main(["attest", "show", str(garbage)]) == 2
     assert "E804" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["{not json", "[" * 100_000])
+def test_collateral_that_is_not_json_exits_2_with_a_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> None:
+    policy = write_policy(tmp_path, "")
+    collateral = tmp_path / "collateral.json"
+    collateral.write_text(text)
+    quote = str(VECTORS / "tdx" / "quote.bin")
+    assert main(["attest", "verify", quote, "--policy", str(policy), "--collateral", str(collateral)]) == 2
+    assert "E830" in capsys.readouterr().err

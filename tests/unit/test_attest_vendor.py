@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,37 @@ def test_tampered_collateral_is_refused() -> None:
     assert verdict.codes == {"collateral-signature-invalid"} and verdict.fields() == {"collateral.tcb_info"}
     broken = collateral() | {"qe_identity": "{not json"}
     assert verify(tdx(""), Policy(), now=COLLATERAL_AT, collateral=broken).codes == {"collateral-malformed"}
+
+
+def _reshaped(key: str, change: Callable[[dict], object]) -> dict:
+    body = json.loads(collateral()[key])
+    change(body)
+    return collateral() | {key: json.dumps(body)}
+
+
+@pytest.mark.parametrize(
+    ("key", "change"),
+    [
+        ("qe_identity", lambda b: b.update(tcbLevels=5)),
+        ("qe_identity", lambda b: b["tcbLevels"][0].update(tcb=[1])),
+        ("qe_identity", lambda b: b["tcbLevels"][0]["tcb"].update(isvsvn="8")),
+        ("tcb_info", lambda b: b.update(tcbLevels=5)),
+        ("tcb_info", lambda b: b.update(tdxModuleIdentities=5)),
+        ("tcb_info", lambda b: [i.update(tcbLevels=[{"tcb": 3}]) for i in b["tdxModuleIdentities"]]),
+        ("tcb_info", lambda b: [level.update(advisoryIDs=5) for level in b["tcbLevels"]]),
+        ("tcb_info", lambda b: b.update(issueDate="2025-06-01T00:00:00")),
+    ],
+)
+def test_collateral_of_the_wrong_shape_is_refused_not_raised(
+    key: str, change: Callable[[dict], object]
+) -> None:
+    verdict = verify(tdx(""), Policy(), now=COLLATERAL_AT, collateral=_reshaped(key, change))
+    assert not verdict.ok and "collateral-signature-invalid" in verdict.codes
+
+
+def test_collateral_nested_too_deep_for_json_is_malformed() -> None:
+    deep = collateral() | {"tcb_info": "[" * 100_000}
+    assert verify(tdx(""), Policy(), now=COLLATERAL_AT, collateral=deep).codes == {"collateral-malformed"}
 
 
 def test_collateral_for_another_platform_is_refused() -> None:
