@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from harness.attest.certs import Anchor, Cert, Chain, build_chain, load_pem_certs
-from harness.attest.checks import Findings, ecdsa_verify
+from harness.attest.checks import Findings, ecdsa_verify, raw_rs
 from harness.attest.errors import CollateralError, EvidenceError
 from harness.attest.policy import Policy
 from harness.attest.tdx import TdxQuote
@@ -211,7 +211,7 @@ def _evaluate(
     ):
         chain = build_chain(chain_certs[0], chain_certs[1:], anchors, field=f"collateral.{key}_issuer_chain")
         _check_issuer_chain(found, chain, quote_root, now, f"collateral.{key}_issuer_chain")
-        if not ecdsa_verify(chain_certs[0], _rs(sig), body, hashes.SHA256()):
+        if not ecdsa_verify(chain_certs[0], raw_rs(sig), body, hashes.SHA256()):
             found.fail(
                 "collateral-signature-invalid",
                 f"collateral.{key}",
@@ -293,10 +293,6 @@ def _check_issuer_chain(
             f"the chain ends at the {chain.anchor.name} root, the quote's "
             f"PCK chain at {quote_root.name if quote_root else 'no known root'}",
         )
-
-
-def _rs(signature: bytes) -> tuple[int, int]:
-    return int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
 
 
 def _time(value: Any) -> dt.datetime | None:
