@@ -369,6 +369,9 @@ class HostSide:
             log.info("%s: bad CONNECT from the host: %s", self.vm.name, exc)
             sock.close()
             return
+        except BaseException:  # cancelled by reset(): the VM went away during the handshake
+            sock.close()
+            raise
         if not self.vm.running:
             sock.close()
             return

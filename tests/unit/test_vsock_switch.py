@@ -3,6 +3,7 @@ negotiation, hybrid host connections, guest-to-host listeners, siblings, and VMs
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import socket
@@ -21,6 +22,7 @@ from harness.vsock.fake_guest import FakeFront, FakeGuest, GuestConn
 from harness.vsock.host import connect_hybrid
 from harness.vsock.hybrid import listener_path
 from harness.vsock.server import SwitchServer, VmEndpoint
+from harness.vsock.switch import Switch
 from harness.vsock.vhost_user import (
     F_PROTOCOL_FEATURES,
     F_RING_EVENT_IDX,
@@ -174,6 +176,27 @@ def test_bad_connect_line_is_dropped(rig: Rig) -> None:
     sock.sendall(b"HELLO there\n")
     sock.settimeout(10)
     assert sock.recv(10) == b""
+
+
+def test_a_host_connection_still_in_its_handshake_is_closed_when_the_vm_goes() -> None:
+    loop = asyncio.new_event_loop()
+    ours, theirs = socket.socketpair()
+    try:
+        switch = Switch(loop)
+        vm = switch.attach("vm1", 16, "g", Path("/nonexistent/vm1.vsock"))
+        switch.host_sides[vm].accept(ours)  # no CONNECT line yet: the handshake waits
+        for _ in range(3):
+            loop.run_until_complete(asyncio.sleep(0))
+        switch.detach(vm)
+        for _ in range(3):
+            loop.run_until_complete(asyncio.sleep(0))
+        assert ours.fileno() == -1  # closed by the switch, not left to the garbage collector
+        theirs.settimeout(5)
+        assert theirs.recv(1) == b""
+    finally:
+        ours.close()
+        theirs.close()
+        loop.close()
 
 
 def test_guest_reaches_a_host_listener_and_a_closed_host_port_resets(rig: Rig) -> None:
