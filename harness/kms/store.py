@@ -196,6 +196,8 @@ class Store:
     def _commit(
         self, conn: sqlite3.Connection, batch: list[tuple[Callable[[sqlite3.Connection], Any], Future[Any]]]
     ) -> None:
+        # once running, a future cannot be cancelled; a cancelled one's change is still committed, unanswered
+        waiting = [future.set_running_or_notify_cancel() for _, future in batch]
         results: list[tuple[Future[Any], bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -213,10 +215,13 @@ class Store:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             error = StoreError(f"KMS store write failed: {exc}", path=str(self.path))
-            for _, future in batch:
-                future.set_exception(error)
+            for (_, future), wanted in zip(batch, waiting, strict=True):
+                if wanted:
+                    future.set_exception(error)
             return
-        for future, ok, value in results:
+        for (future, ok, value), wanted in zip(results, waiting, strict=True):
+            if not wanted:
+                continue
             if ok:
                 future.set_result(value)
             else:

@@ -210,3 +210,19 @@ def test_master_key_file_is_private_and_env_key_is_checked(
     again = Store.open(tmp_path / "kms")
     assert again.material(key.id) == material
     again.close()
+
+
+def test_a_caller_that_gives_up_does_not_stop_the_store_writer(tmp_path: Path) -> None:
+    import threading
+
+    store = Store.open(tmp_path / "kms")
+    try:
+        gate = threading.Event()
+        busy = store.submit(lambda conn: gate.wait(10))
+        given_up = store.submit(Store.set_policy("no-such-key", "{}"))  # queued behind the busy change
+        assert given_up.cancel()
+        gate.set()
+        assert busy.result(10) is True
+        assert store.submit(lambda conn: "still writing").result(10) == "still writing"
+    finally:
+        store.close()
