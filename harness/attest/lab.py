@@ -26,7 +26,7 @@ from cryptography.x509.oid import NameOID
 from harness import paths
 from harness.attest import certs as certs_mod
 from harness.attest.certs import Anchor, Cert, der_ia5string, der_integer, load_cert, load_pem_certs
-from harness.attest.errors import IssueError, LabAuthorityError
+from harness.attest.errors import EvidenceError, IssueError, LabAuthorityError
 from harness.attest.nitro import ALG_ES384, encode_cose_sign1, encode_payload, sig_structure
 from harness.attest.snp import SIGNED_SIZE, TcbVersion, build_snp_report, write_snp_cert_table
 from harness.attest.tdx import (
@@ -100,7 +100,7 @@ class LabCertificates:
         cached = self._vceks.get(tcb)
         if cached is None:
             try:
-                cached = load_pem_certs((self.directory / _vcek_file(tcb)).read_bytes(), field="vcek")[0]
+                cached = _read_cert(self.directory, _vcek_file(tcb))
             except FileNotFoundError:
                 return None
             self._vceks[tcb] = cached
@@ -109,6 +109,26 @@ class LabCertificates:
 
 def _vcek_file(tcb: TcbVersion) -> str:
     return f"amd-vcek-{tcb.to_bytes().hex()}.pem"
+
+
+def _unusable(directory: Path, problem: str) -> LabAuthorityError:
+    hint = f"remove {directory} to make a new lab CA"
+    return LabAuthorityError(f"lab CA in {directory}: {problem}", hint=hint)
+
+
+def _read_cert(directory: Path, file: str) -> Cert:
+    """The certificate in a PEM file of the lab CA: FileNotFoundError if it is absent, E820 if unusable."""
+    try:
+        certs = load_pem_certs((directory / file).read_bytes(), field=file)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise _unusable(directory, f"{file} unreadable ({exc})") from None
+    except EvidenceError as err:
+        raise _unusable(directory, err.message) from None
+    if not certs:
+        raise _unusable(directory, f"{file} holds no certificate")
+    return certs[0]
 
 
 _public_cache: dict[Path, tuple[int, LabCertificates]] = {}
@@ -126,26 +146,25 @@ def load_lab_certificates(directory: Path | str) -> LabCertificates | None:
     if cached is not None and cached[0] == stamp:
         return cached[1]
     manifest = _read_manifest(directory)
+    try:
+        fingerprints = dict(manifest["certs"])
+        chip_id = bytes.fromhex(manifest["chip_id"])
+        tcb = bytes.fromhex(manifest["tcb"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _unusable(directory, f"{MANIFEST} is incomplete ({type(exc).__name__}: {exc})") from None
+    if len(tcb) != 8:
+        raise _unusable(directory, f"{MANIFEST} has a TCB of {len(tcb)} bytes, not 8")
     loaded = {}
     for name in CERT_NAMES:
         try:
-            cert = load_pem_certs((directory / f"{name}.pem").read_bytes(), field=name)[0]
-        except (OSError, IndexError) as exc:
-            raise LabAuthorityError(
-                f"lab CA in {directory} lacks {name}.pem ({exc})",
-                hint=f"remove {directory} to make a new lab CA",
-            ) from None
-        if cert.fingerprint != manifest["certs"].get(name):
-            raise LabAuthorityError(
-                f"lab CA in {directory}: {name}.pem does not match {MANIFEST}",
-                hint=f"remove {directory} to make a new lab CA",
-            )
+            cert = _read_cert(directory, f"{name}.pem")
+        except FileNotFoundError as exc:
+            raise _unusable(directory, f"lacks {name}.pem ({exc})") from None
+        if cert.fingerprint != fingerprints.get(name):
+            raise _unusable(directory, f"{name}.pem does not match {MANIFEST}")
         loaded[name] = cert
     public = LabCertificates(
-        directory=directory,
-        certs=loaded,
-        chip_id=bytes.fromhex(manifest["chip_id"]),
-        tcb=TcbVersion.from_bytes(bytes.fromhex(manifest["tcb"])),
+        directory=directory, certs=loaded, chip_id=chip_id, tcb=TcbVersion.from_bytes(tcb)
     )
     _public_cache[directory] = (stamp, public)
     return public
@@ -154,16 +173,12 @@ def load_lab_certificates(directory: Path | str) -> LabCertificates | None:
 def _read_manifest(directory: Path) -> dict[str, Any]:
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError) as exc:
-        raise LabAuthorityError(
-            f"lab CA manifest {directory / MANIFEST} unreadable ({exc})",
-            hint=f"remove {directory} to make a new lab CA",
-        ) from None
-    if not isinstance(manifest, dict) or manifest.get("format") != LAB_FORMAT:
-        raise LabAuthorityError(
-            f"lab CA in {directory} has format {manifest.get('format')!r}, this teelab uses {LAB_FORMAT}",
-            hint=f"remove {directory} to make a new lab CA",
-        )
+    except (OSError, ValueError, RecursionError) as exc:
+        raise _unusable(directory, f"{MANIFEST} unreadable ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise _unusable(directory, f"{MANIFEST} is not a JSON object")
+    if manifest.get("format") != LAB_FORMAT:
+        raise _unusable(directory, f"format {manifest.get('format')!r}, this teelab uses {LAB_FORMAT}")
     return manifest
 
 
@@ -212,17 +227,11 @@ class LabAuthority:
             if keys[name].public_key().public_bytes(*_SPKI) != public.certs[
                 name
             ].x509.public_key().public_bytes(*_SPKI):
-                raise LabAuthorityError(
-                    f"lab CA in {directory}: {name}.key does not match {name}.pem",
-                    hint=f"remove {directory} to make a new lab CA",
-                )
+                raise _unusable(directory, f"{name}.key does not match {name}.pem")
         try:
             seed = (directory / "amd-chip-seed.key").read_bytes()
         except OSError as exc:
-            raise LabAuthorityError(
-                f"lab CA in {directory} lacks its chip seed ({exc})",
-                hint=f"remove {directory} to make a new lab CA",
-            ) from None
+            raise _unusable(directory, f"lacks its chip seed ({exc})") from None
         authority = cls(public, keys, seed)
         authority.vcek()  # the VCEK of the lab's own TCB always exists
         _authorities[directory] = authority
@@ -548,9 +557,7 @@ def _read_key(directory: Path, name: str) -> Any:
             path.read_bytes(), password=None, unsafe_skip_rsa_key_validation=True
         )
     except (OSError, ValueError, TypeError) as exc:
-        raise LabAuthorityError(
-            f"lab CA key {path} unreadable ({exc})", hint=f"remove {directory} to make a new lab CA"
-        ) from None
+        raise _unusable(directory, f"{path.name} unreadable ({exc})") from None
 
 
 def _name(common_name: str) -> x509.Name:

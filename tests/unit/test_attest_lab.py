@@ -7,6 +7,7 @@ import json
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import cbor2
@@ -17,7 +18,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from harness import paths
-from harness.attest import LabAuthority, parse_snp_cert_table, parse_snp_report, parse_tdx_quote
+from harness.attest import (
+    LabAuthority,
+    Policy,
+    parse_snp_cert_table,
+    parse_snp_report,
+    parse_tdx_quote,
+    verify,
+)
 from harness.attest.errors import IssueError, LabAuthorityError
 from harness.attest.lab import CERT_NAMES, KEY_NAMES
 
@@ -67,6 +75,47 @@ def test_a_damaged_lab_ca_is_refused_with_a_hint(tmp_path: Path, lab: LabAuthori
     with pytest.raises(LabAuthorityError, match=r"intel-pck\.pem does not match") as err:
         LabAuthority.load(damaged)
     assert err.value.hint and "remove" in err.value.hint
+
+
+def _vcek_pem(lab: LabAuthority) -> str:
+    return f"amd-vcek-{lab.tcb.to_bytes().hex()}.pem"
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d, lab: (d / "authority.json").write_text("[1]"), "not a JSON object"),
+        (lambda d, lab: _edit_manifest(d, certs=None), "incomplete"),
+        (lambda d, lab: _edit_manifest(d, chip_id=None), "incomplete"),
+        (lambda d, lab: _edit_manifest(d, tcb="zz"), "incomplete"),
+        (lambda d, lab: _edit_manifest(d, tcb="00"), "TCB of 1 bytes"),
+        (lambda d, lab: (d / "amd-ark.pem").write_text("junk"), "amd-ark.pem"),
+        (lambda d, lab: (d / _vcek_pem(lab)).write_text(""), "amd-vcek-"),
+    ],
+)
+def test_a_damaged_lab_ca_stops_verification_with_e820_not_a_crash(
+    tmp_path: Path, lab: LabAuthority, damage: Callable[[Path, LabAuthority], object], message: str
+) -> None:
+    damaged = tmp_path / "lab-ca"
+    damaged.mkdir()
+    for path in lab.directory.iterdir():
+        if path.is_file():
+            (damaged / path.name).write_bytes(path.read_bytes())
+    damage(damaged, lab)
+    report = lab.snp_report(bytes(64), measurement=bytes(48))
+    with pytest.raises(LabAuthorityError, match=message) as err:
+        verify(report, Policy(roots=("lab",), lab_dir=damaged))
+    assert err.value.code == "E820" and "remove" in (err.value.hint or "")
+
+
+def _edit_manifest(directory: Path, **changes: object) -> None:
+    manifest = json.loads((directory / "authority.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            del manifest[key]
+        else:
+            manifest[key] = value
+    (directory / "authority.json").write_text(json.dumps(manifest))
 
 
 def test_the_amd_chain_is_ark_ask_vcek_with_rsa_pss_and_the_vcek_carries_tcb_and_hwid(
