@@ -100,15 +100,6 @@ def _b64(value: Any, name: str, limit: int) -> bytes | None:
     return data
 
 
-def recipient_key(attested: Attested) -> bytes:
-    """The public key to seal to, checked to be a usable RSA key."""
-    try:
-        load_recipient_key(attested.public_key)
-    except EnvelopeError as exc:
-        raise EvidenceMalformed(f"attested public key: {exc}") from None
-    return attested.public_key
-
-
 def base_conditions(attested: Attested) -> dict[str, Any]:
     """The condition keys every kind of evidence sets."""
     return {

@@ -19,11 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from teelab_guest.kms_envelope import seal
+from teelab_guest.kms_envelope import EnvelopeError, seal
 
 from harness.kms import material
 from harness.kms.errors import (
     AccessDenied,
+    EvidenceMalformed,
     IncorrectKey,
     InvalidKeyState,
     KeyNotFound,
@@ -32,7 +33,7 @@ from harness.kms.errors import (
     UnknownOperation,
 )
 from harness.kms.policy import ACTIONS, KeyPolicy, RequestContext, default_policy
-from harness.kms.recipient import Attested, Recipient, Verifier, parse_recipient, recipient_key, refuse
+from harness.kms.recipient import Attested, Recipient, Verifier, parse_recipient, refuse
 from harness.kms.store import KeyRecord, Store
 
 MAX_PLAINTEXT = 4096
@@ -197,7 +198,11 @@ class KmsService:
         """Plaintext, or CiphertextForRecipient (and never the plaintext) when there is a Recipient."""
         if attested is None:
             return {"Plaintext": _b64(plaintext)}
-        return {"CiphertextForRecipient": _b64(seal(plaintext, recipient_key(attested)))}
+        try:
+            envelope = seal(plaintext, attested.public_key)
+        except EnvelopeError as exc:  # an RSA key of the wrong size, or not RSA
+            raise EvidenceMalformed(f"attested public key: {exc}") from None
+        return {"CiphertextForRecipient": _b64(envelope)}
 
     def _account_policy(self) -> str:
         return self.store.account_policy() or default_policy(self.account)

@@ -134,6 +134,30 @@ def test_pcr0_mismatch_is_refused(
     assert err.aws_type == "AccessDeniedException"
 
 
+def test_a_document_binding_a_key_that_is_not_rsa_gets_nothing(
+    server: KmsServer, admin: KmsClient, lab: LabAuthority, recipient: RecipientKey
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    _, blob = sealed(server, admin, allow(LAB_PCR0))
+    ec_key = (
+        ec.generate_private_key(ec.SECP384R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    evidence = lab.attestation_document(
+        pcrs={0: PCR0, 1: bytes(48), 2: bytes(48)},
+        public_key=ec_key,
+        user_data=None,
+        nonce=None,
+        module_id="i-0123456789abcdef0-enc0123456789abcdef",
+    )
+    body = {"CiphertextBlob": base64.b64encode(blob).decode(), "Recipient": recipient.field(evidence)}
+    err = refused(lambda: anonymous(server).call("Decrypt", body))
+    assert err.aws_type == "ValidationException" and "must be RSA" in err.message
+
+
 def test_debug_enclave_is_refused_unless_the_policy_allows_debug(
     server: KmsServer, admin: KmsClient, lab: LabAuthority, recipient: RecipientKey
 ) -> None:
