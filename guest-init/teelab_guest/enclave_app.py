@@ -42,17 +42,21 @@ def document_line(document: bytes, *, nonce: bytes, public_key: bytes) -> str:
 
 
 def parse_document_line(text: str) -> AppDocument | None:
-    """The first document line in ``text`` (console output, a command's stdout), or None."""
+    """The first document line in ``text`` (console output, a command's stdout), or None (also when that
+    line's hex or base64 does not decode: the guest wrote it)."""
     import re  # host side, and off a guest's boot path
 
     match = re.search(DOCUMENT_REGEX, text)
     if match is None:
         return None
-    return AppDocument(
-        document=binascii.a2b_base64(match["document"]),
-        nonce=bytes.fromhex(match["nonce"]),
-        public_key=binascii.a2b_base64(match["public_key"]),
-    )
+    try:
+        return AppDocument(
+            document=binascii.a2b_base64(match["document"]),
+            nonce=bytes.fromhex(match["nonce"]),
+            public_key=binascii.a2b_base64(match["public_key"]),
+        )
+    except ValueError:  # binascii.Error is one
+        return None
 
 
 def start(say: Callable[[str], None], path: str = APP_RUN, console: str = CONSOLE) -> threading.Thread | None:

@@ -84,6 +84,8 @@ def test_no_document_line_parses_as_none() -> None:
         is None
     )
     assert enclave_app.parse_document_line("TEELAB-APP-DOCUMENT nonce=zz public_key= document=") is None
+    for garbled in ("nonce=abc public_key= document=QQ==", "nonce= public_key= document=A"):
+        assert enclave_app.parse_document_line(f"TEELAB-APP-DOCUMENT {garbled}") is None
 
 
 class FakeMachine:
@@ -113,6 +115,7 @@ def test_wait_for_app_returns_the_reported_document_or_says_why_not() -> None:
     for console, said in (
         (f"{line}\r\nTEELAB-APP-EXIT status=1\r\n", "exited with status 1"),
         ("Traceback ...\r\nTEELAB-APP-EXIT status=0\r\n", "reported no attestation document"),
+        ("TEELAB-APP-DOCUMENT nonce=a public_key= document=A\r\nTEELAB-APP-EXIT status=0\r\n", "reported no"),
     ):
         with pytest.raises(EnclaveAppFailed, match=said) as caught:
             wait_for_app(FakeMachine(console))  # type: ignore[arg-type]
