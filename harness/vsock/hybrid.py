@@ -43,6 +43,7 @@ CREDIT_UPDATE_STEP = HOST_BUF_ALLOC // 4  # advertise fwd_cnt again after this m
 CONNECT_TIMEOUT = 5.0  # seconds the guest has to answer a host CONNECT
 CONNECT_LINE_MAX = 64
 FIRST_HOST_PORT = 1 << 30  # host-side ports of host-initiated connections, as Firecracker numbers them
+MAX_HOST_CONNECTIONS = 4096  # open host connections per VM (each holds a socket and up to HOST_BUF_ALLOC)
 U32 = 0xFFFFFFFF
 
 CONNECTING = "connecting"
@@ -336,14 +337,22 @@ class HostSide:
             conn.close(reset_guest=True)
 
     def _guest_connect(self, hdr: Header) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if len(self.connections) >= MAX_HOST_CONNECTIONS:
+            self.vm.fault("too_many_flows", f"{hdr.describe()} with {len(self.connections)} host connections")
+            self.vm.enqueue(hdr.reply(OP_RST))
+            return
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:  # out of descriptors: refuse this one, keep serving the others
+            log.warning("%s: no socket for a guest connection: %s", self.vm.name, exc)
+            self._refuse(hdr)
+            return
         sock.setblocking(False)
         try:
             sock.connect(str(listener_path(self.uds, hdr.dst_port)))
         except OSError:
             sock.close()
-            self.vm.stats["refused"] += 1
-            self.vm.enqueue(hdr.reply(OP_RST))
+            self._refuse(hdr)
             return
         conn = HostConnection(self, sock, hdr.dst_port, hdr.src_port, ESTABLISHED)
         conn.peer_buf_alloc = hdr.buf_alloc
@@ -352,6 +361,10 @@ class HostSide:
         self.vm.stats["guest_connects"] += 1
         conn.send(OP_RESPONSE)
         conn._arm_reader()
+
+    def _refuse(self, hdr: Header) -> None:
+        self.vm.stats["refused"] += 1
+        self.vm.enqueue(hdr.reply(OP_RST))
 
     # -- host -> guest --------------------------------------------------------------------------
     def accept(self, sock: socket.socket) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from harness.aio import EventLoopThread
+from harness.vsock import hybrid
 from harness.vsock.errors import VsockConnectionRefused
 from harness.vsock.fake_guest import FakeFront, FakeGuest, GuestConn
 from harness.vsock.host import connect_hybrid
@@ -196,6 +197,58 @@ def test_a_host_connection_still_in_its_handshake_is_closed_when_the_vm_goes() -
     finally:
         ours.close()
         theirs.close()
+        loop.close()
+
+
+def _direct_guest(tmp_path: Path) -> tuple[asyncio.AbstractEventLoop, Switch, FakeGuest, list[object]]:
+    """A switch on a plain loop with one fake guest attached straight to its device (no vhost-user)."""
+    loop = asyncio.new_event_loop()
+    errors: list[object] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    switch = Switch(loop)
+    guest = FakeGuest(16, ram_kib=256, queue_size=16, max_payload=4096)
+    guest.attach(switch.attach("vm1", 16, "g", tmp_path / "vm1.vsock"))
+    return loop, switch, guest, errors
+
+
+def _settle(loop: asyncio.AbstractEventLoop, guest: FakeGuest) -> None:
+    for _ in range(4):
+        loop.run_until_complete(asyncio.sleep(0))
+        guest.pump()
+
+
+def test_a_vm_has_a_bounded_number_of_host_connections(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(hybrid, "MAX_HOST_CONNECTIONS", 2)
+    loop, switch, guest, errors = _direct_guest(tmp_path)
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(listener_path(tmp_path / "vm1.vsock", 7000)))
+    listener.listen()
+    try:
+        conns = [guest.connect(2, 7000) for _ in range(3)]
+        _settle(loop, guest)
+        assert [c.state for c in conns[:2]] == ["established", "established"]
+        assert conns[2].reset
+        device = next(iter(switch.host_sides))
+        assert device.drops["too_many_flows"] == 1 and len(switch.host_sides[device].connections) == 2
+        assert errors == []
+    finally:
+        listener.close()
+        loop.close()
+
+
+def test_a_guest_connection_without_a_free_descriptor_is_refused(tmp_path: Path, monkeypatch) -> None:
+    loop, switch, guest, errors = _direct_guest(tmp_path)
+
+    def no_descriptors(*_args: object) -> socket.socket:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(hybrid.socket, "socket", no_descriptors)
+    try:
+        conn = guest.connect(2, 7000)
+        _settle(loop, guest)
+        assert conn.reset and errors == []
+        assert next(iter(switch.host_sides)).stats["refused"] == 1
+    finally:
         loop.close()
 
 
