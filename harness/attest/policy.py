@@ -143,7 +143,7 @@ class Policy:
     lab_dir: Path | None = None
 
     def __post_init__(self) -> None:
-        roots = (self.roots,) if isinstance(self.roots, str) else tuple(self.roots)
+        roots = _names(self.roots, "roots")
         for name in roots:
             if name not in ROOT_NAMES:
                 raise UnknownRoot(
@@ -172,16 +172,37 @@ class Policy:
         if self.min_tcb is not None and not isinstance(self.min_tcb, TcbVersion):
             try:
                 object.__setattr__(self, "min_tcb", TcbVersion.from_value(self.min_tcb))
-            except (ValueError, TypeError, AttributeError) as exc:
+            except (ValueError, TypeError, AttributeError, OverflowError) as exc:
                 raise PolicyError(f"policy min_tcb: {exc}", field="min_tcb") from None
         if self.max_age is not None and not isinstance(self.max_age, timedelta):
             if isinstance(self.max_age, bool) or not isinstance(self.max_age, (int, float)):
                 raise PolicyError("policy max_age must be seconds or a timedelta", field="max_age")
             object.__setattr__(self, "max_age", timedelta(seconds=self.max_age))
-        object.__setattr__(self, "tcb_statuses", tuple(self.tcb_statuses))
+        for name in ("allow_debug", "allow_migrate_ma", "allow_smt"):
+            if not isinstance(getattr(self, name), bool):
+                raise PolicyError(
+                    f"policy {name} must be true or false, got {getattr(self, name)!r}", field=name
+                )
+        statuses = _names(self.tcb_statuses, "tcb_statuses")
+        if not all(isinstance(status, str) for status in statuses):
+            raise PolicyError(f"policy tcb_statuses must be names, got {statuses!r}", field="tcb_statuses")
+        object.__setattr__(self, "tcb_statuses", statuses)
+        if self.module_id is not None and not isinstance(self.module_id, str):
+            raise PolicyError(
+                f"policy module_id must be text, got {_describe(self.module_id)}", field="module_id"
+            )
+        if not isinstance(self.claims, Mapping):
+            raise PolicyError(
+                f"policy claims must map claim names to values, got {_describe(self.claims)}", field="claims"
+            )
         object.__setattr__(self, "claims", dict(self.claims))
         if self.lab_dir is not None:
-            object.__setattr__(self, "lab_dir", Path(self.lab_dir))
+            try:
+                object.__setattr__(self, "lab_dir", Path(self.lab_dir))
+            except TypeError:
+                raise PolicyError(
+                    f"policy lab_dir must be a path, got {_describe(self.lab_dir)}", field="lab_dir"
+                ) from None
 
     @property
     def trusts_lab(self) -> bool:
@@ -224,8 +245,6 @@ class Policy:
                 values[key] = {
                     _index(k, key, source): _unhex(v, f"{key}.{k}", source) for k, v in value.items()
                 }
-            elif key == "roots":
-                values[key] = (value,) if isinstance(value, str) else tuple(value)
             else:
                 values[key] = value
         return cls(**values)
@@ -250,6 +269,18 @@ def _indexed(
             )
         out[index] = bytes(digest)
     return out
+
+
+def _names(value: Any, name: str) -> tuple[Any, ...]:
+    """One name or a sequence of them, as a tuple."""
+    if isinstance(value, str):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError:
+        raise PolicyError(
+            f"policy {name} must be a name or a list of names, got {_describe(value)}", field=name
+        ) from None
 
 
 def _index(key: object, name: str, source: str) -> int:

@@ -68,6 +68,16 @@ def test_the_default_policy_trusts_vendor_roots_only() -> None:
         ("min_tcb = { fmc = 1 }", "min_tcb"),
         ("max_age = true", "max_age"),
         ("roots = [", "toml"),
+        ("roots = 5", "roots"),
+        ('allow_debug = "false"', "allow_debug"),
+        ("allow_smt = 0", "allow_smt"),
+        ("allow_migrate_ma = 1", "allow_migrate_ma"),
+        ("tcb_statuses = [1]", "tcb_statuses"),
+        ("tcb_statuses = 1", "tcb_statuses"),
+        ("module_id = 5", "module_id"),
+        ("claims = 5", "claims"),
+        ("min_tcb = -1", "min_tcb"),
+        ("lab_dir = 5", "lab_dir"),
     ],
 )
 def test_bad_policy_values_are_refused_naming_the_key(tmp_path: Path, text: str, field: str) -> None:
@@ -76,6 +86,11 @@ def test_bad_policy_values_are_refused_naming_the_key(tmp_path: Path, text: str,
     with pytest.raises(PolicyError) as err:
         Policy.from_toml(path)
     assert err.value.evidence["field"] == field and err.value.exit_status == 2
+
+
+def test_one_name_stands_for_a_list_of_one_in_roots_and_tcb_statuses() -> None:
+    policy = Policy.from_mapping({"roots": "lab", "tcb_statuses": "SWHardeningNeeded"})
+    assert (policy.roots, policy.tcb_statuses) == (("lab",), ("SWHardeningNeeded",))
 
 
 def test_unknown_roots_and_missing_files_have_their_own_codes(tmp_path: Path) -> None:
