@@ -85,8 +85,7 @@ class EnclaveLaunch:
 
     def serve(self, machine: Machine) -> None:
         """Answer the module on the launched VM's port (the service owns its copy of the port's socket and
-        closes it on QEMU's EOF). The launch is kept (``launch_of``) as long as the machine object lives, and
-        with it the service's task."""
+        closes it on QEMU's EOF). The launch is kept (``launch_of``) as long as the machine object lives."""
         service = self.attachment.service
         assert service is not None
         service.serve_socket(machine.channel(TEE_CHANNEL), machine.loop)

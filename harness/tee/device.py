@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 FRAME_TIMEOUT = 10.0  # seconds a started frame may take to arrive in full
 WRITE_TIMEOUT = 10.0  # seconds a response may wait for the guest to read
 READ_CHUNK = 64 * 1024
+# The loop holds tasks weakly: a port being served is held here until its task ends (the guest's end closes,
+# or close()), whoever holds the DeviceService.
+_SERVING: set[asyncio.Task[None]] = set()
 
 
 class SnpIssuer(Protocol):
@@ -161,7 +164,10 @@ class DeviceService:
 
     async def _start(self, sock: socket.socket) -> asyncio.Task[None]:
         reader, writer = await asyncio.open_unix_connection(sock=sock, limit=READ_CHUNK)
-        return asyncio.get_running_loop().create_task(self.serve(reader, writer))
+        task = asyncio.get_running_loop().create_task(self.serve(reader, writer))
+        _SERVING.add(task)
+        task.add_done_callback(_SERVING.discard)
+        return task
 
     def close(self) -> None:
         """Stop serving and close the socket."""

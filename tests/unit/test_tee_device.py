@@ -289,6 +289,29 @@ def test_a_guest_that_hangs_up_mid_frame_ends_only_its_own_service(snp_processor
         assert not service.serving
 
 
+def test_a_port_is_served_until_its_guest_hangs_up_even_when_the_service_is_dropped() -> None:
+    import gc
+
+    from harness.tee import device
+
+    ours, theirs = socket.socketpair()
+    DeviceService(SecurityProcessor("tdx", tdx=lambda *, report_data: b"q"), name="dropped").serve_socket(
+        theirs, shared_loop()
+    )
+    del theirs  # the service owns it now
+    gc.collect()
+    client = Client(ours)
+    assert client.call(Request(3, "describe"))["kind"] == "tdx"
+    serving = set(device._SERVING)
+    client.stream.close()
+    ours.close()
+    for _ in range(100):
+        if not serving & device._SERVING:
+            break
+        threading.Event().wait(0.02)
+    assert not serving & device._SERVING
+
+
 def test_a_stalled_vm_does_not_stall_another() -> None:
     release = threading.Event()
 
