@@ -64,6 +64,27 @@ class SectionType(IntEnum):
     METADATA = 5
 
 
+class ImageHasher:
+    """PCR0-2 of an image from its sections in file order: the kernel and the command line feed PCR0 and PCR1,
+    the first ramdisk PCR0 and PCR1, every later ramdisk PCR0 and PCR2, the other sections none."""
+
+    def __init__(self) -> None:
+        self.pcr0, self.pcr1, self.pcr2 = PcrHasher(), PcrHasher(), PcrHasher()
+        self._ramdisks = 0
+
+    def feeds(self, section_type: SectionType) -> tuple[PcrHasher, ...]:
+        """The PCRs the next section, of ``section_type``, feeds."""
+        if section_type in (SectionType.KERNEL, SectionType.CMDLINE):
+            return (self.pcr0, self.pcr1)
+        if section_type is SectionType.RAMDISK:
+            self._ramdisks += 1
+            return (self.pcr0, self.pcr1 if self._ramdisks == 1 else self.pcr2)
+        return ()
+
+    def measurements(self, pcr8: bytes | None = None) -> ImageMeasurements:
+        return ImageMeasurements(self.pcr0.value, self.pcr1.value, self.pcr2.value, pcr8)
+
+
 _SIZE_LIMITS = {
     SectionType.CMDLINE: CMDLINE_MAX_BYTES,
     SectionType.METADATA: METADATA_MAX_BYTES,
@@ -243,7 +264,7 @@ def _read(stream: IO[bytes], path: Path | None, verify_crc: bool) -> EifImage:
     _check_header(header, file_size, name)
 
     crc = zlib.crc32(raw_header[:CRC_OFFSET])
-    pcr0, pcr1, pcr2 = PcrHasher(), PcrHasher(), PcrHasher()
+    hasher = ImageHasher()
     sections: list[Section] = []
     kept: dict[SectionType, bytes] = {}
     buffer = bytearray(CHUNK_BYTES)
@@ -274,12 +295,7 @@ def _read(stream: IO[bytes], path: Path | None, verify_crc: bool) -> EifImage:
             )
         section = Section(index, section_type, flags, offset, size)
         sections.append(section)
-        ramdisk_number = sum(1 for s in sections if s.type is SectionType.RAMDISK) - 1
-        feeds: list[PcrHasher] = []
-        if section_type in (SectionType.KERNEL, SectionType.CMDLINE):
-            feeds = [pcr0, pcr1]
-        elif section_type is SectionType.RAMDISK:
-            feeds = [pcr0, pcr1 if ramdisk_number == 0 else pcr2]
+        feeds = hasher.feeds(section_type)
         keep = bytearray() if limit is not None else None
         left = size
         while left:
@@ -289,8 +305,8 @@ def _read(stream: IO[bytes], path: Path | None, verify_crc: bool) -> EifImage:
                 raise errors.EifTruncated(f"{name} ends inside section {index}", hint="copy the image again")
             chunk = view[:got]
             crc = zlib.crc32(chunk, crc)
-            for hasher in feeds:
-                hasher.update(chunk)
+            for pcr in feeds:
+                pcr.update(chunk)
             if keep is not None:
                 keep += chunk
             left -= got
@@ -324,8 +340,8 @@ def _read(stream: IO[bytes], path: Path | None, verify_crc: bool) -> EifImage:
     if SectionType.SIGNATURE in kept:
         signature = parse_signature_section(kept[SectionType.SIGNATURE])
         pcr8 = pcr8_of_certificate(signature.certificate_der)
-        problem = check_signature(signature, pcr0.value)
-    measurements = ImageMeasurements(pcr0.value, pcr1.value, pcr2.value, pcr8)
+        problem = check_signature(signature, hasher.pcr0.value)
+    measurements = hasher.measurements(pcr8)
     return EifImage(
         path,
         header,
@@ -497,25 +513,23 @@ def build_eif(
         )
         material = load_signing_material(key_source, cert_source)
 
-    pcr0, pcr1, pcr2 = PcrHasher(), PcrHasher(), PcrHasher()
+    hasher = ImageHasher()
     with contextlib.ExitStack() as inputs:
         kernel_file = _open_input(inputs, kernel_path, "kernel")
         ramdisk_files = [_open_input(inputs, p, "ramdisk") for p in ramdisk_paths]
-        # (type, source, PCR hashers it feeds) in nitro-cli's order
-        plan: list[tuple[SectionType, IO[bytes] | bytes, list[PcrHasher]]] = [
-            (SectionType.KERNEL, kernel_file, [pcr0, pcr1]),
-            (SectionType.CMDLINE, cmdline_bytes, [pcr0, pcr1]),
-            (SectionType.METADATA, metadata, []),
+        # (type, source) in nitro-cli's order
+        plan: list[tuple[SectionType, IO[bytes] | bytes]] = [
+            (SectionType.KERNEL, kernel_file),
+            (SectionType.CMDLINE, cmdline_bytes),
+            (SectionType.METADATA, metadata),
         ]
-        plan += [
-            (SectionType.RAMDISK, f, [pcr0, pcr1 if i == 0 else pcr2]) for i, f in enumerate(ramdisk_files)
-        ]
+        plan += [(SectionType.RAMDISK, f) for f in ramdisk_files]
         with _atomic_output(output) as out:
-            sections = _write_sections(out, plan)
+            sections = _write_sections(out, plan, hasher)
             signature = None
             if material is not None:
-                signature = signature_section(material, pcr0.value)
-                sections.append(_write_section(out, len(sections), SectionType.SIGNATURE, signature, []))
+                signature = signature_section(material, hasher.pcr0.value)
+                sections.append(_write_section(out, len(sections), SectionType.SIGNATURE, signature, ()))
             flags = FLAG_AARCH64 if arch == "aarch64" else 0
             header = _write_header(out, flags, sections)
     entry = parse_signature_section(signature) if signature else None
@@ -526,26 +540,25 @@ def build_eif(
         cmdline_bytes,
         json.loads(metadata),
         entry,
-        ImageMeasurements(
-            pcr0.value, pcr1.value, pcr2.value, pcr8_of_certificate(entry.certificate_der) if entry else None
-        ),
+        hasher.measurements(pcr8_of_certificate(entry.certificate_der) if entry else None),
         header.crc32,
-        check_signature(entry, pcr0.value) if entry else None,
+        check_signature(entry, hasher.pcr0.value) if entry else None,
     )
 
 
 def _write_sections(
-    out: IO[bytes], plan: list[tuple[SectionType, IO[bytes] | bytes, list[PcrHasher]]]
+    out: IO[bytes], plan: list[tuple[SectionType, IO[bytes] | bytes]], hasher: ImageHasher
 ) -> list[Section]:
-    """Leave room for the header, then write each planned section, feeding its data to its PCR hashers."""
+    """Leave room for the header, then write each planned section, feeding its data to its PCRs."""
     out.write(bytes(HEADER_BYTES))
     return [
-        _write_section(out, index, kind, source, feeds) for index, (kind, source, feeds) in enumerate(plan)
+        _write_section(out, index, kind, source, hasher.feeds(kind))
+        for index, (kind, source) in enumerate(plan)
     ]
 
 
 def _write_section(
-    out: IO[bytes], index: int, kind: SectionType, source: IO[bytes] | bytes, feeds: list[PcrHasher]
+    out: IO[bytes], index: int, kind: SectionType, source: IO[bytes] | bytes, feeds: Sequence[PcrHasher]
 ) -> Section:
     size = len(source) if isinstance(source, bytes) else os.fstat(source.fileno()).st_size
     offset = out.tell()
@@ -661,7 +674,7 @@ def _metadata_bytes(
     return data
 
 
-def _copy(source: IO[bytes] | bytes, out: IO[bytes], feeds: list[PcrHasher]) -> int:
+def _copy(source: IO[bytes] | bytes, out: IO[bytes], feeds: Sequence[PcrHasher]) -> int:
     if isinstance(source, bytes):
         out.write(source)
         for hasher in feeds:

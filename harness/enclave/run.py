@@ -18,9 +18,9 @@ from teelab_guest.enclave_app import EXIT_REGEX, AppDocument, parse_document_lin
 
 from harness.agent import agent_port
 from harness.enclave import errors
-from harness.enclave.eif import EifImage, SectionType, read_eif
+from harness.enclave.eif import EifImage, ImageHasher, SectionType, read_eif
 from harness.enclave.nsm import SecurityModule
-from harness.enclave.pcrs import PcrHasher, pcr3_of_parent_role, pcr4_of_parent_instance
+from harness.enclave.pcrs import pcr3_of_parent_role, pcr4_of_parent_instance
 from harness.host.model import HostInfo
 from harness.qemu.machine import Machine
 from harness.qemu.spec import VMSpec
@@ -214,26 +214,20 @@ def _load_into_memfds(image: EifImage, files: list[int]) -> tuple[Path, Path]:
     files.append(kernel_fd)
     initrd_fd = _memfd("teelab-enclave-initrd")
     files.append(initrd_fd)
-    pcr0, pcr1, pcr2 = PcrHasher(), PcrHasher(), PcrHasher()
-    ramdisks = 0
+    hasher = ImageHasher()
     with open(kernel_fd, "wb", closefd=False) as kernel, open(initrd_fd, "wb", closefd=False) as initrd:
+        outputs = {SectionType.KERNEL: kernel, SectionType.RAMDISK: initrd}
         for section in image.sections:
-            if section.type is SectionType.CMDLINE:
-                pcr0.update(image.cmdline)
-                pcr1.update(image.cmdline)
-                continue
-            if section.type is SectionType.KERNEL:
-                out, feeds = kernel, (pcr0, pcr1)
-            elif section.type is SectionType.RAMDISK:
-                out, feeds = initrd, (pcr0, pcr1 if ramdisks == 0 else pcr2)
-                ramdisks += 1
-            else:
-                continue
-            for chunk in image.section_chunks(section):
-                out.write(chunk)
-                for hasher in feeds:
-                    hasher.update(chunk)
-    copied = (pcr0.value, pcr1.value, pcr2.value)
+            feeds = hasher.feeds(section.type)
+            if section.type is SectionType.CMDLINE:  # the command line QEMU is given, from the first read
+                for pcr in feeds:
+                    pcr.update(image.cmdline)
+            elif section.type in outputs:
+                for chunk in image.section_chunks(section):
+                    outputs[section.type].write(chunk)
+                    for pcr in feeds:
+                        pcr.update(chunk)
+    copied = (hasher.pcr0.value, hasher.pcr1.value, hasher.pcr2.value)
     measured = image.measurements
     if copied != (measured.pcr0, measured.pcr1, measured.pcr2):
         raise errors.EnclaveImageChanged(
