@@ -131,17 +131,20 @@ def _read_cert(directory: Path, file: str) -> Cert:
     return certs[0]
 
 
-_public_cache: dict[Path, tuple[int, LabCertificates]] = {}
+_public_cache: dict[Path, tuple[tuple[int, int, int], LabCertificates]] = {}
 
 
 def load_lab_certificates(directory: Path | str) -> LabCertificates | None:
-    """The lab CA in ``directory``, or None if none was created there (cached until its manifest changes)."""
-    directory = Path(directory)
-    manifest_path = directory / MANIFEST
+    """The lab CA in ``directory``, or None if none was created there (cached by absolute path until its
+    manifest is replaced or changes)."""
+    directory = Path(directory).absolute()
     try:
-        stamp = manifest_path.stat().st_mtime_ns
-    except FileNotFoundError:
+        info = (directory / MANIFEST).stat()
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as exc:
+        raise _unusable(directory, f"{MANIFEST} unreadable ({exc})") from None
+    stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
     cached = _public_cache.get(directory)
     if cached is not None and cached[0] == stamp:
         return cached[1]

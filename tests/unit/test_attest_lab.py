@@ -4,6 +4,7 @@ chains and evidence checkable with plain cryptography, not only with teelab's ve
 from __future__ import annotations
 
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from harness.attest import (
     verify,
 )
 from harness.attest.errors import IssueError, LabAuthorityError
-from harness.attest.lab import CERT_NAMES, KEY_NAMES
+from harness.attest.lab import CERT_NAMES, KEY_NAMES, load_lab_certificates
 
 PRINT_CA = (
     "import sys, json; from harness.attest import LabAuthority; "
@@ -116,6 +117,29 @@ def _edit_manifest(directory: Path, **changes: object) -> None:
         else:
             manifest[key] = value
     (directory / "authority.json").write_text(json.dumps(manifest))
+
+
+def test_lab_certificates_are_cached_per_directory_not_per_relative_path(
+    tmp_path: Path, lab: LabAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    copied, other = tmp_path / "a" / "lab-ca", tmp_path / "b" / "lab-ca"
+    copied.mkdir(parents=True)
+    for path in lab.directory.iterdir():
+        if path.is_file():
+            (copied / path.name).write_bytes(path.read_bytes())
+    other_ark = LabAuthority.load_or_create(other).public.certs["amd-ark"].fingerprint
+    stamp = (copied / "authority.json").stat().st_mtime_ns
+    os.utime(other / "authority.json", ns=(stamp, stamp))  # as a copy that kept its times would have
+
+    def ark_of_lab_ca_here() -> str:
+        public = load_lab_certificates("lab-ca")
+        assert public is not None
+        return public.certs["amd-ark"].fingerprint
+
+    monkeypatch.chdir(copied.parent)
+    assert ark_of_lab_ca_here() != other_ark
+    monkeypatch.chdir(other.parent)
+    assert ark_of_lab_ca_here() == other_ark
 
 
 def test_the_amd_chain_is_ark_ask_vcek_with_rsa_pss_and_the_vcek_carries_tcb_and_hwid(
