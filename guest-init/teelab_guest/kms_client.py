@@ -63,30 +63,11 @@ class Transport:
     @classmethod
     def vsock(cls, cid: int, port: int, *, host: str = "kms.lab") -> Transport:
         """To the parent's vsock-proxy (CID 3 port 8000 in the Nitro convention)."""
-
-        def connect() -> socket.socket:
-            sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-            try:
-                sock.connect((cid, port))
-            except OSError:
-                sock.close()
-                raise
-            return sock
-
-        return cls(connect, host)
+        return cls(_connector(socket.AF_VSOCK, (cid, port)), host)
 
     @classmethod
     def unix(cls, path: str, *, host: str = "kms.lab") -> Transport:
-        def connect() -> socket.socket:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(path)
-            except OSError:
-                sock.close()
-                raise
-            return sock
-
-        return cls(connect, host)
+        return cls(_connector(socket.AF_UNIX, path), host)
 
     @classmethod
     def endpoint(cls, endpoint: str, *, tls: ssl.SSLContext | None = None) -> Transport:
@@ -283,6 +264,21 @@ class RecipientKey:
 
     def open(self, envelope: bytes) -> bytes:
         return open_envelope(envelope, self.private_key)
+
+
+def _connector(family: int, address: Any) -> Callable[[], socket.socket]:
+    """Opens a stream socket of ``family`` connected to ``address`` (closed again if the connect fails)."""
+
+    def connect() -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.connect(address)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    return connect
 
 
 def _b64(data: bytes) -> str:
