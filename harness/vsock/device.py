@@ -148,7 +148,7 @@ class VsockDevice:
         tx = self.queues.get(TX_QUEUE)
         if tx is None or self.broken is not None:
             return
-        done = 0
+        done = 0  # chains taken, bad ones too: a guest cannot hold the loop with a stream of bad chains
         while done < BATCH:
             try:
                 chain = tx.pop()
@@ -156,6 +156,7 @@ class VsockDevice:
                 self.fault(fault.reason, fault.detail)
                 if fault.head is not None:
                     tx.push(fault.head, 0)
+                done += 1
                 continue
             except GuestFault as fault:
                 self.break_device(fault.reason, fault.detail)
@@ -248,13 +249,20 @@ class VsockDevice:
             self.loop.call_soon(self.flush_rx)
 
     def _next_rx_chain(self, rx: SplitQueue) -> Chain | None:
+        """The rx chain to fill next; None when none is posted, or after a batch of bad ones (the flush
+        goes on in the next round, so a guest posting only bad buffers cannot hold the loop)."""
+        bad = 0
         while self._rx_chain is None:
+            if bad >= BATCH:
+                self.schedule_flush()
+                return None
             try:
                 chain = rx.pop()
             except ChainFault as fault:
                 self.fault(fault.reason, fault.detail)
                 if fault.head is not None:
                     rx.push(fault.head, 0)
+                bad += 1
                 continue
             except GuestFault as fault:
                 self.break_device(fault.reason, fault.detail)
@@ -270,6 +278,7 @@ class VsockDevice:
                     f"{len(chain.readable)} readable descriptors",
                 )
                 rx.push(chain.head, 0)
+                bad += 1
                 continue
             self._rx_chain = chain
         return self._rx_chain

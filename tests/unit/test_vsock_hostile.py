@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness.vsock.device import RX_QUEUE, TX_QUEUE, VsockDevice
+from harness.vsock.device import BATCH, RX_QUEUE, TX_QUEUE, VsockDevice
 from harness.vsock.fake_guest import USER_BASE, FakeGuest, GuestConn
 from harness.vsock.memory import GuestMemory, MemoryRegion
 from harness.vsock.packet import HEADER, HEADER_SIZE, Header
@@ -417,6 +417,64 @@ def test_hostile_ring_index_breaks_only_that_vm() -> None:
     settle(rig)
     fresh.pump()
     assert conn.state == "established"
+
+
+class RacingQueue(SplitQueue):
+    """A driver whose other vCPU, once ``racing``, posts one more bad head each time the device takes one."""
+
+    ram: memoryview
+    avail_at: int
+    racing = False
+    pops = 0
+
+    def pop(self) -> Chain | None:
+        if self.racing:
+            self.pops += 1
+            assert self.pops <= 4 * BATCH, "the device kept taking chains without yielding the loop"
+            U16.pack_into(self.ram, self.avail_at + 4 + 2 * (self.last_avail % self.size), 0xFFFF)
+            U16.pack_into(self.ram, self.avail_at + 2, (self.last_avail + 1) & 0xFFFF)
+        return super().pop()
+
+
+def racing_queue(rig: Rig, index: int) -> RacingQueue:
+    ring = rig.a.rx if index == RX_QUEUE else rig.a.tx
+    queue = RacingQueue(rig.a_mem, QUEUE, ring.user_addrs(), event_idx=True)
+    queue.ram, queue.avail_at = rig.a.ram, ring.avail
+    rig.a_dev.start_queue(index, queue, None)
+    settle(rig)  # nothing left pending before the race starts
+    queue.racing = True
+    return queue
+
+
+def one_round(loop: asyncio.AbstractEventLoop) -> None:
+    """Run the callbacks that are ready now, once (what one turn of the loop gives the switch)."""
+    loop.call_soon(loop.stop)
+    loop.run_forever()
+
+
+def test_a_stream_of_bad_tx_chains_yields_the_loop_after_a_batch() -> None:
+    rig = build_rig()
+    queue = racing_queue(rig, TX_QUEUE)
+    rig.a_dev.kick(TX_QUEUE)
+    assert queue.pops == BATCH and rig.a_dev.drops["desc_index"] == BATCH
+    one_round(rig.loop)  # the next batch comes in the next round, after the other VMs' work
+    assert queue.pops == 2 * BATCH
+    queue.racing = False
+    settle(rig)  # leave nothing pending on the shared loop
+    assert rig.errors == []
+
+
+def test_a_stream_of_bad_rx_buffers_yields_the_loop_after_a_batch() -> None:
+    rig = build_rig()
+    queue = racing_queue(rig, RX_QUEUE)
+    rig.a_dev.enqueue(Header(B, A, 1, 2, 0, 1, 1, 0, 0, 0))  # a packet for A, waiting for an rx buffer
+    one_round(rig.loop)
+    assert queue.pops == BATCH and rig.a_dev.drops["desc_index"] == BATCH
+    one_round(rig.loop)
+    assert queue.pops == 2 * BATCH and len(rig.a_dev.backlog) == 1
+    queue.racing = False
+    settle(rig)
+    assert rig.errors == []
 
 
 def test_packets_to_other_groups_are_refused() -> None:
