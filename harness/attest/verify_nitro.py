@@ -52,6 +52,15 @@ def nitro_claims(doc: AttestationDocument) -> dict[str, Any]:
     }
 
 
+def _load(found: Findings, der: bytes, field: str) -> Cert | None:
+    """The certificate, or None with the reason it cannot be read: every unreadable one is named."""
+    try:
+        return load_cert(der, field=field)
+    except EvidenceError as err:
+        found.fail("malformed", err.field, err.message)
+        return None
+
+
 def verify_nitro(data: bytes, policy: Policy, *, now: dt.datetime) -> Verdict:
     try:
         doc = parse_attestation_document(data)
@@ -66,13 +75,12 @@ def verify_nitro(data: bytes, policy: Policy, *, now: dt.datetime) -> Verdict:
         return malformed_verdict("nitro", bad)
     anchors, _ = trust_material(policy)
     root = None
-    leaf: Cert | None = None
+    leaf = _load(found, doc.certificate, "certificate")
     pool: list[Cert] = []
-    try:
-        leaf = load_cert(doc.certificate, field="certificate")
-        pool = [load_cert(der, field=f"cabundle.{i}") for i, der in enumerate(doc.cabundle)]
-    except EvidenceError as err:
-        found.fail("malformed", err.field, err.message)
+    for index, der in enumerate(doc.cabundle):
+        cert = _load(found, der, f"cabundle.{index}")
+        if cert is not None:
+            pool.append(cert)
     if leaf is not None:
         chain = build_chain(leaf, pool, anchors, field="cabundle", leaf_field="certificate")
         root = check_chain(found, chain, "nitro", policy, at=issued, field="cabundle")

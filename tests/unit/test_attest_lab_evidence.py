@@ -12,7 +12,7 @@ from teelab_guest.binding import report_data
 
 from harness import paths
 from harness.attest import LabAuthority, NonceBook, Policy, verify
-from harness.attest.nitro import ALG_ES384, encode_cose_sign1, encode_payload
+from harness.attest.nitro import ALG_ES384, encode_cose_sign1, encode_payload, sig_structure
 
 KINDS = ("snp", "tdx", "nitro")
 MEASUREMENT = bytes(range(48))
@@ -138,6 +138,31 @@ def test_evidence_with_an_unreadable_certificate_does_not_use_up_the_nonce(
     assert "malformed" in forged.codes and not forged.ok
     assert book.check(nonce) is None
     assert verify(issue(lab, kind, nonce=nonce), policy(kind, **bound)).ok
+
+
+def test_every_unreadable_certificate_of_a_document_is_named(lab: LabAuthority) -> None:
+    leaf, intermediate, root = lab.enclave_chain()
+
+    def document(certificate: bytes, cabundle: list[bytes]) -> bytes:
+        payload = encode_payload(
+            module_id="lab-enclave",
+            digest="SHA384",
+            timestamp=1_700_000_000_000,
+            pcrs={0: MEASUREMENT},
+            certificate=certificate,
+            cabundle=cabundle,
+            public_key=None,
+            user_data=None,
+            nonce=None,
+        )
+        protected = cbor2.dumps({1: ALG_ES384})
+        return encode_cose_sign1(protected, payload, lab.sign_es384(sig_structure(protected, payload)))
+
+    garbage = b"\x30 not a certificate"
+    both = verify(document(garbage, [root.der, intermediate.der, garbage]), policy("nitro"))
+    assert both.codes == {"malformed"} and both.fields() == {"certificate", "cabundle.2"}
+    extra = verify(document(leaf.der, [root.der, intermediate.der, garbage]), policy("nitro"))
+    assert extra.codes == {"malformed"} and extra.fields() == {"cabundle.2"} and extra.root == "lab"
 
 
 @pytest.mark.parametrize("kind", KINDS)
