@@ -60,11 +60,32 @@ class Flow:
         return (a, b) if (a.cid, a.port) == (src_cid, src_port) else (b, a)
 
 
+FlowKey = tuple[int, int, int, int]  # src_cid, src_port, dst_cid, dst_port
+
+
+def _reverse(key: FlowKey) -> FlowKey:
+    return (key[2], key[3], key[0], key[1])
+
+
 @dataclass
 class Group:
+    """The VMs of one routing group and their sibling flows, each listed under both directions."""
+
     name: str
     vms: dict[int, VsockDevice] = field(default_factory=dict)
-    flows: dict[tuple[int, int, int, int], Flow] = field(default_factory=dict)
+    flows: dict[FlowKey, Flow] = field(default_factory=dict)
+    flow_counts: Counter[int] = field(default_factory=Counter)  # keys in ``flows`` by their source CID
+
+    def add_flow(self, key: FlowKey, flow: Flow) -> None:
+        for k in (key, _reverse(key)):
+            if k not in self.flows:
+                self.flow_counts[k[0]] += 1
+            self.flows[k] = flow
+
+    def drop_flow(self, key: FlowKey) -> None:
+        for k in (key, _reverse(key)):
+            if self.flows.pop(k, None) is not None:
+                self.flow_counts[k[0]] -= 1
 
 
 class Switch:
@@ -111,8 +132,7 @@ class Switch:
         for key in list(grp.flows):
             if key[0] != vm.cid or key not in grp.flows:
                 continue  # each flow is listed under both directions; act once, from vm's side
-            del grp.flows[key]
-            grp.flows.pop((key[2], key[3], key[0], key[1]), None)
+            grp.drop_flow(key)
             peer = grp.vms.get(key[2])
             if peer is not None and peer is not vm:
                 peer.enqueue(Header(key[0], key[2], key[1], key[3], 0, TYPE_STREAM, OP_RST, 0, 0, 0))
@@ -146,13 +166,12 @@ class Switch:
                 vm.fault("duplicate_request", hdr.describe())
                 self._reset_flow(grp, key, vm, peer)
                 return
-            if sum(1 for k in grp.flows if k[0] == vm.cid) >= MAX_FLOWS_PER_VM:
+            if grp.flow_counts[vm.cid] >= MAX_FLOWS_PER_VM:
                 vm.fault("too_many_flows", hdr.describe())
                 vm.enqueue(hdr.reply(OP_RST))
                 return
             flow = Flow(FlowEnd(hdr.src_cid, hdr.src_port), FlowEnd(hdr.dst_cid, hdr.dst_port))
-            grp.flows[key] = flow
-            grp.flows[(key[2], key[3], key[0], key[1])] = flow
+            grp.add_flow(key, flow)
         elif flow is None:
             if op != OP_RST:
                 vm.stats["no_flow"] += 1
@@ -178,8 +197,7 @@ class Switch:
                 return
             flow.established = True
         elif op == OP_RST:
-            del grp.flows[key]
-            grp.flows.pop((key[2], key[3], key[0], key[1]), None)
+            grp.drop_flow(key)
         elif op not in (OP_REQUEST, OP_SHUTDOWN, OP_CREDIT_UPDATE, OP_CREDIT_REQUEST):
             vm.fault("unknown_op", hdr.describe())
             self._reset_flow(grp, key, vm, peer)
@@ -188,12 +206,9 @@ class Switch:
             hdr = hdr._replace(buf_alloc=SIBLING_BUF_CAP)
         peer.deliver(hdr, payload)
 
-    def _reset_flow(
-        self, grp: Group, key: tuple[int, int, int, int], vm: VsockDevice, peer: VsockDevice
-    ) -> None:
+    def _reset_flow(self, grp: Group, key: FlowKey, vm: VsockDevice, peer: VsockDevice) -> None:
         """End one flow on both sides with RST."""
-        grp.flows.pop(key, None)
-        grp.flows.pop((key[2], key[3], key[0], key[1]), None)
+        grp.drop_flow(key)
         src_cid, src_port, dst_cid, dst_port = key
         vm.enqueue(Header(dst_cid, src_cid, dst_port, src_port, 0, TYPE_STREAM, OP_RST, 0, 0, 0))
         peer.enqueue(Header(src_cid, dst_cid, src_port, dst_port, 0, TYPE_STREAM, OP_RST, 0, 0, 0))
@@ -210,7 +225,7 @@ class Switch:
                     "running": vm.running,
                     "broken": vm.broken,
                     "host_connections": len(side.connections) if side else 0,
-                    "sibling_flows": sum(1 for k in grp.flows if k[0] == vm.cid),
+                    "sibling_flows": grp.flow_counts[vm.cid],
                     "backlog_packets": len(vm.backlog),
                     "drops": dict(vm.drops),
                     "stats": dict(vm.stats),

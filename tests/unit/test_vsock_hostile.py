@@ -12,9 +12,11 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness.vsock import switch as switch_module
 from harness.vsock.device import BATCH, RX_QUEUE, TX_QUEUE, VsockDevice
 from harness.vsock.fake_guest import USER_BASE, FakeGuest, GuestConn
 from harness.vsock.memory import GuestMemory, MemoryRegion
@@ -329,6 +331,9 @@ def test_hostile_guest_cannot_hurt_the_switch_or_its_siblings(attack: Attack) ->
         assert any(a <= lo and hi <= b for a, b in allowed), f"switch wrote A's RAM at [{lo:#x}, {hi:#x})"
     assert set(rig.a_dev.drops) <= KNOWN_REASONS, rig.a_dev.drops
     assert not rig.switch.host_sides[rig.a_dev].connections
+    grp = rig.switch.groups["g"]
+    for cid in (A, B, C):  # the per-VM flow counts match the flow table
+        assert grp.flow_counts[cid] == sum(1 for key in grp.flows if key[0] == cid), cid
     # The well-behaved siblings are untouched and still talk.
     payload = hashlib.sha256(repr(attack).encode()).digest() * 300
     rig.b.write(rig.bc, payload)
@@ -393,6 +398,26 @@ def test_credit_violation_resets_only_that_flow() -> None:
     victim = rig.c.find(A, conn.local_port)
     assert victim is not None and victim.reset
     assert not rig.bc.reset and rig.bc.state == "established"
+
+
+def test_a_vm_has_a_bounded_number_of_sibling_flows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(switch_module, "MAX_FLOWS_PER_VM", 2)
+    rig = build_rig()
+    a, grp = rig.a, rig.switch.groups["g"]
+    a.attach(rig.a_dev)
+    rig.c.listen(400)
+    conns = [a.connect(C, 400) for _ in range(3)]
+    settle(rig)
+    a.pump()
+    assert [conn.state for conn in conns] == ["established", "established", "closed"]
+    assert rig.a_dev.drops["too_many_flows"] == 1 and grp.flow_counts[A] == 2
+    a.send_packet(a._hdr(conns[0], 3))  # A resets one of its flows: its slot is free again
+    settle(rig)
+    again = a.connect(C, 400)
+    settle(rig)
+    a.pump()
+    assert again.state == "established" and grp.flow_counts[A] == 2
+    assert rig.a_dev.drops["too_many_flows"] == 1 and not rig.bc.reset
 
 
 def test_hostile_ring_index_breaks_only_that_vm() -> None:
