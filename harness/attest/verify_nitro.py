@@ -29,6 +29,7 @@ from harness.attest.policy import Policy
 from harness.attest.verdict import Verdict
 
 PCR_SIZE = 48
+ES384_SIGNATURE_SIZE = 96  # r || s, 48 bytes each
 DEBUG_PCRS = (0, 1, 2)
 
 
@@ -88,7 +89,7 @@ def verify_nitro(data: bytes, policy: Policy, *, now: dt.datetime) -> Verdict:
             found.fail(
                 "chain-invalid", "cabundle.0", "cabundle[0] is not the root certificate the chain ends at"
             )
-        if len(doc.signature) != 2 * PCR_SIZE or not ecdsa_verify(
+        if len(doc.signature) != ES384_SIGNATURE_SIZE or not ecdsa_verify(
             leaf, raw_rs(doc.signature), doc.sig_structure(), hashes.SHA384()
         ):
             found.fail(
