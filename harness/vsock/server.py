@@ -149,11 +149,6 @@ class SwitchServer:
     def vms(self) -> list[VmEndpoint]:
         return [s.endpoint for s in self._vms.values()]
 
-    def session_requests(self, name: str) -> list[int]:
-        """vhost-user request codes the VM's current front-end sent (diagnostics and tests)."""
-        service = self._vms.get(name)
-        return list(service.session.requests) if service and service.session else []
-
     def stats(self) -> dict[str, object]:
         data = self.switch.stats()
         for name, service in self._vms.items():

@@ -123,7 +123,6 @@ class VhostUserSession:
         self.memory: GuestMemory | None = None
         self.vrings = [Vring() for _ in range(NUM_QUEUES)]
         self.closed = False
-        self.requests: list[int] = []  # every request code seen, for diagnostics
         self._head = bytearray()
         self._body = bytearray()
         self._fds: list[int] = []
@@ -203,7 +202,6 @@ class VhostUserSession:
 
     # -- dispatch -------------------------------------------------------------------------------
     def _dispatch(self, request: int, flags: int, body: bytes, fds: list[int]) -> None:
-        self.requests.append(request)
         log.debug(
             "%s: vhost-user %s (%d bytes, %d fds)",
             self.device.name,
