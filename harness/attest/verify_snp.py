@@ -9,7 +9,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 
-from harness.attest.certs import Cert, build_chain, load_any
+from harness.attest.certs import Anchor, Cert, build_chain, load_any
 from harness.attest.checks import (
     Findings,
     check_chain,
@@ -21,6 +21,7 @@ from harness.attest.checks import (
     trust_material,
 )
 from harness.attest.errors import EvidenceError
+from harness.attest.lab import LabCertificates
 from harness.attest.policy import Policy
 from harness.attest.roots import vendor_intermediates
 from harness.attest.snp import (
@@ -210,8 +211,8 @@ def _check_endorsement(
     report: SnpReport,
     data: bytes,
     policy: Policy,
-    anchors: Sequence[Any],
-    lab: Any,
+    anchors: Sequence[Anchor],
+    lab: LabCertificates | None,
     supplied: Sequence[Cert],
     now: dt.datetime,
     signer: str,
