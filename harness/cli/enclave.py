@@ -160,17 +160,19 @@ def run_build_image(args: argparse.Namespace) -> int:
 def run_boot(args: argparse.Namespace) -> int:
     from harness.attest import LAB, Policy, verify
     from harness.attest.checks import default_lab_dir
-    from harness.enclave.run import wait_for_app
+    from harness.enclave.run import launch_of, wait_for_app
     from harness.lab import Lab
 
-    image = read_eif(args.eif)  # refuse a bad image before anything starts
     status = console.status(f"booting {args.eif}", spinner="dots") if not args.json else None
     with Lab() as lab, status or contextlib.nullcontext():
         parent = {"parent_role": args.parent_role} if args.parent_role is not None else {}
-        boot = lab.boot_enclave(
+        boot = lab.boot_enclave(  # a bad image or size is refused before QEMU starts
             args.eif, debug=args.debug, vcpus=args.vcpus, memory_mib=args.memory_mib, agent=False,
             parent_instance=args.parent_instance, timeout=args.timeout, **parent,
         )  # fmt: skip
+        launch = launch_of(boot.machine)
+        assert launch is not None
+        image = launch.image  # the image as it was read, checked and copied for this launch
         if status is not None:
             status.update("waiting for /app/run")
         ready_at = time.monotonic()
