@@ -37,7 +37,7 @@ from harness.vsock.errors import (
 from harness.vsock.external import GroupDaemon
 from harness.vsock.hybrid import listener_path
 from harness.vsock.packet import HOST_CID, MAX_CID, MAX_PORT, RESERVED_CIDS
-from harness.vsock.server import SwitchServer, VmEndpoint
+from harness.vsock.server import SwitchServer, VmEndpoint, close_unix_listener, listen_unix
 
 log = logging.getLogger(__name__)
 
@@ -291,17 +291,16 @@ class VsockListener:
         if attachment.uds is None or (self.vm is not None and attachment.name != self.vm):
             return
         path = listener_path(attachment.uds, self.port)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        sock.bind(str(path))
-        sock.listen(self.backlog)
-        self._register(attachment.name, sock, path, attachment.cid)
+        self._register(attachment.name, listen_unix(path, self.backlog), path, attachment.cid)
 
     def _add_kernel(self) -> None:
         sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-        sock.bind((socket.VMADDR_CID_ANY, self.port))
-        sock.listen(self.backlog)
+        try:
+            sock.bind((socket.VMADDR_CID_ANY, self.port))
+            sock.listen(self.backlog)
+        except BaseException:
+            sock.close()
+            raise
         self._register("", sock, None, None)
 
     def _register(self, key: str, sock: socket.socket, path: Path | None, cid: int | None) -> None:
@@ -313,7 +312,7 @@ class VsockListener:
         entry = self._sockets.pop(attachment.name, None)
         if entry is not None:
             self._selector.unregister(entry[0])
-            _close_listening(entry[0], entry[1])
+            close_unix_listener(entry[0], entry[1])
 
     def accept(self, timeout: float | None = None) -> tuple[socket.socket, int]:
         """The next guest connection and the CID it came from; VsockTimeout after ``timeout`` seconds."""
@@ -344,7 +343,7 @@ class VsockListener:
             return
         self.closed = True
         for sock, path, _cid in self._sockets.values():
-            _close_listening(sock, path)
+            close_unix_listener(sock, path)
         self._sockets.clear()
         self._selector.close()
         with contextlib.suppress(ValueError):
@@ -424,13 +423,6 @@ def _check_port(port: int) -> None:
 
 def _names(attachments: object) -> str:
     return ", ".join(f"{a.name}={a.cid}" for a in attachments)  # type: ignore[attr-defined]
-
-
-def _close_listening(sock: socket.socket, path: Path | None) -> None:
-    sock.close()
-    if path is not None:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
 
 
 __all__ = ["HOST_CID", "VsockAttachment", "VsockHost", "VsockListener", "connect_hybrid"]

@@ -62,11 +62,11 @@ class _VmService:
         self.device = device
         self.session: VhostUserSession | None = None
         self.sessions = 0
-        self.vhost_listener = _listen(endpoint.vhost_socket)
+        self.vhost_listener = listen_unix(endpoint.vhost_socket)
         try:
-            self.uds_listener = _listen(endpoint.uds)
+            self.uds_listener = listen_unix(endpoint.uds)
         except BaseException:
-            _close_listener(self.vhost_listener, endpoint.vhost_socket)
+            close_unix_listener(self.vhost_listener, endpoint.vhost_socket)
             raise
         loop = server.loop
         loop.add_reader(self.vhost_listener.fileno(), self._accept_front)
@@ -108,8 +108,8 @@ class _VmService:
         if self.session is not None:
             self.session.close()
         self.server.switch.detach(self.device)
-        _close_listener(self.vhost_listener, self.endpoint.vhost_socket)
-        _close_listener(self.uds_listener, self.endpoint.uds)
+        close_unix_listener(self.vhost_listener, self.endpoint.vhost_socket)
+        close_unix_listener(self.uds_listener, self.endpoint.uds)
 
 
 class SwitchServer:
@@ -163,8 +163,9 @@ class SwitchServer:
             self.remove_vm(name)
 
 
-def _listen(path: Path) -> socket.socket:
-    """A listening Unix socket at ``path``; a stale socket file there is replaced, anything else refused."""
+def listen_unix(path: Path, backlog: int = 128) -> socket.socket:
+    """A listening, non-blocking Unix socket at ``path``; a stale socket file there is replaced, one that a
+    live listener (in this process or another) still serves, or any other file, is refused (E708)."""
     with contextlib.suppress(FileNotFoundError):
         mode = os.lstat(path).st_mode
         if not stat.S_ISSOCK(mode):
@@ -178,14 +179,16 @@ def _listen(path: Path) -> socket.socket:
             os.unlink(path)
         else:
             raise VsockSwitchError(
-                f"{path} is in use by another process", hint="stop it or pick another path", path=str(path)
+                f"{path} is in use: another listener serves it",
+                hint="stop it or pick another path",
+                path=str(path),
             )
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(str(path))
-        sock.listen(128)
+        sock.listen(backlog)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
@@ -197,7 +200,9 @@ def _listen(path: Path) -> socket.socket:
     return sock
 
 
-def _close_listener(sock: socket.socket, path: Path) -> None:
+def close_unix_listener(sock: socket.socket, path: Path | None) -> None:
+    """Close a listening socket and remove its path (none for an AF_VSOCK socket)."""
     sock.close()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

@@ -24,6 +24,7 @@ from harness.vsock.errors import (
     VsockBackendUnavailable,
     VsockConfigError,
     VsockConnectionRefused,
+    VsockSwitchError,
     VsockUnknownPeer,
 )
 from harness.vsock.fake_guest import FakeFront, FakeGuest
@@ -183,6 +184,35 @@ def test_close_leaves_nothing_behind(tmp_path: Path, ledger: Ledger, loop: Event
     assert (runtime / "vm.vsock_9000").exists()
     vsock.close()
     assert listener.closed and not runtime.exists() and not ledger.claims()
+
+
+def test_a_host_port_already_listened_on_is_refused_not_taken_over(
+    tmp_path: Path, ledger: Ledger, loop: EventLoopThread
+) -> None:
+    with make_host(ledger, loop, tmp_path, backend="builtin") as vsock:
+        vsock.attach("vm", group="g")
+        first = vsock.listen(9000)
+        with pytest.raises(VsockSwitchError) as err:
+            vsock.listen(9000)
+        assert err.value.code == "E708"
+        guest = socket.socket(socket.AF_UNIX)
+        guest.connect(str(vsock.runtime_dir / "vm.vsock_9000"))  # still the first listener's socket
+        conn, _cid = first.accept(timeout=5)
+        conn.close()
+        guest.close()
+
+
+def test_a_listener_that_cannot_bind_raises_a_coded_error(
+    tmp_path: Path, ledger: Ledger, loop: EventLoopThread
+) -> None:
+    with make_host(ledger, loop, tmp_path, backend="builtin") as vsock:
+        vsock.attach("vm", group="g")
+        for entry in vsock.runtime_dir.iterdir():
+            entry.unlink()
+        vsock.runtime_dir.rmdir()
+        with pytest.raises(VsockSwitchError) as err:
+            vsock.listen(9000)
+        assert err.value.code == "E708" and not vsock._listeners
 
 
 # -- streams through the switch -------------------------------------------------------------------
