@@ -83,7 +83,14 @@ class KmsServer:
         listen = self.listen
         self._runner = web.AppRunner(self.http.app(), access_log=None, handle_signals=False)
         await self._runner.setup()
-        context = server_context(self.kms_dir) if listen.tls else None
+        try:
+            context = server_context(self.kms_dir) if listen.tls else None
+        except OSError as exc:  # ssl.SSLError is one
+            await self._runner.cleanup()
+            raise ServerStartError(
+                f"KMS cannot load its TLS certificate from {self.kms_dir / 'tls'}: {exc.strerror or exc}",
+                hint=f"remove {self.kms_dir / 'tls'} to have a new lab certificate made",
+            ) from None
         try:
             if listen.unix_path is not None:
                 site: web.BaseSite = web.UnixSite(self._runner, str(listen.unix_path), ssl_context=context)

@@ -183,6 +183,16 @@ def test_tls_and_unix_socket(tmp_path: Path) -> None:
     assert not sock.exists()
 
 
+def test_a_damaged_tls_key_is_a_start_error(tmp_path: Path) -> None:
+    from harness.kms.errors import ServerStartError
+    from harness.kms.tls import ensure_certificate
+
+    ensure_certificate(tmp_path / "kms")
+    (tmp_path / "kms" / "tls" / "server.key").write_text("not a key")
+    with pytest.raises(ServerStartError, match="TLS certificate"):
+        KmsServer.start(tmp_path / "kms", Listen(tls=True))
+
+
 def test_master_key_file_is_private_and_env_key_is_checked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
