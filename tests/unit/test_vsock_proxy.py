@@ -131,6 +131,24 @@ def test_proxy_refuses_a_target_outside_the_allowlist(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("vm.vsock*"))
 
 
+def test_proxy_refuses_a_port_another_listener_serves(tmp_path: Path) -> None:
+    config = tmp_path / "allow.yaml"
+    config.write_text("allowlist:\n- {address: 127.0.0.1, port: 9}\n")
+    busy = socket.socket(socket.AF_UNIX)
+    busy.bind(str(tmp_path / "vm.vsock_8000"))
+    busy.listen()
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "harness.cli", "vsock", "proxy", "--config", str(config), "--uds",
+             str(tmp_path / "vm.vsock"), "8000", "127.0.0.1", "9"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        busy.close()
+    assert run.returncode == 1 and "E708" in run.stderr and "Traceback" not in run.stderr
+    assert (tmp_path / "vm.vsock_8000").exists()  # left to the listener that serves it
+
+
 def test_guest_proxy_refuses_a_bad_allowlist(tmp_path: Path) -> None:
     config = tmp_path / "allow.yaml"
     config.write_text("allowlist:\n- {address: x, port: nope}\n")
