@@ -147,7 +147,9 @@ def plan_enclave(
             f"{eif_path} is an {image.arch} image; this lab boots x86_64 enclaves",
             hint="build the image for x86_64",
         )
-    custom = (image.metadata or {}).get("CustomMetadata") or {}
+    custom = (image.metadata or {}).get("CustomMetadata")
+    if not isinstance(custom, dict):  # any JSON in an image from elsewhere: then it holds no defaults
+        custom = {}
     if vcpus is None:
         vcpus = _int_or(custom.get("CPUCount"), DEFAULT_VCPUS)
         check_vcpus(vcpus, where=f"{eif_path} (its CPUCount metadata)")

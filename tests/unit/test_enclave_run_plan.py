@@ -186,6 +186,25 @@ def test_the_default_memory_is_raised_to_the_images_minimum(tmp_path: Path, auth
         assert launch.spec.vcpus == 2
 
 
+@pytest.mark.parametrize("custom", ["[4, 300]", '"4 vCPUs"', "7"])
+def test_custom_metadata_that_is_not_an_object_gives_no_defaults(
+    tmp_path: Path, authority, no_leaks, monkeypatch: pytest.MonkeyPatch, custom: str
+) -> None:
+    from harness.enclave import eif as eif_format
+
+    written = eif_format._metadata_bytes
+    monkeypatch.setattr(  # an image from another tool: CustomMetadata may be any JSON
+        eif_format,
+        "_metadata_bytes",
+        lambda *args: written(*args).replace(b'"CustomMetadata":null', f'"CustomMetadata":{custom}'.encode()),
+    )
+    (tmp_path / "k").write_bytes(b"k" * 1024)
+    (tmp_path / "r").write_bytes(b"r" * 1024)
+    build_eif(tmp_path / "other.eif", kernel=tmp_path / "k", cmdline="x", ramdisks=[tmp_path / "r"])
+    with plan(tmp_path / "other.eif", authority) as launch:
+        assert (launch.spec.vcpus, launch.spec.memory_mib) == (run.DEFAULT_VCPUS, run.DEFAULT_MEMORY_MIB)
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 
 
