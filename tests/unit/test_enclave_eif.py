@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from harness.enclave import build_eif, describe_eif, describe_image, errors, read_eif
+from harness.enclave import EifImage, build_eif, describe_eif, describe_image, errors, read_eif
 from harness.enclave import eif as eif_module
 from harness.enclave.pcrs import pcr3_of_parent_role, pcr4_of_parent_instance
 
@@ -105,6 +105,20 @@ def inputs(tmp_path: Path) -> Inputs:
 @pytest.fixture(scope="module")
 def signer() -> tuple[bytes, bytes]:
     return make_signer()
+
+
+@pytest.fixture
+def signed(inputs: Inputs, tmp_path: Path, signer: tuple[bytes, bytes]) -> EifImage:
+    """``inputs`` built into ``s.eif``, signed by ``signer``."""
+    key_pem, cert_pem = signer
+    return build_eif(
+        tmp_path / "s.eif",
+        kernel=inputs.kernel,
+        cmdline="x",
+        ramdisks=inputs.ramdisks,
+        signing_key=key_pem,
+        signing_certificate=cert_pem,
+    )
 
 
 def walk_sections(data: bytes) -> list[tuple[int, int, bytes]]:
@@ -307,17 +321,9 @@ def test_signed_image_describes_like_nitro_cli(
 
 
 def test_signature_section_is_laid_out_as_nitro_cli_writes_it(
-    inputs: Inputs, tmp_path: Path, signer: tuple[bytes, bytes]
+    signed: EifImage, signer: tuple[bytes, bytes]
 ) -> None:
-    key_pem, cert_pem = signer
-    image = build_eif(
-        tmp_path / "s.eif",
-        kernel=inputs.kernel,
-        cmdline="x",
-        ramdisks=inputs.ramdisks,
-        signing_key=key_pem,
-        signing_certificate=cert_pem,
-    )
+    image, cert_pem = signed, signer[1]
     section_type, _offset, data = walk_sections(image.path.read_bytes())[-1]
     assert section_type == 4
     [entry] = cbor2.loads(data)
@@ -337,18 +343,8 @@ def test_signature_section_is_laid_out_as_nitro_cli_writes_it(
     )
 
 
-def test_a_modified_signed_image_fails_its_signature_check(
-    inputs: Inputs, tmp_path: Path, signer: tuple[bytes, bytes]
-) -> None:
-    key_pem, cert_pem = signer
-    image = build_eif(
-        tmp_path / "s.eif",
-        kernel=inputs.kernel,
-        cmdline="x",
-        ramdisks=inputs.ramdisks,
-        signing_key=key_pem,
-        signing_certificate=cert_pem,
-    )
+def test_a_modified_signed_image_fails_its_signature_check(signed: EifImage, tmp_path: Path) -> None:
+    image = signed
     data = bytearray(image.path.read_bytes())
     data[image.kernel.data_offset + 5] ^= 0xFF
     (tmp_path / "m.eif").write_bytes(fix_crc(data))
@@ -361,19 +357,10 @@ def test_a_modified_signed_image_fails_its_signature_check(
 
 
 def test_an_expired_signing_certificate_is_refused_when_required(
-    inputs: Inputs, tmp_path: Path, signer: tuple[bytes, bytes]
+    signed: EifImage, inputs: Inputs, tmp_path: Path
 ) -> None:
-    key_pem, cert_pem = signer
-    image = build_eif(
-        tmp_path / "s.eif",
-        kernel=inputs.kernel,
-        cmdline="x",
-        ramdisks=inputs.ramdisks,
-        signing_key=key_pem,
-        signing_certificate=cert_pem,
-    )
     with pytest.raises(errors.EifSignatureMismatch, match="valid from"):
-        image.require_valid_signature(now=datetime.now(UTC) + timedelta(days=400))
+        signed.require_valid_signature(now=datetime.now(UTC) + timedelta(days=400))
     unsigned = build_eif(tmp_path / "u.eif", kernel=inputs.kernel, cmdline="x", ramdisks=inputs.ramdisks)
     with pytest.raises(errors.EifSignatureMismatch, match="not signed"):
         unsigned.require_valid_signature()
