@@ -80,13 +80,13 @@ def connect(cid: int, port: int, wait: float = 30.0) -> socket.socket:
             time.sleep(0.05)
 
 
-def drain(sock: socket.socket, digest=None) -> tuple[int, float]:
-    """Read to EOF; returns (bytes, seconds from the first byte to EOF)."""
+def drain(sock: socket.socket, digest=None, limit: int | None = None) -> tuple[int, float]:
+    """Read to EOF (or ``limit`` bytes); returns (bytes, seconds from the first byte to the last)."""
     buf = bytearray(1 << 20)
     view = memoryview(buf)
     total = 0
     first = None
-    while True:
+    while limit is None or total < limit:
         n = sock.recv_into(buf)
         if not n:
             break
@@ -96,6 +96,22 @@ def drain(sock: socket.socket, digest=None) -> tuple[int, float]:
         if digest is not None:
             digest.update(view[:n])
     return total, (time.monotonic() - first) if first else 0.0
+
+
+def round_trips(sock: socket.socket, message: bytes, count: int) -> list[float]:
+    """Send ``message`` to an echo peer and read it back, ``count`` times; each round trip in ms."""
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter()
+        sock.sendall(message)
+        got = 0
+        while got < len(message):
+            part = sock.recv(len(message) - got)
+            if not part:
+                raise ConnectionError(f"the echo peer closed after {len(samples)} round trips")
+            got += len(part)
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -195,17 +211,8 @@ def cmd_pingpong(args) -> dict:
     """Round trips of ``size`` bytes to an echo peer; latencies in milliseconds."""
     sock = connect(args.cid, args.port, args.wait)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, args.size)
-    message = b"p" * args.size
-    samples = []
-    for _ in range(args.count):
-        started = time.perf_counter()
-        sock.sendall(message)
-        got = 0
-        while got < args.size:
-            got += len(sock.recv(args.size - got))
-        samples.append((time.perf_counter() - started) * 1000)
+    samples = sorted(round_trips(sock, b"p" * args.size, args.count))
     sock.close()
-    samples.sort()
     return {
         "count": args.count,
         "p50_ms": samples[len(samples) // 2],

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from teelab_guest.vsock_peer import Pattern
+from teelab_guest.vsock_peer import Pattern, drain, round_trips
 
 from harness import images
 from harness.agent import ExecResult, GuestAgent
@@ -85,19 +85,6 @@ class _Background:
 
 def _mb_s(nbytes: int, seconds: float) -> float:
     return round(nbytes / seconds / 1e6, 2) if seconds > 0 else 0.0
-
-
-def _drain(sock: socket.socket, limit: int | None = None) -> tuple[int, float]:
-    buf = bytearray(1 << 20)
-    total, first = 0, None
-    while limit is None or total < limit:
-        n = sock.recv_into(buf)
-        if not n:
-            break
-        if first is None:
-            first = time.monotonic()
-        total += n
-    return total, (time.monotonic() - first) if first else 0.0
 
 
 def _connect(vsock: VsockHost, cid: int, port: int, wait: float = 60.0) -> socket.socket:
@@ -176,7 +163,7 @@ def bench_vsock(
                 a.agent, [*PEER, "source", "--cid", "2", "--port", "7000", "--bytes", str(size)], 600
             )
             conn, _cid = listener.accept(timeout=120)
-            total, seconds = _drain(conn)
+            total, seconds = drain(conn)
             conn.sendall(json.dumps({"bytes": total, "seconds": seconds}).encode() + b"\n")
             conn.close()
             sender.json()
@@ -189,7 +176,7 @@ def bench_vsock(
             writer = _Background(
                 a.agent, [*PEER, "serial-source", "--name", SERIAL_PORT, "--bytes", str(size)], 600
             )
-            total, seconds = _drain(channel, size)
+            total, seconds = drain(channel, limit=size)
             writer.json()
         measured["serial_guest_to_host_mb_s"] = _mb_s(total, seconds)
         measured["vsock_over_serial"] = round(
@@ -202,7 +189,7 @@ def bench_vsock(
         conn = _connect(vsock, 3, 7001)
         Pattern().send(conn.sendall, size)
         conn.shutdown(socket.SHUT_WR)
-        _drain(conn)
+        drain(conn)
         conn.close()
         report = sink.json()
         measured["host_to_guest_mb_s"] = _mb_s(report["bytes"], report["seconds"])
@@ -220,14 +207,7 @@ def bench_vsock(
         # round trips host <-> guest, then guest <-> guest
         echo = _Background(a.agent, [*PEER, "echo", "--port", "7003"], 600)
         conn = _connect(vsock, 3, 7003)
-        message = b"r" * 64
-        for _ in range(rtt_count):
-            started = time.perf_counter()
-            conn.sendall(message)
-            got = 0
-            while got < len(message):
-                got += len(conn.recv(len(message) - got))
-            result.rtt_ms.append((time.perf_counter() - started) * 1000)
+        result.rtt_ms.extend(round_trips(conn, b"r" * 64, rtt_count))
         conn.close()
         echo.json()
         step("host <-> guest rtt", f"p50 {result.figures['rtt_p50_ms']} ms")
