@@ -189,6 +189,7 @@ class Machine:
             stderr_text = self._stderr_text()
             self._cleanup(stage="launch-failed")
             qmp_parent.close()
+            con_parent.close()  # not yet the console's when the failure came before QEMU started
             if isinstance(exc, LabError):
                 raise
             raise LaunchError(

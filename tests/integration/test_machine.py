@@ -127,6 +127,18 @@ def test_qemu_that_refuses_its_input_raises_launch_error_with_argv_and_stderr(
     assert not list(_qemu_pids_with_name("bad-kernel"))
 
 
+def test_a_launch_that_cannot_start_qemu_keeps_no_descriptor(lab: Lab, tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"\0" * 4096)
+    spec = VMSpec(name="no-binary", kernel=kernel, memory_mib=128)
+    machine = Machine(spec, lab.host, qemu_binary=str(tmp_path / "absent"))
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(LaunchError) as caught:
+        machine.launch()
+    assert caught.value.code == "E401"
+    assert set(os.listdir("/proc/self/fd")) <= before
+
+
 def test_qemu_dies_with_the_harness_process(enclave_image, tmp_path: Path) -> None:
     script = textwrap.dedent(
         """
