@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from harness.attest.checks import evidence_time, malformed_verdict
@@ -12,7 +13,7 @@ from harness.attest.nitro import AttestationDocument, looks_like_nitro, parse_at
 from harness.attest.policy import Policy
 from harness.attest.snp import REPORT_SIZE, SnpReport, looks_like_snp, parse_snp_report
 from harness.attest.tdx import TdxQuote, looks_like_tdx, parse_tdx_quote
-from harness.attest.verdict import Verdict
+from harness.attest.verdict import Reason, Verdict
 from harness.attest.verify_nitro import verify_nitro
 from harness.attest.verify_snp import verify_snp
 from harness.attest.verify_tdx import verify_tdx
@@ -79,9 +80,33 @@ def verify(
     except (UnknownEvidenceFormat, EvidenceTruncated) as err:
         return malformed_verdict("unknown", err)
     if kind == "snp":
-        return verify_snp(evidence, policy, now=at, certificates=certificates)
-    if kind == "tdx":
-        return verify_tdx(evidence, policy, now=at, collateral=collateral)
-    if kind == "nitro":
-        return verify_nitro(evidence, policy, now=at)
-    return malformed_verdict("unknown", UnknownEvidenceFormat(f"unknown kind {kind!r}", field="kind"))
+        verdict = verify_snp(evidence, policy, now=at, certificates=certificates)
+    elif kind == "tdx":
+        verdict = verify_tdx(evidence, policy, now=at, collateral=collateral)
+    elif kind == "nitro":
+        verdict = verify_nitro(evidence, policy, now=at)
+    else:
+        return malformed_verdict("unknown", UnknownEvidenceFormat(f"unknown kind {kind!r}", field="kind"))
+    foreign = foreign_pins(policy, kind)
+    if not foreign:
+        return verdict
+    return replace(verdict, ok=False, reasons=(*verdict.reasons, *foreign))
+
+
+# Reference values only one kind of evidence carries ("report_data": SNP and TDX). A policy that pins one was
+# written for that kind: evidence of another kind cannot meet it, and must not pass because the pin is moot.
+PINS_BY_KIND = {
+    "snp": ("measurement", "host_data", "min_tcb", "report_data"),
+    "tdx": ("mrtd", "rtmrs", "mrconfigid", "mrowner", "mrownerconfig", "report_data"),
+    "nitro": ("pcrs", "module_id", "user_data"),
+}
+
+
+def foreign_pins(policy: Policy, kind: str) -> tuple[Reason, ...]:
+    """A ``policy-kind-mismatch`` reason for each pinned value that evidence of ``kind`` does not carry."""
+    carried = set(PINS_BY_KIND.get(kind, ()))
+    pinned = {name for names in PINS_BY_KIND.values() for name in names if getattr(policy, name)}
+    return tuple(
+        Reason("policy-kind-mismatch", name, f"the policy pins {name}, which {kind} evidence does not carry")
+        for name in sorted(pinned - carried)
+    )
