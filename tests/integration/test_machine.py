@@ -8,13 +8,21 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from harness.lab import READY_PATTERN, Lab
-from harness.qemu.machine import ConsoleTimeout, LaunchError, Machine, UnexpectedExit
+from harness.qemu.machine import (
+    KEEP_RUNS,
+    ConsoleTimeout,
+    LaunchError,
+    Machine,
+    UnexpectedExit,
+    _new_artifact_dir,
+)
 from harness.qemu.spec import VMSpec
 
 pytestmark = pytest.mark.vm
@@ -137,6 +145,28 @@ def test_a_launch_that_cannot_start_qemu_keeps_no_descriptor(lab: Lab, tmp_path:
         machine.launch()
     assert caught.value.code == "E401"
     assert set(os.listdir("/proc/self/fd")) <= before
+
+
+def test_launches_pruning_the_runs_dir_at_once_never_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEELAB_STATE_DIR", str(tmp_path))
+    failures: list[BaseException] = []
+
+    def launches() -> None:
+        for _ in range(40):
+            try:
+                (_new_artifact_dir("prune") / "console.log").write_text("")
+            except BaseException as exc:
+                failures.append(exc)
+
+    threads = [threading.Thread(target=launches) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert len(list((tmp_path / "runs").iterdir())) == KEEP_RUNS
 
 
 def test_qemu_dies_with_the_harness_process(enclave_image, tmp_path: Path) -> None:
