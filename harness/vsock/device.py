@@ -97,6 +97,17 @@ class VsockDevice:
             self.kick(TX_QUEUE)
             self.schedule_flush()
 
+    def remap_queue(self, index: int, queue: SplitQueue) -> None:
+        """Go on with ``queue``, the same ring over a new memory table; an rx chain taken but not filled yet
+        is walked again there, or returned empty when it no longer fits."""
+        self.queues[index] = queue
+        if index == RX_QUEUE and self._rx_chain is not None:
+            head, self._rx_chain = self._rx_chain.head, None
+            try:
+                self._rx_chain = queue.walk(head)
+            except GuestFault:
+                queue.push(head, 0)
+
     def set_call_fd(self, index: int, fd: int | None) -> None:
         if fd is None:
             self.call_fds.pop(index, None)

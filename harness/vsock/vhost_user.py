@@ -273,8 +273,15 @@ class VhostUserSession:
             raise ProtocolError(f"memory table of {count} regions in {len(body)} bytes")
         regions = [MemoryRegion(*REGION.unpack_from(body, 8 + REGION.size * i)) for i in range(count)]
         memory = GuestMemory.from_fds(regions, fds)  # the fds are closed after dispatch; the maps stay
+        try:  # every running ring over the new table, or none: a table that leaves one out is refused
+            queues = {i: v.queue.remapped(memory) for i, v in enumerate(self.vrings) if v.queue is not None}
+        except GuestFault:
+            memory.close()
+            raise
         old, self.memory = self.memory, memory
-        self._remap_queues()
+        for index, queue in queues.items():
+            self.vrings[index].queue = queue
+            self.device.remap_queue(index, queue)
         if old is not None:
             old.close()
         log.debug(
@@ -282,26 +289,6 @@ class VhostUserSession:
             self.device.name,
             [(hex(r.guest_addr), hex(r.size)) for r in memory.regions],
         )
-
-    def _remap_queues(self) -> None:
-        """Rebuild running queues over the new memory table, keeping their indices."""
-        for index, vring in enumerate(self.vrings):
-            if vring.queue is None or self.memory is None or vring.addrs is None:
-                continue
-            old = vring.queue
-            queue = SplitQueue(
-                self.memory, vring.num, vring.addrs, event_idx=old.event_idx, last_avail=old.last_avail
-            )
-            queue.used_idx, queue._published, queue._signalled = old.used_idx, old._published, old._signalled
-            vring.queue = queue
-            self.device.queues[index] = queue
-            if index == RX_QUEUE and self.device._rx_chain is not None:
-                head = self.device._rx_chain.head
-                self.device._rx_chain = None
-                try:
-                    self.device._rx_chain = queue._walk(head)
-                except GuestFault:
-                    queue.push(head, 0)
 
     def _set_vring_num(self, body: bytes, fds: list[int]) -> None:
         index, num = STATE.unpack_from(body)

@@ -84,6 +84,7 @@ class SplitQueue:
         tail = 2 if event_idx else 0
         self.memory = memory
         self.size = size
+        self.addrs = addrs
         self.event_idx = event_idx
         self._mask = size - 1
         self._desc = memory.uva(addrs.desc, 16 * size)
@@ -114,9 +115,10 @@ class SplitQueue:
             )
         head = U16.unpack_from(self._avail, 4 + 2 * (self.last_avail & self._mask))[0]
         self.last_avail = (self.last_avail + 1) & 0xFFFF
-        return self._walk(head)
+        return self.walk(head)
 
-    def _walk(self, head: int) -> Chain:
+    def walk(self, head: int) -> Chain:
+        """The chain that starts at descriptor ``head``; ChainFault when it breaks a rule."""
         size = self.size
         if head >= size:
             raise ChainFault("desc_index", f"head {head} >= queue size {size}", None)
@@ -146,6 +148,15 @@ class SplitQueue:
                 raise ChainFault("desc_index", f"descriptor {index} chains to {nxt} >= {size}", head)
             index = nxt
         raise ChainFault("desc_loop", f"chain from {head} is longer than the queue ({size})", head)
+
+    def remapped(self, memory: GuestMemory) -> SplitQueue:
+        """This ring over a new memory table, going on from the same indices; GuestFault when the table
+        no longer holds it."""
+        queue = SplitQueue(
+            memory, self.size, self.addrs, event_idx=self.event_idx, last_avail=self.last_avail
+        )
+        queue.used_idx, queue._published, queue._signalled = self.used_idx, self._published, self._signalled
+        return queue
 
     def arm_kick(self) -> bool:
         """Ask for a kick on the next available buffer; True when buffers arrived meanwhile (drain again)."""

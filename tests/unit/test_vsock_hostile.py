@@ -56,8 +56,8 @@ class RecordingQueue(SplitQueue):
 
     writable: list[tuple[int, int]]
 
-    def _walk(self, head: int) -> Chain:
-        chain = super()._walk(head)
+    def walk(self, head: int) -> Chain:
+        chain = super().walk(head)
         index = head
         for _ in range(len(chain.readable) + len(chain.writable)):
             addr, length, flags, nxt = DESC.unpack_from(self._desc, 16 * index)

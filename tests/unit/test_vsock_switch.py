@@ -19,7 +19,7 @@ import pytest
 from harness.aio import EventLoopThread
 from harness.vsock import hybrid
 from harness.vsock.errors import VsockConnectionRefused
-from harness.vsock.fake_guest import FakeFront, FakeGuest, GuestConn
+from harness.vsock.fake_guest import USER_BASE, FakeFront, FakeGuest, GuestConn
 from harness.vsock.host import connect_hybrid
 from harness.vsock.hybrid import listener_path
 from harness.vsock.server import SwitchServer, VmEndpoint
@@ -373,6 +373,39 @@ def test_stopping_the_rings_resets_connections(rig: Rig) -> None:
     sock.settimeout(10)
     assert sock.recv(10) == b""
     assert rig.stats()["vms"]["vm1"]["host_connections"] == 0
+
+
+def test_a_new_memory_table_moves_the_running_rings_or_is_refused_whole(rig: Rig) -> None:
+    """QEMU sends SET_MEM_TABLE again when guest memory changes (hotplug): the rings go on over the new
+    mapping; a table that leaves out a ring is refused, and both rings keep the memory they had."""
+    vm = rig.add("vm1", 16)
+    with vm.pump.lock:
+        vm.guest.listen(5000)
+    vm.pump.behaviours.append(echo)
+    sock = connect_hybrid(vm.endpoint.uds, 5000)
+    sock.settimeout(10)
+    session = rig.loop.call(lambda: rig.server._vms["vm1"].session)
+
+    def set_mem_table(size: int) -> int:
+        fd = os.dup(vm.guest.fd)  # type: ignore[arg-type]
+        try:
+            region = struct.pack("<QQQQ", 0, size, USER_BASE, 0)
+            reply = vm.front.request(5, struct.pack("<II", 1, 0) + region, (fd,), need_reply=True)
+        finally:
+            os.close(fd)
+        return struct.unpack("<Q", reply or b"")[0]
+
+    first = session.memory
+    assert set_mem_table(vm.guest.size) == 0
+    assert session.memory is not first
+    sock.sendall(b"moved")
+    assert sock.recv(5) == b"moved"
+    kept = session.memory
+    assert set_mem_table(vm.guest.ring_area) != 0  # holds the rx ring, not the tx ring
+    assert session.memory is kept and rig.stats()["vms"]["vm1"]["drops"] == {"bad_address": 1}
+    sock.sendall(b"still")
+    assert sock.recv(5) == b"still"
+    sock.close()
 
 
 def test_a_second_front_end_is_refused(rig: Rig) -> None:
