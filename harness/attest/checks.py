@@ -30,6 +30,7 @@ AUTHENTICITY_CODES = frozenset(
         "untrusted-root",
         "certificate-expired",
         "certificate-not-yet-valid",
+        "certificate-revoked",
         "ca-constraints",
         "missing-certificate",
         "qe-signature-invalid",

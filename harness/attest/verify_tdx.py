@@ -132,13 +132,14 @@ def verify_tdx(
     check_value(
         found, "mrownerconfig-mismatch", "mrownerconfig", policy.mrownerconfig, quote.body.mrownerconfig
     )
-    check_report_data_binding(found, policy, quote.body.report_data, claims)
     if collateral is None:
         found.note("no TDX collateral given: TCB status, QE identity and revocation were not checked")
     elif pck_chain:
         claims["tcb"] = check_collateral(
             found, quote, pck_chain, collateral, anchors, quote_root, policy, now
         )
+    # after the collateral: a quote from a revoked PCK is not authentic and must not use up its nonce
+    check_report_data_binding(found, policy, quote.body.report_data, claims)
     if policy.max_age is not None:
         found.note("TDX quotes carry no time; max_age is not applied (freshness comes from the nonce)")
     check_claims(found, policy.claims, claims)
