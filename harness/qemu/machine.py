@@ -123,6 +123,7 @@ class Machine:
         self._qmp: QMPClient | None = None
         self._console_sock: socket.socket | None = None
         self._console_task: asyncio.Task[None] | None = None
+        self._console_writer: asyncio.StreamWriter | None = None
         self._console = bytearray()
         self._console_cursor = 0
         self._console_changed: asyncio.Condition | None = None
@@ -194,7 +195,7 @@ class Machine:
             if isinstance(exc, LabError):
                 raise
             raise LaunchError(
-                f"QEMU for {self.spec.name} did not start: {_first_line(stderr_text) or exc!r}",
+                f"QEMU for {self.spec.name} did not start: {_last_line(stderr_text) or exc!r}",
                 hint=f"see {self.artifacts}/qemu.stderr; run.sh there reproduces the launch",
                 argv=self.argv,
                 stderr=stderr_text,
@@ -217,8 +218,7 @@ class Machine:
 
     async def _start_console(self, sock: socket.socket) -> None:
         self._console_changed = asyncio.Condition()
-        reader, _writer = await asyncio.open_unix_connection(sock=sock)
-        self._console_writer = _writer
+        reader, self._console_writer = await asyncio.open_unix_connection(sock=sock)
         self._console_task = asyncio.get_running_loop().create_task(self._pump_console(reader))
 
     async def _pump_console(self, reader: asyncio.StreamReader) -> None:
@@ -323,6 +323,8 @@ class Machine:
 
     def write_console(self, text: str) -> None:
         """Type ``text`` on the guest's serial console."""
+        if self._console_writer is None or not self.running:
+            raise MachineStateError(f"{self.spec.name} is not running", hint="launch() it first")
         self._loop.call(self._console_writer.write, text.encode())
 
     def vcpu_threads(self) -> dict[int, int]:
@@ -422,9 +424,8 @@ class Machine:
             with contextlib.suppress(BaseException):
                 await self._console_task
             self._console_task = None
-        writer = getattr(self, "_console_writer", None)
-        if writer is not None:
-            writer.close()
+        if self._console_writer is not None:
+            self._console_writer.close()
             self._console_writer = None
 
     def _stderr_text(self) -> str:
@@ -440,7 +441,8 @@ class Machine:
             self.shutdown(powerdown_timeout=5.0)
 
 
-def _first_line(text: str) -> str:
+def _last_line(text: str) -> str:
+    """The last non-blank line: where QEMU says why it stopped."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
 

@@ -20,6 +20,7 @@ from harness.qemu.machine import (
     ConsoleTimeout,
     LaunchError,
     Machine,
+    MachineStateError,
     UnexpectedExit,
     _new_artifact_dir,
 )
@@ -145,6 +146,8 @@ def test_a_launch_that_cannot_start_qemu_keeps_no_descriptor(lab: Lab, tmp_path:
         machine.launch()
     assert caught.value.code == "E401"
     assert set(os.listdir("/proc/self/fd")) <= before
+    with pytest.raises(MachineStateError):
+        machine.write_console("\n")
 
 
 def test_launches_pruning_the_runs_dir_at_once_never_fail(
