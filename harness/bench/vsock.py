@@ -11,7 +11,6 @@ import os
 import socket
 import statistics
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +22,6 @@ from harness.agent import ExecResult, GuestAgent
 from harness.bench.result import Bar, BenchResult
 from harness.lab import GuestBoot, Lab
 from harness.qemu.spec import ChardevChannel, MemoryBackendMemfd, VirtioSerialPort
-from harness.vsock.errors import VsockConnectionRefused
 from harness.vsock.host import VsockHost
 
 SERIAL_PORT = "org.teelab.bench.0"
@@ -85,17 +83,6 @@ class _Background:
 
 def _mb_s(nbytes: int, seconds: float) -> float:
     return round(nbytes / seconds / 1e6, 2) if seconds > 0 else 0.0
-
-
-def _connect(vsock: VsockHost, cid: int, port: int, wait: float = 60.0) -> socket.socket:
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            return vsock.connect(cid, port, timeout=wait)
-        except VsockConnectionRefused:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def bench_vsock(
@@ -186,7 +173,7 @@ def bench_vsock(
 
         # host -> guest
         sink = _Background(a.agent, [*PEER, "sink", "--port", "7001"], 600)
-        conn = _connect(vsock, 3, 7001)
+        conn = vsock.connect(3, 7001, timeout=60, wait=60)
         Pattern().send(conn.sendall, size)
         conn.shutdown(socket.SHUT_WR)
         drain(conn)
@@ -206,7 +193,7 @@ def bench_vsock(
 
         # round trips host <-> guest, then guest <-> guest
         echo = _Background(a.agent, [*PEER, "echo", "--port", "7003"], 600)
-        conn = _connect(vsock, 3, 7003)
+        conn = vsock.connect(3, 7003, timeout=60, wait=60)
         result.rtt_ms.extend(round_trips(conn, b"r" * 64, rtt_count))
         conn.close()
         echo.json()

@@ -217,15 +217,23 @@ class VsockHost:
         )
 
     def connect(
-        self, cid: int, port: int, *, group: str | None = None, timeout: float = 10.0
+        self, cid: int, port: int, *, group: str | None = None, timeout: float = 10.0, wait: float = 0.0
     ) -> socket.socket:
-        """A stream to guest ``cid`` port ``port``; refused at once (RST) when nothing listens there."""
+        """A stream to guest ``cid`` port ``port``; refused at once (RST) when nothing listens there, unless
+        ``wait``: refusals are then retried for that many seconds (a guest whose listener is starting)."""
         _check_port(port)
         attachment = self.find(cid, group)
-        if attachment.backend == backends.KERNEL:
-            return _connect_kernel(cid, port, timeout)
-        assert attachment.uds is not None
-        return connect_hybrid(attachment.uds, port, timeout, what=f"{attachment.name} (CID {cid})")
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                if attachment.backend == backends.KERNEL:
+                    return _connect_kernel(cid, port, timeout)
+                assert attachment.uds is not None
+                return connect_hybrid(attachment.uds, port, timeout, what=f"{attachment.name} (CID {cid})")
+            except VsockConnectionRefused:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
 
     def listen(self, port: int, *, vm: str | None = None, backlog: int = 128) -> VsockListener:
         """Accept guest connections to the host (CID 2) ``port``, from every attached VM (or only ``vm``)."""

@@ -93,17 +93,6 @@ class InGuest:
         return json.loads(self.result.stdout)
 
 
-def connect_when_up(vsock: VsockHost, cid: int, port: int, *, group: str | None = None) -> socket.socket:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            return vsock.connect(cid, port, group=group)
-        except VsockConnectionRefused:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 def test_two_guests_exchange_64_mib_each_way(guests: Guests) -> None:
     size = 64 * MIB
     listener = InGuest(guests.parent.agent, [*PEER, "exchange", "--listen", "6000", "--bytes", str(size)])
@@ -119,7 +108,7 @@ def test_two_guests_exchange_64_mib_each_way(guests: Guests) -> None:
 
 def test_host_guest_echo(guests: Guests) -> None:
     echo = InGuest(guests.enclave.agent, [*PEER, "echo", "--port", "5000"])
-    sock = connect_when_up(guests.vsock, 16, 5000, group="lab1")
+    sock = guests.vsock.connect(16, 5000, group="lab1", wait=60)
     data = os.urandom(MIB)
     sender = threading.Thread(target=lambda: (sock.sendall(data), sock.shutdown(socket.SHUT_WR)))
     sender.start()
@@ -149,7 +138,7 @@ def test_guest_reaches_a_host_listener(guests: Guests) -> None:
 
 def test_sixty_four_concurrent_connections_to_one_guest(guests: Guests) -> None:
     echo = InGuest(guests.parent.agent, [*PEER, "echo", "--port", "5001", "--connections", "64"])
-    connect_when_up(guests.vsock, 3, 5001, group="lab1").close()  # the first of the 64
+    guests.vsock.connect(3, 5001, group="lab1", wait=60).close()  # the first of the 64
     ok: dict[int, bool] = {}
 
     def client(i: int) -> None:
@@ -184,7 +173,7 @@ def test_a_closed_port_fails_at_once_by_reset(guests: Guests) -> None:
 def test_unrelated_vms_cannot_reach_each_other(guests: Guests) -> None:
     """The stranger (CID 3 of lab2) listens on 6100; from lab1, CID 3 is the parent, which does not: reset."""
     stranger = InGuest(guests.stranger.agent, [*PEER, "echo", "--port", "6100", "--connections", "2"])
-    connect_when_up(guests.vsock, 3, 6100, group="lab2").close()  # proves the stranger is listening
+    guests.vsock.connect(3, 6100, group="lab2", wait=60).close()  # proves the stranger is listening
     from_enclave = InGuest(guests.enclave.agent, [*PEER, "refused", "--cid", "3", "--port", "6100"]).json()
     assert from_enclave["outcome"] == "ECONNRESET"
     guests.vsock.connect(3, 6100, group="lab2").close()  # still listening: the refusal came from lab1
@@ -195,10 +184,10 @@ def test_a_vm_that_dies_mid_transfer_frees_its_connections(guests: Guests) -> No
     doomed = guests.boot(f"doomed-{os.getpid()}", "lab1", 17)
     name = doomed.machine.spec.name
     echo = InGuest(doomed.agent, [*PEER, "echo", "--port", "5002"])
-    victim = connect_when_up(guests.vsock, 17, 5002, group="lab1")
+    victim = guests.vsock.connect(17, 5002, group="lab1", wait=60)
     victim.sendall(b"x" * 100_000)
     survivor_sink = InGuest(guests.parent.agent, [*PEER, "sink", "--port", "6200", "--hash"])
-    survivor = connect_when_up(guests.vsock, 3, 6200, group="lab1")
+    survivor = guests.vsock.connect(3, 6200, group="lab1", wait=60)
     pattern = Pattern()
     pattern.send(survivor.sendall, 16 * MIB)
     assert guests.vsock.stats()["vms"][name]["host_connections"] == 1
@@ -229,7 +218,7 @@ def test_kernel_backend_echo(lab_host: HostInfo) -> None:
         guest = boot(lab, vsock, image, f"kernel-{os.getpid()}", None)
         cid = vsock.attachments[guest.machine.spec.name].cid
         echo = InGuest(guest.agent, [*PEER, "echo", "--port", "5000"])
-        sock = connect_when_up(vsock, cid, 5000)
+        sock = vsock.connect(cid, 5000, wait=60)
         sock.sendall(b"kernel vsock")
         assert sock.recv(12) == b"kernel vsock"
         sock.close()

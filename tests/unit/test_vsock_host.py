@@ -258,6 +258,13 @@ def test_connect_and_listen_through_the_builtin_switch(
                 guest.write(conn, b"from the guest")
             assert host_side.recv(100) == b"from the guest"
             assert vsock.stats()["vms"]["vm"]["host_connections"] == 2
+
+            def listen_late() -> None:
+                with lock:
+                    guest.listen(5001)
+
+            threading.Timer(0.3, listen_late).start()
+            vsock.connect(att.cid, 5001, wait=30).close()  # refusals retried until the guest listens
         finally:
             stop.set()
             thread.join(5)
