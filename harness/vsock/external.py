@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from harness.aio import EventLoopThread
 from harness.vsock.errors import VsockSwitchError
 from harness.vsock.server import VmEndpoint
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 START_TIMEOUT = 10.0
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def daemon_argv(binary: str, endpoints: Sequence[VmEndpoint]) -> list[str]:
@@ -37,31 +39,23 @@ def daemon_argv(binary: str, endpoints: Sequence[VmEndpoint]) -> list[str]:
 class GroupDaemon:
     """The vhost-device-vsock process of one group; ``restart`` with the group's current VMs."""
 
-    def __init__(self, binary: str, group: str, log_path: Path) -> None:
+    def __init__(self, binary: str, group: str, log_path: Path, loop: EventLoopThread) -> None:
         self.binary = binary
         self.group = group
         self.log_path = log_path
+        self.loop = loop
         self.process: subprocess.Popen[bytes] | None = None
         self.endpoints: tuple[VmEndpoint, ...] = ()
 
     def restart(self, endpoints: Sequence[VmEndpoint]) -> None:
+        """Stop the daemon and start one for ``endpoints``; returns once their sockets are there. Only the
+        fork runs on the loop thread (PDEATHSIG follows the forking thread); the waiting runs here."""
         self.stop()
         self.endpoints = tuple(endpoints)
         if not self.endpoints:
             return
         argv = daemon_argv(self.binary, self.endpoints)
-        parent = os.getpid()
-        libc = ctypes.CDLL(None, use_errno=True)
-
-        def preexec() -> None:
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-            if os.getppid() != parent:
-                os._exit(1)
-
-        with open(self.log_path, "ab") as logfile:
-            self.process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile, preexec_fn=preexec
-            )
+        self.process = self.loop.call(self._spawn, argv)
         deadline = time.monotonic() + START_TIMEOUT
         while not all(ep.vhost_socket.exists() for ep in self.endpoints):
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -75,6 +69,19 @@ class GroupDaemon:
                 )
             time.sleep(0.02)
         log.info("vhost-device-vsock for group %s: pid %d", self.group, self.process.pid)
+
+    def _spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        parent = os.getpid()
+
+        def preexec() -> None:
+            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+        with open(self.log_path, "ab") as logfile:
+            return subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile, preexec_fn=preexec
+            )
 
     def stop(self) -> None:
         process, self.process = self.process, None

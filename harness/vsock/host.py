@@ -163,8 +163,9 @@ class VsockHost:
         daemon = self._daemons.get(group)
         if daemon is None:
             binary = backends.external_binary() or backends.EXTERNAL_BINARY
-            daemon = self._daemons[group] = GroupDaemon(binary, group, self.runtime_dir / f"{group}.log")
-        self._loop.call(daemon.restart, endpoints)
+            daemon = GroupDaemon(binary, group, self.runtime_dir / f"{group}.log", self._loop)
+            self._daemons[group] = daemon
+        daemon.restart(endpoints)
 
     def detach(self, name: str) -> None:
         """Remove VM ``name``'s vsock: its connections end and its CID is free again."""
@@ -268,7 +269,7 @@ class VsockHost:
             self._loop.call(self._server.close)
             self._server = None
         for daemon in self._daemons.values():
-            self._loop.call(daemon.stop)
+            daemon.stop()
         self._daemons.clear()
         with contextlib.suppress(LedgerExhausted, OSError):
             for name in list(self._claimed):

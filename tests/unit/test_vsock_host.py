@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from harness.cli.vsock import parse_vm
 from harness.errors import ConfigError
 from harness.host.ledger import Ledger
 from harness.qemu import ChardevSocket, MemoryBackendMemfd, VMSpec, build_argv
-from harness.vsock import backends
+from harness.vsock import backends, external
 from harness.vsock.errors import (
     CidUnavailable,
     VsockBackendUnavailable,
@@ -283,9 +284,18 @@ def test_vhost_device_vsock_can_stand_in(
     shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m harness.cli vsock serve "$@"\n')
     shim.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    waited_in: set[str] = set()  # threads that waited for the daemon's sockets
+    sleep = time.sleep
+
+    def noting_sleep(seconds: float) -> None:
+        waited_in.add(threading.current_thread().name)
+        sleep(seconds)
+
+    monkeypatch.setattr(external.time, "sleep", noting_sleep)
     with make_host(ledger, loop, tmp_path, backend="vhost-device-vsock") as vsock:
         att = vsock.attach("vm", group="g", cid=5)
         assert att.backend == "vhost-device-vsock"
+        assert waited_in and "test-vsock-host" not in waited_in  # the loop thread stays free meanwhile
         guest = FakeGuest(5, memfd=True, ram_kib=4096)
         front = FakeFront(guest, str(vsock.runtime_dir / "vm.vhost"))
         assert front.start()["cid"] == 5
