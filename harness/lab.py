@@ -4,6 +4,7 @@ guests and owns their teardown."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import time
@@ -266,13 +267,18 @@ class Lab:
             _run_all(self._closers.pop(machine, []))
 
     def close(self) -> None:
-        """Stop every machine this lab launched, newest first, then the lab's vsock."""
-        for machine in reversed(list(self._machines)):
-            with contextlib.suppress(MachineError):
-                self.stop(machine, powerdown_timeout=3.0)
-        if self._vsock is not None:
-            self._vsock.close()
-            self._vsock = None
+        """Stop every machine this lab launched, newest first, then the lab's vsock. A machine's closer that
+        fails does not keep the other machines running: the first such failure is raised at the end."""
+        try:
+            _run_all([functools.partial(self._stop_at_close, m) for m in reversed(self._machines)])
+        finally:
+            if self._vsock is not None:
+                self._vsock.close()
+                self._vsock = None
+
+    def _stop_at_close(self, machine: Machine) -> None:
+        with contextlib.suppress(MachineError):
+            self.stop(machine, powerdown_timeout=3.0)
 
     def __enter__(self) -> Lab:
         return self

@@ -136,6 +136,18 @@ def test_qemu_that_refuses_its_input_raises_launch_error_with_argv_and_stderr(
     assert not list(_qemu_pids_with_name("bad-kernel"))
 
 
+def test_a_failing_closer_does_not_keep_the_labs_other_machines_running(enclave_image) -> None:
+    def broken_closer() -> None:
+        raise RuntimeError("closer failed")
+
+    lab = Lab()
+    first = lab.boot(lab.spec_for_image(enclave_image, name="close-first")).machine
+    second = lab.boot(lab.spec_for_image(enclave_image, name="close-second"), closers=[broken_closer]).machine
+    with pytest.raises(RuntimeError, match="closer failed"):
+        lab.close()
+    assert not first.running and not second.running
+
+
 def test_a_launch_that_cannot_start_qemu_keeps_no_descriptor(lab: Lab, tmp_path: Path) -> None:
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(b"\0" * 4096)
