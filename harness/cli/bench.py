@@ -8,6 +8,7 @@ import importlib
 from harness.bench.boot import bench_boot
 from harness.bench.image import bench_image
 from harness.cli.render import console, print_bench, print_json
+from harness.errors import UsageError
 from harness.lab import Lab
 
 # CLI modules that add their own ``teelab bench <name>`` through ``register_bench(subparsers)``.
@@ -41,6 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_boot(args: argparse.Namespace) -> int:
+    if args.runs < 1:
+        raise UsageError("--runs must be at least 1")
     with Lab() as lab:
 
         def progress(index: int, seconds: float) -> None:
@@ -58,6 +61,9 @@ def run_boot(args: argparse.Namespace) -> int:
 
 
 def run_image(args: argparse.Namespace) -> int:
+    if args.runs < 1:
+        raise UsageError("--runs must be at least 1")
+
     def progress(kind: str, seconds: float) -> None:
         if not args.json:
             console.print(f"{kind} build: {seconds:.2f} s")
