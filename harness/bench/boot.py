@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 
 from harness import images
@@ -48,5 +49,5 @@ def bench_boot(
         guest_uptimes.append(boot.guest_uptime)
         if on_sample:
             on_sample(index, boot.seconds)
-    result.extra["guest_uptime_median"] = round(sorted(guest_uptimes)[len(guest_uptimes) // 2], 3)
+    result.extra["guest_uptime_median"] = round(statistics.median(guest_uptimes), 3)
     return result
