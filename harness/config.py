@@ -39,8 +39,17 @@ def load() -> dict[str, Any]:
         raise ConfigError(
             f"{ENV_CONFIG} names {path}, which does not exist", hint=f"unset {ENV_CONFIG}"
         ) from None
-    except tomllib.TOMLDecodeError as exc:
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read {path}: {exc.strerror}", hint=f"make {path} a readable file", path=str(path)
+        ) from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}", hint=f"fix {path}", path=str(path)) from exc
+
+
+def env_name(section: str, key: str) -> str:
+    """The environment variable that overrides ``[section] key``: ``TEELAB_VSOCK_BACKEND``."""
+    return f"TEELAB_{section}_{key}".upper().replace("-", "_")
 
 
 def setting(section: str, key: str, default: Any = None, *, requested: Any = None) -> Any:
@@ -48,7 +57,7 @@ def setting(section: str, key: str, default: Any = None, *, requested: Any = Non
     ``default``."""
     if requested is not None:
         return requested
-    env = f"TEELAB_{section}_{key}".upper().replace("-", "_")
+    env = env_name(section, key)
     if os.environ.get(env):
         return os.environ[env]
     table = load().get(section, {})
@@ -67,8 +76,7 @@ def choice(
     if value not in allowed:
         raise ConfigError(
             f"{section}.{key} = {value!r} is not one of {', '.join(allowed)}",
-            hint=f"set TEELAB_{section}_{key}".upper()
-            + f" or [{section}] {key} in teelab.toml to one of them",
+            hint=f"set {env_name(section, key)} or [{section}] {key} in teelab.toml to one of them",
             value=value,
         )
     return str(value)
