@@ -126,7 +126,6 @@ class Store:
         self.master = master
         self._local = threading.local()
         self._material: dict[str, bytes] = {}
-        self._secrets: dict[str, tuple[str, str]] = {}
         try:
             kms_dir.mkdir(parents=True, exist_ok=True)
             os.chmod(kms_dir, 0o700)
@@ -383,19 +382,16 @@ class Store:
         return Credentials(name, access_key, secret, self.principal_arn(name))
 
     def secret_for(self, access_key: str) -> tuple[str, str] | None:
-        """(secret, principal ARN) of an access key, or None."""
-        cached = self._secrets.get(access_key)
-        if cached is None:
-            row = (
-                self._conn()
-                .execute("SELECT name, wrapped_secret FROM credentials WHERE access_key = ?", (access_key,))
-                .fetchone()
-            )
-            if row is None:
-                return None
-            secret = self.master.unwrap("credential:" + access_key, row[1]).decode()
-            cached = self._secrets[access_key] = (secret, self.principal_arn(row[0]))
-        return cached
+        """(secret, principal ARN) of an access key, or None. Read on every request, never cached: a pair
+        replaced by ``issue_credentials`` (here or in another process) stops working at once."""
+        row = (
+            self._conn()
+            .execute("SELECT name, wrapped_secret FROM credentials WHERE access_key = ?", (access_key,))
+            .fetchone()
+        )
+        if row is None:
+            return None
+        return self.master.unwrap("credential:" + access_key, row[1]).decode(), self.principal_arn(row[0])
 
     # -- audit and nonces ----------------------------------------------------------------------------------
 

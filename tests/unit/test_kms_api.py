@@ -167,6 +167,28 @@ def test_guest_client_signs_like_an_sdk(server: KmsServer) -> None:
     assert len(plain) == 32 and signed.decrypt(wrapped) == plain
 
 
+def test_replaced_credentials_stop_working_at_once(server: KmsServer) -> None:
+    def signed_by(creds) -> KmsClient:  # type: ignore[no-untyped-def]
+        return KmsClient(
+            Transport.endpoint(server.endpoint), access_key=creds.access_key, secret=creds.secret
+        )
+
+    first = server.credentials("rotated")
+    assert signed_by(first).call("ListKeys", {})["Truncated"] is False
+    second = server.credentials("rotated")  # in this process
+    with pytest.raises(KmsCallError) as exc:
+        signed_by(first).call("ListKeys", {})
+    assert exc.value.aws_type == "UnrecognizedClientException"
+    other = Store.open(server.kms_dir)  # as `teelab kms credentials` does, from another process
+    try:
+        other.issue_credentials("rotated")
+    finally:
+        other.close()
+    with pytest.raises(KmsCallError) as exc:
+        signed_by(second).call("ListKeys", {})
+    assert exc.value.aws_type == "UnrecognizedClientException"
+
+
 def test_tls_and_unix_socket(tmp_path: Path) -> None:
     with KmsServer.start(tmp_path / "kms", Listen(tls=True)) as srv:
         creds = srv.credentials()
