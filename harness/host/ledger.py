@@ -42,42 +42,24 @@ class Ledger:
         self, kind: str, candidates: Iterable[int], count: int, owner: str, *, pid: int | None = None
     ) -> tuple[int, ...]:
         """Claim the first ``count`` free values among ``candidates`` for ``owner``; all or nothing."""
-        pid = os.getpid() if pid is None else pid
         with self._locked() as table:
-            taken = table.setdefault(kind, {})
-            chosen: list[int] = []
-            for value in candidates:
-                if str(value) not in taken and value not in chosen:
-                    chosen.append(value)
-                    if len(chosen) == count:
-                        break
-            if len(chosen) < count:
-                holders = sorted({entry["owner"] for entry in taken.values()})
-                raise LedgerExhausted(
-                    f"{owner} needs {count} free {kind} value(s), {len(chosen)} left among the candidates",
-                    hint=f"stop a lab holding {kind} ({', '.join(holders[:5]) or 'none'}) or widen the range",
-                    kind=kind,
-                    wanted=count,
-                )
-            entry = {"owner": owner, "pid": pid, "start": _start_time(pid), "since": time.time()}
-            for value in chosen:
-                taken[str(value)] = entry
-        return tuple(chosen)
+            return _take(table, kind, candidates, count, owner, pid)
 
     def claim_exact(self, kind: str, values: Iterable[int], owner: str, *, pid: int | None = None) -> None:
         """Claim exactly ``values`` or nothing (``LedgerExhausted`` names the values held by others)."""
         values = list(values)
         with self._locked() as table:
-            held = [v for v in values if str(v) in table.get(kind, {})]
-        if held:
-            owners = sorted({self.owner_of(kind, v) or "?" for v in held})
-            raise LedgerExhausted(
-                f"{owner} wants {kind} {values} but {held} are held by {', '.join(owners)}",
-                hint=f"choose other {kind} values or stop the holder",
-                kind=kind,
-                held=held,
-            )
-        self.claim(kind, values, len(values), owner, pid=pid)
+            taken = table.get(kind, {})
+            held = [v for v in values if str(v) in taken]
+            if held:
+                owners = sorted({taken[str(v)]["owner"] for v in held})
+                raise LedgerExhausted(
+                    f"{owner} wants {kind} {values} but {held} are held by {', '.join(owners)}",
+                    hint=f"choose other {kind} values or stop the holder",
+                    kind=kind,
+                    held=held,
+                )
+            _take(table, kind, values, len(values), owner, pid)
 
     def release(self, kind: str, values: Iterable[int]) -> None:
         with self._locked() as table:
@@ -134,6 +116,37 @@ class Ledger:
         temp = self.path.with_suffix(".tmp")
         temp.write_text(json.dumps(table, indent=1, sort_keys=True))
         os.replace(temp, self.path)
+
+
+def _take(
+    table: dict[str, dict[str, Any]],
+    kind: str,
+    candidates: Iterable[int],
+    count: int,
+    owner: str,
+    pid: int | None,
+) -> tuple[int, ...]:
+    """Record the first ``count`` free values among ``candidates`` as ``owner``'s, in a locked ``table``."""
+    pid = os.getpid() if pid is None else pid
+    taken = table.setdefault(kind, {})
+    chosen: list[int] = []
+    for value in candidates:
+        if str(value) not in taken and value not in chosen:
+            chosen.append(value)
+            if len(chosen) == count:
+                break
+    if len(chosen) < count:
+        holders = sorted({entry["owner"] for entry in taken.values()})
+        raise LedgerExhausted(
+            f"{owner} needs {count} free {kind} value(s), {len(chosen)} left among the candidates",
+            hint=f"stop a lab holding {kind} ({', '.join(holders[:5]) or 'none'}) or widen the range",
+            kind=kind,
+            wanted=count,
+        )
+    entry = {"owner": owner, "pid": pid, "start": _start_time(pid), "since": time.time()}
+    for value in chosen:
+        taken[str(value)] = entry
+    return tuple(chosen)
 
 
 def _start_time(pid: int) -> int | None:
