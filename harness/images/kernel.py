@@ -11,6 +11,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.images.cache import build_lock
 from harness.images.errors import KernelFetchFailed, RecipeInvalid
 from harness.images.recipe import KernelPin
 
@@ -92,23 +93,27 @@ def _apt_download(spec: str, directory: Path) -> subprocess.CompletedProcess[str
 
 
 def unpack(pin: KernelPin, cache: Path) -> KernelTree:
-    """The kernel package unpacked under ``cache/kernel-<sha>``, once."""
+    """The kernel package unpacked under ``cache/kernel-<sha>``, once (builds of other images share it, so
+    one process at a time fetches and unpacks it)."""
     root = cache / f"kernel-{pin.sha256[:16]}"
-    if not (root / ".complete").exists():
-        deb = fetch_deb(pin, cache)
-        shutil.rmtree(root, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(dir=cache, prefix=".kernel-"))
-        try:
-            done = subprocess.run(["dpkg-deb", "-x", str(deb), str(staging)], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise KernelFetchFailed(
-                    f"dpkg-deb -x {deb.name}: {done.stderr.strip()}", hint="remove the .deb"
-                )
-            (staging / ".complete").touch()
-            staging.rename(root)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    with build_lock(cache, root.name):
+        if not (root / ".complete").exists():
+            _extract(fetch_deb(pin, cache), root)
     return kernel_tree(root)
+
+
+def _extract(deb: Path, root: Path) -> None:
+    """``deb``'s files as ``root``, marked complete, replacing a partial tree."""
+    shutil.rmtree(root, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=".kernel-"))
+    try:
+        done = subprocess.run(["dpkg-deb", "-x", str(deb), str(staging)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise KernelFetchFailed(f"dpkg-deb -x {deb.name}: {done.stderr.strip()}", hint="remove the .deb")
+        (staging / ".complete").touch()
+        staging.rename(root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def kernel_tree(root: Path) -> KernelTree:

@@ -12,6 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from harness.images.cache import build_lock
 from harness.images.errors import PackFailed, RootfsFailed
 
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -32,12 +33,18 @@ def mirror() -> str:
 
 
 def debootstrap_tar(suite: str, packages: tuple[str, ...], cache: Path) -> Path:
-    """The mmdebstrap tarball of ``packages``, cached by suite, mirror and package set."""
+    """The mmdebstrap tarball of ``packages``, cached by suite, mirror and package set (images with the same
+    packages share it, so one process at a time makes it)."""
     key = hashlib.sha256("\n".join([suite, mirror(), *sorted(packages)]).encode()).hexdigest()[:16]
     tar = cache / f"rootfs-{suite}-{key}.tar"
-    if tar.exists():
-        return tar
     cache.mkdir(parents=True, exist_ok=True)
+    with build_lock(cache, tar.name):
+        if not tar.exists():
+            _debootstrap(suite, packages, tar)
+    return tar
+
+
+def _debootstrap(suite: str, packages: tuple[str, ...], tar: Path) -> None:
     partial = tar.with_name(f".partial-{tar.name}")  # mmdebstrap picks the format by suffix
     mode = "root" if os.geteuid() == 0 else "unshare"
     argv = ["mmdebstrap", "--variant=extract", f"--mode={mode}", "--quiet",
@@ -51,7 +58,6 @@ def debootstrap_tar(suite: str, packages: tuple[str, ...], cache: Path) -> Path:
             argv=argv,
         )
     partial.rename(tar)
-    return tar
 
 
 def unpack_tar(tar: Path, into: Path) -> None:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 
 from harness import images
 from harness.images.errors import RecipeInvalid, RecipeUnknown
-from harness.images.kernel import KernelTree, module_dependencies
-from harness.images.recipe import load_recipe, recipe_names
+from harness.images.kernel import KernelTree, module_dependencies, sha256_file, unpack
+from harness.images.recipe import KernelPin, load_recipe, recipe_names
 
 
 def test_recipes_extend_base_and_add_to_its_lists() -> None:
@@ -105,3 +108,38 @@ def test_pruning_keeps_the_newest_builds_and_spares_other_names(tmp_path: Path) 
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [ours[0].name, ours[4].name, ours[3].name, ours[2].name, other.name]
     )
+
+
+def test_builds_that_share_the_kernel_unpack_it_once_between_them(tmp_path: Path) -> None:
+    package = tmp_path / "package"
+    (package / "DEBIAN").mkdir(parents=True)
+    (package / "DEBIAN" / "control").write_text(
+        "Package: k\nVersion: 1\nArchitecture: amd64\nMaintainer: lab <lab@example.net>\nDescription: k\n"
+    )
+    (package / "boot").mkdir()
+    (package / "boot" / "vmlinuz-6.1.0-test").write_bytes(os.urandom(1 << 20))
+    modules = package / "lib/modules/6.1.0-test/kernel"
+    modules.mkdir(parents=True)
+    for index in range(40):
+        fake_module(modules / f"m{index}.ko", "")
+    deb = tmp_path / "k.deb"
+    subprocess.run(["dpkg-deb", "-Zgzip", "--build", str(package), str(deb)], check=True, capture_output=True)
+    pin = KernelPin("k", "1", sha256_file(deb))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copyfile(deb, cache / pin.deb_name)
+    trees, failures = [], []
+
+    def build() -> None:
+        try:
+            trees.append(unpack(pin, cache))
+        except BaseException as exc:
+            failures.append(exc)
+
+    builders = [threading.Thread(target=build) for _ in range(3)]
+    for builder in builders:
+        builder.start()
+    for builder in builders:
+        builder.join()
+    assert failures == []
+    assert [len(tree.modules) for tree in trees] == [40, 40, 40]
