@@ -205,6 +205,7 @@ class KmsProcess:
         self.env = env
         self.proc: subprocess.Popen[str] | None = None
         self.endpoint = ""
+        self.log_path = kms_dir / "server.log"
 
     def start(self, timeout: float = 30) -> KmsProcess:
         listen = self.listen
@@ -229,17 +230,21 @@ class KmsProcess:
             argv += ["--lab-ca", str(self.lab_dir)]
         if self.profile is not None:
             argv += ["--profile", str(self.profile)]
-        self.proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **(self.env or {})},
-        )
+        self.kms_dir.mkdir(parents=True, exist_ok=True)
+        # The server's log goes to a file, not a pipe: nobody reads a pipe while it runs, and a full one
+        # would stall the server at its next warning.
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                env={**os.environ, **(self.env or {})},
+            )
         line = _readline(self.proc, timeout)
         if not line:
-            err = self.proc.stderr.read() if self.proc.poll() is not None and self.proc.stderr else ""
             self.kill()
+            err = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
             raise ServerStartError("KMS subprocess did not report ready", stderr=err[-2000:])
         self.endpoint = json.loads(line)["endpoint"]
         return self
@@ -271,10 +276,8 @@ class KmsProcess:
         self._close_pipes()
 
     def _close_pipes(self) -> None:
-        if self.proc is not None:
-            for pipe in (self.proc.stdout, self.proc.stderr):
-                if pipe is not None:
-                    pipe.close()
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
 
     def __enter__(self) -> KmsProcess:
         return self.start()
