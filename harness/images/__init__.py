@@ -78,16 +78,17 @@ def build(name: str, *, on_step: Callable[[str], None] | None = None) -> BuiltIm
     started = time.monotonic()
     recipe = load_recipe(name)
     key = image_key(recipe)
-    out = cache.build_dir(images_dir(), name, key)
+    directory = images_dir()
+    out = cache.build_dir(directory, name, key)
     cached = _load(out, started)
     if cached is not None:
         return cached
-    with cache.build_lock(images_dir(), name):
+    with cache.build_lock(directory, name):
         cached = _load(out, started)  # another process may have built it while we waited
         if cached is not None:
             return cached
         _build(recipe, key, out, on_step or (lambda step: None))
-        cache.prune_builds(images_dir(), name, "image.json", keep=out)
+        cache.prune_builds(directory, name, "image.json", keep=out)
     image = _load(out, started)
     assert image is not None
     return dataclasses.replace(image, built=True)
@@ -114,13 +115,13 @@ def list_images() -> list[dict[str, object]]:
 
 
 def _build(recipe: Recipe, key: str, out: Path, step: Callable[[str], None]) -> None:
-    cache = images_dir()
+    directory = out.parent
     step("kernel")
-    tree = kernel.unpack(load_kernel_pin(), cache)
+    tree = kernel.unpack(load_kernel_pin(), directory)
     modules = [(name, tree.modules[name]) for name in tree.with_dependencies(recipe.modules)]
     step("rootfs")
-    tar = rootfs.debootstrap_tar(recipe.suite, recipe.packages, cache)
-    work = Path(tempfile.mkdtemp(dir=cache, prefix=f".build-{recipe.name}-"))
+    tar = rootfs.debootstrap_tar(recipe.suite, recipe.packages, directory)
+    work = Path(tempfile.mkdtemp(dir=directory, prefix=f".build-{recipe.name}-"))
     try:
         root = work / "root"
         rootfs.unpack_tar(tar, root)
