@@ -338,11 +338,13 @@ class Store:
         return change
 
     def purge_deleted(self) -> int:
-        """Remove keys past their deletion date; returns how many."""
+        """Remove keys past their deletion date (returns how many), and nonces past their expiry."""
 
         def change(conn: sqlite3.Connection) -> int:
+            now = time.time()
+            conn.execute("DELETE FROM nonces WHERE expires <= ?", (now,))
             return conn.execute(
-                "DELETE FROM keys WHERE deletion_date IS NOT NULL AND deletion_date <= ?", (time.time(),)
+                "DELETE FROM keys WHERE deletion_date IS NOT NULL AND deletion_date <= ?", (now,)
             ).rowcount
 
         return self.submit(change).result()
