@@ -15,8 +15,6 @@ from typing import Any
 
 from teelab_guest import protocol
 
-DEFAULT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
-
 
 class Agent:
     """Serves agent requests read from ``fd``; ``poweroff`` is called after answering a poweroff request."""
@@ -79,7 +77,7 @@ def run_command(request: dict[str, Any]) -> dict[str, Any]:
     argv = request.get("argv")
     if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
         return {"ok": False, "error": "exec needs argv: a non-empty list of strings"}
-    env = dict(DEFAULT_ENV)
+    env = dict(protocol.GUEST_ENV)
     env.update({str(k): str(v) for k, v in (request.get("env") or {}).items()})
     try:
         done = subprocess.run(

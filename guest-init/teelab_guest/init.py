@@ -162,7 +162,7 @@ def run_guest(started: float, steps: list[tuple[str, float]]) -> None:
     try:
         mount_basics()
         steps.append(("mounted", uptime()))
-        os.environ.update({"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"})
+        os.environ.update(protocol.GUEST_ENV)
         load_modules()
         steps.append(("modules", uptime()))
         args = kernel_cmdline()

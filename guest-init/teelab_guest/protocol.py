@@ -33,6 +33,8 @@ AGENT_PORT = "org.teelab.agent.0"
 # A request that fails gets {"id": N, "ok": false, "error": "text"}.
 AGENT_OPS = ("ping", "exec", "poweroff")
 MAX_AGENT_LINE = 64 * 1024 * 1024
+# The environment of guest-init and of every command the agent runs (a request's "env" is added to it).
+GUEST_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
 
 
 def ready_line(role: str, uptime: float) -> str:
