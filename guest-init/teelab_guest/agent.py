@@ -26,19 +26,22 @@ class Agent:
         self._write_lock = threading.Lock()
 
     def serve_forever(self) -> None:
-        buffer = b""
+        buffer = bytearray()  # grown in place and searched from the new chunk on: a long line costs O(n)
         while True:
             chunk = os.read(self.fd, 65536)
             if not chunk:  # the host end is not connected: wait for it
                 time.sleep(0.05)
                 continue
+            searched = len(buffer)
             buffer += chunk
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
+            while (end := buffer.find(b"\n", searched)) >= 0:
+                line = bytes(buffer[:end])
+                del buffer[: end + 1]
+                searched = 0
                 if line.strip():
                     threading.Thread(target=self._serve_line, args=(line,), daemon=True).start()
             if len(buffer) > protocol.MAX_AGENT_LINE:
-                buffer = b""
+                buffer.clear()
                 self._send({"id": None, "ok": False, "error": "request line too long"})
 
     def _serve_line(self, line: bytes) -> None:

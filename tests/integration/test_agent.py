@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
+import os
+import time
 
 import pytest
 
@@ -27,6 +30,14 @@ def test_stdin_and_env_reach_the_command(guest: GuestBoot) -> None:
     result = guest.agent.exec(["sh", "-c", 'tr a-z A-Z; echo "$GREETING"'], stdin=b"hello\n",
                               env={"GREETING": "hi"})  # fmt: skip
     assert result.stdout == b"HELLO\nhi\n"
+
+
+def test_a_large_stdin_arrives_whole_and_in_time(guest: GuestBoot) -> None:
+    data = os.urandom(24 << 20)  # a 32 MiB request line once in base64
+    started = time.monotonic()
+    result = guest.agent.exec(["sha256sum"], stdin=data, timeout=60, check=True)
+    assert result.text.split()[0] == hashlib.sha256(data).hexdigest()
+    assert time.monotonic() - started < 30
 
 
 def test_guest_python_has_its_libraries_and_guest_init(guest: GuestBoot) -> None:
