@@ -15,6 +15,7 @@ import struct
 from collections import deque
 from dataclasses import dataclass, field
 
+from harness.vsock import vhost_user as vu
 from harness.vsock.device import RX_QUEUE, TX_QUEUE, VsockDevice
 from harness.vsock.memory import GuestMemory, MemoryRegion
 from harness.vsock.packet import (
@@ -380,9 +381,6 @@ class FakeGuest:
             self.fd = None
 
 
-_VU = struct.Struct("<III")
-
-
 class FakeFront:
     """A vhost-user front-end for a ``FakeGuest`` (memfd RAM), speaking like QEMU 7.2 does; blocking."""
 
@@ -407,15 +405,14 @@ class FakeFront:
         reply: bool = False,
         need_reply: bool = False,
     ) -> bytes | None:
-        flags = 0x1 | (0x8 if need_reply else 0)
-        message = _VU.pack(code, flags, len(payload)) + payload
+        flags = vu.FLAG_VERSION | (vu.FLAG_NEED_REPLY if need_reply else 0)
+        message = vu.HEADER.pack(code, flags, len(payload)) + payload
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         self.sock.sendmsg([message], ancillary)
         if not (reply or need_reply):
             return None
-        head = self._recv(_VU.size)
-        got, rflags, size = _VU.unpack(head)
-        if got != code or not rflags & 0x4:
+        got, rflags, size = vu.HEADER.unpack(self._recv(vu.HEADER.size))
+        if got != code or not rflags & vu.FLAG_REPLY:
             raise AssertionError(f"reply to {code}: request {got} flags {rflags:#x}")
         return self._recv(size)
 
@@ -428,33 +425,40 @@ class FakeFront:
             data += chunk
         return data
 
+    def _u64(self, code: int) -> int:
+        return vu.U64.unpack(self.request(code, reply=True) or b"")[0]
+
+    def set_mem_table(self, fd: int, size: int) -> int:
+        """One region of ``size`` bytes of guest RAM from ``fd``; the back-end's REPLY_ACK status."""
+        table = struct.pack("<II", 1, 0) + vu.REGION.pack(0, size, USER_BASE, 0)
+        return vu.U64.unpack(self.request(vu.SET_MEM_TABLE, table, (fd,), need_reply=True) or b"")[0]
+
     def start(self, *, features: int | None = None) -> dict[str, int]:
         """The message sequence QEMU sends from connecting to DRIVER_OK; returns what was negotiated."""
-        q = struct.Struct("<Q")
-        offered = q.unpack(self.request(1, reply=True))[0]
-        protocol = q.unpack(self.request(15, reply=True))[0]
-        self.request(16, q.pack(protocol & ((1 << 0) | (1 << 3) | (1 << 9))))
-        queues = q.unpack(self.request(17, reply=True))[0]
-        self.request(3)
-        config = self.request(24, struct.pack("<III", 0, 8, 0) + bytes(8), reply=True)
-        cid = q.unpack_from(config, 12)[0]
+        offered = self._u64(vu.GET_FEATURES)
+        protocol = self._u64(vu.GET_PROTOCOL_FEATURES)
+        acked = protocol & (vu.PROTOCOL_F_MQ | vu.PROTOCOL_F_REPLY_ACK | vu.PROTOCOL_F_CONFIG)
+        self.request(vu.SET_PROTOCOL_FEATURES, vu.U64.pack(acked))
+        queues = self._u64(vu.GET_QUEUE_NUM)
+        self.request(vu.SET_OWNER)
+        config = self.request(vu.GET_CONFIG, vu.CONFIG_HEAD.pack(0, 8, 0) + bytes(8), reply=True) or b""
+        cid = vu.U64.unpack_from(config, vu.CONFIG_HEAD.size)[0]
         want = offered if features is None else features
         if not self.guest.event_idx:
-            want &= ~(1 << 29)
-        self.request(2, q.pack(want))
-        region = struct.pack("<QQQQ", 0, self.guest.size, USER_BASE, 0)
-        self.request(5, struct.pack("<II", 1, 0) + region, (self.guest.fd,), need_reply=True)
+            want &= ~vu.F_RING_EVENT_IDX
+        self.request(vu.SET_FEATURES, vu.U64.pack(want))
+        self.set_mem_table(self.guest.fd, self.guest.size)  # type: ignore[arg-type]
         for index, dq in ((RX_QUEUE, self.guest.rx), (TX_QUEUE, self.guest.tx)):
-            self.request(8, struct.pack("<II", index, dq.size))
-            self.request(10, struct.pack("<II", index, 0))
+            self.request(vu.SET_VRING_NUM, vu.STATE.pack(index, dq.size))
+            self.request(vu.SET_VRING_BASE, vu.STATE.pack(index, 0))
             addrs = dq.user_addrs()
-            self.request(9, struct.pack("<IIQQQQ", index, 0, addrs.desc, addrs.used, addrs.avail, 0))
-            self.request(12, q.pack(index), (self.kick_fds[index],))
-            self.request(13, q.pack(index), (self.call_fds[index],))
+            self.request(vu.SET_VRING_ADDR, vu.ADDR.pack(index, 0, addrs.desc, addrs.used, addrs.avail, 0))
+            self.request(vu.SET_VRING_KICK, vu.U64.pack(index), (self.kick_fds[index],))
+            self.request(vu.SET_VRING_CALL, vu.U64.pack(index), (self.call_fds[index],))
         if self.enable_rings:
             for index in (RX_QUEUE, TX_QUEUE):
-                self.request(18, struct.pack("<II", index, 1))
-        self.request(1, reply=True)  # a barrier: every message above has been handled
+                self.request(vu.SET_VRING_ENABLE, vu.STATE.pack(index, 1))
+        self._u64(vu.GET_FEATURES)  # a barrier: every message above has been handled
         return {"features": offered, "protocol": protocol, "queues": queues, "cid": cid}
 
     def kick(self, index: int) -> None:
@@ -469,7 +473,7 @@ class FakeFront:
     def stop(self) -> list[int]:
         """GET_VRING_BASE on both rings, as QEMU does when the guest resets the device."""
         return [
-            struct.unpack("<II", self.request(11, struct.pack("<II", i, 0), reply=True))[1]
+            vu.STATE.unpack(self.request(vu.GET_VRING_BASE, vu.STATE.pack(i, 0), reply=True) or b"")[1]
             for i in (RX_QUEUE, TX_QUEUE)
         ]
 
