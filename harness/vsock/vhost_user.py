@@ -98,7 +98,6 @@ class Vring:
     call_fd: int | None = None
     err_fd: int | None = None
     enabled: bool | None = None  # None: the front never said (QEMU < 8.0 does not); treated as enabled
-    queue: SplitQueue | None = None
 
 
 class VhostUserSession:
@@ -274,13 +273,12 @@ class VhostUserSession:
         regions = [MemoryRegion(*REGION.unpack_from(body, 8 + REGION.size * i)) for i in range(count)]
         memory = GuestMemory.from_fds(regions, fds)  # the fds are closed after dispatch; the maps stay
         try:  # every running ring over the new table, or none: a table that leaves one out is refused
-            queues = {i: v.queue.remapped(memory) for i, v in enumerate(self.vrings) if v.queue is not None}
+            queues = {index: queue.remapped(memory) for index, queue in self.device.queues.items()}
         except GuestFault:
             memory.close()
             raise
         old, self.memory = self.memory, memory
         for index, queue in queues.items():
-            self.vrings[index].queue = queue
             self.device.remap_queue(index, queue)
         if old is not None:
             old.close()
@@ -306,7 +304,8 @@ class VhostUserSession:
     def _get_vring_base(self, body: bytes, fds: list[int]) -> bytes:
         index, _ = STATE.unpack_from(body)
         vring = self._vring(index)
-        base = vring.queue.last_avail if vring.queue is not None else vring.base
+        queue = self.device.queues.get(index)
+        base = queue.last_avail if queue is not None else vring.base
         self._stop(index)
         vring.base = base
         return STATE.pack(index, base)
@@ -338,7 +337,7 @@ class VhostUserSession:
         vring.enabled = bool(enable)
         if index == RX_QUEUE:
             self.device.rx_enabled = bool(enable)
-        if enable and vring.queue is not None:
+        if enable and index in self.device.queues:
             self.device.kick(index)
 
     def _get_config(self, body: bytes, fds: list[int]) -> bytes:
@@ -354,14 +353,14 @@ class VhostUserSession:
         vring = self.vrings[index]
         if self.memory is None or vring.addrs is None or not vring.num or vring.kick_fd is None:
             raise ProtocolError(f"vring {index} kicked before its memory, size and addresses were set")
-        vring.queue = SplitQueue(
+        queue = SplitQueue(
             self.memory,
             vring.num,
             vring.addrs,
             event_idx=bool(self.features & F_RING_EVENT_IDX),
             last_avail=vring.base,
         )
-        self.device.start_queue(index, vring.queue, vring.call_fd)
+        self.device.start_queue(index, queue, vring.call_fd)
         if index == RX_QUEUE:
             self.device.rx_enabled = vring.enabled is not False
         self.loop.add_reader(vring.kick_fd, self._kicked, index)
@@ -370,9 +369,7 @@ class VhostUserSession:
         vring = self.vrings[index]
         if vring.kick_fd is not None:
             self.loop.remove_reader(vring.kick_fd)
-        if vring.queue is not None:
-            vring.queue = None
-            self.device.stop_queue(index)
+        self.device.stop_queue(index)
 
     def _kicked(self, index: int) -> None:
         vring = self.vrings[index]
@@ -385,7 +382,7 @@ class VhostUserSession:
         except OSError:
             self.loop.remove_reader(vring.kick_fd)
             return
-        if vring.queue is not None and vring.enabled is not False:
+        if index in self.device.queues and vring.enabled is not False:
             self.device.kick(index)
 
     def _reset(self) -> None:
@@ -408,7 +405,6 @@ class VhostUserSession:
                     with contextlib.suppress(OSError):
                         os.close(fd)
             self.device.set_call_fd(index, None)
-        self.device.queues.clear()
         self.device.reset("front-end gone")
         if self.memory is not None:
             self.memory.close()
