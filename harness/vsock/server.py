@@ -82,7 +82,6 @@ class _VmService:
             sock.close()
             return
         self.sessions += 1
-        self.device.broken = None
         self.session = VhostUserSession(
             sock, self.device, self.server.loop, event_idx=self.server.event_idx, on_close=self._front_gone
         )
