@@ -93,15 +93,18 @@ class HostInfo:
     numa_nodes: tuple[int, ...] = (0,)
     cpu_flags: frozenset[str] = field(default_factory=frozenset)
 
-    def free_hugepages(self, size_kib: int, node: int | None = None) -> int:
-        """Free pages of ``size_kib`` on ``node`` (all nodes when None)."""
+    def hugepage_pools_of(self, size_kib: int, node: int | None = None) -> list[HugepagePool]:
+        """The pools of ``size_kib`` pages on ``node``; when None, every node's (or the system-wide pool where
+        the kernel reports no nodes)."""
         pools = [p for p in self.hugepages if p.size_kib == size_kib]
         per_node = [p for p in pools if p.node is not None]
         if node is not None:
-            return sum(p.free for p in per_node if p.node == node)
-        if per_node:
-            return sum(p.free for p in per_node)
-        return sum(p.free for p in pools)
+            return [p for p in per_node if p.node == node]
+        return per_node or pools
+
+    def free_hugepages(self, size_kib: int, node: int | None = None) -> int:
+        """Free pages of ``size_kib`` on ``node`` (all nodes when None)."""
+        return sum(p.free for p in self.hugepage_pools_of(size_kib, node))
 
     def hugetlbfs_mount(self, size_kib: int) -> HugetlbfsMount | None:
         return next((m for m in self.hugetlbfs if m.pagesize_kib == size_kib), None)

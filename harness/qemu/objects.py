@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
+from harness.host.hugepages import pool_knob
 from harness.host.model import Accel, HostInfo
 from harness.qemu.errors import (
     HugepagesShort,
@@ -48,15 +49,10 @@ def check_hugepages(host: HostInfo, demand: HugepageDemand, what: str) -> None:
     free = sum(host.free_hugepages(demand.page_kib, node) for node in nodes)
     if free >= demand.pages:
         return
-    pools = [p for p in host.hugepages if p.size_kib == demand.page_kib]
-    per_node = [p for p in pools if p.node is not None]
-    total = sum(p.total for p in (per_node or pools))
+    node = demand.nodes[0] if len(demand.nodes) == 1 else None  # one node: grow that node's own pool
+    total = sum(p.total for p in host.hugepage_pools_of(demand.page_kib, node))
+    knob = pool_knob(demand.page_kib, node)
     where = f" on node {','.join(map(str, demand.nodes))}" if demand.nodes else ""
-    knob = (
-        "/proc/sys/vm/nr_hugepages"
-        if demand.page_kib == 2048
-        else f"/sys/kernel/mm/hugepages/hugepages-{demand.page_kib}kB/nr_hugepages"
-    )
     raise HugepagesShort(
         f"{what} needs {demand.pages} hugepages of {demand.page_kib} KiB{where} but {free} are free",
         hint=f"reserve {demand.pages - free} more as root: echo {total + demand.pages - free} > {knob}",

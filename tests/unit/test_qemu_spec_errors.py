@@ -17,7 +17,7 @@ from harness.qemu import (
     VirtioRngPci,
     VMSpec,
 )
-from harness.qemu.errors import SpecError
+from harness.qemu.errors import HugepagesShort, SpecError
 from harness.qemu.machine import Machine
 
 
@@ -95,3 +95,23 @@ def test_impossible_specs_fail_before_anything_starts(
     assert error.hint and error.exit_status == 2
     runs_after = set((state_dir / "runs").glob("*")) if (state_dir / "runs").exists() else set()
     assert runs_after == runs_before, "a refused spec left an artifact folder"
+
+
+@pytest.mark.parametrize(
+    ("binding", "knob"),
+    [
+        ({}, "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"),
+        (
+            {"host_nodes": (0,), "policy": "bind"},
+            "/sys/devices/system/node/node0/hugepages/hugepages-2048kB/nr_hugepages",
+        ),
+    ],
+)
+def test_a_hugepage_shortfall_says_which_pool_to_grow_and_to_what(
+    binding: dict[str, object], knob: str, files: dict[str, Path], tmp_path: Path
+) -> None:
+    memory = MemoryBackendFile("ram0", 256, mem_path=tmp_path / "huge", **binding)  # type: ignore[arg-type]
+    host = tcg_host(free_2m=10, total_2m=40, hugetlbfs=(str(tmp_path / "huge"),))
+    with pytest.raises(HugepagesShort) as caught:
+        spec(files, memory=memory).validate(host)
+    assert caught.value.hint == f"reserve 118 more as root: echo 158 > {knob}"
