@@ -2,7 +2,8 @@
 rings, a small vsock socket layer (listen, connect, credit, shutdown), and a vhost-user front-end that
 speaks to the switch the way QEMU does (memfd RAM, kick and call eventfds).
 
-``FakeGuest(cid)`` attaches straight to a ``VsockDevice`` (``attach``) or through vhost-user (``FakeFront``).
+``FakeGuest(cid)`` attaches straight to a ``VsockDevice`` (``attach``) or through vhost-user (``FakeFront``);
+``GuestPump`` runs one in a thread, as a guest kernel would.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import mmap
 import os
 import socket
 import struct
+import threading
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from harness.vsock import vhost_user as vu
@@ -379,6 +383,53 @@ class FakeGuest:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+class GuestPump:
+    """A fake guest run by a background thread, like a guest kernel: it handles its packets each round,
+    then runs ``behaviours``; hold ``lock`` to call the guest from another thread."""
+
+    def __init__(self, guest: FakeGuest) -> None:
+        self.guest = guest
+        self.lock = threading.Lock()
+        self.behaviours: list[Callable[[FakeGuest], None]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self.lock:
+                busy = self.guest.pump()
+                for behaviour in self.behaviours:
+                    behaviour(self.guest)
+            if not busy:
+                time.sleep(0.0005)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def wait(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                if condition():
+                    return
+            if time.monotonic() > deadline:
+                raise AssertionError("condition not reached")
+            time.sleep(0.002)
+
+
+def echo(guest: FakeGuest) -> None:
+    """A ``GuestPump`` behaviour: echo every accepted connection; close it once the peer has shut down its
+    sending side."""
+    for conn in list(guest.accepted):
+        data = guest.read(conn)
+        if data:
+            guest.write(conn, data)
+        if conn.eof and not conn.outgoing and not conn.shutdown_sent and not conn.reset:
+            guest.close(conn)
 
 
 class FakeFront:

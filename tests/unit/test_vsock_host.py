@@ -28,7 +28,7 @@ from harness.vsock.errors import (
     VsockSwitchError,
     VsockUnknownPeer,
 )
-from harness.vsock.fake_guest import FakeFront, FakeGuest
+from harness.vsock.fake_guest import FakeFront, FakeGuest, GuestPump, echo
 from harness.vsock.host import VsockHost
 
 QMP = ChardevSocket("qmp", fd=3)
@@ -217,21 +217,6 @@ def test_a_listener_that_cannot_bind_raises_a_coded_error(
 
 
 # -- streams through the switch -------------------------------------------------------------------
-def run_guest(guest: FakeGuest, stop: threading.Event, lock: threading.Lock) -> threading.Thread:
-    def pump() -> None:
-        while not stop.is_set():
-            with lock:
-                guest.pump()
-                for conn in list(guest.accepted):
-                    data = guest.read(conn)
-                    if data:
-                        guest.write(conn, data)
-
-    thread = threading.Thread(target=pump, daemon=True)
-    thread.start()
-    return thread
-
-
 def test_connect_and_listen_through_the_builtin_switch(
     tmp_path: Path, ledger: Ledger, loop: EventLoopThread
 ) -> None:
@@ -241,34 +226,33 @@ def test_connect_and_listen_through_the_builtin_switch(
         guest = FakeGuest(att.cid, memfd=True, ram_kib=4096)
         front = FakeFront(guest, str(vsock.runtime_dir / "vm.vhost"))
         front.start()
-        stop, lock = threading.Event(), threading.Lock()
-        with lock:
+        pump = GuestPump(guest)
+        pump.behaviours.append(echo)
+        with pump.lock:
             guest.listen(5000)
-        thread = run_guest(guest, stop, lock)
         try:
             sock = vsock.connect(att.cid, 5000)
             sock.sendall(b"hello")
             assert sock.recv(5) == b"hello"
             with pytest.raises(VsockConnectionRefused):
                 vsock.connect(att.cid, 5001, timeout=60)
-            with lock:
+            with pump.lock:
                 conn = guest.connect(2, 7000)
             host_side, peer = listener.accept(timeout=10)
             assert peer == att.cid
-            with lock:
+            with pump.lock:
                 guest.write(conn, b"from the guest")
             assert host_side.recv(100) == b"from the guest"
             assert vsock.stats()["vms"]["vm"]["host_connections"] == 2
 
             def listen_late() -> None:
-                with lock:
+                with pump.lock:
                     guest.listen(5001)
 
             threading.Timer(0.3, listen_late).start()
             vsock.connect(att.cid, 5001, wait=30).close()  # refusals retried until the guest listens
         finally:
-            stop.set()
-            thread.join(5)
+            pump.stop()
             front.close()
             guest.close_ram()
 
@@ -299,17 +283,16 @@ def test_vhost_device_vsock_can_stand_in(
         guest = FakeGuest(5, memfd=True, ram_kib=4096)
         front = FakeFront(guest, str(vsock.runtime_dir / "vm.vhost"))
         assert front.start()["cid"] == 5
-        stop, lock = threading.Event(), threading.Lock()
-        with lock:
+        pump = GuestPump(guest)
+        pump.behaviours.append(echo)
+        with pump.lock:
             guest.listen(5000)
-        thread = run_guest(guest, stop, lock)
         try:
             sock = vsock.connect(5, 5000)
             sock.sendall(b"swap")
             assert sock.recv(4) == b"swap"
         finally:
-            stop.set()
-            thread.join(5)
+            pump.stop()
             front.close()
             guest.close_ram()
         process = vsock._daemons["g"].process

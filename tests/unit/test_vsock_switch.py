@@ -10,7 +10,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import pytest
 from harness.aio import EventLoopThread
 from harness.vsock import hybrid
 from harness.vsock.errors import VsockConnectionRefused
-from harness.vsock.fake_guest import FakeFront, FakeGuest, GuestConn
+from harness.vsock.fake_guest import FakeFront, FakeGuest, GuestConn, GuestPump, echo
 from harness.vsock.host import connect_hybrid
 from harness.vsock.hybrid import listener_path
 from harness.vsock.server import SwitchServer, VmEndpoint
@@ -33,58 +33,12 @@ from harness.vsock.vhost_user import (
 )
 
 
-class Pumped:
-    """A fake guest run by a background thread, like a guest kernel; ``serve`` adds per-round behaviour."""
-
-    def __init__(self, guest: FakeGuest, front: FakeFront) -> None:
-        self.guest = guest
-        self.front = front
-        self.lock = threading.Lock()
-        self.behaviours: list[Callable[[FakeGuest], None]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with self.lock:
-                busy = self.guest.pump()
-                for behaviour in self.behaviours:
-                    behaviour(self.guest)
-            if not busy:
-                time.sleep(0.0005)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def wait(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            with self.lock:
-                if condition():
-                    return
-            if time.monotonic() > deadline:
-                raise AssertionError("condition not reached")
-            time.sleep(0.002)
-
-
-def echo(guest: FakeGuest) -> None:
-    """Echo every accepted connection; close it once the peer has shut down its sending side."""
-    for conn in list(guest.accepted):
-        data = guest.read(conn)
-        if data:
-            guest.write(conn, data)
-        if conn.eof and not conn.outgoing and not conn.shutdown_sent and not conn.reset:
-            guest.close(conn)
-
-
 @dataclass
 class Vm:
     endpoint: VmEndpoint
     guest: FakeGuest
     front: FakeFront
-    pump: Pumped
+    pump: GuestPump
 
 
 class Rig:
@@ -103,7 +57,7 @@ class Rig:
         front = FakeFront(guest, str(endpoint.vhost_socket))
         if start:
             front.start()
-        vm = Vm(endpoint, guest, front, Pumped(guest, front))
+        vm = Vm(endpoint, guest, front, GuestPump(guest))
         self.vms.append(vm)
         return vm
 
