@@ -40,8 +40,14 @@ def ensure_pool(page_kib: int, pages: int, node: int | None = None) -> int:
             f"{pages} hugepages of {page_kib} KiB wanted, {free} free, and only root can reserve more",
             hint=f"as root: echo $(( $(cat {knob}) + {pages - free} )) > {knob}",
         )
-    total = int(knob.read_text())
-    knob.write_text(str(total + pages - free))
+    try:
+        knob.write_text(str(int(knob.read_text()) + pages - free))
+    except OSError as exc:  # no pool of that size (or node), or the kernel refused the value
+        raise HugepageReserveFailed(
+            f"cannot grow the pool of {page_kib} KiB hugepages through {knob}: {exc.strerror}",
+            hint=f"check that {knob} exists: the CPU and kernel must offer {page_kib} KiB pages",
+            knob=str(knob),
+        ) from exc
     free = free_pages(page_kib, node)
     if free < pages:
         raise HugepageReserveFailed(

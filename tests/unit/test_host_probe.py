@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from host_trees import PVM_HOST, SNP_HOST, TDX_HOST, TWO_NODE_SMT_HOST, HostTree
 
+from harness.host import hugepages
+from harness.host.errors import HugepageReserveFailed
 from harness.host.probe import choose_accel, parse_cpu_list, parse_size_kib, probe
 
 
@@ -123,3 +125,10 @@ def test_doctor_json_is_the_probe(tree) -> None:
     data = json.loads(done.stdout)
     assert data["accel"] == "kvm" and data["numa_nodes"] == [0, 1] and len(data["cpus"]) == 16
     assert "qboot.rom" in data["qemu"]["firmware_files"]
+
+
+@pytest.mark.root
+def test_growing_a_pool_the_kernel_does_not_have_is_a_coded_error() -> None:
+    with pytest.raises(HugepageReserveFailed) as caught:
+        hugepages.ensure_pool(4, 1)  # no kernel has 4 KiB hugepages, so there is no such pool
+    assert caught.value.code == "E202" and "hugepages-4kB" in caught.value.hint
