@@ -7,6 +7,7 @@ root), ``vm`` (boots guests), ``slow``. Fixtures: ``lab_host``, ``lab``, ``lab_i
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator
 
@@ -44,15 +45,12 @@ def missing_hardware(marker: str, host: HostInfo) -> str | None:
     return None
 
 
-_host_cache: list[HostInfo] = []
-
-
+@functools.cache
 def _host() -> HostInfo:
-    if not _host_cache:
-        from harness.host.probe import probe
+    """The probed host, once per process (only when a test needs it)."""
+    from harness.host.probe import probe
 
-        _host_cache.append(probe())
-    return _host_cache[0]
+    return probe()
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
