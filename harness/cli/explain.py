@@ -7,7 +7,7 @@ import importlib
 import pkgutil
 
 import harness
-from harness.errors import REGISTRY, explain
+from harness.errors import REGISTRY, UsageError, explain
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,18 +25,17 @@ def _load_all_error_codes() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    _load_all_error_codes()
     if args.markdown:
         print(errors_markdown(), end="")
         return 0
+    _load_all_error_codes()
     if args.code is None:
         for code in sorted(REGISTRY, key=lambda c: int(c[1:])):
             print(f"{code}  {REGISTRY[code].title}")
         return 0
     cls = explain(args.code)
     if cls is None:
-        print(f"unknown error code {args.code}")
-        return 2
+        raise UsageError(f"unknown error code {args.code}", hint="`teelab explain` lists every code")
     print(f"{cls.code}: {cls.title}\n\n{cls.explanation}")
     return 0
 

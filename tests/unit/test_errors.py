@@ -36,6 +36,7 @@ def test_explain_prints_title_and_explanation(capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     assert out.startswith("E401: QEMU failed to start")
     assert main(["explain", "E9999"]) == 2
+    assert capsys.readouterr().err.startswith("[ E102 ] unknown error code E9999")
 
 
 def test_docs_error_table_is_current() -> None:
