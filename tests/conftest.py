@@ -1,4 +1,5 @@
-"""Test-suite settings: state (runs, ledger) in a temp dir per session; the image cache stays shared."""
+"""Test-suite settings: state (runs, ledger) in a temp dir per session, made inside ``$TEELAB_STATE_DIR`` when
+that is set (so CI keeps a failed session's artifacts with its own); the image cache stays shared."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
-_STATE = tempfile.mkdtemp(prefix="teelab-test-state-")
+_PARENT = os.environ.get("TEELAB_STATE_DIR") or None
+if _PARENT:
+    os.makedirs(_PARENT, exist_ok=True)
+_STATE = tempfile.mkdtemp(prefix="teelab-test-state-", dir=_PARENT)
 os.environ["TEELAB_STATE_DIR"] = _STATE
 
 
