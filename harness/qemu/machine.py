@@ -34,11 +34,12 @@ from harness.aio import EventLoopThread, shared_loop
 from harness.errors import LabError
 from harness.host.model import HostInfo
 from harness.qemu.argv import build_argv
-from harness.qemu.spec import ChardevChannel, ChardevSocket, ChardevStdio, VMSpec
+from harness.qemu.spec import ChardevChannel, ChardevSocket, ChardevStdio, VMSpec, refuse_duplicate_ids
 
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+QMP_ID, CONSOLE_ID = "qmp", "console"  # the chardevs every machine adds; a spec's own must not reuse them
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -112,6 +113,7 @@ class Machine:
         loop: EventLoopThread | None = None,
     ) -> None:
         spec.validate(host)  # a bad spec raises its SpecError (E3xx) before anything exists, folder included
+        refuse_duplicate_ids("chardev", [QMP_ID, CONSOLE_ID, *(c.id for c in spec.chardevs())])
         self.spec = spec
         self.host = host
         self.qemu_binary = qemu_binary
@@ -138,16 +140,16 @@ class Machine:
         argv = build_argv(
             self.spec,
             self.host,
-            qmp=ChardevSocket("qmp", fd=qmp_fd),
-            console=ChardevSocket("console", fd=console_fd),
+            qmp=ChardevSocket(QMP_ID, fd=qmp_fd),
+            console=ChardevSocket(CONSOLE_ID, fd=console_fd),
             qemu_binary=self.qemu_binary,
             channels=channel_fds,
         )
         by_hand = build_argv(
             self.spec,
             self.host,
-            qmp=ChardevSocket("qmp", path=Path("qmp.sock"), server=True, wait=False),
-            console=ChardevStdio("console"),
+            qmp=ChardevSocket(QMP_ID, path=Path("qmp.sock"), server=True, wait=False),
+            console=ChardevStdio(CONSOLE_ID),
             qemu_binary=self.qemu_binary,
         )
         (self.artifacts / "argv.json").write_text(json.dumps(argv, indent=1) + "\n")

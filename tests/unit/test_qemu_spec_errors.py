@@ -10,11 +10,13 @@ import pytest
 from qemu_hosts import snp_host, tcg_host
 
 from harness.qemu import (
+    ChardevChannel,
     MemoryBackendFile,
     SevSnpGuest,
     TdxGuest,
     VhostVsockPci,
     VirtioRngPci,
+    VirtioSerialPort,
     VMSpec,
 )
 from harness.qemu.errors import HugepagesShort, SpecError
@@ -71,6 +73,12 @@ CASES: dict[str, tuple[Case, str, str]] = {
         lambda f, t: (spec(f, confidential=TdxGuest(), firmware=f["OVMF.fd"]), snp_host()),
         "E313",
         "tdx",
+    ),
+    "a port's chardev named like the machine's console": (
+        lambda f, t: (spec(f, devices=(VirtioSerialPort("p0", "org.lab.0", ChardevChannel("console")),)),
+                      tcg_host()),
+        "E306",
+        "'console'",
     ),
     "kernel vsock without /dev/vhost-vsock": (
         lambda f, t: (spec(f, devices=(VhostVsockPci("v0", guest_cid=5),)), tcg_host()),
