@@ -22,6 +22,7 @@ from harness.vsock.packet import (
     HEADER_SIZE,
     MAX_PAYLOAD,
     OP_RST,
+    OP_RW,
     TYPE_STREAM,
     Header,
 )
@@ -210,12 +211,20 @@ class VsockDevice:
 
     # -- rx: switch -> guest --------------------------------------------------------------------
     def enqueue(self, hdr: Header, payload: bytes | memoryview = b"") -> bool:
-        """Queue a packet for this VM (payload is copied); False when the backlog is full (dropped)."""
+        """Queue a packet for this VM (payload is copied); False when the backlog is full (dropped). Data
+        right behind data of the same flow joins it, so many small writes take bytes, not packet slots."""
         size = len(payload)
-        if len(self.backlog) >= MAX_BACKLOG_PACKETS or self.backlog_bytes + size > MAX_BACKLOG_BYTES:
+        last = self.backlog[-1] if self.backlog else None
+        joins = last is not None and _joins(last, hdr, size)
+        full = len(self.backlog) >= MAX_BACKLOG_PACKETS and not joins
+        if full or self.backlog_bytes + size > MAX_BACKLOG_BYTES:
             self.fault("rx_backlog_full", f"{hdr.describe()} to a VM that posts no rx buffers")
             return False
-        self.backlog.append([hdr, bytes(payload) if size else b"", 0])
+        if joins:
+            last[0] = hdr  # the newest credit fields; the length is set as the data is written
+            last[1] += payload
+        else:
+            self.backlog.append([hdr, bytearray(payload) if size else b"", 0])
         self.backlog_bytes += size
         self.schedule_flush()
         return True
@@ -328,6 +337,15 @@ class VsockDevice:
             self._signal(RX_QUEUE)
         if not budget:
             self.schedule_flush()
+
+
+def _joins(entry: list, hdr: Header, size: int) -> bool:
+    """Whether ``size`` bytes of data (``hdr``) can join backlog ``entry``: data of the same flow, none of
+    it written yet (so no written part is kept while the entry grows)."""
+    queued, payload, offset = entry
+    return bool(
+        size and payload and offset == 0 and hdr.op == OP_RW and queued.op == OP_RW and hdr[:4] == queued[:4]
+    )
 
 
 def _payload(views: list[memoryview], length: int) -> list[memoryview]:

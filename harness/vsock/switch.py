@@ -204,7 +204,8 @@ class Switch:
             return
         if hdr.buf_alloc > SIBLING_BUF_CAP:
             hdr = hdr._replace(buf_alloc=SIBLING_BUF_CAP)
-        peer.deliver(hdr, payload)
+        if not peer.deliver(hdr, payload) and op == OP_RW:
+            self._reset_flow(grp, key, vm, peer)  # data the peer cannot take ends the flow: never a gap
 
     def _reset_flow(self, grp: Group, key: FlowKey, vm: VsockDevice, peer: VsockDevice) -> None:
         """End one flow on both sides with RST."""

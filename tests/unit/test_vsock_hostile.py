@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness.vsock import device as device_module
 from harness.vsock import switch as switch_module
 from harness.vsock.device import BATCH, RX_QUEUE, TX_QUEUE, VsockDevice
 from harness.vsock.fake_guest import USER_BASE, FakeGuest, GuestConn
@@ -418,6 +419,39 @@ def test_a_vm_has_a_bounded_number_of_sibling_flows(monkeypatch: pytest.MonkeyPa
     a.pump()
     assert again.state == "established" and grp.flow_counts[A] == 2
     assert rig.a_dev.drops["too_many_flows"] == 1 and not rig.bc.reset
+
+
+def test_many_small_writes_to_a_slow_reader_arrive_whole() -> None:
+    """More one-byte packets than the backlog has packet slots, inside the reader's credit: all arrive."""
+    rig = build_rig()
+    sent = bytes(i % 251 for i in range(device_module.MAX_BACKLOG_PACKETS + 1000))
+    for i in range(len(sent)):  # C reads nothing meanwhile
+        rig.b.write(rig.bc, sent[i : i + 1])
+    got = b""
+    for _ in range(100):
+        settle(rig, 1)
+        got += rig.c.read(rig.cb)
+        if len(got) >= len(sent):
+            break
+    assert got == sent
+    assert not rig.c.device.drops and not rig.bc.reset  # type: ignore[union-attr]
+
+
+def test_sibling_data_the_reader_cannot_take_resets_the_flow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the reader's backlog is full, its flow is reset at both ends rather than losing bytes from the
+    middle of the stream."""
+    monkeypatch.setattr(device_module, "MAX_BACKLOG_BYTES", 64 * 1024)
+    rig = build_rig()
+    sent = hashlib.sha256(b"stream").digest() * 6000  # 192,000 bytes: inside C's credit, past its backlog
+    rig.b.write(rig.bc, sent)
+    settle(rig)
+    assert rig.bc.reset  # the writer learns at once
+    got = b""
+    for _ in range(50):
+        settle(rig, 1)
+        got += rig.c.read(rig.cb)
+    assert rig.cb.reset and rig.c.device.drops["rx_backlog_full"] >= 1  # type: ignore[union-attr]
+    assert got == sent[: len(got)]  # what arrived is the stream's start, without a gap
 
 
 def test_hostile_ring_index_breaks_only_that_vm() -> None:
