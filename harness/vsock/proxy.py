@@ -33,12 +33,12 @@ class VsockProxy:
         self._thread.start()
 
     def _serve(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not self.listener.closed:  # its VsockHost may close it first
             try:
                 conn, _cid = self.listener.accept(timeout=0.2)
             except VsockTimeout:
                 continue
-            except OSError:
+            except (OSError, ValueError):  # the listener closed while accept waited in select()
                 return
             self.forwarded += 1
             threading.Thread(target=vsock_proxy.forward, args=(conn, self.remote), daemon=True).start()

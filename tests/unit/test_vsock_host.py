@@ -30,6 +30,7 @@ from harness.vsock.errors import (
 )
 from harness.vsock.fake_guest import FakeFront, FakeGuest, GuestPump, echo
 from harness.vsock.host import VsockHost
+from harness.vsock.proxy import VsockProxy
 
 QMP = ChardevSocket("qmp", fd=3)
 CONSOLE = ChardevSocket("console", fd=4)
@@ -214,6 +215,24 @@ def test_a_listener_that_cannot_bind_raises_a_coded_error(
         with pytest.raises(VsockSwitchError) as err:
             vsock.listen(9000)
         assert err.value.code == "E708" and not vsock._listeners
+
+
+def test_a_proxy_stops_when_its_listener_is_closed_under_it(
+    tmp_path: Path, ledger: Ledger, loop: EventLoopThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    escaped: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: escaped.append(args.exc_value))
+    vsock = make_host(ledger, loop, tmp_path, backend="builtin")
+    vsock.attach("vm", group="g")
+    proxy = VsockProxy(vsock.listen(8000), ("127.0.0.1", 9))
+    try:
+        time.sleep(0.3)  # the proxy thread waits in accept()
+        vsock.close()  # the lab's vsock goes first and closes the proxy's listener
+        proxy._thread.join(5)
+        assert not proxy._thread.is_alive()  # it ended, instead of spinning on a closed listener
+        assert escaped == []  # and quietly, not by an exception out of the thread
+    finally:
+        proxy.close()
 
 
 # -- streams through the switch -------------------------------------------------------------------
