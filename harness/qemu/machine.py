@@ -459,15 +459,8 @@ def _new_artifact_dir(name: str) -> Path:
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
     path = runs / f"{stamp}-{safe}-{os.getpid()}-{time.monotonic_ns() % 1_000_000:06d}"
     path.mkdir(parents=True)
-    old = sorted((p for p in runs.iterdir() if p.is_dir()), key=_mtime)
-    for stale in old[:-KEEP_RUNS]:
-        shutil.rmtree(stale, ignore_errors=True)
+    with paths.exclusive_lock(runs.parent / "runs.lock"):  # one pruner at a time: threads and processes
+        old = sorted((p for p in runs.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        for stale in old[:-KEEP_RUNS]:
+            shutil.rmtree(stale, ignore_errors=True)
     return path
-
-
-def _mtime(path: Path) -> float:
-    """A run folder's mtime; 0 for one that another launch (thread or process) pruned meanwhile."""
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return 0.0

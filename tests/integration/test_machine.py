@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -166,21 +166,12 @@ def test_launches_pruning_the_runs_dir_at_once_never_fail(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TEELAB_STATE_DIR", str(tmp_path))
-    failures: list[BaseException] = []
 
-    def launches() -> None:
-        for _ in range(40):
-            try:
-                (_new_artifact_dir("prune") / "console.log").write_text("")
-            except BaseException as exc:
-                failures.append(exc)
+    def launch(_: int) -> None:
+        (_new_artifact_dir("prune") / "console.log").write_text("")
 
-    threads = [threading.Thread(target=launches) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert failures == []
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        list(pool.map(launch, range(240)))  # re-raises the first failure
     assert len(list((tmp_path / "runs").iterdir())) == KEEP_RUNS
 
 
