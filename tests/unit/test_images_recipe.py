@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 import shutil
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
@@ -128,18 +128,6 @@ def test_builds_that_share_the_kernel_unpack_it_once_between_them(tmp_path: Path
     cache = tmp_path / "cache"
     cache.mkdir()
     shutil.copyfile(deb, cache / pin.deb_name)
-    trees, failures = [], []
-
-    def build() -> None:
-        try:
-            trees.append(unpack(pin, cache))
-        except BaseException as exc:
-            failures.append(exc)
-
-    builders = [threading.Thread(target=build) for _ in range(3)]
-    for builder in builders:
-        builder.start()
-    for builder in builders:
-        builder.join()
-    assert failures == []
+    with concurrent.futures.ThreadPoolExecutor(3) as builders:
+        trees = list(builders.map(lambda _: unpack(pin, cache), range(3)))  # re-raises the first failure
     assert [len(tree.modules) for tree in trees] == [40, 40, 40]
