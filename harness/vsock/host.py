@@ -119,8 +119,12 @@ class VsockHost:
             self._release_cid(name)
             raise
         self.attachments[name] = attachment
-        for listener in self._listeners:
-            listener._add_vm(attachment)
+        try:
+            for listener in self._listeners:
+                listener._add_vm(attachment)
+        except BaseException:  # a port path of this VM's that is not free: the attach is undone whole
+            self.detach(name)
+            raise
         log.info("vsock: %s is CID %d (%s%s)", name, cid, kind, f", group {group}" if group else "")
         return attachment
 

@@ -204,6 +204,23 @@ def test_a_host_port_already_listened_on_is_refused_not_taken_over(
         guest.close()
 
 
+def test_an_attach_whose_listener_path_is_taken_is_undone(
+    tmp_path: Path, ledger: Ledger, loop: EventLoopThread
+) -> None:
+    with make_host(ledger, loop, tmp_path, backend="builtin") as vsock:
+        vsock.listen(9000)
+        squatter = socket.socket(socket.AF_UNIX)  # another program serves the VM's port-9000 path
+        squatter.bind(str(vsock.runtime_dir / "vm.vsock_9000"))
+        squatter.listen()
+        try:
+            with pytest.raises(VsockSwitchError):
+                vsock.attach("vm")
+            assert "vm" not in vsock.attachments and not ledger.claims("cid")
+            assert not (vsock.runtime_dir / "vm.vhost").exists()
+        finally:
+            squatter.close()
+
+
 def test_a_listener_that_cannot_bind_raises_a_coded_error(
     tmp_path: Path, ledger: Ledger, loop: EventLoopThread
 ) -> None:
