@@ -92,17 +92,15 @@ def _merged(name: str, seen: tuple[str, ...]) -> dict[str, Any]:
             f"no image recipe {name!r}", hint=f"known recipes: {', '.join(recipe_names())}", name=name
         )
     data = _read_toml(path)
+    for key in LIST_FIELDS:
+        if not isinstance(data.get(key, []), list):
+            raise RecipeInvalid(f"{path.name}: {key} must be a list", hint=f'write {key} = ["..."]')
     parent = data.pop("extends", None)
     if parent is None:
         return data
     merged = _merged(str(parent), (*seen, name))
     for key, value in data.items():
-        if key in LIST_FIELDS:
-            if not isinstance(value, list):
-                raise RecipeInvalid(f"{path.name}: {key} must be a list", hint=f'write {key} = ["..."]')
-            merged[key] = [*merged.get(key, []), *value]
-        else:
-            merged[key] = value
+        merged[key] = [*merged.get(key, []), *value] if key in LIST_FIELDS else value
     return merged
 
 

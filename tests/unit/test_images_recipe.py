@@ -44,9 +44,9 @@ def test_bad_recipes_are_refused_with_what_to_fix(tmp_path: Path, monkeypatch: p
     monkeypatch.setenv("TEELAB_IMAGES_DIR", str(tmp_path))
     write_recipes(tmp_path, loop='extends = "loop"\nrole = "cvm"\n', norole='suite = "bookworm"\n',
                   badlist='suite = "bookworm"\nrole = "cvm"\n', child='extends = "badlist"\npackages = "x"\n',
-                  broken="role = [")  # fmt: skip
+                  broken="role = [", alone='suite = "bookworm"\nrole = "cvm"\nmodules = "x"\n')  # fmt: skip
     for name, text in (("loop", "extends itself"), ("norole", "'role'"), ("child", "must be a list"),
-                       ("broken", "not valid TOML")):  # fmt: skip
+                       ("broken", "not valid TOML"), ("alone", "must be a list")):  # fmt: skip
         with pytest.raises(RecipeInvalid, match=text) as caught:
             load_recipe(name)
         assert caught.value.code == "E502" and caught.value.hint
