@@ -128,10 +128,11 @@ def run_demo(on_phase: Callable[[Phase], None] | None = None) -> DemoResult:
             detail.update(endpoint=kms.endpoint, vsock_port=KMS_VSOCK_PORT)
         with phase("plan") as detail:
             # One vCPU each: two CVMs boot side by side, and a TCG vCPU is a host thread on a 2-CPU machine.
+            # The same count also keeps the command line the only launch input in which the two differ.
             plans = {
                 "expected": lab.plan_cvm(image, name="demo-expected", kind="snp", vcpus=1),
                 "modified": lab.plan_cvm(
-                    image, name="demo-modified", kind="snp", cmdline_extra=MODIFIED_CMDLINE
+                    image, name="demo-modified", kind="snp", vcpus=1, cmdline_extra=MODIFIED_CMDLINE
                 ),
             }
             measurement = plans["expected"].measurement_hex()
