@@ -104,8 +104,13 @@ class Lab:
             memory_mib=memory_mib,
             memory=memory,
             devices=(agent_port(), *devices) if agent else tuple(devices),
-            firmware=Path(fast) if (fast := self.host.qemu.firmware(FAST_FIRMWARE)) else None,
+            firmware=self._fast_firmware(),
         )
+
+    def _fast_firmware(self) -> Path | None:
+        """QEMU's qboot, where this QEMU ships it."""
+        fast = self.host.qemu.firmware(FAST_FIRMWARE)
+        return Path(fast) if fast else None
 
     # -- machines -------------------------------------------------------------------------------
     def launch(self, spec: VMSpec, *, artifacts: Path | None = None) -> Machine:
@@ -242,10 +247,9 @@ class Lab:
         its port the module's service; the kernel and initrd memfds are closed once QEMU has loaded them.
         Bad input (E932/E933 sizing, E901-E913 image) raises before anything starts.
         """
-        fast = self.host.qemu.firmware(FAST_FIRMWARE)
         launch = plan_enclave(
             eif_path, host=self.host, debug=debug, parent_role=parent_role, parent_instance=parent_instance,
-            vcpus=vcpus, memory_mib=memory_mib, agent=agent, firmware=Path(fast) if fast else None, name=name,
+            vcpus=vcpus, memory_mib=memory_mib, agent=agent, firmware=self._fast_firmware(), name=name,
         )  # fmt: skip
 
         def serve(machine: Machine) -> None:
