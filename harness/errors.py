@@ -2,7 +2,8 @@
 
 Subclasses declare ``code`` (``E<number>``), ``title`` and ``explanation``; they register themselves so
 that ``teelab explain CODE`` can describe any of them. Code ranges: E1xx config and CLI, E2xx host,
-E3xx VM specs, E4xx QEMU processes, E5xx images, E6xx guests.
+E3xx VM specs, E4xx QEMU processes, E5xx images, E6xx guest agent, E7xx vsock, E8xx attestation, E9xx enclaves
+and TEE devices, E10xx KMS.
 """
 
 from __future__ import annotations
