@@ -11,19 +11,6 @@ import harness.cli as cli
 
 
 @pytest.fixture
-def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
-    """Run ``teelab ARGS`` through the real entry point with the enclave commands: (status, out, err)."""
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("harness.cli.enclave",))
-
-    def invoke(*args: str) -> tuple[int, str, str]:
-        status = cli.main(list(args))
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    return invoke
-
-
-@pytest.fixture
 def files(tmp_path: Path) -> Path:
     (tmp_path / "bzImage").write_bytes(b"kernel" * 500)
     (tmp_path / "init.cpio").write_bytes(b"init" * 300)

@@ -10,21 +10,8 @@ from pathlib import Path
 import pytest
 from test_enclave_run_recipe import write_recipe
 
-import harness.cli as cli
 from harness import images, paths
 from harness.enclave import build_eif, read_eif
-
-
-@pytest.fixture
-def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("harness.cli.enclave",))
-
-    def invoke(*args: str) -> tuple[int, str, str]:
-        status = cli.main(list(args))
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    return invoke
 
 
 @pytest.fixture
