@@ -4,12 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import ctypes
+import os
+import signal
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from typing import TypeVar
 
 T = TypeVar("T")
+
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None]:
+    """A ``preexec_fn`` that makes the child get ``sig`` when the thread that forked it ends. Fork from the
+    long-lived loop thread (``EventLoopThread.call``), not a short-lived caller's thread."""
+    parent = os.getpid()
+
+    def preexec() -> None:
+        _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
 
 
 class EventLoopThread:

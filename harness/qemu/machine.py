@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
 from harness import paths
-from harness.aio import EventLoopThread, shared_loop
+from harness.aio import EventLoopThread, die_with_parent, shared_loop
 from harness.errors import LabError
 from harness.host.model import HostInfo
 from harness.qemu.argv import build_argv
@@ -38,9 +37,7 @@ from harness.qemu.spec import ChardevChannel, ChardevSocket, ChardevStdio, VMSpe
 
 log = logging.getLogger(__name__)
 
-PR_SET_PDEATHSIG = 1
 QMP_ID, CONSOLE_ID = "qmp", "console"  # the chardevs every machine adds; a spec's own must not reuse them
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class MachineError(LabError):
@@ -89,15 +86,6 @@ class ExitInfo:
     stage: str  # "powerdown" | "quit" | "kill" | "exited"
     returncode: int | None
     seconds: float
-
-
-def _pdeathsig_preexec(parent_pid: int) -> Any:
-    def preexec() -> None:
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent_pid:  # the harness died before prctl took effect
-            os._exit(1)
-
-    return preexec
 
 
 class Machine:
@@ -214,7 +202,7 @@ class Machine:
             stdout=stderr,
             stderr=stderr,
             pass_fds=pass_fds,
-            preexec_fn=_pdeathsig_preexec(os.getpid()),
+            preexec_fn=die_with_parent(signal.SIGKILL),
             cwd=self.artifacts,
         )
 

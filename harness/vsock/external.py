@@ -8,24 +8,20 @@ attach every VM of a group before launching any of them.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
-import os
 import signal
 import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from harness.aio import EventLoopThread
+from harness.aio import EventLoopThread, die_with_parent
 from harness.vsock.errors import VsockSwitchError
 from harness.vsock.server import VmEndpoint
 
 log = logging.getLogger(__name__)
 
-PR_SET_PDEATHSIG = 1
 START_TIMEOUT = 10.0
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def daemon_argv(binary: str, endpoints: Sequence[VmEndpoint]) -> list[str]:
@@ -71,16 +67,13 @@ class GroupDaemon:
         log.info("vhost-device-vsock for group %s: pid %d", self.group, self.process.pid)
 
     def _spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
-        parent = os.getpid()
-
-        def preexec() -> None:
-            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-            if os.getppid() != parent:
-                os._exit(1)
-
         with open(self.log_path, "ab") as logfile:
             return subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile, preexec_fn=preexec
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=logfile,
+                preexec_fn=die_with_parent(signal.SIGTERM),
             )
 
     def stop(self) -> None:
