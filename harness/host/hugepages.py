@@ -7,14 +7,10 @@ import subprocess
 from pathlib import Path
 
 from harness.host.errors import HugepageReserveFailed, HugetlbfsMountFailed, NeedsRoot
+from harness.host.model import size_text
 from harness.host.probe import hugepage_pools, hugetlbfs_mounts
 
 MOUNT_BASE = Path("/run/teelab")
-
-
-def page_size_text(page_kib: int) -> str:
-    """``2M`` or ``1G``, as mount -o pagesize= and QEMU spell a page size."""
-    return f"{page_kib // 1048576}G" if page_kib % 1048576 == 0 else f"{page_kib // 1024}M"
 
 
 def pool_knob(page_kib: int, node: int | None = None) -> Path:
@@ -63,7 +59,7 @@ def ensure_hugetlbfs(page_kib: int, mount_point: Path | None = None) -> Path:
     for mount in hugetlbfs_mounts(Path("/")):
         if mount.pagesize_kib == page_kib and (mount_point is None or Path(mount.path) == mount_point):
             return Path(mount.path)
-    size = page_size_text(page_kib)
+    size = size_text(page_kib)
     target = mount_point or MOUNT_BASE / f"hugepages-{size}"
     if os.geteuid() != 0:
         raise NeedsRoot(

@@ -8,6 +8,14 @@ from typing import Any, Literal
 Accel = Literal["kvm", "tcg"]
 
 
+def size_text(kib: int) -> str:
+    """``1G``, ``2M`` or ``4K``: the largest exact unit, as QEMU and ``mount -o pagesize=`` spell sizes."""
+    for unit, factor in (("G", 1024 * 1024), ("M", 1024)):
+        if kib % factor == 0:
+            return f"{kib // factor}{unit}"
+    return f"{kib}K"
+
+
 @dataclass(frozen=True)
 class HugepagePool:
     """Hugepages of one size on one NUMA node (node None: the system-wide pool)."""

@@ -11,7 +11,7 @@ from harness.host.model import HostInfo
 from harness.qemu.chardevs import Chardev, ChardevChannel, ChardevSocket
 from harness.qemu.errors import MemorySizeError, OptionInvalid, VhostVsockUnavailable
 from harness.qemu.objects import MemoryBackend, MemoryBackendFile
-from harness.qemu.options import check_id, escape, require_device_type, size_mib
+from harness.qemu.options import check_id, escape, require_type, size_mib
 
 VSOCK_CID_MAX = 2**32 - 1  # U32_MAX is VMADDR_CID_ANY
 VIRTIO_SERIAL_BUS = "virtio-serial0"
@@ -27,10 +27,12 @@ class Device(ABC):
 
     def validate(self, host: HostInfo) -> None:
         check_id("device", self.id)
-        require_device_type(host, self.qemu_type)
-        controller = self.controller()
-        if controller is not None:
-            require_device_type(host, controller[1])
+        types = [self.qemu_type]
+        if (controller := self.controller()) is not None:
+            types.append(controller[1])
+        for type_name in types:
+            hint = f"install a QEMU that offers -device {type_name} or drop that device from the spec"
+            require_type(host, "device", type_name, hint)
 
     def chardevs(self) -> tuple[Chardev, ...]:
         return ()

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from harness.host.hugepages import pool_knob
-from harness.host.model import Accel, HostInfo
+from harness.host.model import Accel, HostInfo, size_text
 from harness.qemu.errors import (
     HugepagesShort,
     HugetlbfsNotMounted,
@@ -25,8 +25,7 @@ from harness.qemu.options import (
     escape,
     onoff,
     qemu_version,
-    require_object_type,
-    size_kib,
+    require_type,
     size_mib,
     truefalse,
 )
@@ -86,7 +85,8 @@ class MemoryBackend(ABC):
                 hint="give the backend a positive size_mib",
                 id=self.id,
             )
-        require_object_type(host, self.qemu_type)
+        hint = f"install a QEMU that offers -object {self.qemu_type} or use another memory backend"
+        require_type(host, "object", self.qemu_type, hint)
         demand = self.hugepage_demand()
         if demand is not None:
             if (self.size_mib * 1024) % demand.page_kib:
@@ -154,7 +154,7 @@ class MemoryBackendMemfd(MemoryBackend):
         if self.hugetlb:
             opts.append("hugetlb=true")
             if self.hugetlbsize_kib is not None:
-                opts.append(f"hugetlbsize={size_kib(self.hugetlbsize_kib)}")
+                opts.append(f"hugetlbsize={size_text(self.hugetlbsize_kib)}")
         return opts
 
 
@@ -208,7 +208,7 @@ class MemoryBackendFile(MemoryBackend):
         mounts = [m for m in host.hugetlbfs if Path(m.path) == path or Path(m.path) in path.parents]
         if any(m.pagesize_kib == page_kib for m in mounts):
             return
-        size = size_kib(page_kib)
+        size = size_text(page_kib)
         raise HugetlbfsNotMounted(
             f"memory backend {self.id}: {path} is not a hugetlbfs mount of {page_kib} KiB pages "
             f"(mounts: {', '.join(f'{m.path} ({m.pagesize_kib} KiB)' for m in host.hugetlbfs) or 'none'})",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from harness.host.model import HostInfo
 from harness.qemu.errors import OptionInvalid, QemuTypeMissing
@@ -38,37 +39,19 @@ def size_mib(mib: int) -> str:
     return f"{mib // 1024}G" if mib and mib % 1024 == 0 else f"{mib}M"
 
 
-def size_kib(kib: int) -> str:
-    """``1G``, ``2M`` or ``4K``: the largest exact unit."""
-    for unit, factor in (("G", 1024 * 1024), ("M", 1024)):
-        if kib % factor == 0:
-            return f"{kib // factor}{unit}"
-    return f"{kib}K"
-
-
 def qemu_version(host: HostInfo) -> str:
     """The probed QEMU version as text (``7.2.22``)."""
     version = host.qemu.version
     return ".".join(map(str, version)) if version else "of unknown version"
 
 
-def require_device_type(host: HostInfo, type_name: str) -> None:
-    """Raise QemuTypeMissing when the probed QEMU lists device types and ``type_name`` is not one."""
-    if host.qemu.device_types and type_name not in host.qemu.device_types:
+def require_type(host: HostInfo, kind: Literal["device", "object"], type_name: str, hint: str) -> None:
+    """Raise QemuTypeMissing when the probed QEMU lists its ``kind`` types and ``type_name`` is not one."""
+    offered = host.qemu.device_types if kind == "device" else host.qemu.object_types
+    if offered and type_name not in offered:
         raise QemuTypeMissing(
-            f"QEMU {qemu_version(host)} has no device type {type_name}",
-            hint=f"install a QEMU that offers -device {type_name} or drop that device from the spec",
-            type=type_name,
-            qemu=host.qemu.binary,
-        )
-
-
-def require_object_type(host: HostInfo, type_name: str) -> None:
-    """Raise QemuTypeMissing when the probed QEMU lists object types and ``type_name`` is not one."""
-    if host.qemu.object_types and type_name not in host.qemu.object_types:
-        raise QemuTypeMissing(
-            f"QEMU {qemu_version(host)} has no object type {type_name}",
-            hint=f"install a QEMU that offers -object {type_name} or use another memory backend",
+            f"QEMU {qemu_version(host)} has no {kind} type {type_name}",
+            hint=hint,
             type=type_name,
             qemu=host.qemu.binary,
         )
