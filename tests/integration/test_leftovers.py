@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import qemu_pids
 
 from harness.host import hugepages
 from harness.host.probe import probe
@@ -41,18 +42,7 @@ HARNESS_SCRIPT = textwrap.dedent(
 
 
 def qemu_processes() -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().rsplit(") ", 1)[1][0]
-        except (OSError, IndexError):
-            continue
-        if argv and b"qemu-system" in argv[0] and any(TAG.encode() in a for a in argv) and state != "Z":
-            found.add(int(entry.name))
-    return found
+    return qemu_pids(TAG)
 
 
 def sockets_under(*roots: Path) -> set[Path]:

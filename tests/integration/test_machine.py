@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import alive, qemu_pids
 
 from harness.lab import READY_PATTERN, Lab
 from harness.qemu.machine import (
@@ -133,7 +134,7 @@ def test_qemu_that_refuses_its_input_raises_launch_error_with_argv_and_stderr(
     assert err.code == "E401"
     assert str(kernel) in err.evidence["argv"]
     assert "kernel" in err.evidence["stderr"].lower()
-    assert not list(_qemu_pids_with_name("bad-kernel"))
+    assert not qemu_pids("bad-kernel")
 
 
 def test_a_failing_closer_does_not_keep_the_labs_other_machines_running(enclave_image) -> None:
@@ -189,29 +190,10 @@ def test_qemu_dies_with_the_harness_process(enclave_image, tmp_path: Path) -> No
     )
     harness = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     qemu_pid = int(harness.stdout.readline())  # type: ignore[union-attr]
-    assert _alive(qemu_pid)
+    assert alive(qemu_pid)
     harness.kill()
     harness.wait()
     deadline = time.monotonic() + 10
-    while _alive(qemu_pid) and time.monotonic() < deadline:
+    while alive(qemu_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(qemu_pid), "QEMU outlived the harness that launched it"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _qemu_pids_with_name(name: str):
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if cmdline and b"qemu-system" in cmdline[0] and any(name.encode() in a for a in cmdline):
-                yield int(entry.name)
+    assert not alive(qemu_pid), "QEMU outlived the harness that launched it"
