@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
+import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +59,22 @@ class ExecResult:
     @property
     def text(self) -> str:
         return self.stdout.decode(errors="replace")
+
+
+@dataclass(frozen=True)
+class GuestJob:
+    """A command started with ``GuestAgent.start``."""
+
+    argv: tuple[str, ...]
+    future: Future[ExecResult]
+
+    def result(self, timeout: float | None = None) -> ExecResult:
+        """The finished command (its error, if it failed); TimeoutError if still running after ``timeout``."""
+        return self.future.result(timeout)
+
+    def json(self, timeout: float | None = None) -> Any:
+        """The command's stdout, read as JSON."""
+        return json.loads(self.result(timeout).stdout)
 
 
 class GuestAgent:
@@ -154,6 +173,28 @@ class GuestAgent:
                 stdout=result.text[-2000:],
             )
         return result
+
+    def start(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: bytes = b"",
+        timeout: float = 60.0,
+        env: Mapping[str, str] | None = None,
+        check: bool = True,
+    ) -> GuestJob:
+        """Run ``argv`` in the guest in the background, while the host does its side (a server the host
+        connects to, a sender it drains); the job's ``result()`` waits for it."""
+        future: Future[ExecResult] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(self.exec(argv, stdin=stdin, timeout=timeout, env=env, check=check))
+            except BaseException as exc:  # handed to whoever waits for the job
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name=f"guest-job-{argv[0]}", daemon=True).start()
+        return GuestJob(tuple(argv), future)
 
     def python(self, code: str, *, timeout: float = 60.0, check: bool = True) -> ExecResult:
         """Run Python ``code`` with the guest's interpreter (teelab_guest importable)."""

@@ -10,7 +10,6 @@ import json
 import os
 import socket
 import statistics
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +17,6 @@ from typing import Any
 from teelab_guest.vsock_peer import Pattern, drain, round_trips
 
 from harness import images
-from harness.agent import ExecResult, GuestAgent
 from harness.bench.result import Bar, BenchResult
 from harness.lab import GuestBoot, Lab
 from harness.qemu.spec import ChardevChannel, MemoryBackendMemfd, VirtioSerialPort
@@ -56,29 +54,6 @@ class VsockBenchResult(BenchResult):
         data = super().to_dict()
         data["rtt_count"] = len(self.rtt_ms)
         return data
-
-
-class _Background:
-    """A guest command running while the host does its side."""
-
-    def __init__(self, agent: GuestAgent, argv: list[str], timeout: float) -> None:
-        self.result: ExecResult | None = None
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(agent, argv, timeout), daemon=True)
-        self._thread.start()
-
-    def _run(self, agent: GuestAgent, argv: list[str], timeout: float) -> None:
-        try:
-            self.result = agent.exec(argv, timeout=timeout, check=True)
-        except BaseException as exc:  # handed to the caller in json()
-            self.error = exc
-
-    def json(self, timeout: float = 600) -> dict[str, Any]:
-        self._thread.join(timeout)
-        if self.error is not None:
-            raise self.error
-        assert self.result is not None, "guest command still running"
-        return json.loads(self.result.stdout)
 
 
 def _mb_s(nbytes: int, seconds: float) -> float:
@@ -146,8 +121,8 @@ def bench_vsock(
 
         # guest -> host
         with vsock.listen(7000, vm=a.machine.spec.name) as listener:
-            sender = _Background(
-                a.agent, [*PEER, "source", "--cid", "2", "--port", "7000", "--bytes", str(size)], 600
+            sender = a.agent.start(
+                [*PEER, "source", "--cid", "2", "--port", "7000", "--bytes", str(size)], timeout=600
             )
             conn, _cid = listener.accept(timeout=120)
             total, seconds = drain(conn)
@@ -160,8 +135,8 @@ def bench_vsock(
         # the same transfer over virtio-serial
         with a.machine.channel(SERIAL_CHANNEL) as channel:
             channel.setblocking(True)
-            writer = _Background(
-                a.agent, [*PEER, "serial-source", "--name", SERIAL_PORT, "--bytes", str(size)], 600
+            writer = a.agent.start(
+                [*PEER, "serial-source", "--name", SERIAL_PORT, "--bytes", str(size)], timeout=600
             )
             total, seconds = drain(channel, limit=size)
             writer.json()
@@ -172,7 +147,7 @@ def bench_vsock(
         step("virtio-serial", f"{measured['serial_guest_to_host_mb_s']} MB/s")
 
         # host -> guest
-        sink = _Background(a.agent, [*PEER, "sink", "--port", "7001"], 600)
+        sink = a.agent.start([*PEER, "sink", "--port", "7001"], timeout=600)
         conn = vsock.connect(3, 7001, timeout=60, wait=60)
         Pattern().send(conn.sendall, size)
         conn.shutdown(socket.SHUT_WR)
@@ -183,7 +158,7 @@ def bench_vsock(
         step("host -> guest", f"{measured['host_to_guest_mb_s']} MB/s")
 
         # guest -> guest
-        sink = _Background(a.agent, [*PEER, "sink", "--port", "7002"], 600)
+        sink = a.agent.start([*PEER, "sink", "--port", "7002"], timeout=600)
         b.agent.exec(
             [*PEER, "source", "--cid", "3", "--port", "7002", "--bytes", str(size)], timeout=600, check=True
         )
@@ -192,13 +167,13 @@ def bench_vsock(
         step("guest -> guest", f"{measured['guest_to_guest_mb_s']} MB/s")
 
         # round trips host <-> guest, then guest <-> guest
-        echo = _Background(a.agent, [*PEER, "echo", "--port", "7003"], 600)
+        echo = a.agent.start([*PEER, "echo", "--port", "7003"], timeout=600)
         conn = vsock.connect(3, 7003, timeout=60, wait=60)
         result.rtt_ms.extend(round_trips(conn, b"r" * 64, rtt_count))
         conn.close()
         echo.json()
         step("host <-> guest rtt", f"p50 {result.figures['rtt_p50_ms']} ms")
-        echo = _Background(a.agent, [*PEER, "echo", "--port", "7004"], 600)
+        echo = a.agent.start([*PEER, "echo", "--port", "7004"], timeout=600)
         pings = b.agent.exec(
             [*PEER, "pingpong", "--cid", "3", "--port", "7004", "--count", str(rtt_count)],
             timeout=600,

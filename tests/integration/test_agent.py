@@ -79,3 +79,11 @@ def test_poweroff_through_the_agent_ends_the_machine(lab: Lab, enclave_image) ->
     assert boot.machine.wait_for_console("TEELAB-POWEROFF", timeout=20)
     info = boot.machine.shutdown(powerdown_timeout=10)
     assert info.returncode == 0 and info.stage in ("exited", "powerdown")
+
+
+def test_a_background_job_runs_while_the_host_works_and_reports_its_result(guest: GuestBoot) -> None:
+    job = guest.agent.start(["sh", "-c", 'read line; echo "{\\"got\\": \\"$line\\"}"'], stdin=b"hello\n")
+    assert job.json(timeout=60) == {"got": "hello"}
+    failing = guest.agent.start(["false"])
+    with pytest.raises(GuestCommandFailed):
+        failing.result(timeout=60)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import socket
 import threading
@@ -18,7 +17,7 @@ import pytest
 from teelab_guest.vsock_peer import Pattern, pattern_sha256
 
 from harness import images
-from harness.agent import ExecResult, GuestAgent
+from harness.agent import GuestAgent, GuestJob
 from harness.host.model import HostInfo
 from harness.lab import GuestBoot, Lab
 from harness.qemu.spec import MemoryBackendMemfd
@@ -69,34 +68,16 @@ def guests(lab_host: HostInfo) -> Iterator[Guests]:
         yield Guests(lab, vsock, image, parent, enclave, stranger)
 
 
-class InGuest:
+def in_guest(agent: GuestAgent | None, argv: list[str]) -> GuestJob:
     """A guest command running in the background while the test does its side."""
-
-    def __init__(self, agent: GuestAgent | None, argv: list[str], timeout: float = 300) -> None:
-        assert agent is not None
-        self.result: ExecResult | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(agent, argv, timeout), daemon=True)
-        self.thread.start()
-
-    def _run(self, agent: GuestAgent, argv: list[str], timeout: float) -> None:
-        try:
-            self.result = agent.exec(argv, timeout=timeout, check=True)
-        except BaseException as exc:
-            self.error = exc
-
-    def json(self) -> dict:
-        self.thread.join(400)
-        if self.error is not None:
-            raise self.error
-        assert self.result is not None
-        return json.loads(self.result.stdout)
+    assert agent is not None
+    return agent.start(argv, timeout=300)
 
 
 def test_two_guests_exchange_64_mib_each_way(guests: Guests) -> None:
     size = 64 * MIB
-    listener = InGuest(guests.parent.agent, [*PEER, "exchange", "--listen", "6000", "--bytes", str(size)])
-    dialer = InGuest(
+    listener = in_guest(guests.parent.agent, [*PEER, "exchange", "--listen", "6000", "--bytes", str(size)])
+    dialer = in_guest(
         guests.enclave.agent,
         [*PEER, "exchange", "--cid", "3", "--port", "6000", "--bytes", str(size), "--seed", "enclave"],
     )
@@ -107,7 +88,7 @@ def test_two_guests_exchange_64_mib_each_way(guests: Guests) -> None:
 
 
 def test_host_guest_echo(guests: Guests) -> None:
-    echo = InGuest(guests.enclave.agent, [*PEER, "echo", "--port", "5000"])
+    echo = in_guest(guests.enclave.agent, [*PEER, "echo", "--port", "5000"])
     sock = guests.vsock.connect(16, 5000, group="lab1", wait=60)
     data = os.urandom(MIB)
     sender = threading.Thread(target=lambda: (sock.sendall(data), sock.shutdown(socket.SHUT_WR)))
@@ -122,7 +103,7 @@ def test_host_guest_echo(guests: Guests) -> None:
 
 def test_guest_reaches_a_host_listener(guests: Guests) -> None:
     with guests.vsock.listen(7000, vm=guests.parent.machine.spec.name) as listener:
-        source = InGuest(
+        source = in_guest(
             guests.parent.agent,
             [*PEER, "source", "--cid", "2", "--port", "7000", "--bytes", str(8 * MIB), "--hash"],
         )
@@ -137,7 +118,7 @@ def test_guest_reaches_a_host_listener(guests: Guests) -> None:
 
 
 def test_sixty_four_concurrent_connections_to_one_guest(guests: Guests) -> None:
-    echo = InGuest(guests.parent.agent, [*PEER, "echo", "--port", "5001", "--connections", "64"])
+    echo = in_guest(guests.parent.agent, [*PEER, "echo", "--port", "5001", "--connections", "64"])
     guests.vsock.connect(3, 5001, group="lab1", wait=60).close()  # the first of the 64
     ok: dict[int, bool] = {}
 
@@ -164,17 +145,17 @@ def test_sixty_four_concurrent_connections_to_one_guest(guests: Guests) -> None:
 def test_a_closed_port_fails_at_once_by_reset(guests: Guests) -> None:
     with pytest.raises(VsockConnectionRefused):
         guests.vsock.connect(16, 5999, group="lab1", timeout=60)  # a refusal, not this timeout
-    to_host = InGuest(guests.enclave.agent, [*PEER, "refused", "--cid", "2", "--port", "7999"]).json()
-    to_sibling = InGuest(guests.enclave.agent, [*PEER, "refused", "--cid", "3", "--port", "7999"]).json()
+    to_host = in_guest(guests.enclave.agent, [*PEER, "refused", "--cid", "2", "--port", "7999"]).json()
+    to_sibling = in_guest(guests.enclave.agent, [*PEER, "refused", "--cid", "3", "--port", "7999"]).json()
     assert to_host["outcome"] == to_sibling["outcome"] == "ECONNRESET"
     assert to_host["seconds"] < 5 and to_sibling["seconds"] < 5  # far below the 10 s connect timeout
 
 
 def test_unrelated_vms_cannot_reach_each_other(guests: Guests) -> None:
     """The stranger (CID 3 of lab2) listens on 6100; from lab1, CID 3 is the parent, which does not: reset."""
-    stranger = InGuest(guests.stranger.agent, [*PEER, "echo", "--port", "6100", "--connections", "2"])
+    stranger = in_guest(guests.stranger.agent, [*PEER, "echo", "--port", "6100", "--connections", "2"])
     guests.vsock.connect(3, 6100, group="lab2", wait=60).close()  # proves the stranger is listening
-    from_enclave = InGuest(guests.enclave.agent, [*PEER, "refused", "--cid", "3", "--port", "6100"]).json()
+    from_enclave = in_guest(guests.enclave.agent, [*PEER, "refused", "--cid", "3", "--port", "6100"]).json()
     assert from_enclave["outcome"] == "ECONNRESET"
     guests.vsock.connect(3, 6100, group="lab2").close()  # still listening: the refusal came from lab1
     assert stranger.json()["peers"] == [2]
@@ -183,10 +164,10 @@ def test_unrelated_vms_cannot_reach_each_other(guests: Guests) -> None:
 def test_a_vm_that_dies_mid_transfer_frees_its_connections(guests: Guests) -> None:
     doomed = guests.boot(f"doomed-{os.getpid()}", "lab1", 17)
     name = doomed.machine.spec.name
-    echo = InGuest(doomed.agent, [*PEER, "echo", "--port", "5002"])
+    echo = in_guest(doomed.agent, [*PEER, "echo", "--port", "5002"])
     victim = guests.vsock.connect(17, 5002, group="lab1", wait=60)
     victim.sendall(b"x" * 100_000)
-    survivor_sink = InGuest(guests.parent.agent, [*PEER, "sink", "--port", "6200", "--hash"])
+    survivor_sink = in_guest(guests.parent.agent, [*PEER, "sink", "--port", "6200", "--hash"])
     survivor = guests.vsock.connect(3, 6200, group="lab1", wait=60)
     pattern = Pattern()
     pattern.send(survivor.sendall, 16 * MIB)
@@ -206,7 +187,7 @@ def test_a_vm_that_dies_mid_transfer_frees_its_connections(guests: Guests) -> No
         pass
     report = survivor_sink.json()
     assert report["bytes"] == 32 * MIB
-    assert echo.error is not None  # the doomed guest's command died with it
+    assert echo.future.exception(timeout=30) is not None  # the doomed guest's command died with it
     guests.vsock.detach(name)
 
 
@@ -217,7 +198,7 @@ def test_kernel_backend_echo(lab_host: HostInfo) -> None:
     with Lab(lab_host) as lab, VsockHost(lab_host, backend="kernel") as vsock:
         guest = boot(lab, vsock, image, f"kernel-{os.getpid()}", None)
         cid = vsock.attachments[guest.machine.spec.name].cid
-        echo = InGuest(guest.agent, [*PEER, "echo", "--port", "5000"])
+        echo = in_guest(guest.agent, [*PEER, "echo", "--port", "5000"])
         sock = vsock.connect(cid, 5000, wait=60)
         sock.sendall(b"kernel vsock")
         assert sock.recv(12) == b"kernel vsock"
