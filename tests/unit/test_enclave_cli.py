@@ -19,6 +19,15 @@ def files(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def build_small(run, files: Path) -> Path:
+    """``teelab enclave build`` of the small image ``files/a.eif`` (kernel, cmdline, one ramdisk)."""
+    eif = files / "a.eif"
+    args = ["--kernel", str(files / "bzImage"), "--cmdline", "x", "--ramdisk", str(files / "init.cpio")]
+    status, _, err = run("enclave", "build", *args, "--output", str(eif))
+    assert status == 0, err
+    return eif
+
+
 def test_the_enclave_commands_are_registered() -> None:
     assert "harness.cli.enclave" in cli.COMMAND_MODULES
 
@@ -56,18 +65,7 @@ def test_build_prints_describe_json_and_describe_agrees(run, files: Path) -> Non
 
 
 def test_describe_prints_a_table_by_default(run, files: Path) -> None:
-    run(
-        "enclave",
-        "build",
-        "--kernel",
-        str(files / "bzImage"),
-        "--cmdline",
-        "x",
-        "--ramdisk",
-        str(files / "init.cpio"),
-        "--output",
-        str(files / "a.eif"),
-    )
+    build_small(run, files)
     status, out, _ = run("enclave", "describe-eif", str(files / "a.eif"))
     pcr0 = json.loads(run("enclave", "describe-eif", str(files / "a.eif"), "--json")[1])["Measurements"][
         "PCR0"
@@ -78,18 +76,7 @@ def test_describe_prints_a_table_by_default(run, files: Path) -> None:
 
 
 def test_a_corrupted_image_exits_2_with_the_code_and_a_hint(run, files: Path) -> None:
-    run(
-        "enclave",
-        "build",
-        "--kernel",
-        str(files / "bzImage"),
-        "--cmdline",
-        "x",
-        "--ramdisk",
-        str(files / "init.cpio"),
-        "--output",
-        str(files / "a.eif"),
-    )
+    build_small(run, files)
     data = bytearray((files / "a.eif").read_bytes())
     data[-1] ^= 0xFF
     (files / "a.eif").write_bytes(data)
