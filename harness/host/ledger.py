@@ -18,6 +18,7 @@ from typing import Any
 
 from harness import paths
 from harness.host.errors import LedgerCorrupt, LedgerExhausted
+from harness.host.runtime import process_start_time
 
 
 @dataclass(frozen=True)
@@ -143,19 +144,10 @@ def _take(
             kind=kind,
             wanted=count,
         )
-    entry = {"owner": owner, "pid": pid, "start": _start_time(pid), "since": time.time()}
+    entry = {"owner": owner, "pid": pid, "start": process_start_time(pid), "since": time.time()}
     for value in chosen:
         taken[str(value)] = entry
     return tuple(chosen)
-
-
-def _start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), or None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return int(stat.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def _reap(table: dict[str, dict[str, Any]]) -> None:
@@ -165,7 +157,7 @@ def _reap(table: dict[str, dict[str, Any]]) -> None:
         for value, entry in list(taken.items()):
             key = (entry["pid"], entry.get("start"))
             if key not in alive:
-                now = _start_time(entry["pid"])
+                now = process_start_time(entry["pid"])
                 alive[key] = now is not None and entry.get("start") in (None, now)
             if not alive[key]:
                 del taken[value]

@@ -15,12 +15,12 @@ import re
 import selectors
 import shutil
 import socket
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness.aio import EventLoopThread, shared_loop
+from harness.host import runtime
 from harness.host.errors import LedgerExhausted
 from harness.host.ledger import Ledger
 from harness.host.model import HostInfo
@@ -82,7 +82,8 @@ class VsockHost:
         self.ledger = ledger or Ledger()
         self._loop = loop or shared_loop()
         self._own_dir = runtime_dir is None
-        self.runtime_dir = runtime_dir or Path(tempfile.mkdtemp(prefix="tlvs-", dir=os.environ.get(ENV_DIR)))
+        override = os.environ.get(ENV_DIR)
+        self.runtime_dir = runtime_dir or runtime.runtime_dir("vsock", Path(override) if override else None)
         self.attachments: dict[str, VsockAttachment] = {}
         self._claimed: dict[str, int] = {}
         self._server: SwitchServer | None = None
