@@ -19,18 +19,17 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from teelab_guest.kms_client import KmsClient, Transport
 
 from harness import images
 from harness.attest.checks import default_lab_dir
+from harness.host import runtime
 from harness.kms import KmsServer, Listen
 from harness.lab import GuestBoot, Lab
 
@@ -120,7 +119,7 @@ def run_demo(on_phase: Callable[[Phase], None] | None = None) -> DemoResult:
                 image=image.name, cached=not image.built, initrd_mib=round(image.initrd_bytes / 2**20, 1)
             )
         with phase("kms") as detail:
-            kms_dir = Path(tempfile.mkdtemp(prefix="teelab-demo-kms-"))
+            kms_dir = runtime.runtime_dir("demo-kms")
             stack.callback(shutil.rmtree, kms_dir, ignore_errors=True)
             kms = stack.enter_context(KmsServer.start(kms_dir, Listen(port=0), lab_dir=default_lab_dir()))
             host, port = kms.endpoint.removeprefix("http://").rsplit(":", 1)

@@ -8,12 +8,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 
 from harness import images
 from harness.bench.result import Bar, BenchResult
+from harness.host import runtime
 
 WARM_BAR = 1.0  # seconds, the foundation bar
 COLD_BAR = 90.0
@@ -54,7 +54,7 @@ def warm_cli_build(name: str) -> tuple[float, dict[str, object]]:
 def cold_build(name: str) -> float:
     """Seconds to build ``name`` into an empty, temporary cache dir (removed afterwards)."""
     previous = os.environ.get("TEELAB_CACHE_DIR")
-    scratch = tempfile.mkdtemp(prefix="teelab-cold-cache-")
+    scratch = str(runtime.runtime_dir("cold-cache"))
     os.environ["TEELAB_CACHE_DIR"] = scratch
     try:
         return images.build(name).seconds

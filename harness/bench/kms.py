@@ -12,7 +12,6 @@ import asyncio
 import base64
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from teelab_guest import kms_sigv4
 from teelab_guest.kms_client import RecipientKey
 
 from harness.bench.result import Bar, BenchResult
+from harness.host import runtime
 from harness.kms.runner import KmsProcess, Listen
 from harness.kms.store import Store
 
@@ -214,7 +214,7 @@ def bench_kms(
     count. Closed loop measures capacity; open loop measures latency at a given load (Little's law: a closed
     loop of 100 clients at 300 req/s must show ~333 ms per request, whatever the server does)."""
     results = []
-    with tempfile.TemporaryDirectory(prefix="teelab-bench-kms-") as tmp:
+    with runtime.scratch_dir("bench-kms") as tmp:
         for mode in modes:
             kms_dir, lab_dir = Path(tmp) / mode / "kms", Path(tmp) / "lab-ca"
             prepared = prepare(kms_dir, lab_dir, mode)

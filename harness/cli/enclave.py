@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from harness.enclave import EifImage, build_eif, describe_image, read_eif
 from harness.enclave.errors import EifInputInvalid
 from harness.enclave.nsm import SecurityModule
 from harness.errors import UsageError
+from harness.host import runtime
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -291,7 +291,7 @@ def bench_eif(ramdisk_mib: int, runs: int) -> BenchResult:
     if ramdisk_mib >= 40:
         result.bars.append(Bar("median", "<=", EIF_DESCRIBE_BAR_S))
     builds = []
-    with tempfile.TemporaryDirectory(prefix="teelab-bench-eif-") as tmp:
+    with runtime.scratch_dir("bench-eif") as tmp:
         root = Path(tmp)
         for name, mib in (("bzImage", 8), ("init.cpio", 2), ("app.cpio", ramdisk_mib)):
             with open(root / name, "wb") as out:
@@ -324,7 +324,7 @@ def bench_nsm(requests: int) -> BenchResult:
     result = BenchResult(
         "nsm", "ms", {"requests": requests}, bars=[Bar("median", "<=", NSM_ATTESTATION_BAR_MS)]
     )
-    with tempfile.TemporaryDirectory(prefix="teelab-bench-nsm-") as tmp:
+    with runtime.scratch_dir("bench-nsm") as tmp:
         authority = LabAuthority.load_or_create(Path(tmp) / "lab-ca")
         module = SecurityModule(
             {0: bytes(48)}, debug=False, issue_document=authority.attestation_document, module_id="bench"
