@@ -1,14 +1,17 @@
 """Key policies shaped like AWS key policies, with conditions on attestation claims; deny by default.
 
-Small and strict: unknown fields, operators or condition keys are refused when the policy is stored; a
-condition on a key the request does not carry never matches (also for the Not operators); a statement allows
-evidence from a non-vendor root (a lab CA) or a debug-mode guest only if it names that root or debug itself.
+Small and strict: unknown fields, operators or condition keys, duplicate JSON keys and hex values that are
+not hex are refused when the policy is stored. A condition on a key the request does not carry never lets an
+Allow apply; in a Deny a negated operator (StringNotEquals..., NumericNotEquals) holds for it, as in AWS, so a
+request without evidence meets the Deny. A statement allows evidence from a non-vendor root (a lab CA) or a
+debug-mode guest only if it names that root or debug itself.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,9 +61,11 @@ _NUMERIC_OPS = {
     "NumericEquals", "NumericNotEquals", "NumericLessThan", "NumericLessThanEquals", "NumericGreaterThan",
     "NumericGreaterThanEquals",
 }  # fmt: skip
+_NEGATED_OPS = {"StringNotEquals", "StringNotEqualsIgnoreCase", "NumericNotEquals"}
 _OPERATORS = {**dict.fromkeys(_STRING_OPS, "string"), **dict.fromkeys(_NUMERIC_OPS, "number"), "Bool": "bool"}
 _STATEMENT_FIELDS = {"Sid", "Effect", "Principal", "Action", "Resource", "Condition"}
 _ARN_ACCOUNT = re.compile(r"^arn:aws:iam::(\d{12}):")
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,9 @@ class KeyPolicy:
         if len(text.encode()) > MAX_POLICY_BYTES:
             raise MalformedPolicy(f"policy is larger than {MAX_POLICY_BYTES} bytes")
         try:
-            doc = json.loads(text)
+            doc = json.loads(text, object_pairs_hook=_unique_keys)
+        except MalformedPolicy:
+            raise
         except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, or an over-long integer
             raise MalformedPolicy(f"policy is not JSON: {exc}") from None
         if not isinstance(doc, dict):
@@ -187,6 +194,15 @@ def default_policy(account: str) -> str:
     )
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: json would keep the last of two ``Effect``s silently."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        twice = next(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+        raise MalformedPolicy(f"policy names {twice!r} twice in one object")
+    return out
+
+
 def _strings(value: Any, what: str, where: str) -> tuple[str, ...]:
     items = value if isinstance(value, list) else [value]
     if not items or not all(isinstance(v, str) and v for v in items):
@@ -235,8 +251,10 @@ def _conditions(raw: Any, where: str) -> tuple[Condition, ...]:
             raise MalformedPolicy(f"{where}: unsupported condition operator {operator!r}")
         if not isinstance(block, dict) or not block:
             raise MalformedPolicy(f"{where}: {operator} must map condition keys to values")
+        if len({key.lower() for key in block}) != len(block):
+            raise MalformedPolicy(f"{where}: {operator} names a condition key twice (keys ignore case)")
         for key, value in block.items():
-            key_type = CONDITION_KEYS.get(str(key).lower())
+            key_type = CONDITION_KEYS.get(key.lower())
             if key_type is None:
                 raise MalformedPolicy(f"{where}: unknown condition key {key!r}")
             if {"hex": "string"}.get(key_type, key_type) != kind:
@@ -244,13 +262,20 @@ def _conditions(raw: Any, where: str) -> tuple[Condition, ...]:
             values = value if isinstance(value, list) else [value]
             if not values:
                 raise MalformedPolicy(f"{where}: {operator} {key} has no values")
-            out.append(Condition(operator, key.lower(), tuple(_value(v, kind, where, key) for v in values)))
+            out.append(
+                Condition(operator, key.lower(), tuple(_value(v, key_type, where, key) for v in values))
+            )
     return tuple(out)
 
 
 def _value(value: Any, kind: str, where: str, key: str) -> Any:
+    """A condition value as its key's type: hex is lower-cased (claims are lower-case hex), numbers int."""
     if kind == "string" and isinstance(value, str):
         return value
+    if kind == "hex" and isinstance(value, str):
+        if not _HEX.fullmatch(value):
+            raise MalformedPolicy(f"{where}: value {value!r} for {key} is not hex (pairs of 0-9, a-f)")
+        return value.lower()
     if kind == "number" and not isinstance(value, bool):
         if isinstance(value, int):
             return value
@@ -319,6 +344,8 @@ def _mismatch(statement: Statement, ctx: RequestContext, account: str) -> str | 
     claims = ctx.attestation
     for cond in statement.conditions:
         if claims is None or cond.key not in claims:
+            if statement.effect == "Deny" and cond.operator in _NEGATED_OPS:
+                continue  # as in AWS: "the request's value is not X" holds when it has none
             return f"{cond.key} is not in the request (no attestation evidence or no such claim)"
         actual = claims[cond.key]
         kind = _OPERATORS[cond.operator]

@@ -50,17 +50,95 @@ def test_pcr0_condition_allows_matching_and_refuses_other_measurement() -> None:
     assert refused.reasons[-1] == "no statement allows the request (default deny)"
 
 
-def test_qingtian_spelling_and_string_equals_is_case_sensitive() -> None:
-    p = policy({**ALLOW_PCR0, "Condition": {"StringEquals": {"kms:RecipientAttestation/PCR0": PCR0.upper()}}})
-    assert not p.evaluate(decrypt(enclave_claims()), ACCOUNT).allowed
-    p = policy({**ALLOW_PCR0, "Condition": {"StringEquals": {"kms:RecipientAttestation/PCR0": PCR0}}})
-    assert p.evaluate(decrypt(enclave_claims()), ACCOUNT).allowed
+def test_qingtian_spelling_and_hex_values_match_in_either_case() -> None:
+    for value in (PCR0, PCR0.upper(), PCR0[:10].upper() + PCR0[10:]):
+        for operator in ("StringEquals", "StringEqualsIgnoreCase"):
+            p = policy({**ALLOW_PCR0, "Condition": {operator: {"kms:RecipientAttestation/PCR0": value}}})
+            assert p.evaluate(decrypt(enclave_claims()), ACCOUNT).allowed, (operator, value)
+        p = policy({**ALLOW_PCR0, "Condition": {"StringNotEquals": {"kms:RecipientAttestation:PCR0": value}}})
+        assert not p.evaluate(decrypt(enclave_claims()), ACCOUNT).allowed, value
 
 
-def test_condition_without_evidence_never_matches_even_for_not_operators() -> None:
+def test_string_equals_on_a_string_key_is_case_sensitive() -> None:
+    claims = {**enclave_claims(), "teelab:recipientattestation:moduleid": "i-Enclave"}
+    for value, allowed in (("i-Enclave", True), ("i-enclave", False)):
+        p = policy(
+            {**ALLOW_PCR0, "Condition": {"StringEquals": {"teelab:RecipientAttestation:ModuleId": value}}}
+        )
+        assert p.evaluate(decrypt(claims), ACCOUNT).allowed is allowed, value
+
+
+@pytest.mark.parametrize("value", ["zz" * 48, PCR0[:-1], "", "0x" + PCR0, PCR0 + " ", "ab cd", "\u00e9" * 2])
+def test_hex_values_that_are_not_hex_are_refused(value: str) -> None:
+    for operator in ("StringEquals", "StringNotEqualsIgnoreCase"):
+        condition = {operator: {"teelab:RecipientAttestation:SnpMeasurement": [PCR0, value]}}
+        with pytest.raises(MalformedPolicy, match="is not hex"):
+            policy({**ALLOW_PCR0, "Condition": condition})
+
+
+def test_allow_condition_without_evidence_never_matches_even_for_not_operators() -> None:
     p = policy({**ALLOW_PCR0, "Condition": {"StringNotEquals": {"kms:RecipientAttestation:PCR0": OTHER}}})
     assert p.evaluate(decrypt(enclave_claims()), ACCOUNT).allowed
     assert not p.evaluate(decrypt(None), ACCOUNT).allowed
+
+
+# The rule table of docs/kms.md: does a statement's condition hold, by operator, for a request that carries
+# the key (with a value the condition names / does not name) and for one that does not carry it?
+# (operator, key, named value, other value, holds when named, holds when other, absent: Allow, absent: Deny)
+RULES = [
+    ("StringEquals", "kms:RecipientAttestation:PCR0", PCR0, OTHER, True, False, False, False),
+    ("StringEqualsIgnoreCase", "kms:RecipientAttestation:PCR0", PCR0, OTHER, True, False, False, False),
+    ("StringNotEquals", "kms:RecipientAttestation:PCR0", PCR0, OTHER, False, True, False, True),
+    ("StringNotEqualsIgnoreCase", "kms:RecipientAttestation:PCR0", PCR0, OTHER, False, True, False, True),
+    ("NumericEquals", "teelab:RecipientAttestation:SnpGuestSvn", 3, 4, True, False, False, False),
+    ("NumericNotEquals", "teelab:RecipientAttestation:SnpGuestSvn", 3, 4, False, True, False, True),
+    ("NumericLessThan", "teelab:RecipientAttestation:SnpGuestSvn", 3, 2, False, True, False, False),
+    ("NumericLessThanEquals", "teelab:RecipientAttestation:SnpGuestSvn", 3, 4, True, False, False, False),
+    ("NumericGreaterThan", "teelab:RecipientAttestation:SnpGuestSvn", 3, 4, False, True, False, False),
+    ("NumericGreaterThanEquals", "teelab:RecipientAttestation:SnpGuestSvn", 3, 2, True, False, False, False),
+    ("Bool", "teelab:RecipientAttestation:Debug", True, False, True, False, False, False),
+]
+
+
+@pytest.mark.parametrize("rule", RULES, ids=[r[0] for r in RULES])
+def test_rule_table_by_operator_key_present_or_absent_and_effect(rule: tuple) -> None:
+    operator, key, named, other, holds_named, holds_other, absent_allow, absent_deny = rule
+    condition = {operator: {key: named}}
+    claim = key.lower()
+    others = {**enclave_claims(), "teelab:recipientattestation:snpguestsvn": 9}
+    others.pop(claim, None)
+    for claims, allow_applies, deny_applies in [
+        ({**others, claim: named}, holds_named, holds_named),
+        ({**others, claim: other}, holds_other, holds_other),
+        (others, absent_allow, absent_deny),  # evidence without this claim
+        (None, absent_allow, absent_deny),  # no evidence at all
+    ]:
+        debug = claims is not None and claims.get("teelab:recipientattestation:debug") is True
+        allow = {"Effect": "Allow", "Principal": "*", "Action": "kms:Decrypt", "Condition": condition}
+        decision = policy(allow).evaluate(decrypt(claims, debug=debug), ACCOUNT)
+        assert decision.allowed is allow_applies, (claims, decision.reasons)
+        admin = {"Effect": "Allow", "Principal": {"AWS": USER}, "Action": "kms:*"}
+        deny = {**allow, "Effect": "Deny"}
+        decision = policy(admin, deny).evaluate(decrypt(claims, principal=USER), ACCOUNT)
+        assert decision.allowed is not deny_applies, (claims, decision.reasons)
+
+
+def test_deny_unless_the_enclave_image_refuses_a_plain_decrypt_with_credentials() -> None:
+    """Issue 9: a Deny "unless PCR0 is X" used to let a Decrypt without evidence through to the Allow."""
+    admin = {"Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:root"}, "Action": "kms:*"}
+    unless = {
+        "Effect": "Deny",
+        "Principal": "*",
+        "Action": "kms:Decrypt",
+        "Condition": {"StringNotEquals": {"kms:RecipientAttestation:ImageSha384": PCR0}},
+    }
+    p = policy(admin, ALLOW_PCR0, unless)
+    refused = p.evaluate(decrypt(None, principal=USER), ACCOUNT)
+    assert not refused.allowed and refused.reasons[-1] == "statement 2 denies"
+    assert p.evaluate(decrypt(enclave_claims()), ACCOUNT).allowed
+    assert not p.evaluate(decrypt(enclave_claims(OTHER), principal=USER), ACCOUNT).allowed
+    encrypt = RequestContext("kms:Encrypt", USER)
+    assert p.evaluate(encrypt, ACCOUNT).allowed
 
 
 def test_a_claim_of_another_type_fails_closed() -> None:
@@ -230,6 +308,23 @@ def test_number_strings_are_decimal_or_0x_hex() -> None:
             "not a bool",
         ),
         ('{"Id": ' + "1" * 5000 + ', "Statement": {}}', "not JSON"),
+        (
+            '{"Statement": {"Effect": "Deny", "Principal": "*", "Action": "kms:Decrypt", "Effect": "Allow"}}',
+            "'Effect' twice",
+        ),
+        (
+            '{"Statement": {"Effect": "Allow", "Principal": "*", "Action": "kms:Decrypt", "Condition": {'
+            '"StringEquals": {"kms:RecipientAttestation:PCR0": "aa"},'
+            ' "StringEquals": {"kms:RecipientAttestation:PCR1": "bb"}}}}',
+            "'StringEquals' twice",
+        ),
+        (
+            '{"Statement": {"Effect": "Allow", "Principal": "*", "Action": "kms:Decrypt", "Condition": {'
+            '"StringEquals": {"kms:RecipientAttestation:PCR0": "aa",'
+            ' "kms:recipientattestation:pcr0": "bb"}}}}',
+            "names a condition key twice",
+        ),
+        ('{"Statement": {"Effect": "Allow", "Principal": "*", "Action": "kms:*"}, "Statement": []}', "twice"),
     ],
 )
 def test_malformed_policies_are_refused_with_a_reason(document: str, complaint: str) -> None:
