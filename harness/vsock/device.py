@@ -193,7 +193,7 @@ class VsockDevice:
         if chain.readable_len < HEADER_SIZE:
             raise GuestFault("short_header", f"tx chain of {chain.readable_len} bytes")
         first = chain.readable[0]
-        raw = first if len(first) >= HEADER_SIZE else b"".join(bytes(v) for v in chain.readable)[:HEADER_SIZE]
+        raw = first if len(first) >= HEADER_SIZE else _gather_header(chain.readable)
         hdr = Header._make(HEADER.unpack_from(raw))
         if hdr.len > MAX_PAYLOAD:
             raise GuestFault("oversize", f"{hdr.describe()} exceeds {MAX_PAYLOAD} bytes")
@@ -346,6 +346,17 @@ def _joins(entry: list, hdr: Header, size: int) -> bool:
     return bool(
         size and payload and offset == 0 and hdr.op == OP_RW and queued.op == OP_RW and hdr[:4] == queued[:4]
     )
+
+
+def _gather_header(views: list[memoryview]) -> bytes:
+    """The first ``HEADER_SIZE`` bytes of a chain split over several descriptors; only those are copied,
+    however large the descriptors after them are."""
+    raw = bytearray()
+    for view in views:
+        raw += view[: HEADER_SIZE - len(raw)]
+        if len(raw) >= HEADER_SIZE:
+            break
+    return bytes(raw)
 
 
 def _payload(views: list[memoryview], length: int) -> list[memoryview]:
