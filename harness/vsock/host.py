@@ -290,9 +290,10 @@ class VsockHost:
 
 
 class VsockListener:
-    """Guest-initiated connections to one host port; ``accept()`` returns (stream, peer CID)."""
+    """Guest-initiated connections to one host port; ``accept()`` returns (stream, peer CID). ``owner`` is
+    None for one outside a lab (harness.vsock.proxy.open_listener)."""
 
-    def __init__(self, owner: VsockHost, port: int, vm: str | None, backlog: int) -> None:
+    def __init__(self, owner: VsockHost | None, port: int, vm: str | None, backlog: int) -> None:
         self.owner = owner
         self.port = port
         self.vm = vm
@@ -360,8 +361,9 @@ class VsockListener:
             close_unix_listener(sock, path)
         self._sockets.clear()
         self._selector.close()
-        with contextlib.suppress(ValueError):
-            self.owner._listeners.remove(self)
+        if self.owner is not None:
+            with contextlib.suppress(ValueError):
+                self.owner._listeners.remove(self)
 
     def __enter__(self) -> VsockListener:
         return self
