@@ -119,7 +119,7 @@ class IncompleteSignature(KmsRequestError):
     title = "malformed Authorization header"
     explanation = (
         "Authorization must be 'AWS4-HMAC-SHA256 Credential=..., SignedHeaders=..., Signature=...' and sign "
-        "at least host and x-amz-date."
+        "host and every x-amz-* header the request sends (x-amz-date, x-amz-target, x-amz-security-token)."
     )
     aws_type = "IncompleteSignatureException"
 

@@ -65,6 +65,8 @@ class KmsHttp:
                 raise UnknownOperation(f"method {request.method} is not supported; KMS requests are POST")
             if not target.startswith("TrentService."):
                 raise UnknownOperation("X-Amz-Target must be TrentService.<Operation>", given=target[:64])
+            if len(request.headers.getall("X-Amz-Target")) > 1:
+                raise UnknownOperation("X-Amz-Target must be sent once")
             audit.principal = self._authenticate(request, body)
             document = _parse_json(body)
             outcome = await asyncio.get_running_loop().run_in_executor(
@@ -101,8 +103,12 @@ class KmsHttp:
             auth = kms_sigv4.parse_authorization(header)
         except ValueError as exc:
             raise IncompleteSignature(str(exc)) from None
-        if "host" not in auth.signed_headers or "x-amz-date" not in auth.signed_headers:
-            raise IncompleteSignature("SignedHeaders must include host and x-amz-date")
+        unsigned = sorted(_must_sign(request) - set(auth.signed_headers))
+        if unsigned:  # else a signature over host;x-amz-date alone would carry any X-Amz-Target
+            raise IncompleteSignature(
+                "SignedHeaders must include host and every x-amz-* header sent; "
+                f"not signed: {', '.join(unsigned)}"
+            )
         if auth.service != "kms":
             raise InvalidSignature(f"credential scope names service {auth.service!r}, not kms")
         amz_date = request.headers.get("X-Amz-Date", "")
@@ -178,6 +184,12 @@ class KmsHttp:
             content_type=CONTENT_TYPE,
             headers={"x-amzn-RequestId": request_id},
         )
+
+
+def _must_sign(request: web.Request) -> set[str]:
+    """The headers a signature must cover, as AWS requires: host, x-amz-date and every x-amz-* header sent."""
+    sent = {name.lower() for name in request.headers}
+    return {"host", "x-amz-date"} | {name for name in sent if name.startswith("x-amz-")}
 
 
 def _reject_constant(name: str) -> Any:
