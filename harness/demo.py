@@ -18,7 +18,6 @@ import concurrent.futures
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -119,8 +118,7 @@ def run_demo(on_phase: Callable[[Phase], None] | None = None) -> DemoResult:
                 image=image.name, cached=not image.built, initrd_mib=round(image.initrd_bytes / 2**20, 1)
             )
         with phase("kms") as detail:
-            kms_dir = runtime.runtime_dir("demo-kms")
-            stack.callback(shutil.rmtree, kms_dir, ignore_errors=True)
+            kms_dir = stack.enter_context(runtime.scratch_dir("demo-kms"))
             kms = stack.enter_context(KmsServer.start(kms_dir, Listen(port=0), lab_dir=default_lab_dir()))
             host, port = kms.endpoint.removeprefix("http://").rsplit(":", 1)
             stack.enter_context(lab.vsock_proxy(KMS_VSOCK_PORT, (host, int(port))))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -54,13 +53,12 @@ def warm_cli_build(name: str) -> tuple[float, dict[str, object]]:
 def cold_build(name: str) -> float:
     """Seconds to build ``name`` into an empty, temporary cache dir (removed afterwards)."""
     previous = os.environ.get("TEELAB_CACHE_DIR")
-    scratch = str(runtime.runtime_dir("cold-cache"))
-    os.environ["TEELAB_CACHE_DIR"] = scratch
-    try:
-        return images.build(name).seconds
-    finally:
-        if previous is None:
-            del os.environ["TEELAB_CACHE_DIR"]
-        else:
-            os.environ["TEELAB_CACHE_DIR"] = previous
-        shutil.rmtree(scratch, ignore_errors=True)
+    with runtime.scratch_dir("cold-cache") as scratch:
+        os.environ["TEELAB_CACHE_DIR"] = str(scratch)
+        try:
+            return images.build(name).seconds
+        finally:
+            if previous is None:
+                del os.environ["TEELAB_CACHE_DIR"]
+            else:
+                os.environ["TEELAB_CACHE_DIR"] = previous

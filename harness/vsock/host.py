@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import selectors
-import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -43,7 +42,6 @@ log = logging.getLogger(__name__)
 
 LEDGER_KIND = "cid"
 AUTO_CIDS = range(16, 1 << 16)  # host-unique CIDs handed out when none is asked for
-ENV_DIR = "TEELAB_VSOCK_DIR"
 _GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 DEVICE_ID = "vsock0"
 
@@ -82,8 +80,7 @@ class VsockHost:
         self.ledger = ledger or Ledger()
         self._loop = loop or shared_loop()
         self._own_dir = runtime_dir is None
-        override = os.environ.get(ENV_DIR)
-        self.runtime_dir = runtime_dir or runtime.runtime_dir("vsock", Path(override) if override else None)
+        self.runtime_dir = runtime_dir or runtime.runtime_dir("vsock")
         self.attachments: dict[str, VsockAttachment] = {}
         self._claimed: dict[str, int] = {}
         self._server: SwitchServer | None = None
@@ -280,7 +277,7 @@ class VsockHost:
             for name in list(self._claimed):
                 self._release_cid(name)
         if self._own_dir:
-            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            runtime.remove_runtime_dir(self.runtime_dir)
 
     def __enter__(self) -> VsockHost:
         return self

@@ -48,7 +48,7 @@ class VmEndpoint:
                 raise VsockPathTooLong(
                     f"VM {self.name}: socket path {path} is {len(os.fsencode(path))} bytes; with "
                     f"{extra} more for _<port> it passes the {UNIX_PATH_MAX}-byte limit",
-                    hint="use a shorter state dir (TEELAB_STATE_DIR) or a short TEELAB_VSOCK_DIR",
+                    hint="set TEELAB_RUNTIME_DIR (or TEELAB_STATE_DIR) to a shorter directory",
                     path=str(path),
                 )
 
