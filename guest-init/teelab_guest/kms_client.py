@@ -1,5 +1,6 @@
 """A KMS client for guests: the AWS KMS JSON protocol over stdlib HTTP on a socket it is given (vsock, TCP,
-Unix), optional SigV4 signing, and release to an attested recipient key (CiphertextForRecipient).
+Unix), optionally in TLS to a KMS whose CA is pinned by hash (``pinned_context``), optional SigV4 signing,
+and release to an attested recipient key (CiphertextForRecipient).
 
 Runs on Debian's Python 3.11 with python3-cryptography and python3-asn1crypto only; the harness uses it too.
 """
@@ -7,6 +8,8 @@ Runs on Debian's Python 3.11 with python3-cryptography and python3-asn1crypto on
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import http.client
 import json
 import socket
@@ -18,6 +21,8 @@ from teelab_guest import kms_sigv4
 from teelab_guest.kms_envelope import KEY_ENCRYPTION_ALGORITHM, open_envelope
 
 CONTENT_TYPE = "application/x-amz-json-1.1"
+KMS_HOSTNAME = "kms.lab"  # the name guests send and check the KMS certificate against
+PIN_ALGORITHM = "sha256"
 
 
 class KmsCallError(Exception):
@@ -28,6 +33,50 @@ class KmsCallError(Exception):
         self.aws_type = aws_type
         self.message = message
         self.status = status
+
+
+class KmsTrustError(Exception):
+    """The guest will not talk to this KMS. ``reason`` is one of: ``no-pin`` (TLS without a pinned CA),
+    ``bad-pin`` (the pin is not ``sha256:<64 hex>``), ``bad-ca`` (the CA offered is not a certificate),
+    ``pin-mismatch`` (the CA offered is not the pinned one), ``untrusted-server`` (the server's certificate
+    does not chain to the pinned CA or does not name the KMS), ``handshake-failed`` (no TLS session: a
+    plain HTTP server, say)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+def parse_pin(pin: str) -> bytes:
+    """The 32-byte digest of ``sha256:<64 hex>``; KmsTrustError ``bad-pin`` for anything else."""
+    algorithm, _, digest = pin.partition(":")
+    try:
+        value = bytes.fromhex(digest)
+    except ValueError:
+        value = b""
+    if algorithm != PIN_ALGORITHM or len(value) != 32:
+        raise KmsTrustError("bad-pin", f"KMS CA pin {pin[:80]!r} is not {PIN_ALGORITHM}:<64 hex digits>")
+    return value
+
+
+def pinned_context(ca: str | bytes, pin: str | None) -> ssl.SSLContext:
+    """A TLS client context trusting ``ca`` (PEM text or DER, from anywhere: it is untrusted until its SHA-256
+    equals ``pin``) and nothing else, with hostname checking; KmsTrustError when it cannot be had."""
+    if not pin:
+        raise KmsTrustError("no-pin", "no pinned KMS CA: refusing to trust any KMS")
+    expected = parse_pin(pin)
+    try:
+        der = ssl.PEM_cert_to_DER_cert(ca) if isinstance(ca, str) else ca
+    except ValueError as exc:
+        raise KmsTrustError("bad-ca", f"the KMS CA offered is not a PEM certificate: {exc}") from None
+    offered = hashlib.sha256(der).digest()
+    if not hmac.compare_digest(offered, expected):
+        raise KmsTrustError(
+            "pin-mismatch", f"the KMS CA offered has SHA-256 {offered.hex()}, the pin wants {expected.hex()}"
+        )
+    context = ssl.create_default_context(cadata=der)  # loads this CA only, no system roots
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 class _Connection(http.client.HTTPConnection):
@@ -42,7 +91,14 @@ class _Connection(http.client.HTTPConnection):
         sock = self._connect()
         sock.settimeout(self.timeout)
         if self._tls is not None:
-            sock = self._tls.wrap_socket(sock, server_hostname=self.host.split(":")[0])
+            try:
+                sock = self._tls.wrap_socket(sock, server_hostname=self.host.split(":")[0])
+            except ssl.SSLCertVerificationError as exc:
+                sock.close()
+                raise KmsTrustError("untrusted-server", exc.verify_message or str(exc)) from None
+            except ssl.SSLError as exc:
+                sock.close()
+                raise KmsTrustError("handshake-failed", f"no TLS session with the KMS: {exc}") from None
         self.sock = sock
 
 
@@ -50,7 +106,10 @@ class Transport:
     """How to reach the KMS: a function that opens a connected stream socket, and the Host header to send."""
 
     def __init__(
-        self, connect: Callable[[], socket.socket], host: str = "kms.lab", tls: ssl.SSLContext | None = None
+        self,
+        connect: Callable[[], socket.socket],
+        host: str = KMS_HOSTNAME,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.connect = connect
         self.host = host
@@ -61,13 +120,16 @@ class Transport:
         return cls(lambda: socket.create_connection((host, port)), f"{host}:{port}", tls)
 
     @classmethod
-    def vsock(cls, cid: int, port: int, *, host: str = "kms.lab") -> Transport:
-        """To the parent's vsock-proxy (CID 3 port 8000 in the Nitro convention)."""
-        return cls(_connector(socket.AF_VSOCK, (cid, port)), host)
+    def vsock(
+        cls, cid: int, port: int, *, host: str = KMS_HOSTNAME, tls: ssl.SSLContext | None = None
+    ) -> Transport:
+        """To the parent's vsock-proxy (CID 3 port 8000 in the Nitro convention); with ``tls``, TLS end to
+        end through it to the KMS, checked against ``host``."""
+        return cls(_connector(socket.AF_VSOCK, (cid, port)), host, tls)
 
     @classmethod
-    def unix(cls, path: str, *, host: str = "kms.lab") -> Transport:
-        return cls(_connector(socket.AF_UNIX, path), host)
+    def unix(cls, path: str, *, host: str = KMS_HOSTNAME, tls: ssl.SSLContext | None = None) -> Transport:
+        return cls(_connector(socket.AF_UNIX, path), host, tls)
 
     @classmethod
     def endpoint(cls, endpoint: str, *, tls: ssl.SSLContext | None = None) -> Transport:

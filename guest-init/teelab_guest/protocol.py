@@ -20,6 +20,9 @@ FAILED_PREFIX = "TEELAB-FAILED"
 ROLE_KEY = "teelab.role"
 ROLES = ("parent", "enclave", "cvm")
 DEBUG_KEY = "teelab.debug"
+# ``sha256:<hex>`` of the KMS CA certificate's DER: the only CA a guest's KMS client trusts (measured with the
+# command line, so the KMS key policy's expected measurement covers which KMS the guest will believe).
+KMS_CA_KEY = "teelab.kms_ca"
 
 # virtio-serial port names (/dev/virtio-ports/<name> in the guest).
 AGENT_PORT = "org.teelab.agent.0"
