@@ -9,6 +9,7 @@ speaks to the switch the way QEMU does (memfd RAM, kick and call eventfds).
 from __future__ import annotations
 
 import array
+import fcntl
 import mmap
 import os
 import socket
@@ -136,12 +137,15 @@ class FakeGuest:
         split_header: bool = True,
         event_idx: bool = True,
         memfd: bool = False,
+        seal: bool = True,
     ) -> None:
         self.cid = cid
         self.size = ram_kib * 1024
         if memfd:
-            self.fd: int | None = os.memfd_create("fake-guest-ram")
+            self.fd: int | None = os.memfd_create("fake-guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             os.ftruncate(self.fd, self.size)
+            if seal:  # as QEMU's memory-backend-memfd does (seal=on)
+                fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
             self._map: mmap.mmap | None = mmap.mmap(self.fd, self.size)
             self.ram = memoryview(self._map)
         else:

@@ -1,13 +1,15 @@
 """Guest memory as the vhost-user front describes it: regions with guest and user addresses, bounds-checked.
 
-``GuestMemory.from_fds`` maps the fds of SET_MEM_TABLE (memfd or hugetlbfs files); ``GuestMemory.synthetic``
-backs regions with plain buffers for tests. Every access goes through ``gpa``/``uva`` and is checked to lie
-inside one region; anything else raises ``GuestFault("bad_address")``.
+``GuestMemory.from_fds`` maps the fds of SET_MEM_TABLE: memfds sealed against shrinking (F_SEAL_SHRINK, as
+QEMU's memory-backend-memfd seals them), so a front end cannot truncate mapped memory and kill the switch
+with SIGBUS; ``GuestMemory.synthetic`` backs regions with plain buffers for tests. Every access goes through
+``gpa``/``uva`` and is checked to lie inside one region; anything else raises ``GuestFault("bad_address")``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import mmap
 import os
 from collections.abc import Sequence
@@ -83,6 +85,7 @@ class GuestMemory:
             for region, fd in zip(regions, fds, strict=True):
                 if region.size <= 0:
                     raise GuestFault("bad_mem_table", f"region at {region.guest_addr:#x} has size 0")
+                _check_backing(fd, region)
                 # hugetlbfs files need offsets and lengths aligned to their page size (st_blksize).
                 align = max(mmap.PAGESIZE, os.fstat(fd).st_blksize)
                 start = region.mmap_offset - region.mmap_offset % align
@@ -124,6 +127,23 @@ class GuestMemory:
         _release(self._mapped, self._maps)
         self._mapped = []
         self._maps = []
+
+
+def _check_backing(fd: int, region: MemoryRegion) -> None:
+    """The region's fd must be sealed against shrinking and hold the whole region: a file that is (or can
+    become) shorter than the mapping turns a guest access into SIGBUS, which would end the whole switch."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:  # not a memfd: a plain or hugetlbfs file that anyone holding it can truncate
+        seals = 0
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise GuestFault(
+            "unsealed_memory",
+            f"region at {region.guest_addr:#x}: its fd is not sealed against shrinking (F_SEAL_SHRINK); "
+            "use memory-backend-memfd (seal=on, QEMU's default)",
+        )
+    if os.fstat(fd).st_size < region.mmap_offset + region.size:
+        raise GuestFault("bad_mem_table", f"region at {region.guest_addr:#x} ends past the end of its file")
 
 
 def _release(mapped: Sequence[_Mapped], maps: Sequence[mmap.mmap]) -> None:

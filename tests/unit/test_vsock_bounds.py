@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+from harness.aio import EventLoopThread
+from harness.vsock import vhost_user as vu
 from harness.vsock.device import TX_QUEUE
-from harness.vsock.fake_guest import FakeGuest
+from harness.vsock.fake_guest import FakeFront, FakeGuest
 from harness.vsock.packet import HEADER, OP_REQUEST, TYPE_STREAM, Header
+from harness.vsock.server import SwitchServer, VmEndpoint
 from harness.vsock.switch import Switch
 
 
@@ -41,3 +47,54 @@ def test_a_split_tx_header_copies_only_the_header(tmp_path: Path) -> None:
         assert device.stats["tx_packets"] == 1 and device.stats["unreachable"] == 1  # the header was read
     finally:
         loop.close()
+
+
+class Served:
+    """The switch's server on its own loop thread, with fake QEMU front ends attached by name."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.loop = EventLoopThread("test-vsock-bounds")
+        self.dir = tmp_path
+        self.server = self.loop.call(lambda: SwitchServer(self.loop.loop))
+        self.guests: list[FakeGuest] = []
+
+    def add(self, name: str, cid: int, group: str = "g", **options: object) -> tuple[VmEndpoint, FakeFront]:
+        endpoint = VmEndpoint(name, cid, group, self.dir / f"{name}.vhost", self.dir / f"{name}.vsock")
+        self.loop.call(self.server.add_vm, endpoint)
+        guest = FakeGuest(cid, memfd=True, ram_kib=1024, queue_size=16, **options)  # type: ignore[arg-type]
+        self.guests.append(guest)
+        return endpoint, FakeFront(guest, str(endpoint.vhost_socket))
+
+    def drops(self, name: str) -> dict[str, int]:
+        return self.loop.call(self.server.stats)["vms"][name]["drops"]
+
+    def close(self) -> None:
+        self.loop.call(self.server.close)
+        for guest in self.guests:
+            if guest.front is not None:
+                guest.front.close()
+            guest.close_ram()
+        self.loop.close()
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    s = Served(tmp_path)
+    yield s
+    s.close()
+
+
+def test_guest_memory_that_could_shrink_is_refused(served: Served) -> None:
+    """A memfd without F_SEAL_SHRINK could be truncated under the switch's mapping (SIGBUS ends the whole
+    switch): SET_MEM_TABLE fails; a sealed one that is shorter than the region is refused too."""
+    _, front = served.add("vm1", 16, seal=False)
+    guest = front.guest
+    front.request(vu.SET_PROTOCOL_FEATURES, vu.U64.pack(vu.PROTOCOL_F_REPLY_ACK))
+    assert front.set_mem_table(guest.fd, guest.size) != 0  # type: ignore[arg-type]
+    assert served.drops("vm1") == {"unsealed_memory": 1}
+    _, sealed = served.add("vm2", 17)
+    sealed.request(vu.SET_PROTOCOL_FEATURES, vu.U64.pack(vu.PROTOCOL_F_REPLY_ACK))
+    assert sealed.set_mem_table(sealed.guest.fd, 2 * sealed.guest.size) != 0  # type: ignore[arg-type]
+    assert served.drops("vm2") == {"bad_mem_table": 1}
+    sealed.start()  # QEMU's sealed memfd of the right size is taken
+    assert served.loop.call(served.server.stats)["vms"]["vm2"]["running"]

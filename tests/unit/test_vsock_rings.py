@@ -3,6 +3,7 @@ notification suppression) as the switch sees them."""
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import struct
@@ -64,8 +65,9 @@ def test_overlapping_regions_are_refused() -> None:
 
 
 def test_memfd_regions_with_offsets_are_mapped_shared() -> None:
-    fd = os.memfd_create("test-ram")
+    fd = os.memfd_create("test-ram", os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, 0x40000)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
     try:
         regions = [
             MemoryRegion(0x0, 0xA0000 - 0x60000, USER, 0),
