@@ -141,3 +141,93 @@ def test_fifty_cycles_leave_nothing_behind(
     assert probe().free_hugepages(2048) == free_before
     assert sockets_under(state_dir, Path(tempfile.gettempdir())) - sockets_before == set()
     assert temp_entries() - temp_before == set()
+
+
+ATTACH_SCRIPT = textwrap.dedent(
+    """
+    import itertools
+    from harness.host.probe import probe
+    from harness.vsock import VsockHost
+    vsock = VsockHost(probe(), backend="builtin")
+    print("attaching", flush=True)
+    for n in itertools.count():
+        vsock.attach(f"vm{n % 50}-{n}", group="g")
+        if n % 50 == 49:
+            for name in list(vsock.attachments):
+                vsock.detach(name)
+    """
+)
+
+
+def own_processes(word: str) -> set[int]:
+    """Live processes (any program) with ``word`` in their command line."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                argv = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if word.encode() in argv and alive_pid(int(entry.name)):
+                found.add(int(entry.name))
+    return found
+
+
+def alive_pid(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def leftovers(state: Path, runtime_root: Path, private_tmp: Path) -> list[str]:
+    """What a killed harness left outside the artifact runs: processes, sockets and folders."""
+    found = [f"process {pid}" for pid in own_processes(str(state))]
+    found += [f"runtime folder {p.name}" for p in runtime_root.iterdir()] if runtime_root.exists() else []
+    found += [f"temp entry {name}" for name in os.listdir(private_tmp)]
+    found += [f"socket {p}" for p in sockets_under(state) if "runs" not in p.relative_to(state).parts]
+    return found
+
+
+def wait_clean(state: Path, runtime_root: Path, private_tmp: Path, timeout: float = 15.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while (found := leftovers(state, runtime_root, private_tmp)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return found
+
+
+def harness_env(state: Path, private_tmp: Path) -> dict[str, str]:
+    return {
+        **os.environ, "TEELAB_STATE_DIR": str(state), "TEELAB_RUNTIME_DIR": str(state / "rt"),
+        "TMPDIR": str(private_tmp),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("after_s", [3, 6, 9])
+def test_sigkill_to_the_demo_leaves_nothing_outside_the_runs(
+    cvm_image, tmp_path: Path, private_tmp: Path, after_s: int
+) -> None:
+    state = tmp_path / "state"
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "demo", "--json"], env=harness_env(state, private_tmp),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    time.sleep(after_s)
+    demo.kill()
+    demo.wait()
+    assert wait_clean(state, state / "rt", private_tmp) == []
+
+
+def test_sigkill_during_vsock_attach_leaves_nothing(tmp_path: Path, private_tmp: Path) -> None:
+    state = tmp_path / "state"
+    for delay in (0.05, 0.2, 0.5, 1.0):
+        harness = subprocess.Popen(
+            [sys.executable, "-c", ATTACH_SCRIPT], env=harness_env(state, private_tmp),
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert harness.stdout is not None and harness.stdout.readline().strip() == "attaching"
+        time.sleep(delay)
+        harness.kill()
+        harness.wait()
+        assert wait_clean(state, state / "rt", private_tmp) == [], f"killed {delay} s into attaching"
