@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
+import shlex
 
 from rich.table import Table
 
@@ -26,7 +27,9 @@ def run(args: argparse.Namespace) -> int:
     def show(phase: Phase) -> None:
         if status is None:
             return
-        detail = " ".join(f"{k}={v}" for k, v in phase.detail.items() if k not in ("decisions", "endpoint"))
+        detail = " ".join(
+            f"{k}={v}" for k, v in phase.detail.items() if k not in ("decisions", "endpoint", "measure")
+        )
         console.print(f"[green]✓[/] [bold]{phase.name:<9}[/] {phase.seconds:6.2f} s  {detail}")
         status.update(f"teelab demo: after {phase.name}")
 
@@ -49,6 +52,11 @@ def run(args: argparse.Namespace) -> int:
         why = [r for r in decision["reasons"] if "does not hold" in r or "allows" in r]
         text = re.sub(r"[0-9a-f]{16,}", lambda m: m[0][:12] + "...", "; ".join(why))
         console.print(f"  KMS audit: {decision['decision']}: {text}", highlight=False, soft_wrap=True)
+    measure = next((p.detail.get("measure") for p in result.phases if p.name == "plan"), None)
+    if measure:
+        console.print(
+            f"  expected measurement, on its own: {shlex.join(measure)}", highlight=False, soft_wrap=True
+        )
     verdict = "[green]demo OK[/]" if result.ok else "[red]demo FAILED[/]"
-    console.print(f"{verdict}: expected CVM served, modified CVM refused ({result.seconds:.1f} s)")
+    console.print(f"{verdict}: expected CVM served over TLS, modified CVM refused ({result.seconds:.1f} s)")
     return 0 if result.ok else 1

@@ -114,9 +114,14 @@ def server_context(kms_dir: Path) -> ssl.SSLContext:
     return context
 
 
+def ca_certificate_pem(kms_dir: Path) -> str:
+    """The CA certificate, PEM: what a host hands a guest, which trusts it only if it matches its pin."""
+    return ensure_certificate(kms_dir)[0].read_text()
+
+
 def ca_pin(kms_dir: Path) -> str:
     """``sha256:<hex>`` of the CA certificate's DER: ``teelab.kms_ca=`` on a guest's command line."""
-    der = ssl.PEM_cert_to_DER_cert(ensure_certificate(kms_dir)[0].read_text())
+    der = ssl.PEM_cert_to_DER_cert(ca_certificate_pem(kms_dir))
     return f"{PIN_ALGORITHM}:{hashlib.sha256(der).hexdigest()}"
 
 
