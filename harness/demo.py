@@ -34,6 +34,7 @@ from harness import images
 from harness.attest.checks import default_lab_dir
 from harness.host import runtime
 from harness.kms import KmsServer, Listen
+from harness.kms.policy import measured_snp_policy
 from harness.kms.tls import ca_certificate_pem, ca_pin, client_context
 from harness.lab import CvmPlan, GuestBoot, Lab
 
@@ -63,38 +64,6 @@ class DemoResult:
             "phases": [{"name": p.name, "seconds": round(p.seconds, 2), **p.detail} for p in self.phases],
             "cvms": self.cvms,
         }
-
-
-def key_policy(operator_arn: str, measurement: str) -> dict[str, Any]:
-    """The operator may encrypt; anyone may decrypt who proves, with lab-root SNP evidence of a non-debug
-    guest, the launch measurement ``measurement``."""
-    return {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Sid": "operator",
-                "Effect": "Allow",
-                "Principal": {"AWS": operator_arn},
-                "Action": ["kms:Encrypt", "kms:DescribeKey"],
-                "Resource": "*",
-            },
-            {
-                "Sid": "measured-cvm",
-                "Effect": "Allow",
-                "Principal": "*",
-                "Action": "kms:Decrypt",
-                "Resource": "*",
-                "Condition": {
-                    "StringEqualsIgnoreCase": {
-                        "teelab:RecipientAttestation:Kind": "snp",
-                        "teelab:RecipientAttestation:Root": "lab",
-                        "teelab:RecipientAttestation:SnpMeasurement": measurement,
-                    },
-                    "Bool": {"teelab:RecipientAttestation:Debug": "false"},
-                },
-            },
-        ],
-    }
 
 
 def run_demo(on_phase: Callable[[Phase], None] | None = None) -> DemoResult:
@@ -141,7 +110,9 @@ def run_demo(on_phase: Callable[[Phase], None] | None = None) -> DemoResult:
             }
             measurement = plans["expected"].measurement_hex()
             operator = kms.credentials("operator")
-            key = kms.create_key(key_policy(operator.arn, measurement), description="teelab demo secret")
+            key = kms.create_key(
+                measured_snp_policy(operator.arn, measurement), description="teelab demo secret"
+            )
             endpoint = Transport.endpoint(kms.endpoint, tls=client_context(kms_dir))
             with KmsClient(endpoint, access_key=operator.access_key, secret=operator.secret) as client:
                 blob = client.encrypt(key.id, secret)

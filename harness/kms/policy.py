@@ -120,12 +120,15 @@ class KeyPolicy:
     @classmethod
     def parse(cls, text: str) -> KeyPolicy:
         """Parse and check a policy document; MalformedPolicy says what is wrong."""
-        if len(text.encode()) > MAX_POLICY_BYTES:
+        if len(text.encode("utf-8", "surrogatepass")) > MAX_POLICY_BYTES:
             raise MalformedPolicy(f"policy is larger than {MAX_POLICY_BYTES} bytes")
         try:
             doc = json.loads(text, object_pairs_hook=_unique_keys)
+            json.dumps(doc, ensure_ascii=False).encode()  # its strings end up in audit rows: UTF-8 only
         except MalformedPolicy:
             raise
+        except UnicodeEncodeError:
+            raise MalformedPolicy("policy holds a lone UTF-16 surrogate (\\ud800-\\udfff)") from None
         except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, or an over-long integer
             raise MalformedPolicy(f"policy is not JSON: {exc}") from None
         if not isinstance(doc, dict):
@@ -192,6 +195,38 @@ def default_policy(account: str) -> str:
         },
         indent=2,
     )
+
+
+def measured_snp_policy(operator_arn: str, measurement: str) -> dict[str, Any]:
+    """The operator may encrypt; anyone may decrypt who proves, with lab-root SNP evidence of a non-debug
+    guest, the launch measurement ``measurement``."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "operator",
+                "Effect": "Allow",
+                "Principal": {"AWS": operator_arn},
+                "Action": ["kms:Encrypt", "kms:DescribeKey"],
+                "Resource": "*",
+            },
+            {
+                "Sid": "measured-cvm",
+                "Effect": "Allow",
+                "Principal": "*",
+                "Action": "kms:Decrypt",
+                "Resource": "*",
+                "Condition": {
+                    "StringEqualsIgnoreCase": {
+                        "teelab:RecipientAttestation:Kind": "snp",
+                        "teelab:RecipientAttestation:Root": "lab",
+                        "teelab:RecipientAttestation:SnpMeasurement": measurement,
+                    },
+                    "Bool": {"teelab:RecipientAttestation:Debug": "false"},
+                },
+            },
+        ],
+    }
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
