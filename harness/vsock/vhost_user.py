@@ -3,7 +3,9 @@
 Implements the messages QEMU sends to a vsock back-end (QEMU docs/interop/vhost-user.rst): feature and
 protocol-feature negotiation, SET_MEM_TABLE (fds mapped with ``GuestMemory.from_fds``), the vring messages
 with their kick/call fds (SCM_RIGHTS), SET_VRING_ENABLE, GET_CONFIG (the guest CID) and REPLY_ACK. Messages
-are read without blocking the loop; a malformed message ends the session, never the switch.
+are read and answered without blocking the loop, a bounded number per round so one front end cannot starve
+the others; a malformed message, or a front end that lets its replies pile up, ends the session, never the
+switch.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ VRING_NOFD = 1 << 8
 VRING_INDEX_MASK = 0xFF
 MAX_PAYLOAD = 4096
 MAX_FDS = MAX_REGIONS
+READS_PER_ROUND = 64  # socket reads for one front end before the loop serves the others
+MAX_PENDING_REPLY = 64 * 1024  # reply bytes a front end may leave unread before its session ends
 
 HEADER = struct.Struct("<III")
 U64 = struct.Struct("<Q")
@@ -125,14 +129,19 @@ class VhostUserSession:
         self._head = bytearray()
         self._body = bytearray()
         self._fds: list[int] = []
+        self._out = bytearray()
+        self._writing = False
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self._readable)
 
     # -- framing --------------------------------------------------------------------------------
     def _readable(self) -> None:
+        """Read and handle what the front end sent, up to ``READS_PER_ROUND`` reads; the loop calls again
+        while more is there, after the other front ends and the rings had their turn."""
         try:
-            while not self.closed and self._read_some():
-                pass
+            for _ in range(READS_PER_ROUND):
+                if self.closed or not self._read_some():
+                    break
         except (OSError, ProtocolError) as exc:
             if not isinstance(exc, ConnectionError):
                 log.warning("%s: vhost-user session ends: %s", self.device.name, exc)
@@ -192,12 +201,30 @@ class VhostUserSession:
             raise ProtocolError(f"{len(self._fds)} fds in one message")
 
     def _reply(self, request: int, payload: bytes) -> None:
-        message = HEADER.pack(request, FLAG_VERSION | FLAG_REPLY, len(payload)) + payload
-        self.sock.setblocking(True)
+        """Queue a reply and send what the socket takes now; the rest goes when it is writable."""
+        self._out += HEADER.pack(request, FLAG_VERSION | FLAG_REPLY, len(payload)) + payload
+        if len(self._out) > MAX_PENDING_REPLY:
+            raise ProtocolError(f"the front end leaves {len(self._out)} bytes of replies unread")
+        if not self._writing:
+            self._send_replies()
+
+    def _send_replies(self) -> None:
         try:
-            self.sock.sendall(message)
-        finally:
-            self.sock.setblocking(False)
+            sent = self.sock.send(self._out)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            if not isinstance(exc, ConnectionError):
+                log.warning("%s: vhost-user session ends: %s", self.device.name, exc)
+            self.close()
+            return
+        del self._out[:sent]
+        if self._out and not self._writing:
+            self._writing = True
+            self.loop.add_writer(self.sock.fileno(), self._send_replies)
+        elif not self._out and self._writing:
+            self._writing = False
+            self.loop.remove_writer(self.sock.fileno())
 
     # -- dispatch -------------------------------------------------------------------------------
     def _dispatch(self, request: int, flags: int, body: bytes, fds: list[int]) -> None:
@@ -396,6 +423,9 @@ class VhostUserSession:
             return
         self.closed = True
         self.loop.remove_reader(self.sock.fileno())
+        if self._writing:
+            self._writing = False
+            self.loop.remove_writer(self.sock.fileno())
         for index, vring in enumerate(self.vrings):
             self._stop(index)
             for which in ("kick_fd", "call_fd", "err_fd"):

@@ -4,6 +4,9 @@ before its fix (see docs/vsock.md, "A hostile guest" and "A hostile front end").
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
+import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,3 +101,52 @@ def test_guest_memory_that_could_shrink_is_refused(served: Served) -> None:
     assert served.drops("vm2") == {"bad_mem_table": 1}
     sealed.start()  # QEMU's sealed memfd of the right size is taken
     assert served.loop.call(served.server.stats)["vms"]["vm2"]["running"]
+
+
+def _flood(front: FakeFront, message: bytes, stop: threading.Event) -> threading.Thread:
+    """Send ``message`` over and over from a thread until ``stop`` (or until the switch hangs up)."""
+    chunk = message * ((1 << 20) // len(message))
+
+    def run() -> None:
+        with contextlib.suppress(OSError):
+            while not stop.is_set():
+                front.sock.sendall(chunk)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_front_end_that_never_reads_its_replies_is_dropped(served: Served) -> None:
+    """Replies are sent without blocking: a front end that asks and never reads loses its session once its
+    unread replies pass the bound, and the switch goes on setting up other VMs meanwhile."""
+    _, deaf = served.add("deaf", 16)
+    stop = threading.Event()
+    flooder = _flood(deaf, vu.HEADER.pack(vu.GET_FEATURES, vu.FLAG_VERSION, 0), stop)
+    try:
+        _, honest = served.add("honest", 17, group="h")
+        assert honest.start()["cid"] == 17  # FakeFront gives up after 5 s without a reply
+        deadline = time.monotonic() + 10
+        while served.loop.call(served.server.stats)["vms"]["deaf"]["front_end"]:
+            assert time.monotonic() < deadline, "the deaf front end kept its session"
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        flooder.join(5)
+
+
+def test_a_flooding_front_end_does_not_starve_the_others(served: Served) -> None:
+    """Messages are read a bounded number at a time per front end, so one that never stops sending cannot
+    hold the loop: another VM's whole set-up still completes."""
+    _, noisy = served.add("noisy", 16)
+    stop = threading.Event()
+    flooder = _flood(noisy, vu.HEADER.pack(vu.SET_OWNER, vu.FLAG_VERSION, 0), stop)
+    try:
+        time.sleep(0.2)  # the flood is under way
+        _, honest = served.add("honest", 17, group="h")
+        started = time.monotonic()
+        assert honest.start()["cid"] == 17
+        assert time.monotonic() - started < 5
+    finally:
+        stop.set()
+        flooder.join(5)
