@@ -3,7 +3,9 @@
     python3 -m teelab_guest.vsock_proxy [--config FILE] <local_port> <remote_addr> <remote_port>
 
 As AWS's vsock-proxy: the allowlist is YAML ``allowlist: [{address: HOST, port: N}, ...]``; the port must
-match, then the host name or one of the addresses it resolves to. Guests have no PyYAML, so this module
+match, then the host name or one of the addresses it resolves to. The target is resolved once, when it is
+checked, and every connection goes to the addresses that passed, never to the name again (a name that later
+resolves elsewhere cannot lead off the list). Guests have no PyYAML, so this module
 parses the small subset the format needs by hand (block or flow list items, flow or block mappings, quoted
 or plain scalars, comments) and also takes JSON; the harness uses this same parser, so the two cannot drift.
 Stdlib only.
@@ -12,17 +14,26 @@ Stdlib only.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import socket
 import sys
 import threading
+from collections.abc import Callable, Sequence
 
 DEFAULT_CONFIG = "/etc/teelab/vsock-proxy.yaml"
 KEYS = ("address", "port")
 CHUNK = 256 * 1024
 
 
+Resolver = Callable[[str], list[str]]
+
+
 class AllowlistError(ValueError):
     """The allowlist text is not in the supported subset; the message names the line."""
+
+
+class TargetRefused(ValueError):
+    """The target is not on the allowlist (or does not resolve); the message says which rule failed."""
 
 
 # -- the allowlist --------------------------------------------------------------------------------
@@ -32,13 +43,26 @@ def parse_allowlist(text: str) -> list[tuple[str, int]]:
         import json
 
         try:
-            data = json.loads(text)
-        except ValueError as exc:
+            data = json.loads(text, object_pairs_hook=_unique_keys)
+        except ValueError as exc:  # AllowlistError from the hook is a ValueError too
             raise AllowlistError(f"not valid JSON: {exc}") from None
         if not isinstance(data, dict) or set(data) - {"allowlist"}:
             raise AllowlistError("the JSON must be an object with only an 'allowlist' key")
-        return [_entry(item, f"item {i + 1}") for i, item in enumerate(data.get("allowlist") or [])]
+        items = data.get("allowlist")
+        if not isinstance(items, list | None):
+            raise AllowlistError(f"'allowlist' must be a list, not {type(items).__name__}")
+        return [_entry(item, f"item {i + 1}") for i, item in enumerate(items or [])]
     return [_entry(item, where) for item, where in _yaml_items(text)]
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object's pairs as a dict; a key given twice is refused (json.loads would keep the last)."""
+    data: dict[str, object] = {}
+    for key, value in pairs:
+        if key in data:
+            raise AllowlistError(f"{key!r} given twice in one object")
+        data[key] = value
+    return data
 
 
 def _entry(item: object, where: str) -> tuple[str, int]:
@@ -111,7 +135,13 @@ def _flow_mapping(text: str, where: str) -> dict[str, object]:
     text = text.strip()
     if not (text.startswith("{") and text.endswith("}")):
         raise AllowlistError(f"{where}: expected a '{{address: ..., port: ...}}' mapping")
-    return dict(_pair(part, where) for part in _split_flow(text[1:-1], where))
+    mapping: dict[str, object] = {}
+    for part in _split_flow(text[1:-1], where):
+        key, value = _pair(part, where)
+        if key in mapping:
+            raise AllowlistError(f"{where}: {key!r} given twice in one entry")
+        mapping[key] = value
+    return mapping
 
 
 def _yaml_items(text: str) -> list[tuple[dict[str, object], str]]:
@@ -188,24 +218,52 @@ def _split_flow_items(text: str, where: str) -> list[str]:
 
 
 def load_allowlist(path: str) -> list[tuple[str, int]]:
-    with open(path, encoding="utf-8") as f:
-        return parse_allowlist(f.read())
-
-
-def _addresses(host: str) -> set[str]:
+    """The allowlist in the file at ``path``; OSError if it cannot be read, AllowlistError if it is bad."""
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        return {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise AllowlistError(f"not UTF-8 text (byte {exc.start})") from None
+    return parse_allowlist(text)
+
+
+# -- the target -----------------------------------------------------------------------------------
+def system_addresses(host: str) -> list[str]:
+    """The addresses ``host`` resolves to through the system's resolver (getaddrinfo), in its order."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except (OSError, UnicodeError):
-        return set()
+        return []
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-def allowed(allowlist: list[tuple[str, int]], address: str, port: int, resolve=_addresses) -> bool:
-    """Whether ``address:port`` may be reached: a matching port, then the name or one of its addresses."""
-    entries = [host for host, p in allowlist if p == port]
-    if address in entries:
-        return True
-    wanted = resolve(address) or {address}
-    return any(wanted & resolve(host) for host in entries)
+def _addresses(host: str, resolve: Resolver) -> list[str]:
+    try:
+        return [str(ipaddress.ip_address(host))]  # a literal is its own address: no lookup
+    except ValueError:
+        return resolve(host)
+
+
+def checked_addresses(
+    allowlist: list[tuple[str, int]], host: str, port: int, resolve: Resolver = system_addresses
+) -> list[str]:
+    """The addresses of ``host`` that ``port`` may be reached at: a matching port, then ``host`` by name
+    (all its addresses) or those of its addresses that an allowed name resolves to. ``host`` is resolved
+    once, here; connect only to what this returns. TargetRefused says why nothing passed."""
+    names = [name for name, p in allowlist if p == port]
+    if not names:
+        raise TargetRefused(f"no allowlist entry has port {port}")
+    addresses = _addresses(host, resolve)
+    if not addresses:
+        raise TargetRefused(f"{host} does not resolve to an address")
+    if host in names:
+        return addresses
+    admitted = {address for name in names for address in _addresses(name, resolve)}
+    passed = [address for address in addresses if address in admitted]
+    if not passed:
+        raise TargetRefused(f"{host} ({', '.join(addresses)}) is not on the allowlist for port {port}")
+    return passed
 
 
 # -- forwarding -----------------------------------------------------------------------------------
@@ -223,12 +281,24 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
             dst.shutdown(socket.SHUT_WR)
 
 
-def forward(client: socket.socket, remote: tuple[str, int], timeout: float = 10.0) -> None:
-    """Join ``client`` to a new TCP connection to ``remote`` until both directions end."""
+def connect(addresses: Sequence[str], port: int, timeout: float) -> socket.socket:
+    """A TCP connection to the first of ``addresses`` (IP addresses, not names) that answers on ``port``."""
+    error: OSError = OSError(f"no address to connect to for port {port}")
+    for address in addresses:
+        try:
+            return socket.create_connection((address, port), timeout=timeout)
+        except OSError as exc:
+            error = exc
+    raise error
+
+
+def forward(client: socket.socket, addresses: Sequence[str], port: int, timeout: float = 10.0) -> None:
+    """Join ``client`` to a new TCP connection to ``port`` at one of ``addresses`` (those checked against the
+    allowlist) until both directions end."""
     try:
-        upstream = socket.create_connection(remote, timeout=timeout)
+        upstream = connect(addresses, port, timeout)
     except OSError as exc:
-        print(f"vsock-proxy: cannot reach {remote[0]}:{remote[1]}: {exc}", file=sys.stderr, flush=True)
+        print(f"vsock-proxy: cannot reach {addresses} port {port}: {exc}", file=sys.stderr, flush=True)
         client.close()
         return
     upstream.settimeout(None)
@@ -240,7 +310,9 @@ def forward(client: socket.socket, remote: tuple[str, int], timeout: float = 10.
     upstream.close()
 
 
-def serve(listener: socket.socket, remote: tuple[str, int], stop: threading.Event | None = None) -> None:
+def serve(
+    listener: socket.socket, addresses: Sequence[str], port: int, stop: threading.Event | None = None
+) -> None:
     """Accept on ``listener`` (any stream socket) and forward each connection in its own thread."""
     listener.settimeout(0.5)
     while stop is None or not stop.is_set():
@@ -251,7 +323,7 @@ def serve(listener: socket.socket, remote: tuple[str, int], stop: threading.Even
         except OSError:
             break
         client.settimeout(None)
-        threading.Thread(target=forward, args=(client, remote), daemon=True).start()
+        threading.Thread(target=forward, args=(client, addresses, port), daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,17 +340,16 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, AllowlistError) as exc:
         print(f"vsock-proxy: bad allowlist {args.config}: {exc}", file=sys.stderr)
         return 2
-    if not allowed(allowlist, args.remote_addr, args.remote_port):
-        print(
-            f"vsock-proxy: {args.remote_addr}:{args.remote_port} is not in the allowlist {args.config}",
-            file=sys.stderr,
-        )
+    try:
+        addresses = checked_addresses(allowlist, args.remote_addr, args.remote_port)
+    except TargetRefused as exc:
+        print(f"vsock-proxy: refused by the allowlist {args.config}: {exc}", file=sys.stderr)
         return 2
     listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
     listener.bind((socket.VMADDR_CID_ANY, args.local_port))
     listener.listen(128)
     print(f"vsock-proxy: port {args.local_port} -> {args.remote_addr}:{args.remote_port}", flush=True)
-    serve(listener, (args.remote_addr, args.remote_port))
+    serve(listener, addresses, args.remote_port)
     return 0
 
 

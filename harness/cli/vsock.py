@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from harness.vsock import backends
-from harness.vsock.errors import ProxyTargetRefused, VsockBackendUnavailable, VsockConfigError
+from harness.vsock.errors import VsockConfigError
 from harness.vsock.server import SwitchServer, VmEndpoint
 
 VM_KEYS = {"guest-cid", "guest_cid", "socket", "uds-path", "uds_path", "groups", "name"}
@@ -118,54 +118,19 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_proxy(args: argparse.Namespace) -> int:
-    import socket
     import threading
 
-    from teelab_guest import vsock_proxy
+    from harness.vsock.proxy import VsockProxy, load_allowlist, open_listener
 
-    from harness.vsock.errors import AllowlistError
-    from harness.vsock.hybrid import listener_path
-    from harness.vsock.server import close_unix_listener, listen_unix
-
-    try:
-        allowlist = vsock_proxy.load_allowlist(str(args.config))
-    except (OSError, vsock_proxy.AllowlistError) as exc:
-        raise AllowlistError(
-            f"{args.config}: {exc}", hint="see docs/vsock.md for the allowlist format"
-        ) from None
-    if not vsock_proxy.allowed(allowlist, args.remote_addr, args.remote_port):
-        raise ProxyTargetRefused(
-            f"{args.remote_addr}:{args.remote_port} is not in {args.config}",
-            hint="add it to the allowlist, or forward to an address that is there",
-        )
-    listeners: list[tuple[socket.socket, Path | None]] = []
-    try:
-        for uds in args.uds:
-            path = listener_path(uds, args.local_port)
-            listeners.append((listen_unix(path), path))
-        if not args.uds:
-            try:
-                sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-                listeners.append((sock, None))
-                sock.bind((socket.VMADDR_CID_ANY, args.local_port))
-                sock.listen(128)
-            except OSError as exc:
-                raise VsockBackendUnavailable(
-                    f"cannot listen on vsock port {args.local_port}: {exc}",
-                    hint="modprobe vhost_vsock, or give --uds for VMs behind a user-space switch",
-                ) from exc
-        remote = (args.remote_addr, args.remote_port)
+    allowlist = load_allowlist(args.config)
+    remote = (args.remote_addr, args.remote_port)
+    with VsockProxy(open_listener(args.local_port, args.uds), remote, allowlist):
         print(json.dumps({"proxy": args.local_port, "to": f"{remote[0]}:{remote[1]}"}), flush=True)
-        for sock, _path in listeners:
-            threading.Thread(target=vsock_proxy.serve, args=(sock, remote), daemon=True).start()
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         while not stop.wait(0.5):
             pass
-    finally:
-        for sock, path in listeners:
-            close_unix_listener(sock, path)
     return 0
 
 

@@ -90,8 +90,9 @@ class AllowlistError(VsockError):
     code = "E720"
     title = "bad vsock-proxy allowlist"
     explanation = (
-        "The vsock-proxy allowlist file could not be read: it must be YAML (or JSON) of the form "
-        "'allowlist: [{address: HOST, port: N}, ...]' in the subset docs/vsock.md describes."
+        "The vsock-proxy allowlist file could not be read: it must be UTF-8 YAML (or JSON) of the form "
+        "'allowlist: [{address: HOST, port: N}, ...]' in the subset docs/vsock.md describes; a key given "
+        "twice is refused, not merged."
     )
     exit_status = 2
 
@@ -101,7 +102,8 @@ class ProxyTargetRefused(VsockError):
     title = "vsock-proxy target not in the allowlist"
     explanation = (
         "vsock-proxy only forwards to an address and port that the allowlist names: the port must match, "
-        "then the host name or one of the addresses it resolves to."
+        "then the host name or one of the addresses it resolves to. The target is resolved once, when it is "
+        "checked; a name that does not resolve then is refused."
     )
     exit_status = 2
 
