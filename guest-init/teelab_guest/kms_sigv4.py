@@ -55,12 +55,13 @@ def parse_authorization(value: str) -> Authorization:
 def canonical_request(
     method: str, path: str, query: str, headers: dict[str, str], signed_headers: tuple[str, ...], body: bytes
 ) -> str:
-    """The SigV4 canonical request; ``headers`` maps lower-case names to values (KeyError if absent)."""
-    canonical_path = quote(unquote(path or "/"), safe="/-_.~")
+    """The SigV4 canonical request; ``headers`` maps lower-case names to values (KeyError if absent).
+
+    Bytes that are not UTF-8 (in the path or a header value) come as surrogate escapes, as Python's HTTP
+    servers decode them, and are signed as the bytes that were sent."""
+    canonical_path = quote(unquote(path or "/"), safe="/-_.~", errors="surrogateescape")
     pairs = sorted(tuple(p.split("=", 1)) if "=" in p else (p, "") for p in query.split("&") if p)
-    canonical_query = "&".join(
-        f"{quote(unquote(k), safe='-_.~')}={quote(unquote(v), safe='-_.~')}" for k, v in pairs
-    )
+    canonical_query = "&".join(f"{_encode(k)}={_encode(v)}" for k, v in pairs)
     canonical_headers = "".join(
         f"{name}:{_SPACES.sub(' ', headers[name].strip())}\n" for name in signed_headers
     )
@@ -76,6 +77,10 @@ def canonical_request(
     )
 
 
+def _encode(part: str) -> str:
+    return quote(unquote(part), safe="-_.~", errors="surrogateescape")
+
+
 def signing_key(secret: str, date: str, region: str, service: str) -> bytes:
     key = hmac.new(("AWS4" + secret).encode(), date.encode(), hashlib.sha256).digest()
     for part in (region, service, "aws4_request"):
@@ -86,7 +91,8 @@ def signing_key(secret: str, date: str, region: str, service: str) -> bytes:
 def signature(secret: str, amz_date: str, auth_scope: str, canonical: str) -> str:
     """Hex HMAC of the string to sign under the key derived from ``secret`` and the scope."""
     date, region, service, _ = auth_scope.split("/")
-    to_sign = "\n".join([ALGORITHM, amz_date, auth_scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    digest = hashlib.sha256(canonical.encode("utf-8", "surrogateescape")).hexdigest()
+    to_sign = "\n".join([ALGORITHM, amz_date, auth_scope, digest])
     return hmac.new(signing_key(secret, date, region, service), to_sign.encode(), hashlib.sha256).hexdigest()
 
 

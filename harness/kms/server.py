@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import sqlite3
 import time
 import uuid
@@ -34,6 +35,7 @@ log = logging.getLogger("teelab.kms")
 DEFAULT_MAX_BODY = 65536
 MAX_SKEW_S = 900
 CONTENT_TYPE = "application/x-amz-json-1.1"
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a UTF-16 surrogate written as a JSON escape
 
 
 class KmsHttp:
@@ -56,7 +58,7 @@ class KmsHttp:
 
     async def handle(self, request: web.Request) -> web.Response:
         request_id = str(uuid.uuid4())
-        target = request.headers.get("X-Amz-Target", "")
+        target = _printable(request.headers.get("X-Amz-Target", ""))
         operation = target.removeprefix("TrentService.") if target.startswith("TrentService.") else target
         audit = Audit(operation=operation[:64] or "-", principal=None)
         try:
@@ -99,6 +101,8 @@ class KmsHttp:
         header = request.headers.get("Authorization")
         if header is None:
             return None
+        if not header.isascii():  # its access key goes to SQLite: no undecodable bytes
+            raise IncompleteSignature("Authorization must be ASCII")
         try:
             auth = kms_sigv4.parse_authorization(header)
         except ValueError as exc:
@@ -150,12 +154,12 @@ class KmsHttp:
             reasons.append(f"{err.aws_type}: {err.message}")
         row = AuditRow(
             request_id,
-            audit.operation,
+            _printable(audit.operation),
             audit.key_id,
             audit.principal,
             audit.evidence_digest,
             decision,
-            tuple(reasons),
+            tuple(_printable(r) for r in reasons),  # messages may quote header bytes that are not UTF-8
             status,
             err.aws_type if err else None,
             time.time(),
@@ -192,6 +196,11 @@ def _must_sign(request: web.Request) -> set[str]:
     return {"host", "x-amz-date"} | {name for name in sent if name.startswith("x-amz-")}
 
 
+def _printable(text: str) -> str:
+    """``text`` with lone surrogates (what aiohttp makes of header bytes that are not UTF-8) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode()
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
@@ -200,6 +209,14 @@ def _parse_json(body: bytes) -> Any:
     if not body:
         return {}
     try:
-        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        document = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise SerializationError(f"body is not valid JSON: {str(exc)[:120]}") from None
+    if _SURROGATE_ESCAPE.search(body):  # "\ud800" parses but is no Unicode: refuse it before it is used
+        try:
+            json.dumps(document, ensure_ascii=False).encode()
+        except (UnicodeEncodeError, RecursionError):
+            raise SerializationError(
+                "body is not valid JSON text: a string holds a lone UTF-16 surrogate (\\ud800-\\udfff)"
+            ) from None
+    return document

@@ -297,6 +297,55 @@ def test_bad_evidence(raw: Raw, sealed: tuple[str, str], lab: LabAuthority, tmp_
     )
 
 
+def test_lone_surrogates_are_serialization_errors(
+    raw: Raw, sealed: tuple[str, str], server: KmsServer
+) -> None:
+    """Issue 10: a lone surrogate ("\\ud800") in a Description, Policy or EncryptionContext gave a 500."""
+    key, _ = sealed
+    creds = server.credentials("surrogates")
+    before = server.store.get_key(key, now=0).policy
+    policy = json.loads(before)
+    bodies = [
+        ("CreateKey", {"Description": "\ud800"}),
+        ("CreateKey", {"Policy": json.dumps(policy)[:-1] + ', "Id": "\udfff"}'}),
+        ("PutKeyPolicy", {"KeyId": key, "PolicyName": "default", "Policy": "\ud800"}),
+        ("Encrypt", {"KeyId": key, "Plaintext": "aGk=", "EncryptionContext": {"app": "\udc80"}}),
+        ("Encrypt", {"KeyId": key, "Plaintext": "aGk=", "EncryptionContext": {"\udbff": "x"}}),
+        ("ListKeys", {"Marker": "a\ud800b"}),
+    ]
+
+    def signed(op: str, payload: bytes) -> dict[str, str]:
+        return kms_sigv4.sign(
+            access_key=creds.access_key,
+            secret=creds.secret,
+            region="us-east-1",
+            host=f"{raw.host}:{raw.port}",
+            target=f"TrentService.{op}",
+            body=payload,
+        )
+
+    for op, body in bodies:
+        payload = json.dumps(body).encode()  # ensure_ascii: the surrogate travels as a \\u escape
+        answer = expect(raw, op, payload, "SerializationException", signed(op, payload))
+        assert "surrogate" in answer["message"]
+    # a policy whose own text escapes a surrogate (valid outer JSON, no surrogate in the request)
+    escaped = json.dumps({**policy, "Id": "\ud800"})
+    assert "\\ud800" in escaped  # the escape is in the policy text, not in the request body
+    payload = json.dumps({"KeyId": key, "PolicyName": "default", "Policy": escaped}).encode()
+    answer = expect(
+        raw, "PutKeyPolicy", payload, "MalformedPolicyDocumentException", signed("PutKeyPolicy", payload)
+    )
+    assert "surrogate" in answer["message"]
+    for target in (b"TrentService.\xff\xfe", b"TrentService.ListKeys\xe9"):  # header bytes that are not UTF-8
+        status, answer = raw.post(
+            b"{}", {"Content-Type": "application/x-amz-json-1.1", "X-Amz-Target": target}
+        )
+        assert (status, answer["__type"]) == (400, "UnknownOperationException"), answer
+    assert server.store.get_key(key, now=0).policy == before
+    refusals = [row for row in server.store.audit(limit=10**6) if row.error == "SerializationException"]
+    assert any("surrogate" in reason for row in refusals for reason in row.reasons)
+
+
 def test_corpus_size_and_no_server_errors() -> None:
     """Runs last in this module: the corpus was over 1,000 requests and not one got a 5xx."""
     assert len(SEEN) >= 1000

@@ -270,6 +270,21 @@ def test_number_strings_are_decimal_or_0x_hex() -> None:
 
 
 @pytest.mark.parametrize(
+    "document",
+    [
+        '{"Statement": {"Sid": "\\ud800", "Effect": "Allow", "Principal": "*", "Action": "kms:Decrypt"}}',
+        '{"Statement": {"Sid": "\ud800", "Effect": "Allow", "Principal": "*", "Action": "kms:Decrypt"}}',
+        '{"\\udfff": 1, "Statement": {"Effect": "Allow", "Principal": "*", "Action": "kms:Decrypt"}}',
+    ],
+    ids=["escaped", "in the text", "escaped key"],
+)
+def test_lone_surrogates_are_refused(document: str) -> None:
+    """Issue 10: a lone surrogate, escaped in the JSON or in the text itself, cannot be stored or audited."""
+    with pytest.raises(MalformedPolicy, match="surrogate"):
+        KeyPolicy.parse(document)
+
+
+@pytest.mark.parametrize(
     ("document", "complaint"),
     [
         ("[]", "JSON object"),

@@ -130,3 +130,22 @@ def test_boto3_signs_what_the_server_requires(server: KmsServer) -> None:
     assert kms.list_keys()["Keys"] is not None
     signed = kms_sigv4.parse_authorization(seen[0]).signed_headers
     assert {"host", "x-amz-date", "x-amz-target", "x-amz-security-token"} <= set(signed)
+
+
+def test_signed_header_bytes_that_are_not_utf8_verify_or_fail_as_signatures(server: KmsServer) -> None:
+    """Header bytes are signed as sent; bytes that are not UTF-8 used to crash the verifier (HTTP 500)."""
+    creds = server.credentials("sigv4-bytes")
+    raw = b"caf\xe9 \xff"
+    text = raw.decode("utf-8", "surrogateescape")  # what aiohttp makes of them, and what the signer takes
+    names = ("host", "x-amz-date", "x-amz-meta-raw", "x-amz-target")
+    good = signed_over(server, creds, b"{}", {**target("ListKeys"), "x-amz-meta-raw": text}, names)
+    wire = [(k, raw if k == "x-amz-meta-raw" else v) for k, v in good.items()]
+    status, answer = post(server, b"{}", wire)
+    assert status == 200, answer
+    status, answer = post(server, b"{}", [(k, b"\xfe" if k == "x-amz-meta-raw" else v) for k, v in wire])
+    assert (status, answer["__type"]) == (400, "InvalidSignatureException"), answer
+    for header in ("authorization", "x-amz-date"):
+        status, answer = post(
+            server, b"{}", [(k, b"\xff" + v.encode() if k == header else v) for k, v in wire]
+        )
+        assert status == 400, (header, answer)
