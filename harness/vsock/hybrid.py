@@ -4,6 +4,10 @@ The host connects to the VM's Unix socket and writes ``CONNECT <port>\\n``; once
 switch answers ``OK <host_port>\\n`` and the socket carries the stream. A guest connecting to CID 2 port P
 reaches a listener at ``<uds>_<P>``. Each such stream is one ``HostConnection``: the switch is the vsock
 peer of the guest, with its own receive buffer (``buf_alloc``/``fwd_cnt``) and the guest's credit.
+
+A VM's host connections are bounded twice: the bytes they hold for host sockets that do not read
+(``MAX_HOST_BUFFER``, all connections of the VM together) and their number (``ConnectionBudget``: a share of
+the descriptors the process may open, less a reserve so other VMs can still be set up).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import resource
 import socket
 from pathlib import Path
 
@@ -43,7 +48,9 @@ CREDIT_UPDATE_STEP = HOST_BUF_ALLOC // 4  # advertise fwd_cnt again after this m
 CONNECT_TIMEOUT = 5.0  # seconds the guest has to answer a host CONNECT
 CONNECT_LINE_MAX = 64
 FIRST_HOST_PORT = 1 << 30  # host-side ports of host-initiated connections, as Firecracker numbers them
-MAX_HOST_CONNECTIONS = 4096  # open host connections per VM (each holds a socket and up to HOST_BUF_ALLOC)
+MAX_HOST_CONNECTIONS = 1024  # open host connections per VM, at most (each holds one descriptor)
+MAX_HOST_BUFFER = 8 * 1024 * 1024  # bytes a VM's host connections together hold for host sockets
+FD_RESERVE = 256  # descriptors kept free of host connections: vhost-user sessions, their fds, listeners
 U32 = 0xFFFFFFFF
 
 CONNECTING = "connecting"
@@ -54,6 +61,28 @@ CLOSED = "closed"
 def listener_path(uds: Path, port: int) -> Path:
     """Where a host listener for guest connections to CID 2 ``port`` lives."""
     return uds.with_name(f"{uds.name}_{port}")
+
+
+class ConnectionBudget:
+    """The host connections of all VMs of one switch: each VM may open at most an equal share of the
+    descriptors the process may open less ``FD_RESERVE``, and at most ``MAX_HOST_CONNECTIONS``."""
+
+    def __init__(self) -> None:
+        self.sides: list[HostSide] = []
+
+    def pool(self) -> int:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return max(0, (soft if soft != resource.RLIM_INFINITY else 1 << 20) - FD_RESERVE)
+
+    def refusal(self, side: HostSide) -> str | None:
+        """Why ``side`` may not open one more host connection now; None when it may."""
+        pool = self.pool()
+        share = min(MAX_HOST_CONNECTIONS, pool // max(1, len(self.sides)))
+        if len(side.connections) >= share:
+            return f"{len(side.connections)} host connections, its share of {share}"
+        if sum(len(s.connections) for s in self.sides) >= pool:
+            return f"the switch's {pool} descriptors for host connections are in use"
+        return None
 
 
 class HostConnection:
@@ -198,18 +227,22 @@ class HostConnection:
         self.rx_cnt = (self.rx_cnt + hdr.len) & U32
         self.vm.stats["guest_to_host_bytes"] += hdr.len
         if self.out:
-            for view in payload:
-                self.out += view
-            return
-        try:
-            sent = self.sock.sendmsg(payload) if len(payload) > 1 else self.sock.send(payload[0])
-        except BlockingIOError:
             sent = 0
-        except OSError:
-            self.close(reset_guest=True)
-            return
-        self._forwarded(sent)
+        else:
+            try:
+                sent = self.sock.sendmsg(payload) if len(payload) > 1 else self.sock.send(payload[0])
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.close(reset_guest=True)
+                return
+            self._forwarded(sent)
         if sent < hdr.len:
+            if self.side.buffered + hdr.len - sent > MAX_HOST_BUFFER:
+                raise GuestFault(
+                    "host_buffer_full",
+                    f"{hdr.describe()}: the VM's host sockets already hold {self.side.buffered} unread bytes",
+                )
             skip = sent
             for view in payload:
                 if skip >= len(view):
@@ -217,6 +250,7 @@ class HostConnection:
                     continue
                 self.out += view[skip:]
                 skip = 0
+            self.side.buffered += hdr.len - sent
             self._arm_writer()
 
     def _forwarded(self, n: int) -> None:
@@ -231,6 +265,7 @@ class HostConnection:
         """Write switch-made bytes (the OK line) ahead of any stream data."""
         if self.out:
             self.out[:0] = data
+            self.side.buffered += len(data)
             return
         try:
             sent = self.sock.send(data)
@@ -241,6 +276,7 @@ class HostConnection:
             return
         if sent < len(data):
             self.out += data[sent:]
+            self.side.buffered += len(data) - sent
             self._arm_writer()
 
     def _arm_writer(self) -> None:
@@ -257,6 +293,7 @@ class HostConnection:
             self.close(reset_guest=True)
             return
         del self.out[:sent]
+        self.side.buffered -= sent
         if self.state == ESTABLISHED:
             self._forwarded(sent)
         if not self.out:
@@ -306,6 +343,8 @@ class HostConnection:
             self._writing = False
             self.side.loop.remove_writer(self.sock.fileno())
         self.vm.drop_source(self)
+        self.side.buffered -= len(self.out)
+        self.out.clear()
         self.sock.close()
         self.side.forget(self)
 
@@ -313,11 +352,20 @@ class HostConnection:
 class HostSide:
     """A VM's host endpoints: its listening Unix socket (``uds``) and its open host connections."""
 
-    def __init__(self, vm: VsockDevice, uds: Path, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        vm: VsockDevice,
+        uds: Path,
+        loop: asyncio.AbstractEventLoop,
+        budget: ConnectionBudget | None = None,
+    ) -> None:
         self.vm = vm
         self.uds = uds
         self.loop = loop
+        self.budget = budget or ConnectionBudget()
+        self.budget.sides.append(self)
         self.connections: dict[tuple[int, int], HostConnection] = {}
+        self.buffered = 0  # bytes all connections hold for their host sockets
         self._ports = itertools.count(FIRST_HOST_PORT)
         self._handshakes: set[asyncio.Task[None]] = set()
 
@@ -337,8 +385,9 @@ class HostSide:
             conn.close(reset_guest=True)
 
     def _guest_connect(self, hdr: Header) -> None:
-        if len(self.connections) >= MAX_HOST_CONNECTIONS:
-            self.vm.fault("too_many_flows", f"{hdr.describe()} with {len(self.connections)} host connections")
+        refusal = self.budget.refusal(self)
+        if refusal is not None:
+            self.vm.fault("too_many_flows", f"{hdr.describe()}: {refusal}")
             self.vm.enqueue(hdr.reply(OP_RST))
             return
         try:
@@ -411,6 +460,12 @@ class HostSide:
             conn.close(reset_guest=False)
         for task in list(self._handshakes):
             task.cancel()
+
+    def detach(self) -> None:
+        """The VM leaves the switch: its connections end and its share goes to the others."""
+        self.reset()
+        if self in self.budget.sides:
+            self.budget.sides.remove(self)
 
 
 async def _read_line(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import socket
 import stat
 from dataclasses import dataclass
@@ -115,6 +116,7 @@ class SwitchServer:
     """The built-in vsock switch serving VMs on ``loop``; all methods run on the loop's thread."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, event_idx: bool = True) -> None:
+        raise_fd_limit()
         self.loop = loop
         self.event_idx = event_idx
         self.switch = Switch(loop)
@@ -160,6 +162,16 @@ class SwitchServer:
     def close(self) -> None:
         for name in list(self._vms):
             self.remove_vm(name)
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft descriptor limit to its hard limit (each host connection of a VM holds
+    one); returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def listen_unix(path: Path, backlog: int = 128) -> socket.socket:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.vsock.device import VsockDevice
-from harness.vsock.hybrid import HostSide
+from harness.vsock.hybrid import ConnectionBudget, HostSide
 from harness.vsock.packet import (
     HOST_CID,
     OP_CREDIT_REQUEST,
@@ -96,6 +96,7 @@ class Switch:
         self.groups: dict[str, Group] = {}
         self._group_of: dict[VsockDevice, Group] = {}
         self.host_sides: dict[VsockDevice, HostSide] = {}
+        self.connection_budget = ConnectionBudget()
         self.drops: Counter[str] = Counter()  # all VMs together, by reason
 
     # -- membership -----------------------------------------------------------------------------
@@ -107,7 +108,7 @@ class Switch:
         vm = VsockDevice(name, cid, self, self.loop, drops=Counter())
         grp.vms[cid] = vm
         self._group_of[vm] = grp
-        self.host_sides[vm] = HostSide(vm, uds, self.loop)
+        self.host_sides[vm] = HostSide(vm, uds, self.loop, self.connection_budget)
         vm.on_reset.append(self._vm_reset)
         return vm
 
@@ -119,7 +120,9 @@ class Switch:
             del grp.vms[vm.cid]
             if not grp.vms:
                 del self.groups[grp.name]
-        self.host_sides.pop(vm, None)
+        side = self.host_sides.pop(vm, None)
+        if side is not None:
+            side.detach()
         self.drops.update(vm.drops)
 
     def _vm_reset(self, vm: VsockDevice) -> None:
@@ -226,6 +229,7 @@ class Switch:
                     "running": vm.running,
                     "broken": vm.broken,
                     "host_connections": len(side.connections) if side else 0,
+                    "host_buffered": side.buffered if side else 0,
                     "sibling_flows": grp.flow_counts[vm.cid],
                     "backlog_packets": len(vm.backlog),
                     "drops": dict(vm.drops),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
+import socket
 import threading
 import time
 import tracemalloc
@@ -14,9 +16,11 @@ from pathlib import Path
 import pytest
 
 from harness.aio import EventLoopThread
+from harness.vsock import hybrid
 from harness.vsock import vhost_user as vu
-from harness.vsock.device import TX_QUEUE
+from harness.vsock.device import TX_QUEUE, VsockDevice
 from harness.vsock.fake_guest import FakeFront, FakeGuest
+from harness.vsock.hybrid import listener_path
 from harness.vsock.packet import HEADER, OP_REQUEST, TYPE_STREAM, Header
 from harness.vsock.server import SwitchServer, VmEndpoint
 from harness.vsock.switch import Switch
@@ -150,3 +154,104 @@ def test_a_flooding_front_end_does_not_starve_the_others(served: Served) -> None
     finally:
         stop.set()
         flooder.join(5)
+
+
+class Direct:
+    """A switch on a plain loop with fake guests attached straight to their devices (no vhost-user)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.errors: list[object] = []
+        self.loop.set_exception_handler(lambda _loop, context: self.errors.append(context))
+        self.switch = Switch(self.loop)
+        self.dir = tmp_path
+        self.guests: list[FakeGuest] = []
+
+    def add(self, cid: int, group: str = "g", **options: object) -> tuple[FakeGuest, VsockDevice]:
+        guest = FakeGuest(cid, **{"ram_kib": 4096, "queue_size": 64, **options})  # type: ignore[arg-type]
+        device = self.switch.attach(f"vm{cid}", cid, group, self.dir / f"vm{cid}.vsock")
+        guest.attach(device)
+        self.guests.append(guest)
+        return guest, device
+
+    def settle(self, rounds: int = 4) -> None:
+        for _ in range(rounds):
+            self.loop.run_until_complete(asyncio.sleep(0))
+            for guest in self.guests:
+                guest.pump()
+
+
+@pytest.fixture
+def direct(tmp_path: Path) -> Iterator[Direct]:
+    d = Direct(tmp_path)
+    yield d
+    d.loop.close()
+
+
+def _host_listener(uds: Path, port: int) -> socket.socket:
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(listener_path(uds, port)))
+    listener.listen(64)
+    return listener
+
+
+def test_a_vms_host_connections_hold_a_bounded_number_of_unread_bytes(
+    direct: Direct, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Host sockets that never read: what the switch holds for them is bounded per VM, not per connection
+    (4096 connections x a 512 KiB window was 2 GiB); the connection that would pass the bound is reset."""
+    monkeypatch.setattr(hybrid, "MAX_HOST_BUFFER", 1 << 20, raising=False)
+    guest, device = direct.add(16)
+    listener = _host_listener(direct.dir / "vm16.vsock", 7000)  # accepts nothing, reads nothing
+    try:
+        conns = [guest.connect(2, 7000) for _ in range(6)]
+        direct.settle()
+        for conn in conns:
+            guest.write(conn, bytes(hybrid.HOST_BUF_ALLOC))
+        direct.settle(200)
+        side = direct.switch.host_sides[device]
+        held = sum(len(c.out) for c in side.connections.values())
+        assert held <= 1 << 20 and side.buffered == held
+        assert device.drops["host_buffer_full"] >= 1 and any(c.reset for c in conns)
+        assert direct.errors == []
+    finally:
+        listener.close()
+
+
+def test_a_vm_gets_a_share_of_the_descriptors_for_host_connections(
+    direct: Direct, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each host connection holds a descriptor: a VM may open only its share of what the process may
+    open (less a reserve for setting up VMs), so one guest cannot take them all from the others."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    monkeypatch.setattr(
+        hybrid, "FD_RESERVE", soft - 6, raising=False
+    )  # 6 descriptors for host connections: 3 per VM
+    greedy, greedy_dev = direct.add(16)
+    other, _ = direct.add(17, group="h")
+    listeners = [_host_listener(direct.dir / f"vm{cid}.vsock", 7000) for cid in (16, 17)]
+    try:
+        grabbed = [greedy.connect(2, 7000) for _ in range(5)]
+        direct.settle()
+        assert [c.state for c in grabbed].count("established") == 3
+        assert greedy_dev.drops["too_many_flows"] == 2
+        mine = [other.connect(2, 7000) for _ in range(3)]
+        direct.settle()
+        assert [c.state for c in mine] == ["established"] * 3
+    finally:
+        for listener in listeners:
+            listener.close()
+
+
+def test_the_switch_raises_its_descriptor_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+        loop = asyncio.new_event_loop()
+        try:
+            SwitchServer(loop).close()
+        finally:
+            loop.close()
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
