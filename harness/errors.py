@@ -79,6 +79,26 @@ class UsageError(LabError):
     exit_status = 2
 
 
+class InputFileError(LabError):
+    code = "E103"
+    title = "input file unreadable"
+    explanation = (
+        "A file named on the command line or in a setting is missing, is a directory, cannot be read, or is "
+        "not the text (UTF-8) it must be."
+    )
+    exit_status = 2
+
+
+class OutputPathError(LabError):
+    code = "E104"
+    title = "output path unusable"
+    explanation = (
+        "A file or directory teelab was told to write is a directory where a file is wanted (or the "
+        "reverse), sits in a directory that does not exist, or cannot be written."
+    )
+    exit_status = 2
+
+
 def explain(code: str) -> type[LabError] | None:
     """The error class registered under ``code`` (``E301`` or ``301``), or None."""
     code = code.upper()

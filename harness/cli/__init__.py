@@ -3,46 +3,42 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
-from harness.errors import LabError
+from harness.cli import attest, bench, demo, doctor, enclave, explain, image, kms, measure, tee, vsock
+from harness.errors import LabError, UsageError
 
 DESCRIPTION = (
     "teelab: a lab harness for confidential computing on QEMU/KVM: SEV-SNP, TDX and enclave VMs, "
     "emulated byte-exactly where the hardware is missing. `teelab explain CODE` explains an error."
 )
 
-# Modules that define ``register(subparsers)``; each adds its own subcommands.
-COMMAND_MODULES = (
-    "harness.cli.doctor",
-    "harness.cli.image",
-    "harness.cli.bench",
-    "harness.cli.demo",
-    "harness.cli.explain",
-    "harness.cli.kms",
-    "harness.cli.measure",
-    "harness.cli.tee",
-    "harness.cli.enclave",
-    "harness.cli.attest",
-    "harness.cli.vsock",
-)
+# Each defines ``register(subparsers)`` and adds its own subcommands, in this order.
+COMMAND_MODULES = (doctor, image, bench, demo, explain, kms, measure, tee, enclave, attest, vsock)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse whose usage errors are E102 (exit 2), printed like every other coded error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}", hint=f"`{self.prog} --help` lists the arguments")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="teelab", description=DESCRIPTION)
+    parser = CommandParser(prog="teelab", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for module in COMMAND_MODULES:
+        module.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args: argparse.Namespace | None = None
     try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except LabError as err:
         if getattr(args, "json", False):

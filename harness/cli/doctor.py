@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from rich.table import Table
 
+from harness.cli.arguments import existing_directory
 from harness.cli.render import console, print_json
 from harness.host.ledger import Ledger
 from harness.host.model import HostInfo
@@ -20,13 +22,15 @@ INTERESTING_TYPES = (
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("doctor", help="probe the host: accelerator, vsock, hugepages, CPUs, TEEs, QEMU")
     parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.add_argument("--root", default="/", help="probe a fixture tree instead of this host")
+    parser.add_argument(
+        "--root", type=existing_directory, default=Path("/"), help="probe a fixture tree instead of this host"
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     host = probe(args.root)
-    claims = Ledger().claims() if args.root == "/" else []
+    claims = Ledger().claims() if args.root == Path("/") else []
     if args.json:
         data = host.to_dict()
         data["ledger"] = [{"kind": c.kind, "value": c.value, "owner": c.owner, "pid": c.pid} for c in claims]

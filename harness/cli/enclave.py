@@ -17,11 +17,11 @@ from rich.table import Table
 from teelab_guest import nsm_wire
 
 from harness.bench.result import Bar, BenchResult
+from harness.cli.arguments import positive_int, seconds
 from harness.cli.render import console, print_bench, print_json
 from harness.enclave import EifImage, build_eif, describe_image, read_eif
 from harness.enclave.errors import EifInputInvalid
 from harness.enclave.nsm import SecurityModule
-from harness.errors import UsageError
 from harness.host import runtime
 
 
@@ -72,11 +72,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     boot.add_argument("eif", type=Path, help="the enclave image")
     boot.add_argument("--debug", action="store_true", help="debug mode: documents carry all-zero PCRs")
-    boot.add_argument("--vcpus", type=int, help="vCPUs, even (default: the image's, else 2)")
-    boot.add_argument("--memory", type=int, dest="memory_mib", help="MiB (default: the image's, else 512)")
+    boot.add_argument("--vcpus", type=positive_int, help="vCPUs, even (default: the image's, else 2)")
+    boot.add_argument(
+        "--memory", type=positive_int, dest="memory_mib", help="MiB (default: the image's, else 512)"
+    )
     boot.add_argument("--parent-role", help="what PCR3 measures (default: teelab-host)")
     boot.add_argument("--parent-instance", help="what PCR4 measures (default: this host's name)")
-    boot.add_argument("--timeout", type=float, default=60.0, help="seconds for boot and app each (60)")
+    boot.add_argument("--timeout", type=seconds, default=60.0, help="seconds for boot and app each (60)")
     boot.add_argument("--json", action="store_true", help="print JSON")
     boot.set_defaults(func=run_boot)
 
@@ -266,19 +268,23 @@ def register_bench(kinds: argparse._SubParsersAction) -> None:
     """``teelab bench eif`` and ``teelab bench nsm``."""
     eif = kinds.add_parser("eif", help="seconds to build and to describe (read, CRC, PCRs) an enclave image")
     eif.add_argument(
-        "--ramdisk-mib", type=int, default=40, help="size of the application ramdisk (default 40)"
+        "--ramdisk-mib", type=positive_int, default=40, help="size of the application ramdisk (default 40)"
     )
-    eif.add_argument("-n", "--runs", type=int, default=5, help="number of builds and describes (default: 5)")
+    eif.add_argument(
+        "-n", "--runs", type=positive_int, default=5, help="number of builds and describes (default: 5)"
+    )
     eif.add_argument("--json", action="store_true", help="print JSON")
     eif.set_defaults(func=run_bench_eif)
     nsm = kinds.add_parser("nsm", help="security module latency: Attestation (lab CA signs), ExtendPCR")
-    nsm.add_argument("-n", "--requests", type=int, default=200, help="requests of each kind (default: 200)")
+    nsm.add_argument(
+        "-n", "--requests", type=positive_int, default=200, help="requests of each kind (default: 200)"
+    )
     nsm.add_argument("--json", action="store_true", help="print JSON")
     nsm.set_defaults(func=run_bench_nsm)
     enclave = kinds.add_parser(
         "enclave", help="seconds from asking for the hello enclave to its first attestation document (TCG)"
     )
-    enclave.add_argument("-n", "--runs", type=int, default=3, help="number of boots (default: 3)")
+    enclave.add_argument("-n", "--runs", type=positive_int, default=3, help="number of boots (default: 3)")
     enclave.add_argument("--json", action="store_true", help="print JSON")
     enclave.set_defaults(func=run_bench_enclave)
 
@@ -380,16 +386,12 @@ def bench_enclave(runs: int) -> BenchResult:
 
 
 def run_bench_enclave(args: argparse.Namespace) -> int:
-    if args.runs < 1:
-        raise UsageError("--runs must be at least 1")
     with console.status("booting enclaves", spinner="dots") if not args.json else contextlib.nullcontext():
         result = bench_enclave(args.runs)
     return _report(result, args.json)
 
 
 def run_bench_eif(args: argparse.Namespace) -> int:
-    if args.runs < 1 or args.ramdisk_mib < 1:
-        raise UsageError("--runs and --ramdisk-mib must be at least 1")
     with (
         console.status("building and describing", spinner="dots")
         if not args.json
@@ -400,8 +402,6 @@ def run_bench_eif(args: argparse.Namespace) -> int:
 
 
 def run_bench_nsm(args: argparse.Namespace) -> int:
-    if args.requests < 1:
-        raise UsageError("--requests must be at least 1")
     with (
         console.status("asking the security module", spinner="dots")
         if not args.json

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from harness.cli.arguments import positive_int
 from harness.cli.render import print_json
 from harness.tee.measure import DEFAULT_GUEST_FEATURES, DEFAULT_VCPU_TYPE, LaunchInputs, measure
 
@@ -27,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--kernel", type=Path, help="kernel image (-kernel)")
     parser.add_argument("--initrd", type=Path, help="initial ramdisk (-initrd)")
     parser.add_argument("--cmdline", default="", help="kernel command line (-append)")
-    parser.add_argument("--vcpus", type=int, default=1, help="boot vCPU count (default: 1)")
+    parser.add_argument("--vcpus", type=positive_int, default=1, help="boot vCPU count (default: 1)")
     parser.add_argument(
         "--vcpu-type", default=DEFAULT_VCPU_TYPE, help=f"SNP: QEMU -cpu model (default: {DEFAULT_VCPU_TYPE})"
     )

@@ -14,6 +14,7 @@ from teelab_guest import tee_wire
 
 from harness.aio import shared_loop
 from harness.bench.result import Bar, BenchResult
+from harness.cli.arguments import positive_int
 from harness.cli.render import console, print_bench, print_json
 from harness.host.probe import probe
 from harness.tee.backends import (
@@ -55,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def register_bench(kinds: argparse._SubParsersAction) -> None:
     bench = kinds.add_parser("tee", help="milliseconds per evidence request through the emulated device")
     bench.add_argument("--kind", choices=("snp", "tdx"), default="snp")
-    bench.add_argument("-n", "--runs", type=int, default=200, help="requests (default: 200)")
+    bench.add_argument("-n", "--runs", type=positive_int, default=200, help="requests (default: 200)")
     bench.add_argument(
         "--guest", action="store_true", help="also boot a TCG guest and time get_evidence in it"
     )

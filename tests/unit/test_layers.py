@@ -10,7 +10,7 @@ HARNESS = Path(__file__).resolve().parents[2] / "harness"
 # other base modules, and the CLI above the benchmarks and the demo it runs.
 LAYER = {
     "errors": 0,
-    "paths": 1, "aio": 1, "config": 1,
+    "paths": 1, "aio": 1, "config": 1, "userfiles": 1,
     "host": 2,
     "qemu": 3, "images": 3, "attest": 3,
     "agent": 4, "vsock": 4, "tee": 4, "kms": 4,
