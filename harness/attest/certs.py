@@ -75,6 +75,13 @@ class Cert:
         except Exception:  # UnsupportedAlgorithm, ValueError for malformed keys
             return None
 
+    @functools.cached_property
+    def serial(self) -> int:
+        """The serial number, read without cryptography's warning about non-positive ones (AMD's are 0)."""
+        with _warn_lock, warnings.catch_warnings():
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            return self.x509.serial_number
+
     @property
     def self_issued(self) -> bool:
         return self.subject == self.issuer

@@ -39,6 +39,7 @@ AUTHENTICITY_CODES = frozenset(
         "signing-key-unsupported",
         "tcb-mismatch",
         "chip-id-mismatch",
+        "collateral-missing",
     }
 )
 CLOCK_SKEW = dt.timedelta(minutes=5)

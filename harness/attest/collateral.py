@@ -368,11 +368,18 @@ def _check_crls(
         (pck_chain[0], collateral.pck_crl),
         *((c, collateral.root_ca_crl) for c in pck_chain[1:-1]),
     ):
-        if crl.get_revoked_certificate_by_serial_number(cert.x509.serial_number) is not None:
+        serial = cert.serial
+        if serial < 0:  # RFC 5280 forbids it, and CRL lookups cannot take it: unknown revocation state
+            found.fail(
+                "malformed",
+                "pck_chain",
+                f"{cert.subject_text} has a negative serial number; its revocation cannot be checked",
+            )
+        elif crl.get_revoked_certificate_by_serial_number(serial) is not None:
             found.fail(
                 "certificate-revoked",
                 "pck_chain",
-                f"{cert.subject_text} (serial {cert.x509.serial_number:x}) is revoked",
+                f"{cert.subject_text} (serial {serial:x}) is revoked",
             )
 
 

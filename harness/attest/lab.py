@@ -27,6 +27,15 @@ from harness import paths
 from harness.attest import certs as certs_mod
 from harness.attest.certs import Anchor, Cert, der_ia5string, der_integer, load_cert, load_pem_certs
 from harness.attest.errors import EvidenceError, IssueError, LabAuthorityError
+from harness.attest.lab_collateral import (
+    COLLATERAL_FILE,
+    LAB_CPUSVN,
+    LAB_QE_ATTRIBUTES,
+    LAB_QE_ISVPRODID,
+    LAB_QE_ISVSVN,
+    issue_collateral,
+    sgx_extension,
+)
 from harness.attest.nitro import ALG_ES384, encode_cose_sign1, encode_payload, sig_structure
 from harness.attest.snp import SIGNED_SIZE, TcbVersion, build_snp_report, write_snp_cert_table
 from harness.attest.tdx import (
@@ -67,6 +76,10 @@ CERT_NAMES = (
     "enclave-leaf",
 )
 KEY_NAMES = (*CERT_NAMES, "intel-qe-ak")
+# Issued on first load (so lab CAs made before TDX collateral existed get them too): the PCK leaf with its SGX
+# extension, which lab quotes carry, and the TCB signing certificate of the lab collateral.
+PCK_SGX = "intel-pck-sgx"
+TCB_SIGNING = "intel-tcb-signing"
 
 
 def default_lab_dir() -> Path:
@@ -94,6 +107,20 @@ class LabCertificates:
 
     def intermediates(self) -> tuple[Cert, ...]:
         return (self.certs["amd-ask"], self.certs["intel-pck-ca"], self.certs["enclave-ca"])
+
+    def tdx_collateral(self) -> dict[str, Any] | None:
+        """The lab's TDX collateral (PCS JSON shape) for lab quotes, once a LabAuthority has issued it."""
+        try:
+            text = (self.directory / COLLATERAL_FILE).read_text()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _unusable(self.directory, f"{COLLATERAL_FILE} unreadable ({exc})") from None
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise _unusable(self.directory, f"{COLLATERAL_FILE} is not JSON ({exc})") from None
+        return value if isinstance(value, dict) else None
 
     def vcek(self, tcb: TcbVersion) -> Cert | None:
         """The lab VCEK for ``tcb``, if the lab has issued one (one per TCB, as AMD's KDS does)."""
@@ -235,6 +262,10 @@ class LabAuthority:
             seed = (directory / "amd-chip-seed.key").read_bytes()
         except OSError as exc:
             raise _unusable(directory, f"lacks its chip seed ({exc})") from None
+        if not (directory / COLLATERAL_FILE).exists():
+            with paths.exclusive_lock(directory / LOCK_FILE):
+                if not (directory / COLLATERAL_FILE).exists():
+                    _issue_tdx_material(directory, keys, public)
         authority = cls(public, keys, seed)
         authority.vcek()  # the VCEK of the lab's own TCB always exists
         _authorities[directory] = authority
@@ -255,9 +286,9 @@ class LabAuthority:
         return self.vcek(tcb), self.public.certs["amd-ask"], self.public.certs["amd-ark"]
 
     def intel_chain(self) -> tuple[Cert, Cert, Cert]:
-        """(PCK leaf, PCK platform CA, root)."""
+        """(PCK leaf with its SGX extension, PCK platform CA, root): the chain lab quotes carry."""
         c = self.public.certs
-        return c["intel-pck"], c["intel-pck-ca"], c["intel-root"]
+        return _read_cert(self.directory, f"{PCK_SGX}.pem"), c["intel-pck-ca"], c["intel-root"]
 
     def enclave_chain(self) -> tuple[Cert, Cert, Cert]:
         """(leaf, intermediate, root) of attestation documents."""
@@ -499,12 +530,12 @@ class LabAuthority:
             .public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)[1:]
         )
         qe_report = EnclaveReport.build(
-            cpu_svn=bytes.fromhex("03030202040100050000000000000000"),
-            attributes=bytes.fromhex("11000000000000000000000000000000"),
+            cpu_svn=LAB_CPUSVN,
+            attributes=LAB_QE_ATTRIBUTES,
             mrenclave=LAB_QE_MRENCLAVE,
             mrsigner=LAB_QE_MRSIGNER,
-            isv_prod_id=2,
-            isv_svn=6,
+            isv_prod_id=LAB_QE_ISVPRODID,
+            isv_svn=LAB_QE_ISVSVN,
             report_data=hashlib.sha256(ak + QE_AUTH_DATA).digest() + bytes(32),
         ).to_bytes()
         qe_signature = _raw_signature(self._keys["intel-pck"].sign(qe_report, ec.ECDSA(hashes.SHA256())), 32)
@@ -641,6 +672,46 @@ def _issue_vcek(
         "SEV-VCEK", ask.subject, key.public_key(), ca=False, path_length=None, years=7, extensions=extensions
     )
     return _pem(builder.sign(ask_key, hashes.SHA384(), rsa_padding=_PSS))
+
+
+def _issue_tdx_material(directory: Path, keys: Mapping[str, Any], public: LabCertificates) -> None:
+    """The PCK leaf with its SGX extension, a TCB signing certificate, and the lab TDX collateral they make
+    (the collateral file last: its presence says the rest exists)."""
+    root, pck_ca = public.certs["intel-root"].x509, public.certs["intel-pck-ca"].x509
+    pck = _build(
+        "teelab lab SGX PCK Certificate",
+        pck_ca.subject,
+        keys["intel-pck"].public_key(),
+        ca=False,
+        path_length=None,
+        years=7,
+        extensions=[sgx_extension()],
+    ).sign(keys["intel-pck-ca"], hashes.SHA256())
+    signing_key = ec.generate_private_key(ec.SECP256R1())
+    signing = _build(
+        "teelab lab SGX TCB Signing",
+        root.subject,
+        signing_key.public_key(),
+        ca=False,
+        path_length=None,
+        years=7,
+    ).sign(keys["intel-root"], hashes.SHA256())
+    collateral = issue_collateral(
+        root=(root, keys["intel-root"]),
+        pck_ca=(pck_ca, keys["intel-pck-ca"]),
+        tcb_signing=(signing, signing_key),
+        qe_mrsigner=LAB_QE_MRSIGNER,
+        tee_tcb_svn=LAB_TEE_TCB_SVN,
+        issued=LAB_EPOCH,
+        until=min(pck.not_valid_after_utc, signing.not_valid_after_utc),
+    )
+    key_pem = signing_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    _write(directory / f"{TCB_SIGNING}.key", key_pem, 0o600)
+    _write(directory / f"{TCB_SIGNING}.pem", _pem(signing), 0o644)
+    _write(directory / f"{PCK_SGX}.pem", _pem(pck), 0o644)
+    _write(directory / COLLATERAL_FILE, json.dumps(collateral, indent=2).encode() + b"\n", 0o644)
 
 
 def _create(directory: Path) -> None:

@@ -114,7 +114,8 @@ class Policy:
     ``roots`` names the roots a chain may end at (vendor names and "lab"; the lab root is accepted only when
     named). ``nonce``/``public_key`` are what the evidence must be bound to: Nitro documents carry them,
     SNP/TDX report_data must equal ``teelab_guest.binding.report_data(nonce, public_key)``. ``claims`` pins
-    any claim by key to an exact JSON value.
+    any claim by key to an exact JSON value. A TDX quote without collateral (TCB info, QE identity, CRLs) is
+    refused as ``collateral-missing`` unless ``allow_missing_collateral``.
     """
 
     roots: tuple[str, ...] = VENDOR_ROOT_NAMES
@@ -133,6 +134,7 @@ class Policy:
     max_vmpl: int = 0
     min_tcb: TcbVersion | None = None
     tcb_statuses: tuple[str, ...] = ("UpToDate",)
+    allow_missing_collateral: bool = False
     nonce: bytes | None = None
     public_key: bytes | None = None
     user_data: bytes | None = None
@@ -178,7 +180,7 @@ class Policy:
             if isinstance(self.max_age, bool) or not isinstance(self.max_age, (int, float)):
                 raise PolicyError("policy max_age must be seconds or a timedelta", field="max_age")
             object.__setattr__(self, "max_age", timedelta(seconds=self.max_age))
-        for name in ("allow_debug", "allow_migrate_ma", "allow_smt"):
+        for name in ("allow_debug", "allow_migrate_ma", "allow_smt", "allow_missing_collateral"):
             if not isinstance(getattr(self, name), bool):
                 raise PolicyError(
                     f"policy {name} must be true or false, got {getattr(self, name)!r}", field=name

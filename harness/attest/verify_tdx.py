@@ -132,8 +132,18 @@ def verify_tdx(
     check_value(
         found, "mrownerconfig-mismatch", "mrownerconfig", policy.mrownerconfig, quote.body.mrownerconfig
     )
+    if collateral is None and lab is not None and quote_root in lab.anchors() and policy.trusts_lab:
+        collateral = lab.tdx_collateral()  # lab quotes have lab collateral; vendor quotes never get it
     if collateral is None:
-        found.note("no TDX collateral given: TCB status, QE identity and revocation were not checked")
+        if policy.allow_missing_collateral:
+            found.note("no TDX collateral given: TCB status, QE identity and revocation were not checked")
+        else:
+            found.fail(
+                "collateral-missing",
+                "collateral",
+                "no TDX collateral: TCB status, QE identity and revocation cannot be checked (give Intel "
+                "PCS collateral, or allow_missing_collateral = true in the policy)",
+            )
     elif pck_chain:
         claims["tcb"] = check_collateral(
             found, quote, pck_chain, collateral, anchors, quote_root, policy, now

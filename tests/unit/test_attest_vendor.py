@@ -13,12 +13,13 @@ import pytest
 from harness.attest import Policy, parse_tdx_quote, verify
 
 VECTORS = Path(__file__).parents[1] / "vectors"
+NO_COLLATERAL = {"allow_missing_collateral": True}
 TDX = [  # folder, needs, the TD's debug bit
-    ("", {}, False),
-    ("extra/trustee_v4_exact_length", {"allow_debug": True}, True),
-    ("extra/go-tdx-guest_v4_SPR_E4_with_trailer", {}, False),
-    ("extra/go-tdx-guest_v5", {}, False),
-    ("extra/phala_v5_outdated", {}, False),
+    ("", NO_COLLATERAL, False),
+    ("extra/trustee_v4_exact_length", {"allow_debug": True, **NO_COLLATERAL}, True),
+    ("extra/go-tdx-guest_v4_SPR_E4_with_trailer", NO_COLLATERAL, False),
+    ("extra/go-tdx-guest_v5", NO_COLLATERAL, False),
+    ("extra/phala_v5_outdated", NO_COLLATERAL, False),
 ]
 NITRO = [
     ("", {}),
@@ -53,7 +54,7 @@ def test_genuine_tdx_quotes_are_refused_by_a_lab_only_policy(folder: str, needs:
 
 
 def test_the_debug_td_is_refused_by_default() -> None:
-    verdict = verify(tdx("extra/trustee_v4_exact_length"), Policy(), now=TDX_AT)
+    verdict = verify(tdx("extra/trustee_v4_exact_length"), Policy(**NO_COLLATERAL), now=TDX_AT)
     assert verdict.codes == {"debug-not-allowed"} and verdict.fields() == {"td_attributes"}
 
 
