@@ -16,7 +16,7 @@ from teelab_guest import vsock_proxy
 from teelab_guest.vsock_proxy import Resolver, system_addresses
 
 from harness.vsock.errors import AllowlistError, ProxyTargetRefused, VsockBackendUnavailable, VsockTimeout
-from harness.vsock.host import VsockListener
+from harness.vsock.host import VsockListener, _check_port
 from harness.vsock.hybrid import listener_path
 from harness.vsock.server import listen_unix
 
@@ -35,6 +35,7 @@ def load_allowlist(path: Path) -> list[tuple[str, int]]:
 def open_listener(port: int, uds: Sequence[Path] = (), backlog: int = 128) -> VsockListener:
     """Guest connections to host (CID 2) ``port`` outside a lab: through each VM hybrid socket in ``uds`` (VMs
     behind a user-space switch), or kernel AF_VSOCK when none is given."""
+    _check_port(port)
     listener = VsockListener(None, port, None, backlog)
     try:
         for vm_socket in uds:

@@ -282,6 +282,19 @@ def test_proxy_refuses_a_port_another_listener_serves(tmp_path: Path) -> None:
     assert (tmp_path / "vm.vsock_8000").exists()  # left to the listener that serves it
 
 
+@pytest.mark.parametrize("port", ["-5", str(2**32)])
+def test_proxy_refuses_a_vsock_port_out_of_range(tmp_path: Path, port: str) -> None:
+    config = tmp_path / "allow.yaml"
+    config.write_text("allowlist:\n- {address: 127.0.0.1, port: 9}\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "vsock", "proxy", "--config", str(config), "--uds",
+         str(tmp_path / "vm.vsock"), "--", port, "127.0.0.1", "9"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert run.returncode == 2 and "E702" in run.stderr
+    assert list(tmp_path.iterdir()) == [config]
+
+
 def test_guest_proxy_refuses_a_bad_allowlist(tmp_path: Path) -> None:
     config = tmp_path / "allow.yaml"
     config.write_text("allowlist:\n- {address: x, port: nope}\n")
