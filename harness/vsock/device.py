@@ -35,6 +35,7 @@ TX_QUEUE = 1
 BATCH = 128  # chains per round before yielding to the loop
 MAX_BACKLOG_PACKETS = 4096  # packets waiting for this VM's rx buffers
 MAX_BACKLOG_BYTES = 32 * 1024 * 1024
+SENDER_SHARE = 4  # one sender (a source CID) may fill at most 1/SENDER_SHARE of the backlog
 _EVENTFD_ONE = (1).to_bytes(8, "little")
 
 
@@ -74,6 +75,8 @@ class VsockDevice:
         self.broken: str | None = None
         self.backlog: deque[list] = deque()  # [header, payload, offset]
         self.backlog_bytes = 0
+        self.sender_packets = Counter[int]()  # backlog entries and bytes by source CID
+        self.sender_bytes = Counter[int]()
         self.sources: deque[RxSource] = deque()
         self._rx_chain: Chain | None = None
         self._flush_scheduled = False
@@ -125,6 +128,8 @@ class VsockDevice:
         log.debug("%s: reset (%s)", self.name, why)
         self.backlog.clear()
         self.backlog_bytes = 0
+        self.sender_packets.clear()
+        self.sender_bytes.clear()
         self.sources.clear()
         self._rx_chain = None
         for hook in list(self.on_reset):
@@ -211,13 +216,22 @@ class VsockDevice:
 
     # -- rx: switch -> guest --------------------------------------------------------------------
     def enqueue(self, hdr: Header, payload: bytes | memoryview = b"") -> bool:
-        """Queue a packet for this VM (payload is copied); False when the backlog is full (dropped). Data
-        right behind data of the same flow joins it, so many small writes take bytes, not packet slots."""
+        """Queue a packet for this VM (payload is copied); False when the backlog, or this sender's share
+        of it, is full (dropped). Data right behind data of the same flow joins it, so many small writes
+        take bytes, not packet slots."""
         size = len(payload)
         last = self.backlog[-1] if self.backlog else None
         joins = last is not None and _joins(last, hdr, size)
-        full = len(self.backlog) >= MAX_BACKLOG_PACKETS and not joins
-        if full or self.backlog_bytes + size > MAX_BACKLOG_BYTES:
+        sender = hdr.src_cid
+        full = not joins and (
+            len(self.backlog) >= MAX_BACKLOG_PACKETS
+            or self.sender_packets[sender] >= MAX_BACKLOG_PACKETS // SENDER_SHARE
+        )
+        if (
+            full
+            or self.backlog_bytes + size > MAX_BACKLOG_BYTES
+            or self.sender_bytes[sender] + size > MAX_BACKLOG_BYTES // SENDER_SHARE
+        ):
             self.fault("rx_backlog_full", f"{hdr.describe()} to a VM that posts no rx buffers")
             return False
         if joins:
@@ -225,7 +239,9 @@ class VsockDevice:
             last[1] += payload
         else:
             self.backlog.append([hdr, bytearray(payload) if size else b"", 0])
+            self.sender_packets[sender] += 1
         self.backlog_bytes += size
+        self.sender_bytes[sender] += size
         self.schedule_flush()
         return True
 
@@ -317,11 +333,12 @@ class VsockDevice:
                 entry = self.backlog[0]
                 hdr, payload, offset = entry
                 written, new_offset = _write_packet(chain, hdr, payload, offset)
-                if new_offset >= len(payload):
+                done = new_offset >= len(payload)
+                if done:
                     self.backlog.popleft()
                 else:
                     entry[2] = new_offset
-                self.backlog_bytes -= new_offset - offset
+                self._dequeued(hdr.src_cid, int(done), new_offset - offset)
             else:
                 source = self.sources[0]
                 written = source.fill(self, chain)
@@ -337,6 +354,14 @@ class VsockDevice:
             self._signal(RX_QUEUE)
         if not budget:
             self.schedule_flush()
+
+    def _dequeued(self, sender: int, packets: int, nbytes: int) -> None:
+        self.backlog_bytes -= nbytes
+        self.sender_packets[sender] -= packets
+        self.sender_bytes[sender] -= nbytes
+        if not self.sender_packets[sender]:  # forget senders with nothing queued: the counters stay small
+            del self.sender_packets[sender]
+            self.sender_bytes.pop(sender, None)
 
 
 def _joins(entry: list, hdr: Header, size: int) -> bool:

@@ -2,9 +2,11 @@
 
 CIDs are scoped per group: every parent can be CID 3 to its own enclaves. A VM reaches only the VMs of its
 group and the host. Packets between siblings are forwarded as they are, but the switch keeps a flow table:
-it checks that data never exceeds the receiver's advertised credit (capped at ``SIBLING_BUF_CAP``, which is
-also what the sender is told), so a hostile VM cannot make the switch buffer without bound; a violation
-resets only that flow. A VM that breaks or goes away takes its flows and host connections with it.
+it checks that data never exceeds the credit the receiver has granted (its advertised window, capped at
+``SIBLING_BUF_CAP``, which is also what the sender is told; a window the receiver shrinks later does not take
+back credit already granted, so an honest sender is never blamed for it), so a hostile VM cannot make the
+switch buffer without bound; a violation resets only that flow. Flows count against the quota of the VM
+that opened them only. A VM that breaks or goes away takes its flows and host connections with it.
 """
 
 from __future__ import annotations
@@ -46,6 +48,19 @@ class FlowEnd:
     buf_alloc: int = 0
     fwd_cnt: int = 0
     tx_cnt: int = 0
+    credit_end: int = 0  # the sender's tx_cnt may reach this (mod 2**32): the highest credit granted
+
+    def grant(self, sender: FlowEnd) -> None:
+        """Move the credit end forward to what this end's latest fwd_cnt and (capped) buf_alloc grant; it
+        never moves back, and never runs more than a capped window past what ``sender`` has sent."""
+        end = (self.fwd_cnt + min(self.buf_alloc, SIBLING_BUF_CAP)) & U32
+        if 0 < (end - self.credit_end) & U32 < 1 << 31 and (end - sender.tx_cnt) & U32 <= SIBLING_BUF_CAP:
+            self.credit_end = end
+
+    def credit(self, sender: FlowEnd) -> int:
+        """Bytes ``sender`` may still send to this end."""
+        left = (self.credit_end - sender.tx_cnt) & U32
+        return left if left <= SIBLING_BUF_CAP else 0
 
 
 @dataclass
@@ -74,18 +89,17 @@ class Group:
     name: str
     vms: dict[int, VsockDevice] = field(default_factory=dict)
     flows: dict[FlowKey, Flow] = field(default_factory=dict)
-    flow_counts: Counter[int] = field(default_factory=Counter)  # keys in ``flows`` by their source CID
+    flow_counts: Counter[int] = field(default_factory=Counter)  # flows by the CID that opened them
 
     def add_flow(self, key: FlowKey, flow: Flow) -> None:
-        for k in (key, _reverse(key)):
-            if k not in self.flows:
-                self.flow_counts[k[0]] += 1
-            self.flows[k] = flow
+        self.flows[key] = self.flows[_reverse(key)] = flow
+        self.flow_counts[flow.initiator.cid] += 1
 
     def drop_flow(self, key: FlowKey) -> None:
-        for k in (key, _reverse(key)):
-            if self.flows.pop(k, None) is not None:
-                self.flow_counts[k[0]] -= 1
+        flow = self.flows.pop(key, None)
+        self.flows.pop(_reverse(key), None)
+        if flow is not None:
+            self.flow_counts[flow.initiator.cid] -= 1
 
 
 class Switch:
@@ -183,12 +197,12 @@ class Switch:
         sender, receiver = flow.ends(hdr.src_cid, hdr.src_port)
         sender.buf_alloc = hdr.buf_alloc
         sender.fwd_cnt = hdr.fwd_cnt
+        sender.grant(receiver)  # as a receiver, the sender of this packet may grant its peer more credit
         if op == OP_RW:
-            window = min(receiver.buf_alloc, SIBLING_BUF_CAP)
-            in_flight = (sender.tx_cnt - receiver.fwd_cnt) & U32
-            if not flow.established or hdr.len > window - in_flight:
+            credit = receiver.credit(sender)
+            if not flow.established or hdr.len > credit:
                 reason = "credit_violation" if flow.established else "rw_not_established"
-                vm.fault(reason, f"{hdr.describe()} with {max(0, window - in_flight)} bytes of credit")
+                vm.fault(reason, f"{hdr.describe()} with {credit} bytes of credit")
                 self._reset_flow(grp, key, vm, peer)
                 return
             sender.tx_cnt = (sender.tx_cnt + hdr.len) & U32

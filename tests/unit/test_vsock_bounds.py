@@ -16,12 +16,14 @@ from pathlib import Path
 import pytest
 
 from harness.aio import EventLoopThread
+from harness.vsock import device as device_module
 from harness.vsock import hybrid
+from harness.vsock import switch as switch_module
 from harness.vsock import vhost_user as vu
 from harness.vsock.device import TX_QUEUE, VsockDevice
-from harness.vsock.fake_guest import FakeFront, FakeGuest
+from harness.vsock.fake_guest import FakeFront, FakeGuest, GuestConn
 from harness.vsock.hybrid import listener_path
-from harness.vsock.packet import HEADER, OP_REQUEST, TYPE_STREAM, Header
+from harness.vsock.packet import HEADER, OP_CREDIT_UPDATE, OP_REQUEST, TYPE_STREAM, Header
 from harness.vsock.server import SwitchServer, VmEndpoint
 from harness.vsock.switch import Switch
 
@@ -255,3 +257,66 @@ def test_the_switch_raises_its_descriptor_limit() -> None:
         assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _established(direct: Direct, src: FakeGuest, dst: FakeGuest, port: int) -> tuple[GuestConn, GuestConn]:
+    dst.listen(port)
+    conn = src.connect(dst.cid, port)
+    direct.settle()
+    assert conn.state == "established"
+    return conn, dst.find(src.cid, conn.local_port)  # type: ignore[return-value]
+
+
+def test_sibling_flows_count_against_the_vm_that_opened_them(
+    direct: Direct, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sibling's REQUEST flood uses up its own flow quota, not its target's: the target can still open
+    flows of its own."""
+    monkeypatch.setattr(switch_module, "MAX_FLOWS_PER_VM", 4)
+    hostile, hostile_dev = direct.add(5)
+    victim, _ = direct.add(6)
+    third, _ = direct.add(7)
+    victim.listen(100)
+    flood = [hostile.connect(6, 100) for _ in range(6)]
+    direct.settle()
+    assert [c.state for c in flood].count("established") == 4 and hostile_dev.drops["too_many_flows"] == 2
+    own, _ = _established(direct, victim, third, 200)
+    assert own.state == "established" and not own.reset
+
+
+def test_a_sender_fills_only_its_share_of_a_receivers_backlog(
+    direct: Direct, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hostile sibling that fills an honest receiver's backlog (the receiver is slow to post rx buffers)
+    takes only its own share: a third VM's flow to the same receiver keeps its data and is not reset."""
+    monkeypatch.setattr(device_module, "MAX_BACKLOG_BYTES", 256 * 1024)
+    hostile, _ = direct.add(5, max_payload=1024)  # small packets fill the backlog to the brim
+    receiver, receiver_dev = direct.add(6)
+    third, _ = direct.add(7)
+    floods = [_established(direct, hostile, receiver, 100 + i)[0] for i in range(4)]
+    honest, honest_peer = _established(direct, third, receiver, 300)
+    direct.guests.remove(receiver)  # the receiver stops reading: its rx ring fills, then its backlog
+    for conn in floods:
+        hostile.write(conn, bytes(200 * 1024))
+    direct.settle(50)
+    assert receiver_dev.drops["rx_backlog_full"] >= 1  # the hostile sender hit its share
+    third.write(honest, b"still here" * 1000)
+    direct.settle(20)
+    assert not honest.reset
+    direct.guests.append(receiver)
+    direct.settle(50)
+    assert bytes(honest_peer.received) == b"still here" * 1000 and not honest_peer.reset
+
+
+def test_a_receiver_that_shrinks_its_window_cannot_get_its_sender_blamed(direct: Direct) -> None:
+    """Credit once granted stays granted: data sent within it after the receiver shrinks its window is
+    no violation, so the honest sender's flow is not reset and nothing is counted against it."""
+    sender, sender_dev = direct.add(5)
+    receiver, receiver_dev = direct.add(6)
+    conn, peer = _established(direct, sender, receiver, 100)
+    receiver.buf_alloc = 0  # "I have no room": sent before the sender saw it
+    receiver.send_control(receiver._hdr(peer, OP_CREDIT_UPDATE))
+    sender.write(conn, bytes(64 * 1024))  # within the credit granted before
+    direct.settle()
+    assert not conn.reset and not peer.reset
+    assert "credit_violation" not in sender_dev.drops and "credit_violation" not in receiver_dev.drops
