@@ -35,10 +35,10 @@ class Listen:
     max_body: int = DEFAULT_MAX_BODY
 
 
-def default_verifier(lab_dir: Path | None = None) -> Verifier:
+def default_verifier(lab_dir: Path | None = None, tdx_collateral: Path | None = None) -> Verifier:
     from harness.kms.attested import AttestVerifier
 
-    return AttestVerifier(lab_dir)
+    return AttestVerifier(lab_dir, tdx_collateral)
 
 
 def policy_text(policy: str | dict[str, Any] | None) -> str | None:
@@ -56,12 +56,14 @@ class KmsServer:
         verifier: Verifier | None = None,
         config: ServiceConfig | None = None,
         lab_dir: Path | None = None,
+        tdx_collateral: Path | None = None,
     ) -> None:
         self.kms_dir = kms_dir
         self.listen = listen or Listen()
+        verifier = verifier or default_verifier(lab_dir, tdx_collateral)  # a bad collateral cache: no store
         self.store = Store.open(kms_dir)
         self.store.purge_deleted()
-        self.service = KmsService(self.store, verifier or default_verifier(lab_dir), config)
+        self.service = KmsService(self.store, verifier, config)
         self.http = KmsHttp(self.service, max_body=self.listen.max_body)
         self._loop: EventLoopThread | None = None
         self._runner: web.AppRunner | None = None
@@ -160,6 +162,7 @@ def serve_forever(
     listen: Listen,
     *,
     lab_dir: Path | None = None,
+    tdx_collateral: Path | None = None,
     ready: Any = None,
     profile: Path | None = None,
 ) -> None:
@@ -168,7 +171,7 @@ def serve_forever(
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    server = KmsServer.start(kms_dir, listen, lab_dir=lab_dir)
+    server = KmsServer.start(kms_dir, listen, lab_dir=lab_dir, tdx_collateral=tdx_collateral)
     profiler = None
     if profile is not None and server._loop is not None:
         import cProfile
