@@ -90,6 +90,10 @@ class _Connection(http.client.HTTPConnection):
     def connect(self) -> None:
         sock = self._connect()
         sock.settimeout(self.timeout)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # http.client writes a request's head and body apart; with Nagle the body would wait for the
+            # server's delayed ACK of the head (40 ms on Linux) on a kept connection.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._tls is not None:
             try:
                 sock = self._tls.wrap_socket(sock, server_hostname=self.host.split(":")[0])
