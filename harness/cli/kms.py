@@ -31,6 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--lab-ca", type=Path, help="lab CA directory (its root counts only where a policy names it)"
     )
+    serve.add_argument(
+        "--tdx-collateral",
+        type=Path,
+        help="Intel PCS collateral for TDX quotes: a JSON file (one object or a list) or a directory of them",
+    )
     serve.set_defaults(func=run_serve)
 
     create = cmds.add_parser("create-key", help="create a key with a key policy")
@@ -167,7 +172,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from harness.kms.runner import Listen, serve_forever
 
     listen = Listen(args.host, args.port, args.unix, args.tls, args.max_body)
-    serve_forever(_kms_dir(args), listen, lab_dir=args.lab_ca)
+    serve_forever(_kms_dir(args), listen, lab_dir=args.lab_ca, tdx_collateral=args.tdx_collateral)
     return 0
 
 

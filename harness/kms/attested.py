@@ -6,10 +6,13 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.kms.errors import EvidenceMalformed
 from harness.kms.recipient import Attested, Recipient, base_conditions, refuse
+
+if TYPE_CHECKING:
+    from harness.attest.collateral_cache import CollateralCache
 
 # Reasons that say the bytes are not evidence at all (ValidationException) rather than evidence that fails.
 _MALFORMED = {"malformed", "truncated", "unsupported", "unknown-format"}
@@ -18,17 +21,28 @@ log = logging.getLogger("teelab.kms")
 
 
 class AttestVerifier:
-    """Verifies Recipient evidence with harness.attest; ``lab_dir``: the lab CA that policies may name."""
+    """Verifies Recipient evidence with harness.attest; ``lab_dir``: the lab CA that policies may name;
+    ``tdx_collateral``: a file or directory of Intel PCS collateral for TDX quotes (read now: E805/E830 if
+    it is unusable). Without collateral for its platform a vendor TDX quote is refused (collateral-missing);
+    a lab quote gets the lab CA's collateral where the key policy names the lab root."""
 
-    def __init__(self, lab_dir: Path | None = None) -> None:
+    def __init__(self, lab_dir: Path | None = None, tdx_collateral: Path | None = None) -> None:
+        from harness.attest.collateral_cache import CollateralCache
+
         self.lab_dir = lab_dir
+        self.collateral = None if tdx_collateral is None else CollateralCache.load(tdx_collateral)
 
     def __call__(self, recipient: Recipient, roots: frozenset[str], now: float) -> Attested:
-        return verify_recipient(recipient, roots, now, lab_dir=self.lab_dir)
+        return verify_recipient(recipient, roots, now, lab_dir=self.lab_dir, collateral=self.collateral)
 
 
 def verify_recipient(
-    recipient: Recipient, roots: frozenset[str], now: float, *, lab_dir: Path | None = None
+    recipient: Recipient,
+    roots: frozenset[str],
+    now: float,
+    *,
+    lab_dir: Path | None = None,
+    collateral: CollateralCache | None = None,
 ) -> Attested:
     """Attested facts of ``recipient``'s evidence, or EvidenceRefused / EvidenceMalformed."""
     from harness import attest
@@ -56,6 +70,7 @@ def verify_recipient(
             policy,
             now=dt.datetime.fromtimestamp(now, dt.UTC),
             certificates=recipient.certificates,
+            collateral=collateral.for_quote(recipient.evidence) if collateral and kind == "tdx" else None,
         )
     except Exception as exc:  # attacker-controlled bytes at a trust boundary: never a 5xx
         # the verifier promises Reasons, not exceptions; if one slips through it is still the evidence's fault

@@ -4,10 +4,13 @@ reports and TDX quotes; PCR and measurement conditions, debug, lab roots, replay
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import logging
 import os
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import boto3
 import pytest
@@ -18,6 +21,9 @@ from teelab_guest.kms_client import KmsCallError, KmsClient, RecipientKey, Trans
 
 from harness.attest import LabAuthority
 from harness.kms import KmsServer
+from harness.kms.attested import AttestVerifier
+from harness.kms.errors import EvidenceRefused
+from harness.kms.recipient import Recipient
 
 PCR0 = bytes.fromhex("5a" * 48)
 OTHER_PCR0 = bytes.fromhex("6b" * 48)
@@ -367,3 +373,46 @@ def test_a_nonce_is_accepted_once_even_when_sent_concurrently(
         outcomes = list(pool.map(attempt, range(32)))
     assert outcomes.count("released") == 1
     assert set(outcomes) == {"released", "AccessDeniedException"}
+
+
+TDX_VECTORS = Path(__file__).parents[1] / "vectors" / "tdx"
+IN_COLLATERAL_WINDOW = dt.datetime(2025, 6, 20, tzinfo=dt.UTC).timestamp()
+
+
+def test_a_vendor_tdx_quote_is_checked_against_the_configured_collateral(recipient: RecipientKey) -> None:
+    given = Recipient((TDX_VECTORS / "quote.bin").read_bytes(), recipient.public_key_der, b"nonce")
+    with pytest.raises(EvidenceRefused) as without:
+        AttestVerifier()(given, frozenset(), IN_COLLATERAL_WINDOW)
+    assert "collateral-missing" in without.value.message
+    cached = AttestVerifier(tdx_collateral=TDX_VECTORS / "collateral.json")
+    with pytest.raises(EvidenceRefused) as checked:  # the vendor quote binds no recipient key of ours
+        cached(given, frozenset(), IN_COLLATERAL_WINDOW)
+    assert "binding-mismatch" in checked.value.message
+    assert "collateral" not in checked.value.message and "tcb" not in checked.value.message
+
+
+def test_a_lab_quote_gets_the_lab_collateral_only_where_the_key_policy_names_the_lab(
+    lab: LabAuthority, recipient: RecipientKey
+) -> None:
+    nonce = os.urandom(32)
+    quote = lab.tdx_quote(report_data(nonce, recipient.public_key_der), mrtd=bytes(48))
+    given = Recipient(quote, recipient.public_key_der, nonce)
+    verifier = AttestVerifier(lab.directory)
+    with pytest.raises(EvidenceRefused) as vendor_only:
+        verifier(given, frozenset(), time.time())
+    assert "collateral-missing" in vendor_only.value.message
+    assert verifier(given, frozenset({"lab"}), time.time()).root == "lab"
+
+
+@pytest.mark.parametrize("content", [None, "{}", '[{"tcb_info": 1}]'])
+def test_kms_serve_refuses_an_unusable_collateral_cache_before_making_its_store(
+    run: Callable[..., tuple[int, str, str]], tmp_path: Path, content: str | None
+) -> None:
+    cache = tmp_path / "collateral.json"
+    if content is not None:
+        cache.write_text(content)
+    kms_dir = tmp_path / "kms"
+    argv = ["kms", "--kms-dir", str(kms_dir), "serve", "--port", "0", "--tdx-collateral", str(cache)]
+    status, _, err = run(*argv)
+    assert status == 2 and ("E830" if content is None else "E805") in err
+    assert "Traceback" not in err and not kms_dir.exists()
