@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -48,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return err.exit_status
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader of our output (``| head``) went away: not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -7,22 +7,17 @@ import argparse
 import base64
 import contextlib
 import json
-import os
-import statistics
 import time
 from pathlib import Path
 
 from rich.markup import escape
 from rich.table import Table
-from teelab_guest import nsm_wire
 
-from harness.bench.result import Bar, BenchResult
+from harness.bench.enclave import bench_eif, bench_enclave, bench_nsm
 from harness.cli.arguments import positive_int, seconds
-from harness.cli.render import console, print_bench, print_json
+from harness.cli.render import console, print_json, report
 from harness.enclave import EifImage, build_eif, describe_image, read_eif
 from harness.enclave.errors import EifInputInvalid
-from harness.enclave.nsm import SecurityModule
-from harness.host import runtime
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -258,12 +253,6 @@ def _verdict(ok: bool, detail: str) -> str:
     return f"[green]ok[/] ({detail})" if ok else f"[red]FAILED[/] ({detail})"
 
 
-# ------------------------------------------------------------------------------------------------ benchmarks
-EIF_DESCRIBE_BAR_S = 1.0  # describe (read, CRC, PCRs) of an image with a 40 MiB ramdisk, 2-vCPU host
-NSM_ATTESTATION_BAR_MS = 20.0  # one Attestation request signed by the lab CA
-ENCLAVE_FIRST_DOCUMENT_BAR_S = 6.0  # boot_enclave -> /app/run's document on the console, TCG, 2 vCPUs
-
-
 def register_bench(kinds: argparse._SubParsersAction) -> None:
     """``teelab bench eif`` and ``teelab bench nsm``."""
     eif = kinds.add_parser("eif", help="seconds to build and to describe (read, CRC, PCRs) an enclave image")
@@ -289,106 +278,10 @@ def register_bench(kinds: argparse._SubParsersAction) -> None:
     enclave.set_defaults(func=run_bench_enclave)
 
 
-def bench_eif(ramdisk_mib: int, runs: int) -> BenchResult:
-    """Samples: seconds to describe the image; extra: build seconds and describe throughput."""
-    result = BenchResult(
-        "eif", "s", {"ramdisk_mib": ramdisk_mib, "runs": runs, "kernel_mib": 8, "bootstrap_mib": 2}
-    )
-    if ramdisk_mib >= 40:
-        result.bars.append(Bar("median", "<=", EIF_DESCRIBE_BAR_S))
-    builds = []
-    with runtime.scratch_dir("bench-eif") as tmp:
-        root = Path(tmp)
-        for name, mib in (("bzImage", 8), ("init.cpio", 2), ("app.cpio", ramdisk_mib)):
-            with open(root / name, "wb") as out:
-                for _ in range(mib):
-                    out.write(os.urandom(1 << 20))
-        for _ in range(runs):
-            start = time.perf_counter()
-            image = build_eif(
-                root / "app.eif",
-                kernel=root / "bzImage",
-                cmdline="console=ttyS0",
-                ramdisks=[root / "init.cpio", root / "app.cpio"],
-            )
-            builds.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            read_eif(root / "app.eif")
-            result.samples.append(time.perf_counter() - start)
-        size_mib = image.size / (1 << 20)
-    result.extra["image_mib"] = round(size_mib, 1)
-    result.extra["build_median_s"] = round(statistics.median(builds), 3)
-    result.extra["describe_mib_per_s"] = round(size_mib / statistics.median(result.samples))
-    return result
-
-
-def bench_nsm(requests: int) -> BenchResult:
-    """Samples: milliseconds per Attestation request (lab CA signature included); extra: ExtendPCR and
-    DescribePCR microseconds."""
-    from harness.attest import LabAuthority
-
-    result = BenchResult(
-        "nsm", "ms", {"requests": requests}, bars=[Bar("median", "<=", NSM_ATTESTATION_BAR_MS)]
-    )
-    with runtime.scratch_dir("bench-nsm") as tmp:
-        authority = LabAuthority.load_or_create(Path(tmp) / "lab-ca")
-        module = SecurityModule(
-            {0: bytes(48)}, debug=False, issue_document=authority.attestation_document, module_id="bench"
-        )
-        attestation = nsm_wire.attestation(nonce=os.urandom(32), public_key=os.urandom(300))
-        for kind, request, sink in (
-            ("extend", nsm_wire.extend_pcr(16, b"x" * 64), []),
-            ("describe", nsm_wire.describe_pcr(0), []),
-            ("attestation", attestation, result.samples),
-        ):
-            for _ in range(requests):
-                start = time.perf_counter()
-                response = module.handle(request)
-                sink.append((time.perf_counter() - start) * (1e3 if kind == "attestation" else 1e6))
-            nsm_wire.decode_response(response)  # raises if the last answer was an error
-            if kind != "attestation":
-                result.extra[f"{kind}_pcr_median_us"] = round(statistics.median(sink), 1)
-    return result
-
-
-def bench_enclave(runs: int) -> BenchResult:
-    """Samples: seconds from ``Lab.boot_enclave`` of the hello image to its boot-time attestation document;
-    extra: the plan (read, copy into memfds, measure), boot-to-readiness and app medians."""
-    from harness.enclave.recipes import build_enclave_image
-    from harness.enclave.run import plan_enclave, wait_for_app
-    from harness.lab import Lab
-
-    built = build_enclave_image("hello")
-    with Lab() as lab:
-        result = BenchResult(
-            "enclave",
-            "s",
-            {"image": "hello", "runs": runs, "accel": lab.host.accel, "eif_bytes": built.eif_bytes},
-        )
-        if lab.host.accel == "tcg":
-            result.bars.append(Bar("median", "<=", ENCLAVE_FIRST_DOCUMENT_BAR_S))
-        plans, boots, apps = [], [], []
-        for index in range(runs):
-            start = time.perf_counter()
-            with plan_enclave(built.path, host=lab.host):
-                plans.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            boot = lab.boot_enclave(built.path, agent=False, name=f"bench-enclave-{index}")
-            ready = time.perf_counter()
-            wait_for_app(boot.machine)
-            result.samples.append(time.perf_counter() - start)
-            boots.append(boot.seconds)
-            apps.append(time.perf_counter() - ready)
-            lab.stop(boot.machine)
-    for name, values in (("plan", plans), ("boot", boots), ("app", apps)):
-        result.extra[f"{name}_median_s"] = round(statistics.median(values), 3)
-    return result
-
-
 def run_bench_enclave(args: argparse.Namespace) -> int:
     with console.status("booting enclaves", spinner="dots") if not args.json else contextlib.nullcontext():
         result = bench_enclave(args.runs)
-    return _report(result, args.json)
+    return report(result, args.json)
 
 
 def run_bench_eif(args: argparse.Namespace) -> int:
@@ -398,7 +291,7 @@ def run_bench_eif(args: argparse.Namespace) -> int:
         else contextlib.nullcontext()
     ):
         result = bench_eif(args.ramdisk_mib, args.runs)
-    return _report(result, args.json)
+    return report(result, args.json)
 
 
 def run_bench_nsm(args: argparse.Namespace) -> int:
@@ -408,12 +301,4 @@ def run_bench_nsm(args: argparse.Namespace) -> int:
         else contextlib.nullcontext()
     ):
         result = bench_nsm(args.requests)
-    return _report(result, args.json)
-
-
-def _report(result: BenchResult, as_json: bool) -> int:
-    if as_json:
-        print_json(result.to_dict())
-    else:
-        print_bench(result)
-    return 0 if result.ok else 1
+    return report(result, args.json)

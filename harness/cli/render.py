@@ -17,6 +17,17 @@ def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=False, default=str))
 
 
+def report(results: BenchResult | list[BenchResult], as_json: bool) -> int:
+    """Print one benchmark's result (or several) as JSON or tables; the exit status: 0 if every bar holds."""
+    many = results if isinstance(results, list) else [results]
+    if as_json:
+        print_json([r.to_dict() for r in many] if isinstance(results, list) else many[0].to_dict())
+    else:
+        for result in many:
+            print_bench(result)
+    return 0 if all(r.ok for r in many) else 1
+
+
 def print_bench(result: BenchResult) -> None:
     """A benchmark's figures and bars as a table."""
     table = Table(title=f"bench {result.name} ({', '.join(f'{k}={v}' for k, v in result.params.items())})")
