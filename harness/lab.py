@@ -20,7 +20,8 @@ from harness.agent import AGENT_CHANNEL, GuestAgent, agent_port
 from harness.enclave.run import DEFAULT_PARENT_ROLE, plan_enclave
 from harness.host.model import HostInfo
 from harness.host.probe import probe
-from harness.qemu.machine import Machine, MachineError
+from harness.qemu.errors import MachineError
+from harness.qemu.machine import Machine
 from harness.qemu.spec import ChardevChannel, Device, MemoryBackend, MemoryBackendMemfd, VMSpec
 from harness.tee.backends import TeeAttachment, choose_backend
 from harness.tee.measure import SnpMeasurement, TdxMeasurement

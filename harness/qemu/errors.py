@@ -1,4 +1,5 @@
-"""Coded errors of VM specs (E3xx): raised by ``VMSpec.validate`` before any QEMU process starts."""
+"""Coded errors of the QEMU layer: VM specs (E3xx), raised by ``VMSpec.validate`` before any QEMU process
+starts, and QEMU processes (E4xx), raised by ``Machine`` while it drives one."""
 
 from __future__ import annotations
 
@@ -112,3 +113,43 @@ class OptionInvalid(SpecError):
     code = "E315"
     title = "bad option value"
     explanation = "An id, name, CID or other option of an object, chardev or device is invalid."
+
+
+# -- QEMU processes (E4xx) ---------------------------------------------------------------------------------
+class MachineError(LabError):
+    code = "E400"
+    title = "QEMU machine error"
+    explanation = "Something went wrong while driving a QEMU process; the artifact folder has its logs."
+
+
+class LaunchError(MachineError):
+    code = "E401"
+    title = "QEMU failed to start"
+    explanation = (
+        "QEMU exited or did not answer on QMP during launch. The error carries the command line and QEMU's "
+        "stderr; run.sh in the artifact folder reproduces the launch by hand."
+    )
+
+
+class UnexpectedExit(MachineError):
+    code = "E402"
+    title = "QEMU exited unexpectedly"
+    explanation = "The QEMU process ended while the harness was still using it (a guest crash, a kill, OOM)."
+
+
+class ConsoleTimeout(MachineError):
+    code = "E403"
+    title = "console pattern not seen in time"
+    explanation = "The guest did not print the expected console line before the timeout; see console.log."
+
+
+class QMPCommandError(MachineError):
+    code = "E404"
+    title = "QMP command failed"
+    explanation = "QEMU refused a QMP command or the QMP connection broke; the error keeps what was sent."
+
+
+class MachineStateError(MachineError):
+    code = "E405"
+    title = "machine not in the right state"
+    explanation = "A call needs a running machine (or one not launched yet)."

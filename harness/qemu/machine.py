@@ -33,50 +33,19 @@ from harness.aio import EventLoopThread, die_with_parent, shared_loop
 from harness.errors import LabError
 from harness.host.model import HostInfo
 from harness.qemu.argv import build_argv
+from harness.qemu.errors import (
+    ConsoleTimeout,
+    LaunchError,
+    MachineError,
+    MachineStateError,
+    QMPCommandError,
+    UnexpectedExit,
+)
 from harness.qemu.spec import ChardevChannel, ChardevSocket, ChardevStdio, VMSpec, refuse_duplicate_ids
 
 log = logging.getLogger(__name__)
 
 QMP_ID, CONSOLE_ID = "qmp", "console"  # the chardevs every machine adds; a spec's own must not reuse them
-
-
-class MachineError(LabError):
-    code = "E400"
-    title = "QEMU machine error"
-    explanation = "Something went wrong while driving a QEMU process; the artifact folder has its logs."
-
-
-class LaunchError(MachineError):
-    code = "E401"
-    title = "QEMU failed to start"
-    explanation = (
-        "QEMU exited or did not answer on QMP during launch. The error carries the command line and QEMU's "
-        "stderr; run.sh in the artifact folder reproduces the launch by hand."
-    )
-
-
-class UnexpectedExit(MachineError):
-    code = "E402"
-    title = "QEMU exited unexpectedly"
-    explanation = "The QEMU process ended while the harness was still using it (a guest crash, a kill, OOM)."
-
-
-class ConsoleTimeout(MachineError):
-    code = "E403"
-    title = "console pattern not seen in time"
-    explanation = "The guest did not print the expected console line before the timeout; see console.log."
-
-
-class QMPCommandError(MachineError):
-    code = "E404"
-    title = "QMP command failed"
-    explanation = "QEMU refused a QMP command or the QMP connection broke; the error keeps what was sent."
-
-
-class MachineStateError(MachineError):
-    code = "E405"
-    title = "machine not in the right state"
-    explanation = "A call needs a running machine (or one not launched yet)."
 
 
 @dataclass(frozen=True)

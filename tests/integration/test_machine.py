@@ -16,15 +16,8 @@ import pytest
 from processes import alive, qemu_pids
 
 from harness.lab import READY_PATTERN, Lab
-from harness.qemu.machine import (
-    KEEP_RUNS,
-    ConsoleTimeout,
-    LaunchError,
-    Machine,
-    MachineStateError,
-    UnexpectedExit,
-    _new_artifact_dir,
-)
+from harness.qemu.errors import ConsoleTimeout, LaunchError, MachineStateError, UnexpectedExit
+from harness.qemu.machine import KEEP_RUNS, Machine, _new_artifact_dir
 from harness.qemu.spec import VMSpec
 
 pytestmark = pytest.mark.vm
