@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from harness import errors
 from harness.cli import main
-from harness.cli.explain import _load_all_error_codes
+
+HARNESS = Path(__file__).resolve().parents[2] / "harness"
+
+
+def test_explain_knows_every_code_defined_in_the_source() -> None:
+    """`teelab explain` imports the error modules by name: a module with codes it forgets is caught here."""
+    defined = {
+        code
+        for path in HARNESS.rglob("*.py")
+        for code in re.findall(r'^\s+code = "(E\d+)"', path.read_text(), re.M)
+    }
+    listed = subprocess.run(
+        [sys.executable, "-c", "from harness.cli import explain, main; main(['explain'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert defined - set(re.findall(r"^(E\d+) ", listed, re.M)) == set()
 
 
 def test_every_code_is_unique_and_explained() -> None:
-    _load_all_error_codes()
     assert len(errors.REGISTRY) > 10
     for code, cls in errors.REGISTRY.items():
         assert code == cls.code and code[0] == "E" and code[1:].isdigit()
