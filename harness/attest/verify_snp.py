@@ -146,7 +146,8 @@ def verify_snp(
         candidates = [c for c in supplied if c.amd is not None and c.amd.signing_key == signer]
         if lab is not None and signer == "vcek":
             lab_vcek = lab.vcek(report.reported_tcb)
-            if lab_vcek is not None:
+            # only for the lab's chip: another chip's report is not the lab's to endorse (nor to fail)
+            if lab_vcek is not None and lab_vcek.amd is not None and lab_vcek.amd.hwid == report.chip_id:
                 candidates.append(lab_vcek)
         endorsement = _endorsement(candidates, report)
         if endorsement is None:
