@@ -23,8 +23,8 @@ from harness.host.probe import probe
 from harness.qemu.errors import MachineError
 from harness.qemu.machine import Machine
 from harness.qemu.spec import ChardevChannel, Device, MemoryBackend, MemoryBackendMemfd, VMSpec
-from harness.tee.backends import TeeAttachment, choose_backend
 from harness.tee.measure import SnpMeasurement, TdxMeasurement
+from harness.tee.platforms import TeeAttachment, choose_backend
 from harness.vsock import VsockAttachment, VsockHost, VsockProxy
 
 READY_PATTERN = re.compile(protocol.READY_REGEX)

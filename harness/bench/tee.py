@@ -13,15 +13,15 @@ from teelab_guest import tee_wire
 
 from harness.aio import shared_loop
 from harness.bench.result import Bar, BenchResult
-from harness.tee.backends import (
+from harness.tee.measure import LaunchInputs, measure_snp, measure_tdx
+from harness.tee.platforms import (
     EmulatedSnpBackend,
     EmulatedTdxBackend,
     lab_authority,
     lab_snp_issuer,
     lab_tdx_issuer,
 )
-from harness.tee.device import DeviceService, RateLimit, SecurityProcessor
-from harness.tee.measure import LaunchInputs, measure_snp, measure_tdx
+from harness.tee.processor import DeviceService, RateLimit, SecurityProcessor
 
 # Bars on a 2-vCPU TCG host: one request through the service (sign included), and get_evidence in a guest.
 SERVICE_BAR_MS = 2.0

@@ -10,7 +10,7 @@ from harness.bench.tee import bench_guest, bench_service
 from harness.cli.arguments import positive_int
 from harness.cli.render import console, print_json, report
 from harness.host.probe import probe
-from harness.tee.backends import choose_backend, real_tee_missing
+from harness.tee.platforms import choose_backend, real_tee_missing
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -24,7 +24,7 @@ from harness.enclave.pcrs import pcr3_of_parent_role, pcr4_of_parent_instance
 from harness.host.model import HostInfo
 from harness.qemu.machine import Machine
 from harness.qemu.spec import VMSpec
-from harness.tee.backends import TEE_CHANNEL, EmulatedNsmBackend, TeeAttachment, lab_authority
+from harness.tee.platforms import TEE_CHANNEL, EmulatedNsmBackend, TeeAttachment, lab_authority
 
 MIB = 1 << 20
 MIN_MEMORY_MIB = 128

@@ -1,7 +1,9 @@
 """TEE layer: expected launch measurements, what each TEE kind adds to a ``VMSpec`` (real SEV-SNP/TDX or the
 emulated security processor), and the host-side service behind emulated devices."""
 
-from harness.tee.backends import (
+from harness.tee.errors import TeeError
+from harness.tee.measure import LaunchInputs, SnpMeasurement, TdxMeasurement, measure
+from harness.tee.platforms import (
     EmulatedNsmBackend,
     EmulatedSnpBackend,
     EmulatedTdxBackend,
@@ -12,9 +14,7 @@ from harness.tee.backends import (
     backend_for_spec,
     choose_backend,
 )
-from harness.tee.device import DeviceService, SecurityProcessor
-from harness.tee.errors import TeeError
-from harness.tee.measure import LaunchInputs, SnpMeasurement, TdxMeasurement, measure
+from harness.tee.processor import DeviceService, SecurityProcessor
 
 __all__ = [
     "DeviceService",

@@ -18,7 +18,7 @@ from harness.attest import LAB, Policy, parse_snp_report, verify
 from harness.attest.checks import default_lab_dir
 from harness.lab import GuestBoot, Lab
 from harness.qemu.spec import VMSpec
-from harness.tee.backends import EmulatedSnpBackend, EmulatedTdxBackend, TeeAttachment
+from harness.tee.platforms import EmulatedSnpBackend, EmulatedTdxBackend, TeeAttachment
 
 pytestmark = pytest.mark.vm
 

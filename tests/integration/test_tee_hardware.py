@@ -12,8 +12,8 @@ import pytest
 
 from harness.attest import Policy, verify
 from harness.lab import Lab
-from harness.tee.backends import SnpBackend, TdxBackend
 from harness.tee.measure import DEFAULT_GUEST_FEATURES, SnpMeasurement
+from harness.tee.platforms import SnpBackend, TdxBackend
 
 pytestmark = pytest.mark.vm
 

@@ -18,7 +18,14 @@ from harness.attest import LabAuthority
 from harness.cli import main
 from harness.qemu import ChardevSocket, MemoryBackendMemfd, SevSnpGuest, TdxGuest, VMSpec, build_argv
 from harness.qemu.errors import SevSnpUnavailable, TdxUnavailable
-from harness.tee.backends import (
+from harness.tee.errors import (
+    FirmwareCannotMeasureKernel,
+    MeasureInputInvalid,
+    TeeLaunchMismatch,
+    TeeUnavailable,
+)
+from harness.tee.measure import METHOD_LAB, METHOD_SEV_SNP_MEASURE
+from harness.tee.platforms import (
     EmulatedNsmBackend,
     EmulatedSnpBackend,
     EmulatedTdxBackend,
@@ -28,13 +35,6 @@ from harness.tee.backends import (
     choose_backend,
     lab_authority,
 )
-from harness.tee.errors import (
-    FirmwareCannotMeasureKernel,
-    MeasureInputInvalid,
-    TeeLaunchMismatch,
-    TeeUnavailable,
-)
-from harness.tee.measure import METHOD_LAB, METHOD_SEV_SNP_MEASURE
 
 FIXTURES = Path(__file__).resolve().parents[1] / "vectors" / "snp-measure" / "fixtures"
 QMP = ChardevSocket("qmp", fd=3)

@@ -25,10 +25,10 @@ from teelab_guest.tee_wire import MAGIC, MAX_REQUEST_BODY, Request
 from harness.aio import shared_loop
 from harness.attest import LAB, LabAuthority, Policy, parse_snp_report, parse_tdx_quote, verify
 from harness.enclave.nsm import SecurityModule
-from harness.tee.backends import lab_authority, lab_snp_issuer, lab_tdx_issuer
-from harness.tee.device import DeviceService, FrameAssembler, RateLimit, SecurityProcessor
 from harness.tee.errors import DeviceConfigError
 from harness.tee.measure import LaunchInputs, measure_snp, measure_tdx
+from harness.tee.platforms import lab_authority, lab_snp_issuer, lab_tdx_issuer
+from harness.tee.processor import DeviceService, FrameAssembler, RateLimit, SecurityProcessor
 
 HOST_DATA = bytes(range(32))
 
@@ -258,7 +258,7 @@ def test_a_refused_request_keeps_its_id() -> None:
 def test_an_incomplete_frame_times_out_and_the_port_recovers(
     snp_processor: SecurityProcessor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("harness.tee.device.FRAME_TIMEOUT", 0.2)
+    monkeypatch.setattr("harness.tee.processor.FRAME_TIMEOUT", 0.2)
     with served(snp_processor) as (client, _service):
         client.send_raw(MAGIC + struct.pack(">I", 100) + b"only part of it")
         assert client.receive()["error"] == "bad-frame"
@@ -292,7 +292,7 @@ def test_a_guest_that_hangs_up_mid_frame_ends_only_its_own_service(snp_processor
 def test_a_port_is_served_until_its_guest_hangs_up_even_when_the_service_is_dropped() -> None:
     import gc
 
-    from harness.tee import device
+    from harness.tee import processor as device
 
     ours, theirs = socket.socketpair()
     DeviceService(SecurityProcessor("tdx", tdx=lambda *, report_data: b"q"), name="dropped").serve_socket(

@@ -1,4 +1,4 @@
-"""TEE backends: what each kind of confidential guest adds to a ``VMSpec``, real (SEV-SNP, TDX objects) or
+"""TEE platforms: what each kind of confidential guest adds to a ``VMSpec``, real (SEV-SNP, TDX objects) or
 emulated (a virtio-serial port served by the harness's security processor), and the check after launch."""
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from harness.qemu.spec import (
     VirtioSerialPort,
     VMSpec,
 )
-from harness.tee.device import DeviceService, NsmHandler, SecurityProcessor
 from harness.tee.errors import (
     DeviceConfigError,
     FirmwareCannotMeasureKernel,
@@ -43,6 +42,7 @@ from harness.tee.measure import (
     measure_tdx,
     snp_firmware_measures,
 )
+from harness.tee.processor import DeviceService, NsmHandler, SecurityProcessor
 
 Mode = Literal["auto", "real", "emulated"]
 Kind = Literal["snp", "tdx", "nsm"]
