@@ -9,6 +9,7 @@ import binascii
 import dataclasses
 import datetime as dt
 import json
+import os
 import string
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,28 @@ def _at(value: str | None) -> dt.datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
+def write_files(outputs: dict[Path, bytes]) -> None:
+    """Write every file or none: each goes to a temporary file beside it, renamed into place once all are
+    written; on an error the temporary files are removed and E830 names the file."""
+    staged: dict[Path, Path] = {}
+    placed: list[Path] = []
+    try:
+        for path, data in outputs.items():
+            temporary = staged[path] = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            temporary.write_bytes(data)
+        for path, temporary in staged.items():
+            temporary.replace(path)
+            placed.append(path)
+    except OSError as exc:
+        for leftover in (*staged.values(), *placed):
+            leftover.unlink(missing_ok=True)
+        raise EvidenceFileError(
+            f"cannot write {path}: {exc.strerror or exc}",
+            path=str(path),
+            hint="write to an existing directory you may write in",
+        ) from None
+
+
 def _lab_dir(value: Path | None) -> Path:
     return value or default_lab_dir()
 
@@ -262,10 +285,15 @@ def run_lab(args: argparse.Namespace) -> int:
     lab = LabAuthority.load_or_create(_lab_dir(args.lab_dir))
     pems = lab.certificates_pem()
     if args.export is not None:
-        args.export.mkdir(parents=True, exist_ok=True)
-        for name, pem in pems.items():
-            (args.export / f"{name}.pem").write_text(pem)
-        (args.export / "amd-cert-table.bin").write_bytes(lab.snp_cert_table())
+        try:
+            args.export.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EvidenceFileError(
+                f"cannot make {args.export}: {exc.strerror or exc}", path=str(args.export)
+            ) from None
+        outputs = {args.export / f"{name}.pem": pem.encode() for name, pem in pems.items()}
+        outputs[args.export / "amd-cert-table.bin"] = lab.snp_cert_table()
+        write_files(outputs)
     info = {
         "directory": str(lab.directory),
         "chip_id": lab.chip_id.hex(),
@@ -306,9 +334,10 @@ def run_issue(args: argparse.Namespace) -> int:
             nonce=None if args.nonce is None else _hex_arg(args.nonce, "nonce"),
             module_id="teelab-lab-enclave",
         )
-    args.out.write_bytes(evidence)
+    outputs = {args.out: evidence}
     if args.kind == "snp":
-        args.out.with_name(args.out.name + ".certs").write_bytes(lab.snp_cert_table())
+        outputs[args.out.with_name(args.out.name + ".certs")] = lab.snp_cert_table()
+    write_files(outputs)
     console.print(f"wrote {len(evidence)} bytes of lab {args.kind} evidence to {args.out}", highlight=False)
     return 0
 

@@ -148,3 +148,24 @@ def test_collateral_that_is_not_json_exits_2_with_a_code(
     quote = str(VECTORS / "tdx" / "quote.bin")
     assert main(["attest", "verify", quote, "--policy", str(policy), "--collateral", str(collateral)]) == 2
     assert "E830" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["snp", "tdx", "nitro"])
+def test_issue_to_an_unwritable_place_is_a_coded_error_leaving_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    for out in (tmp_path / "missing-dir" / "evidence.bin", tmp_path):
+        assert main(["attest", "issue", kind, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "E830" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_issue_writes_the_report_and_its_certificates_or_neither(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "report.bin.certs").mkdir()  # the certificate table cannot be written
+    assert main(["attest", "issue", "snp", "--out", str(tmp_path / "report.bin")]) == 2
+    assert "E830" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["report.bin.certs"]
+    assert list((tmp_path / "report.bin.certs").iterdir()) == []
