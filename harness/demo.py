@@ -31,7 +31,7 @@ from teelab_guest import protocol
 from teelab_guest.kms_client import KmsClient, Transport
 
 from harness import images
-from harness.attest.checks import default_lab_dir
+from harness.attest import default_lab_dir
 from harness.host import runtime
 from harness.kms import KmsServer, Listen
 from harness.kms.policy import measured_snp_policy

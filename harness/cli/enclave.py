@@ -155,8 +155,7 @@ def run_build_image(args: argparse.Namespace) -> int:
 
 
 def run_boot(args: argparse.Namespace) -> int:
-    from harness.attest import LAB, Policy, verify
-    from harness.attest.checks import default_lab_dir
+    from harness.attest import LAB, Policy, default_lab_dir, verify
     from harness.enclave.run import launch_of, wait_for_app
     from harness.lab import Lab
 

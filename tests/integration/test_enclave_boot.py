@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 from teelab_guest.enclave_app import AppDocument, parse_document_line
 
-from harness.attest import LAB, NonceBook, Policy, verify
-from harness.attest.checks import default_lab_dir
+from harness.attest import LAB, NonceBook, Policy, default_lab_dir, verify
 from harness.enclave import pcr3_of_parent_role, pcr4_of_parent_instance
 from harness.enclave.recipes import BuiltEnclave, build_enclave_image
 from harness.enclave.run import launch_of, wait_for_app

@@ -14,8 +14,7 @@ from pathlib import Path
 import cbor2
 import pytest
 
-from harness.attest import LAB, Policy, parse_snp_report, verify
-from harness.attest.checks import default_lab_dir
+from harness.attest import LAB, Policy, default_lab_dir, parse_snp_report, verify
 from harness.lab import GuestBoot, Lab
 from harness.qemu.spec import VMSpec
 from harness.tee.platforms import EmulatedSnpBackend, EmulatedTdxBackend, TeeAttachment

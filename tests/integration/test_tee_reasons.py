@@ -11,8 +11,7 @@ import cbor2
 import pytest
 from teelab_guest.binding import report_data
 
-from harness.attest import LAB, NonceBook, Policy, verify
-from harness.attest.checks import default_lab_dir
+from harness.attest import LAB, NonceBook, Policy, default_lab_dir, verify
 from harness.lab import CvmPlan, GuestBoot, Lab
 
 pytestmark = pytest.mark.vm
