@@ -86,13 +86,25 @@ class _Connection(http.client.HTTPConnection):
         super().__init__(host, timeout=timeout)
         self._connect = connect
         self._tls = tls
+        self._body: bytes | None = None
+
+    def endheaders(self, message_body: Any = None, *, encode_chunked: bool = False) -> None:
+        """Send the head and a bytes body in one write (one TLS record, one vsock packet), not two."""
+        if isinstance(message_body, bytes) and not encode_chunked:
+            self._body, message_body = message_body, None
+        super().endheaders(message_body, encode_chunked=encode_chunked)
+
+    def send(self, data: Any) -> None:
+        if self._body is not None:
+            data, self._body = bytes(data) + self._body, None
+        super().send(data)
 
     def connect(self) -> None:
         sock = self._connect()
         sock.settimeout(self.timeout)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
-            # http.client writes a request's head and body apart; with Nagle the body would wait for the
-            # server's delayed ACK of the head (40 ms on Linux) on a kept connection.
+            # A request too large for one segment still goes in pieces: with Nagle a last small one would
+            # wait for the server's delayed ACK (40 ms on Linux) on a kept connection.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._tls is not None:
             try:

@@ -8,6 +8,8 @@ import socket
 import statistics
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from teelab_guest import vsock_proxy
@@ -57,3 +59,31 @@ def test_the_vsock_proxy_relays_to_the_kms_without_nagle() -> None:
         upstream = vsock_proxy.connect(["127.0.0.1"], listener.getsockname()[1], timeout=5)
         with upstream:
             assert upstream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+class CountingSocket(socket.socket):
+    """A real TCP socket that counts the writes made on it."""
+
+    writes = 0
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        self.writes += 1
+        super().sendall(data, flags)
+
+
+def test_a_request_goes_out_in_one_write(tmp_path: Path) -> None:
+    server = KmsServer.start(tmp_path / "kms", Listen())
+    port = int(server.endpoint.rsplit(":", 1)[1])
+    sockets: list[CountingSocket] = []
+
+    def connect() -> socket.socket:
+        sock = CountingSocket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.connect(("127.0.0.1", port))
+        sockets.append(sock)
+        return sock
+
+    creds = server.credentials("writes")
+    with server, KmsClient(Transport(connect), access_key=creds.access_key, secret=creds.secret) as client:
+        client.generate_random(8)
+        client.generate_random(8)
+    assert [s.writes for s in sockets] == [2]  # one connection, one write per request
