@@ -52,3 +52,42 @@ def test_imports_go_only_downward() -> None:
                     f"{relative} ({owner}, layer {LAYER[owner]}) imports {target} (layer {LAYER[target]})"
                 )
     assert upward == []
+
+
+GUEST_INIT = HARNESS.parent / "guest-init"
+CLOCKS = {"perf_counter", "monotonic", "time", "perf_counter_ns", "monotonic_ns"}
+
+
+def test_guest_code_never_imports_the_harness() -> None:
+    """Guests run teelab_guest alone; the harness imports the shared wire modules, never the reverse."""
+    offenders = [
+        str(path.relative_to(GUEST_INIT))
+        for path in GUEST_INIT.rglob("*.py")
+        if any(p == "harness" or p.startswith("harness.") for p in _top_imports(path))
+    ]
+    assert offenders == []
+
+
+def test_no_cli_module_holds_a_timing_loop() -> None:
+    """Benchmarks live in harness/bench: a loop that reads a clock in harness/cli is one that escaped."""
+    loops = []
+    for path in (HARNESS / "cli").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.For, ast.While, ast.AsyncFor)) and any(
+                isinstance(call, ast.Call)
+                and isinstance(call.func, ast.Attribute)
+                and call.func.attr in CLOCKS
+                for call in ast.walk(node)
+            ):
+                loops.append(f"{path.name}:{node.lineno}")
+    assert loops == []
+
+
+def _top_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+    return names
