@@ -7,6 +7,7 @@ import importlib
 
 from harness.bench.boot import bench_boot
 from harness.bench.image import bench_image
+from harness.cli.arguments import non_negative_int, positive_int
 from harness.cli.render import console, print_bench, print_json
 from harness.errors import UsageError
 from harness.lab import Lab
@@ -37,6 +38,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     image.add_argument("--no-cold", action="store_true", help="skip the cold build")
     image.add_argument("--json", action="store_true", help="print JSON")
     image.set_defaults(func=run_image)
+    unseal = kinds.add_parser("unseal", help="a guest's unseal round trip to the KMS, TLS against plain HTTP")
+    unseal.add_argument(
+        "-n", "--rounds", type=positive_int, default=30, help="round trips per mode (default: 30)"
+    )
+    unseal.add_argument(
+        "--cold", type=non_negative_int, default=5, help="more on fresh connections (default: 5)"
+    )
+    unseal.add_argument("--json", action="store_true", help="print JSON")
+    unseal.set_defaults(func=run_unseal)
     for name in BENCH_MODULES:
         importlib.import_module(name).register_bench(kinds)
 
@@ -75,3 +85,21 @@ def run_image(args: argparse.Namespace) -> int:
         print_bench(result)
     cold_ok = args.no_cold or str(result.extra.get("cold_bar", "")).endswith("holds")
     return 0 if result.ok and cold_ok else 1
+
+
+def run_unseal(args: argparse.Namespace) -> int:
+    from harness.bench.unseal import bench_unseal
+
+    with Lab() as lab:
+        result = bench_unseal(
+            lab, rounds=args.rounds, cold=args.cold, on_step=None if args.json else _say_step
+        )
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        print_bench(result)
+    return 0 if result.ok else 1
+
+
+def _say_step(name: str, value: str) -> None:
+    console.print(f"{name}: {value}")
