@@ -61,6 +61,7 @@ def verify_recipient(
         roots=tuple(dict.fromkeys(trusted)),
         lab_dir=lab_dir,
         allow_debug=True,  # the key policy decides about debug guests (teelab:RecipientAttestation:Debug)
+        max_vmpl=3,  # and about VMPL 1-3 (teelab:RecipientAttestation:SnpVmpl must be named to allow them)
         nonce=recipient.nonce if bound else None,
         public_key=recipient.public_key if bound else None,
     )

@@ -26,6 +26,7 @@ _ACTION_NAMES = {f"kms:{a}".lower() for a in ACTIONS}
 
 ROOT_KEY = "teelab:RecipientAttestation:Root"
 DEBUG_KEY = "teelab:RecipientAttestation:Debug"
+VMPL_KEY = "teelab:RecipientAttestation:SnpVmpl"  # VMPL 1-3 only where a statement names it
 
 # Condition keys, by type. AWS's and QingTian's spellings of the enclave keys, then the lab's own.
 _NITRO_KEYS = {"kms:RecipientAttestation:ImageSha384": "hex"}
@@ -397,4 +398,7 @@ def _mismatch(statement: Statement, ctx: RequestContext, account: str) -> str | 
             )
         if ctx.debug and not statement.names_key(DEBUG_KEY):
             return "evidence comes from a debug-mode guest and the statement does not allow debug"
+        vmpl = claims.get(VMPL_KEY.lower())
+        if isinstance(vmpl, int) and vmpl > 0 and not statement.names_key(VMPL_KEY):
+            return f"the SNP report was requested at VMPL {vmpl} and the statement names no SnpVmpl condition"
     return None

@@ -416,3 +416,27 @@ def test_kms_serve_refuses_an_unusable_collateral_cache_before_making_its_store(
     status, _, err = run(*argv)
     assert status == 2 and ("E830" if content is None else "E805") in err
     assert "Traceback" not in err and not kms_dir.exists()
+
+
+def test_an_snp_report_above_vmpl_0_is_released_only_where_a_statement_names_its_vmpl(
+    server: KmsServer, admin: KmsClient, lab: LabAuthority, recipient: RecipientKey
+) -> None:
+    lab_root = {"StringEquals": {"teelab:RecipientAttestation:Root": "lab"}}
+    _, unnamed = sealed(server, admin, allow(lab_root))
+    _, named = sealed(
+        server, admin, allow({**lab_root, "NumericEquals": {"teelab:RecipientAttestation:SnpVmpl": 2}})
+    )
+    client = anonymous(server)
+
+    def decrypt(blob: bytes, vmpl: int) -> bytes:
+        nonce = os.urandom(32)
+        report = lab.snp_report(
+            report_data(nonce, recipient.public_key_der), measurement=MEASUREMENT, vmpl=vmpl
+        )
+        return client.decrypt(blob, recipient=recipient, evidence=report, nonce=nonce)
+
+    assert decrypt(unnamed, 0) == SECRET
+    assert refused(lambda: decrypt(unnamed, 2)).aws_type == "AccessDeniedException"
+    assert decrypt(named, 2) == SECRET
+    assert refused(lambda: decrypt(named, 1)).aws_type == "AccessDeniedException"
+    assert refused(lambda: decrypt(named, 0)).aws_type == "AccessDeniedException"
