@@ -4,16 +4,25 @@ requests per second and p50/p99 latency at 1, 10 and 100 concurrent clients.
 The KMS runs in a subprocess; this process is the load generator (aiohttp, one event loop), so the two compete
 for the host's CPUs as a real deployment's client and server would. Request bodies, documents and signatures
 are made before the clock starts; a sample of responses is opened after it stops to prove they are right.
+
+``bench_kms_hostile`` measures the same open-loop load twice against one server: alone, then while another
+process holds 1,000 half-open connections against it (a partial request head each, reopened as the server
+closes them).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
+import subprocess
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +33,7 @@ from teelab_guest.kms_client import RecipientKey
 
 from harness.bench.result import Bar, BenchResult
 from harness.host import runtime
+from harness.kms.admission import raise_fd_limit
 from harness.kms.runner import KmsProcess, Listen
 from harness.kms.store import Store
 
@@ -34,6 +44,7 @@ BARS = {
     ("decrypt-recipient", 100, False): (Bar("rps", ">=", 300), Bar("errors", "<=", 0)),
     ("decrypt-recipient", 100, True): (Bar("rps", ">=", 300), Bar("p99", "<=", 50.0), Bar("errors", "<=", 0)),
 }
+REQUEST_TIMEOUT_S = 30.0  # a request unanswered this long counts as an error
 ENCLAVE_PCR0 = bytes.fromhex("a5" * 48)
 
 
@@ -157,7 +168,8 @@ async def _load(
     url = endpoint + "/"
     started = 0.0
 
-    async with aiohttp.ClientSession(connector=connector) as session:
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
         async def worker() -> None:
             nonlocal errors
@@ -173,7 +185,7 @@ async def _load(
                     async with session.post(url, data=body, headers=headers) as response:
                         data = await response.read()
                         status = response.status
-                except aiohttp.ClientError:
+                except (aiohttp.ClientError, TimeoutError):
                     errors += 1
                     continue
                 latencies.append((time.perf_counter() - start) * 1000)
@@ -256,3 +268,137 @@ def bench_kms(
             finally:
                 server.stop()
     return results
+
+
+PARTIAL_HEAD = b"POST / HTTP/1.1\r\nHost: kms.lab\r\nX-Amz-Target: TrentService.Decr"
+HOSTILE_P99_FACTOR = 3.0  # p99 under attack may be at most this times the p99 without it
+
+
+async def hold_half_open(
+    host: str, port: int, count: int, stopped: Callable[[], bool], ready: Callable[[], None] = lambda: None
+) -> Counter[str]:
+    """Keep ``count`` connections open with a partial request head each, reopening each one as soon as the
+    server closes it, until ``stopped()``; ``ready()`` once ``count`` are open. Tallies what the server did:
+    closed the connection, or answered 503."""
+    tally: Counter[str] = Counter()
+
+    async def one() -> None:
+        while not stopped():
+            try:
+                reader, writer = await asyncio.open_connection(host, port)
+            except OSError:
+                tally["connect_failed"] += 1
+                await asyncio.sleep(0.05)
+                continue
+            tally["opened"] += 1
+            try:
+                writer.write(PARTIAL_HEAD)
+                answer = await reader.read(64)
+            except OSError:
+                answer = b""
+            tally["answered_503" if answer.startswith(b"HTTP/1.1 503") else "closed"] += 1
+            writer.close()
+
+    async def watch(tasks: list[asyncio.Task[None]]) -> None:
+        announced = False
+        while not stopped():
+            if not announced and tally["opened"] >= count:
+                ready()
+                announced = True
+            await asyncio.sleep(0.05)
+        for task in tasks:
+            task.cancel()
+
+    tasks = [asyncio.create_task(one()) for _ in range(count)]
+    await asyncio.gather(watch(tasks), *tasks, return_exceptions=True)
+    return tally
+
+
+@contextlib.contextmanager
+def half_open_attack(endpoint: str, count: int) -> Iterator[dict[str, int]]:
+    """Run ``hold_half_open`` against ``endpoint`` (http://host:port) in another process (``python -m
+    harness.bench.kms``) while the block runs; the yielded dict holds the attacker's tally after the block."""
+    host, port = endpoint.rsplit("/", 1)[-1].rsplit(":", 1)
+    argv = [sys.executable, "-m", "harness.bench.kms", host.strip("[]"), port, str(count)]
+    attacker = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    tally: dict[str, int] = {}
+    try:
+        assert attacker.stdout is not None
+        if attacker.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the half-open attacker did not open its {count} connections")
+        yield tally
+    finally:
+        # closing its stdin stops the attacker, which prints its tally
+        out, _ = attacker.communicate(timeout=60)
+        tally.update(json.loads(out.splitlines()[-1]) if out.strip() else {})
+
+
+def _attack(host: str, port: str, count: str) -> None:
+    """The attacking process: hold half-open connections until stdin closes, then print the tally."""
+    raise_fd_limit()
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    tally = asyncio.run(
+        hold_half_open(host, int(port), int(count), stop.is_set, lambda: print("ready", flush=True))
+    )
+    print(json.dumps(tally), flush=True)
+
+
+def bench_kms_hostile(
+    *,
+    mode: str = "decrypt-recipient",
+    clients: int = 100,
+    attackers: int = 1000,
+    rate: float = OPEN_RATE,
+    seconds: float = 10.0,
+    listen: Listen | None = None,
+    on_result: Callable[[KmsBenchResult], None] | None = None,
+) -> list[KmsBenchResult]:
+    """One KMS subprocess, one open-loop load of ``rate`` requests/s from ``clients``: measured alone, then
+    under ``attackers`` half-open connections. The second result's bars: no errors, and p99 at most
+    ``HOSTILE_P99_FACTOR`` times the first's."""
+    results: list[KmsBenchResult] = []
+    with runtime.scratch_dir("bench-kms") as tmp:
+        kms_dir, lab_dir = Path(tmp) / "kms", Path(tmp) / "lab-ca"
+        prepared = prepare(kms_dir, lab_dir, mode)
+        with KmsProcess(kms_dir, listen or Listen(), lab_dir=lab_dir) as server:
+            for hostile in (0, attackers):
+                with (
+                    half_open_attack(server.endpoint, hostile)
+                    if hostile
+                    else contextlib.nullcontext({}) as tally
+                ):
+                    latencies, errors, elapsed, kept = asyncio.run(
+                        _load(server.endpoint, prepared, clients, int(rate * seconds), rate)
+                    )
+                for answer, index in kept:
+                    prepared.check(answer, index)
+                result = KmsBenchResult(
+                    name="kms",
+                    unit="ms",
+                    params={
+                        "mode": mode,
+                        "clients": clients,
+                        "load": f"open {rate:g}/s",
+                        "hostile": hostile,
+                        "requests": int(rate * seconds),
+                        "server": "subprocess",
+                        "cpus": os.cpu_count(),
+                    },
+                )
+                result.samples.extend(latencies)
+                result.rps = len(latencies) / elapsed if elapsed else 0.0
+                result.errors = errors
+                result.extra["checked_responses"] = len(kept)
+                result.extra["attacker"] = dict(tally)
+                result.bars.append(Bar("errors", "<=", 0))
+                if hostile:
+                    result.bars.append(Bar("p99", "<=", HOSTILE_P99_FACTOR * results[0].figures["p99"]))
+                results.append(result)
+                if on_result:
+                    on_result(result)
+    return results
+
+
+if __name__ == "__main__":
+    _attack(*sys.argv[1:4])

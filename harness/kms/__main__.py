@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from harness.errors import LabError
+from harness.kms.admission import Limits
 from harness.kms.runner import Listen, serve_forever
 
 
@@ -19,12 +20,15 @@ def main() -> int:
     parser.add_argument("--unix", type=Path)
     parser.add_argument("--tls", action="store_true")
     parser.add_argument("--max-body", type=int, default=65536)
+    parser.add_argument("--max-connections", type=int, default=Limits.max_connections)
+    parser.add_argument("--request-timeout", type=float, default=Limits.request_timeout)
     parser.add_argument("--lab-ca", type=Path, help="lab CA directory whose root key policies may name")
     parser.add_argument("--profile", type=Path, help="write a cProfile of request serving to this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     try:
-        listen = Listen(args.host, args.port, args.unix, args.tls, args.max_body)
+        limits = Limits(args.max_connections, args.request_timeout)
+        listen = Listen(args.host, args.port, args.unix, args.tls, args.max_body, limits)
         serve_forever(args.kms_dir, listen, lab_dir=args.lab_ca, profile=args.profile)
     except LabError as err:
         print(str(err), file=sys.stderr)

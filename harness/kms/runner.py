@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -9,13 +10,14 @@ import signal
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from harness.aio import EventLoopThread
+from harness.kms.admission import Admission, Limits, raise_fd_limit
 from harness.kms.errors import ServerStartError
 from harness.kms.recipient import Verifier
 from harness.kms.server import DEFAULT_MAX_BODY, KmsHttp
@@ -26,13 +28,15 @@ from harness.kms.tls import ensure_certificate, server_context
 
 @dataclass(frozen=True)
 class Listen:
-    """Where the KMS listens: loopback host and port (0: any free one) or a Unix socket; TLS optional."""
+    """Where the KMS listens: loopback host and port (0: any free one) or a Unix socket; TLS optional;
+    ``limits`` caps open connections and how long a request may take to arrive."""
 
     host: str = "127.0.0.1"
     port: int = 0
     unix_path: Path | None = None
     tls: bool = False
     max_body: int = DEFAULT_MAX_BODY
+    limits: Limits = field(default_factory=Limits)
 
 
 def default_verifier(lab_dir: Path | None = None, tdx_collateral: Path | None = None) -> Verifier:
@@ -67,12 +71,15 @@ class KmsServer:
         self.http = KmsHttp(self.service, max_body=self.listen.max_body)
         self._loop: EventLoopThread | None = None
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        self.admission: Admission | None = None
         self.endpoint = ""
 
     @classmethod
     def start(cls, kms_dir: Path, listen: Listen | None = None, **kwargs: Any) -> KmsServer:
         """Open the store in ``kms_dir`` and listen; ServerStartError if it cannot."""
         server = cls(kms_dir, listen, **kwargs)
+        raise_fd_limit()
         server._loop = EventLoopThread(name="teelab-kms")
         try:
             server.endpoint = server._loop.run(server._serve(), timeout=30)
@@ -83,8 +90,15 @@ class KmsServer:
 
     async def _serve(self) -> str:
         listen = self.listen
-        self._runner = web.AppRunner(self.http.app(), access_log=None, handle_signals=False)
+        app = self.http.app()
+        # aiohttp's idle timeout matches the admission deadline (its default is an hour)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, keepalive_timeout=listen.limits.request_timeout
+        )
+        admission = self.admission = Admission(listen.limits, listen.max_body)
+        app.middlewares.append(admission.middleware)
         await self._runner.setup()
+        admission.factory = self._runner.server
         try:
             context = server_context(self.kms_dir) if listen.tls else None
         except OSError as exc:  # ssl.SSLError is one
@@ -93,23 +107,45 @@ class KmsServer:
                 f"KMS cannot load its TLS certificate from {self.kms_dir / 'tls'}: {exc.strerror or exc}",
                 hint=f"remove {self.kms_dir / 'tls'} to have a new lab certificate made",
             ) from None
+        loop = asyncio.get_running_loop()
+        handshake = listen.limits.request_timeout if context is not None else None
         try:
             if listen.unix_path is not None:
-                site: web.BaseSite = web.UnixSite(self._runner, str(listen.unix_path), ssl_context=context)
-                await site.start()
+                self._listener = await loop.create_unix_server(
+                    admission.protocol,
+                    str(listen.unix_path),
+                    ssl=context,
+                    backlog=1024,
+                    ssl_handshake_timeout=handshake,
+                )
                 return f"unix:{listen.unix_path}"
-            site = web.TCPSite(self._runner, listen.host, listen.port, ssl_context=context, backlog=1024)
-            await site.start()
-        except OSError as exc:
+            self._listener = await loop.create_server(
+                admission.protocol,
+                listen.host,
+                listen.port,
+                ssl=context,
+                backlog=1024,
+                reuse_address=True,
+                ssl_handshake_timeout=handshake,
+            )
+        except (OSError, OverflowError) as exc:
             await self._runner.cleanup()
             where = listen.unix_path or f"{listen.host}:{listen.port}"
             raise ServerStartError(
-                f"KMS cannot listen on {where}: {exc.strerror or exc}",
+                f"KMS cannot listen on {where}: {getattr(exc, 'strerror', None) or exc}",
                 hint="pick another port or socket path",
             ) from None
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = self._listener.sockets[0].getsockname()[1]
         host = f"[{listen.host}]" if ":" in listen.host else listen.host
         return f"{'https' if listen.tls else 'http'}://{host}:{port}"
+
+    async def _close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
 
     @property
     def ca_certificate(self) -> Path | None:
@@ -140,10 +176,8 @@ class KmsServer:
     def stop(self) -> None:
         """Stop listening, flush the store, remove a Unix socket; safe to call twice."""
         if self._loop is not None:
-            if self._runner is not None:
-                with contextlib.suppress(TimeoutError, RuntimeError):
-                    self._loop.run(self._runner.cleanup(), timeout=10)
-                self._runner = None
+            with contextlib.suppress(TimeoutError, RuntimeError):
+                self._loop.run(self._close(), timeout=10)
             self._loop.close()
             self._loop = None
         self.store.close()
@@ -224,6 +258,10 @@ class KmsProcess:
             str(listen.port),
             "--max-body",
             str(listen.max_body),
+            "--max-connections",
+            str(listen.limits.max_connections),
+            "--request-timeout",
+            str(listen.limits.request_timeout),
         ]
         if listen.unix_path is not None:
             argv += ["--unix", str(listen.unix_path)]

@@ -1,0 +1,204 @@
+"""Who gets a connection to the KMS: a cap on open connections, a deadline for each request to arrive whole,
+the oldest waiting connection evicted when the cap is reached, and a 503 when none can be.
+
+A connection is *waiting* from the moment it opens (or its last answer was handed to aiohttp) until its
+request is in hand: the head, and the body when its length is declared. Waiting connections are closed at
+their deadline. At the cap a newcomer takes the place of the oldest waiting connection that never delivered a
+request, else of the oldest idle keep-alive one, either only once it has waited ``eviction_grace`` seconds
+(so a flood of newcomers cannot evict a connection before its request could arrive); if there is none, the
+newcomer is answered 503 ServiceUnavailableException and closed. A connection being served is never evicted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import resource
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+log = logging.getLogger("teelab.kms")
+FD_RESERVE = 256  # descriptors kept for the store, the thread pool, TLS files and logs
+BUSY_BODY = json.dumps(
+    {"__type": "ServiceUnavailableException", "message": "the KMS is at its connection cap; retry"}
+).encode()
+BUSY_ANSWER = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/x-amz-json-1.1\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(BUSY_BODY)
+) + BUSY_BODY
+
+
+@dataclass(frozen=True)
+class Limits:
+    """``max_connections`` open at once (lowered to fit the descriptor limit); ``request_timeout`` seconds for
+    a request's head and declared body to arrive, counted from the connection's opening or its last answer."""
+
+    max_connections: int = 2048
+    request_timeout: float = 10.0
+    eviction_grace: float = 1.0
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; return the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            log.warning("cannot raise the descriptor limit from %d to %d", soft, target)
+    return soft
+
+
+def connection_cap(limits: Limits) -> int:
+    """``limits.max_connections``, lowered so that the open connections leave ``FD_RESERVE`` descriptors."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    room = limits.max_connections if soft == resource.RLIM_INFINITY else soft - FD_RESERVE
+    return max(1, min(limits.max_connections, room))
+
+
+class Admission:
+    """The protocol factory to hand ``loop.create_server`` and the aiohttp middleware that tells it when a
+    connection's request is in hand. ``counts`` says how many connections were evicted, timed out, refused."""
+
+    def __init__(self, limits: Limits, max_body: int) -> None:
+        self.factory: Callable[[], asyncio.Protocol] | None = None  # aiohttp's web.Server, once set up
+        self.limits = limits
+        self.cap = connection_cap(limits)
+        self.max_body = max_body
+        self.open: set[Guard] = set()
+        # waiting connections, oldest first: those that never delivered a request, and idle keep-alive ones
+        self.fresh: OrderedDict[Guard, float] = OrderedDict()
+        self.idle: OrderedDict[Guard, float] = OrderedDict()
+        self.by_handler: dict[asyncio.Protocol, Guard] = {}
+        self.counts: Counter[str] = Counter()
+        self.peak = 0
+
+    def protocol(self) -> Guard:
+        return Guard(self)
+
+    def admit(self, guard: Guard) -> bool:
+        """Make room for ``guard``: evict the oldest waiting connection at the cap; False if none can go."""
+        if len(self.open) >= self.cap:
+            victim = self._evictable()
+            if victim is None:
+                self.counts["refused"] += 1
+                return False
+            self.counts["evicted"] += 1
+            victim.close()
+        self.open.add(guard)
+        self.peak = max(self.peak, len(self.open))
+        return True
+
+    def _evictable(self) -> Guard | None:
+        """The oldest connection that never delivered a request, else the oldest idle one, past the grace."""
+        settled = asyncio.get_running_loop().time() - self.limits.eviction_grace
+        for waiting in (self.fresh, self.idle):
+            oldest = next(iter(waiting.items()), None)
+            if oldest is not None and oldest[1] <= settled:
+                return oldest[0]
+        return None
+
+    @web.middleware
+    async def middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Read a declared body under the connection's deadline, then mark the connection as served."""
+        guard = self.by_handler.get(request.protocol)
+        if guard is None:
+            return await handler(request)
+        if request.content_length is not None and request.content_length <= self.max_body:
+            await request.read()  # the guard closes the connection if its deadline passes meanwhile
+        guard.serving()
+        try:
+            return await handler(request)
+        finally:
+            guard.wait_next()
+
+    def stats(self) -> dict[str, Any]:
+        return {"open": len(self.open), "peak": self.peak, "cap": self.cap, **self.counts}
+
+
+class Guard(asyncio.Protocol):
+    """One connection: aiohttp's protocol behind it, and the deadline of the request it waits for."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+        self.inner: asyncio.Protocol | None = None
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.delivered = False  # whether a request has come in on this connection
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if not self.admission.admit(self):
+            transport.write(BUSY_ANSWER)  # type: ignore[attr-defined]
+            transport.close()
+            return
+        assert self.admission.factory is not None, "admission before the aiohttp server is set up"
+        self.inner = self.admission.factory()
+        self.admission.by_handler[self.inner] = self
+        self.inner.connection_made(transport)
+        self.wait_next()
+
+    def wait_next(self) -> None:
+        """Start waiting for the next request: the deadline runs, and the cap may evict this connection."""
+        if self not in self.admission.open:
+            return
+        self._cancel_timer()
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(self.admission.limits.request_timeout, self._expire)
+        (self.admission.idle if self.delivered else self.admission.fresh)[self] = loop.time()
+
+    def serving(self) -> None:
+        self._stop_waiting()
+        self.delivered = True
+
+    def _stop_waiting(self) -> None:
+        self._cancel_timer()
+        self.admission.fresh.pop(self, None)
+        self.admission.idle.pop(self, None)
+
+    def _expire(self) -> None:
+        self.timer = None
+        self.admission.counts["timed_out"] += 1
+        self.close()
+
+    def close(self) -> None:
+        self._stop_waiting()
+        self.admission.open.discard(self)  # it no longer counts, though its socket closes on the next turn
+        if self.transport is not None:
+            self.transport.close()
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.inner is not None:
+            self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received() if self.inner is not None else None
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_waiting()
+        self.admission.open.discard(self)
+        if self.inner is not None:
+            self.admission.by_handler.pop(self.inner, None)
+            self.inner.connection_lost(exc)
