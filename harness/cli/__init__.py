@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from harness import __version__
 from harness.cli import attest, bench, demo, doctor, enclave, explain, image, kms, measure, tee, vsock
 from harness.errors import LabError, UsageError
 
@@ -30,16 +31,36 @@ class CommandParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="teelab", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"teelab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMAND_MODULES:
         module.register(sub)
+    _finish(parser)
     return parser
+
+
+def _finish(parser: argparse.ArgumentParser) -> None:
+    """Every subcommand's --help opens with its one-line help, and every level names its choices COMMAND."""
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        action.metavar = "COMMAND"
+        helps = {choice.dest: choice.help for choice in action._choices_actions}
+        for name, child in action.choices.items():
+            if not child.description and helps.get(name):
+                child.description = helps[name][0].upper() + helps[name][1:] + "."
+            _finish(child)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args: argparse.Namespace | None = None
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        if not argv:  # bare `teelab`: what it can do
+            parser.print_help()
+            return 0
+        args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except LabError as err:
         if getattr(args, "json", False):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from rich.table import Table
+
 from harness.bench.tee import bench_guest, bench_service
 from harness.cli.arguments import positive_int
 from harness.cli.render import console, print_json, report
@@ -42,9 +44,11 @@ def run_status(args: argparse.Namespace) -> int:
                      "why": "; ".join(missing) or "the host offers it"})  # fmt: skip
     if args.json:
         print_json(rows)
-    else:
-        for row in rows:
-            console.print(f"{row['kind']:<4} {row['backend']:<20} {row['why']}", highlight=False)
+        return 0
+    table = Table("kind", "backend", "why", title="teelab tee status")
+    for row in rows:
+        table.add_row(row["kind"], row["backend"], row["why"])
+    console.print(table)
     return 0
 
 
