@@ -62,6 +62,24 @@ class Ledger:
                 )
             _take(table, kind, values, len(values), owner, pid)
 
+    def transfer(self, kind: str, values: Iterable[int], owner: str, *, pid: int | None = None) -> None:
+        """Hand ``values`` (all held now) to ``owner`` in one step, so no other lab can take them between a
+        release and a claim; ``LedgerExhausted`` names the values that are not held and changes nothing."""
+        values = list(values)
+        with self._locked() as table:
+            taken = table.get(kind, {})
+            loose = [v for v in values if str(v) not in taken]
+            if loose:
+                raise LedgerExhausted(
+                    f"{owner} takes over {kind} {values} but {loose} are not held",
+                    hint="claim the values before handing them over",
+                    kind=kind,
+                    loose=loose,
+                )
+            for value in values:
+                del taken[str(value)]
+            _take(table, kind, values, len(values), owner, pid)
+
     def release(self, kind: str, values: Iterable[int]) -> None:
         with self._locked() as table:
             for value in values:

@@ -22,6 +22,7 @@ from harness.qemu.spec import (
     VirtioRngPci,
     VirtioSerialPort,
     VMSpec,
+    X86Cpu,
 )
 
 __all__ = [
@@ -45,5 +46,6 @@ __all__ = [
     "VirtioMemPci",
     "VirtioRngPci",
     "VirtioSerialPort",
+    "X86Cpu",
     "build_argv",
 ]

@@ -146,6 +146,7 @@ class VirtioMemPci(Device):
     requested_size_mib: int
     block_size_mib: int = 2
     node: int = 0
+    prealloc: bool = False  # allocate each block as it is plugged (hugetlb: fail the plug, not SIGBUS later)
     qemu_type: ClassVar[str] = "virtio-mem-pci"
 
     @property
@@ -193,7 +194,7 @@ class VirtioMemPci(Device):
             f"node={self.node}",
             f"block-size={size_mib(self.block_size_mib)}",
             f"requested-size={size_mib(self.requested_size_mib)}",
-        ]
+        ] + (["prealloc=on"] if self.prealloc else [])
 
 
 @dataclass(frozen=True)
@@ -202,3 +203,37 @@ class VirtioRngPci(Device):
 
     id: str
     qemu_type: ClassVar[str] = "virtio-rng-pci"
+
+
+@dataclass(frozen=True)
+class X86Cpu(Device):
+    """A vCPU added as a device (``-smp N,maxcpus=M`` leaves room for it), so QMP ``device_del`` can unplug it
+    and ``device_add`` plug it back. ``model`` is the ``-cpu`` model (max under TCG, host under KVM)."""
+
+    id: str
+    socket_id: int
+    core_id: int = 0
+    thread_id: int = 0
+    model: str = "max"
+
+    @property
+    def qemu_type(self) -> str:  # type: ignore[override]
+        return f"{self.model}-x86_64-cpu"
+
+    def validate(self, host: HostInfo) -> None:
+        super().validate(host)
+        if min(self.socket_id, self.core_id, self.thread_id) < 0:
+            raise OptionInvalid(f"device {self.id}: negative topology id", hint="use ids >= 0", id=self.id)
+
+    def properties(self) -> list[str]:
+        return [f"socket-id={self.socket_id}", f"core-id={self.core_id}", f"thread-id={self.thread_id}"]
+
+    def qmp_arguments(self) -> dict[str, object]:
+        """The same device as ``device_add`` arguments (to plug it back after an unplug)."""
+        return {
+            "driver": self.qemu_type,
+            "id": self.id,
+            "socket-id": self.socket_id,
+            "core-id": self.core_id,
+            "thread-id": self.thread_id,
+        }

@@ -128,6 +128,7 @@ class MemoryBackendMemfd(MemoryBackend):
     share: bool = True
     hugetlb: bool = False
     hugetlbsize_kib: int | None = None
+    prealloc: bool = False  # take every page at launch (an enclave's memory must be there before it runs)
     qemu_type: ClassVar[str] = "memory-backend-memfd"
 
     @property
@@ -155,6 +156,8 @@ class MemoryBackendMemfd(MemoryBackend):
             opts.append("hugetlb=true")
             if self.hugetlbsize_kib is not None:
                 opts.append(f"hugetlbsize={size_text(self.hugetlbsize_kib)}")
+        if self.prealloc:
+            opts.append("prealloc=true")
         return opts
 
 

@@ -18,6 +18,7 @@ from harness.qemu.devices import (
     VirtioMemPci,
     VirtioRngPci,
     VirtioSerialPort,
+    X86Cpu,
 )
 from harness.qemu.errors import (
     AccelUnavailable,
@@ -62,6 +63,7 @@ __all__ = [
     "VirtioMemPci",
     "VirtioRngPci",
     "VirtioSerialPort",
+    "X86Cpu",
 ]
 
 MAX_VCPUS = 255

@@ -90,3 +90,13 @@ def test_a_corrupt_ledger_is_a_coded_error(tmp_path: Path) -> None:
     with pytest.raises(LedgerCorrupt) as caught:
         Ledger(tmp_path).claims()
     assert caught.value.code == "E205" and "ledger.json" in caught.value.hint
+
+
+def test_transfer_hands_held_values_to_a_new_owner_or_changes_nothing(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path)
+    ledger.claim_exact("cpu", [1, 2], "parent")
+    ledger.transfer("cpu", [2], "enclave")
+    assert [(c.value, c.owner) for c in ledger.claims("cpu")] == [(1, "parent"), (2, "enclave")]
+    with pytest.raises(LedgerExhausted, match=r"\[3\] are not held"):
+        ledger.transfer("cpu", [1, 3], "enclave")
+    assert ledger.owner_of("cpu", 1) == "parent"
