@@ -156,9 +156,10 @@ class MasterKeyError(KmsError):
     code = "E1020"
     title = "KMS master key unusable"
     explanation = (
-        "The master key wraps every key's material: TEELAB_KMS_MASTER_KEY (base64 of 32 bytes) or the 0600 "
-        "file kms/master.key in the state dir. It must be 32 bytes and the file must not be readable by "
-        "others; a different master key cannot unwrap keys made under the old one."
+        "The master key wraps every key's material: TEELAB_KMS_MASTER_KEY (base64 of 32 bytes), a credential "
+        "file named by --master-key-file or TEELAB_KMS_MASTER_KEY_FILE, or the file kms/master.key in the "
+        "state dir. It must be 32 bytes (raw or base64), a file must not be open to group or others, and a "
+        "different master key cannot unwrap keys made under the old one."
     )
     exit_status = 2
 
@@ -184,3 +185,13 @@ class KmsClientError(KmsError):
     code = "E1023"
     title = "KMS answered with an error"
     explanation = "A call through the teelab KMS client got an error response; __type and message are kept."
+
+
+class AuditChainBroken(KmsError):
+    code = "E1024"
+    title = "KMS audit log was altered"
+    explanation = (
+        "Each audit row carries an HMAC (keyed from the master key) over the row before it and its own "
+        "fields, and a MAC'd head names the last row; teelab kms audit --verify found a row edited, "
+        "inserted, removed or missing its chain value, or rows cut from the end."
+    )
