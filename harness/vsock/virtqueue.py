@@ -4,11 +4,17 @@
 ``publish`` makes a batch visible with one index update, answering whether the driver wants an interrupt
 (``VIRTIO_RING_F_EVENT_IDX`` or the avail flags). Faults of one chain raise ``ChainFault`` (the chain can
 still be returned); faults of the ring itself mark the queue broken.
+
+The driver reads and writes the rings' 16-bit fields while the switch does: they are accessed through
+16-bit memoryviews, one load or store each (``struct`` writes byte by byte, so a reader could see half an
+update), and a full barrier separates a store the driver must see from the load that depends on it.
 """
 
 from __future__ import annotations
 
 import struct
+import sys
+import threading
 from dataclasses import dataclass
 
 from harness.vsock.errors import GuestFault
@@ -23,6 +29,16 @@ DESC_F_WRITE = 2
 DESC_F_INDIRECT = 4
 AVAIL_F_NO_INTERRUPT = 1
 MAX_QUEUE_SIZE = 32768
+if sys.byteorder != "little":  # the 16-bit views below are native, virtio rings are little-endian
+    raise ImportError("the vsock switch's virtqueues need a little-endian host")
+_FENCE = threading.Lock()
+
+
+def full_barrier() -> None:
+    """Order this thread's earlier stores before its later loads: taking a lock is a locked
+    read-modify-write, which is a full barrier on x86-64, the hosts the switch serves."""
+    _FENCE.acquire()
+    _FENCE.release()
 
 
 class ChainFault(GuestFault):
@@ -88,23 +104,24 @@ class SplitQueue:
         self.event_idx = event_idx
         self._mask = size - 1
         self._desc = memory.uva(addrs.desc, 16 * size)
-        self._avail = memory.uva(addrs.avail, 4 + 2 * size + tail)
+        self._avail = memory.uva(addrs.avail, 4 + 2 * size + tail).cast("H")  # flags, idx, ring, used_event
         self._used = memory.uva(addrs.used, 4 + 8 * size + tail)
+        self._used16 = self._used.cast("H")  # flags, idx, ..., avail_event at 2 + 4 * size
         self.last_avail = last_avail & 0xFFFF
-        self.used_idx = U16.unpack_from(self._used, 2)[0]
+        self.used_idx = self._used16[1]
         self._published = self.used_idx
         self._signalled = self.used_idx
         self.broken: str | None = None
 
     # -- driver -> device -----------------------------------------------------------------------
     def has_available(self) -> bool:
-        return self.broken is None and U16.unpack_from(self._avail, 2)[0] != self.last_avail
+        return self.broken is None and self._avail[1] != self.last_avail
 
     def pop(self) -> Chain | None:
         """The next available chain, or None. Raises ChainFault for a bad chain, GuestFault for a bad ring."""
         if self.broken is not None:
             return None
-        avail_idx = U16.unpack_from(self._avail, 2)[0]
+        avail_idx = self._avail[1]
         pending = (avail_idx - self.last_avail) & 0xFFFF
         if pending == 0:
             return None
@@ -113,7 +130,7 @@ class SplitQueue:
             raise GuestFault(
                 "avail_overrun", f"avail idx {avail_idx} is {pending} ahead of {self.last_avail}"
             )
-        head = U16.unpack_from(self._avail, 4 + 2 * (self.last_avail & self._mask))[0]
+        head = self._avail[2 + (self.last_avail & self._mask)]
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         return self.walk(head)
 
@@ -163,7 +180,8 @@ class SplitQueue:
         if self.broken is not None:
             return False
         if self.event_idx:
-            U16.pack_into(self._used, 4 + 8 * self.size, self.last_avail)
+            self._used16[2 + 4 * self.size] = self.last_avail
+            full_barrier()  # the driver sees avail_event before we look at avail.idx again
         return self.has_available()
 
     # -- device -> driver -----------------------------------------------------------------------
@@ -177,11 +195,12 @@ class SplitQueue:
         new = self.used_idx
         if new == self._published:
             return False
-        U16.pack_into(self._used, 2, new)
+        self._used16[1] = new  # the used elements before it: stores stay in order on x86-64
         self._published = new
+        full_barrier()  # the driver sees used.idx before we read what it asked for (used_event, flags)
         if self.event_idx:
             old = self._signalled
             self._signalled = new
-            used_event = U16.unpack_from(self._avail, 4 + 2 * self.size)[0]
+            used_event = self._avail[2 + self.size]
             return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-        return not U16.unpack_from(self._avail, 0)[0] & AVAIL_F_NO_INTERRUPT
+        return not self._avail[0] & AVAIL_F_NO_INTERRUPT

@@ -7,6 +7,8 @@ import fcntl
 import mmap
 import os
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -193,3 +195,52 @@ def test_arm_kick_asks_for_the_next_buffer_and_reports_a_race() -> None:
     DESC.pack_into(ram, DESC_AT, 0x4000, 8, 0, 0)
     offer(ram, 0, 0)
     assert q.arm_kick()  # a buffer arrived: the caller drains again instead of sleeping
+
+
+# A driver on another CPU, reading the used ring's index and avail_event with single 16-bit loads.
+_WATCHER = """
+import mmap, sys, time
+fd, used = int(sys.argv[1]), int(sys.argv[2])
+view = memoryview(mmap.mmap(fd, 0x10000)).cast("H")
+seen, torn = 0, 0
+print("ready", flush=True)
+end = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
+    for _ in range(1000):
+        for value in (view[used // 2 + 1], view[used // 2 + 2 + 4 * 8]):
+            torn += value not in (0x00FF, 0x0100)
+    seen += 2000
+print(seen, torn)
+"""
+
+
+def test_ring_indices_are_written_whole_while_the_driver_reads_them() -> None:
+    """used.idx and avail_event go from 0x00FF to 0x0100 and back while another process reads them: it
+    never sees a value halfway (0x0000 or 0x01FF), as it did when struct wrote the two bytes one by one."""
+    fd = os.memfd_create("ring", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 0x10000)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    memory = GuestMemory.from_fds([MemoryRegion(0, 0x10000, USER)], [fd])
+    q = SplitQueue(memory, QSIZE, RingAddresses(USER, USER + AVAIL_AT, USER + USED_AT), event_idx=True)
+    q.used_idx = q.last_avail = 0x00FF
+    q.publish()
+    q.arm_kick()
+    watcher = subprocess.Popen(
+        [sys.executable, "-c", _WATCHER, str(fd), str(USED_AT), "0.5"],
+        pass_fds=(fd,),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert watcher.stdout.readline() == "ready\n"  # type: ignore[union-attr]
+        while watcher.poll() is None:
+            for value in (0x0100, 0x00FF) * 500:
+                q.used_idx = q.last_avail = value
+                q.publish()
+                q.arm_kick()
+        seen, torn = map(int, watcher.stdout.read().split())  # type: ignore[union-attr]
+    finally:
+        watcher.wait()
+        memory.close()
+        os.close(fd)
+    assert seen > 0 and torn == 0, f"{torn} of {seen} reads saw half an index update"
