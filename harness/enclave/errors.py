@@ -217,3 +217,109 @@ class EnclaveImageChanged(EnclaveError):
         "was read: the file was rewritten while the enclave was being launched. Launch it again."
     )
     exit_status = 1
+
+
+# ------------------------------------------------------------------------------ carving enclaves from a parent
+
+
+class CarveRefused(EnclaveError):
+    """A carve that breaks a sizing rule (REFERENCE section 1); raised before anything is touched."""
+
+    code = "E937"
+    title = "parent would keep too few vCPUs"
+    explanation = (
+        "A parent keeps at least 2 vCPUs: an enclave takes at most the parent's vCPUs on that NUMA node "
+        "minus 2 (the QingTian rule)."
+    )
+
+
+class ParentMemoryReserve(CarveRefused):
+    code = "E938"
+    title = "parent would keep too little memory"
+    explanation = "A parent keeps at least 512 MiB of memory after every enclave has taken its share."
+
+
+class PoolExhausted(CarveRefused):
+    code = "E939"
+    title = "enclave pool exhausted"
+    explanation = (
+        "The parent's enclave pool has fewer free vCPUs or less free memory than asked, or a CPU id asked "
+        "for is not in the pool (or already taken by another enclave). Terminate an enclave or boot the "
+        "parent with a larger pool."
+    )
+
+
+class SharedCore(CarveRefused):
+    code = "E940"
+    title = "enclave would share a core with the parent"
+    explanation = (
+        "An enclave takes whole cores: every SMT sibling of its host CPUs must be in the enclave too, none "
+        "with the parent. Relaxed only in the ledger's overcommit mode (a host with too few cores)."
+    )
+
+
+class EnclaveMemoryTooLarge(CarveRefused):
+    code = "E941"
+    title = "enclave memory over the page-size limit"
+    explanation = "On 2 MiB pages an enclave has at most 512 MiB; on 1 GiB pages at most 256 GiB (QingTian)."
+
+
+class NumaSplit(CarveRefused):
+    code = "E942"
+    title = "enclave would span NUMA nodes"
+    explanation = "An enclave's memory and vCPUs come from one NUMA node."
+
+
+class CpuZeroTaken(CarveRefused):
+    code = "E943"
+    title = "enclave would take host CPU 0"
+    explanation = (
+        "Host CPU 0 and its SMT siblings never go to an enclave (they serve the host and the parent)."
+    )
+
+
+class EnclaveCountLimit(CarveRefused):
+    code = "E944"
+    title = "too many enclaves for this parent"
+    explanation = "A parent runs at most 2 enclaves by default (the pool's max_enclaves sets another limit)."
+
+
+class EnclaveMemoryAlignment(CarveRefused):
+    code = "E945"
+    title = "enclave memory not a whole number of pages"
+    explanation = "Enclave memory is cut in hugepages: a multiple of 2 MiB (or 1 GiB on 1 GiB pages)."
+
+
+class EnclaveCidInvalid(CarveRefused):
+    code = "E946"
+    title = "bad enclave CID"
+    explanation = (
+        "An enclave's CID is 4 or more (3 is its parent in the routing group; 0-2 are reserved), below "
+        "2**32 - 1, and not used by another enclave of the same parent."
+    )
+
+
+class EnclaveBootFailed(EnclaveError):
+    code = "E947"
+    title = "enclave did not send its heartbeat"
+    explanation = (
+        "The enclave VM started but its init did not send the 0xB7 heartbeat to its parent (CID 3, port "
+        "9000) in time, or the carve could not take the parent's vCPUs or memory; everything it took was "
+        "given back to the parent."
+    )
+    exit_status = 1
+
+
+class ConsoleRefused(EnclaveError):
+    code = "E948"
+    title = "console of a production enclave refused"
+    explanation = "Only an enclave started in debug mode has a console; a production enclave has none."
+
+
+class EnclaveUnknown(EnclaveError):
+    code = "E949"
+    title = "no such enclave"
+    explanation = (
+        "No running enclave of this parent has that id or name, or a request from the parent was not "
+        "understood (bad JSON, unknown verb, missing field)."
+    )
