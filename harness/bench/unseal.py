@@ -104,7 +104,7 @@ def bench_unseal(
         )
         measurement = plan.measurement_hex()
         assert measurement is not None
-        blobs = {mode: _seal(server, measurement, secret) for mode, server in servers.items()}
+        blobs = {mode: seal_secret(server, measurement, secret) for mode, server in servers.items()}
         boot = lab.boot_planned(plan)
         stack.callback(lab.stop, boot.machine)
         step("boot", f"{boot.seconds:.2f} s")
@@ -124,7 +124,7 @@ def bench_unseal(
     return result
 
 
-def _seal(server: KmsServer, measurement: str, secret: bytes) -> str:
+def seal_secret(server: KmsServer, measurement: str, secret: bytes) -> str:
     """A key for the measured CVM on ``server`` and ``secret`` encrypted under it, base64."""
     operator = server.credentials("operator")
     key = server.create_key(measured_snp_policy(operator.arn, measurement), description="teelab unseal bench")

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
 import sys
+from contextlib import ExitStack
 
 import pytest
+from teelab_guest import protocol
+
+from harness.attest.checks import default_lab_dir
+from harness.bench.unseal import seal_secret
+from harness.kms import KmsServer, Listen
+from harness.kms.tls import ca_certificate_pem, ca_pin
+from harness.lab import Lab
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -37,3 +46,53 @@ def test_demo_serves_the_expected_cvm_and_refuses_the_modified_one() -> None:
     alone = subprocess.run([sys.executable, "-m", "harness.cli", *measure[1:], "--json"],
                            capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
     assert json.loads(alone.stdout)["measurement"] == expected["measurement"]
+
+
+def test_a_cvm_talks_only_to_the_kms_its_command_line_pins(cvm_image, tmp_path) -> None:
+    """One CVM pinned to the real KMS's CA, three KMSes behind the host's vsock-proxy: the real one (TLS), a
+    fake one (TLS, its own CA, holding a key for this very measurement) and a plain HTTP one. The guest is
+    served only by the real one, and by the plain one only when explicitly told --plain."""
+    secret = b"s" * 32
+    with Lab() as lab, ExitStack() as stack:
+        ports = {"real": 8443, "fake": 8444, "plain": 8000}
+        servers = {}
+        for name, port in ports.items():
+            listen = Listen(tls=name != "plain")
+            servers[name] = stack.enter_context(
+                KmsServer.start(tmp_path / name, listen, lab_dir=default_lab_dir())
+            )
+            host, remote = servers[name].endpoint.split("://")[1].rsplit(":", 1)
+            stack.enter_context(lab.vsock_proxy(port, (host, int(remote))))
+        pin = f"{protocol.KMS_CA_KEY}={ca_pin(tmp_path / 'real')}"
+        plan = lab.plan_cvm(cvm_image, name="pinned-cvm", kind="snp", vcpus=1, cmdline_extra=pin)
+        blobs = {
+            name: seal_secret(server, plan.measurement_hex(), secret) for name, server in servers.items()
+        }
+        boot = lab.boot_planned(plan)
+
+        def unseal(kms: str, *extra: str) -> dict:
+            argv = ["python3", "-m", "teelab_guest.unseal", "--kms", f"vsock:2:{ports[kms]}",
+                    "--ciphertext", blobs[kms], *extra]  # fmt: skip
+            return json.loads(boot.agent.exec(argv, timeout=120).stdout.decode().strip().splitlines()[-1])
+
+        real_ca, fake_ca = ca_certificate_pem(tmp_path / "real"), ca_certificate_pem(tmp_path / "fake")
+        served = unseal("real", "--kms-ca", real_ca)
+        assert served["outcome"] == "served" and served["tls"] is True, served
+        assert served["sha256"] == hashlib.sha256(secret).hexdigest()
+        outcomes = {
+            "fake, own CA": unseal("fake", "--kms-ca", fake_ca),
+            "fake, real CA": unseal("fake", "--kms-ca", real_ca),
+            "plain": unseal("plain", "--kms-ca", real_ca),
+            "no CA": unseal("real"),
+        }
+        reasons = {case: (o["outcome"], o["error"]) for case, o in outcomes.items()}
+        assert reasons == {
+            "fake, own CA": ("untrusted", "pin-mismatch"),
+            "fake, real CA": ("untrusted", "untrusted-server"),
+            "plain": ("untrusted", "handshake-failed"),
+            "no CA": ("untrusted", "bad-ca"),
+        }
+        assert not [r for r in servers["fake"].store.audit() if r.operation == "Decrypt"]  # none reached it
+        explicit = unseal("plain", "--plain")
+        assert explicit["outcome"] == "served" and explicit["tls"] is False, explicit
+        lab.stop(boot.machine)
