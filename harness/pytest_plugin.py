@@ -2,7 +2,8 @@
 guests and always tear them down.
 
 Markers: ``kvm``, ``snp``, ``tdx``, ``vhost_vsock`` (skip unless the host has it), ``root`` (skip unless
-root), ``vm`` (boots guests), ``slow``. Fixtures: ``lab_host``, ``lab``, ``lab_image``, ``boot_guest``.
+root), ``vm`` (boots guests), ``slow``. Fixtures: ``lab_host``, ``lab``, ``lab_image``, ``boot_guest`` and
+``cvm``; docs/testing.md shows them at work.
 """
 
 from __future__ import annotations
@@ -86,10 +87,26 @@ def lab_image() -> Callable[[str], object]:
 
 @pytest.fixture
 def boot_guest(lab: object) -> Callable[..., object]:
-    """Boot an image to guest-init's readiness line: ``boot_guest("enclave", vcpus=2)``."""
+    """Boot an image to guest-init's readiness line: ``boot_guest("enclave", vcpus=2)``. An image whose role
+    is ``cvm`` boots as a confidential VM (the ``cvm`` fixture), since its guest code asks for evidence."""
+    from harness import images
 
     def boot(image: str, **options: object) -> object:
+        if images.build(image).role == "cvm":
+            return lab.boot_cvm(image, **options)  # type: ignore[attr-defined]
         return lab.boot_image(image, **options)  # type: ignore[attr-defined]
+
+    return boot
+
+
+@pytest.fixture
+def cvm(lab: object) -> Callable[..., object]:
+    """Boot a confidential VM: ``cvm("cvm", kind="snp", name="guest1")`` gives a booted guest (``.agent``,
+    ``.machine``) with SEV-SNP or TDX, real where the host has it and emulated byte-exactly elsewhere, and a
+    vsock device; options are ``Lab.plan_cvm``'s (``cmdline_extra``, ``vcpus``, ``memory_mib``, ``mode``)."""
+
+    def boot(image: str = "cvm", **options: object) -> object:
+        return lab.boot_cvm(image, **options)  # type: ignore[attr-defined]
 
     return boot
 
