@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     image.set_defaults(func=run_image)
     unseal = kinds.add_parser("unseal", help="a guest's unseal round trip to the KMS, TLS against plain HTTP")
     unseal.add_argument(
-        "-n", "--rounds", type=positive_int, default=30, help="round trips per mode (default: 30)"
+        "-n", "--rounds", type=positive_int, default=100, help="round trips per mode (default: 100)"
     )
     unseal.add_argument(
         "--cold", type=non_negative_int, default=5, help="more on fresh connections (default: 5)"

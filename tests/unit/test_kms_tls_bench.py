@@ -14,6 +14,7 @@ def result(tls: list[float], plain: list[float], wrong: int = 0) -> UnsealBenchR
     bench = UnsealBenchResult(name="unseal", unit="ms", params={}, wrong_secrets=wrong)
     bench.bars = list(BARS)
     bench.warm = {"tls": tls, "plain": plain}
+    bench.samples = [t / p for t, p in zip(tls, plain, strict=True)]
     bench.cold = {"tls": [60.0], "plain": [30.0]}
     bench.first = {"tls": 200.0, "plain": 30.0}
     return bench
@@ -23,6 +24,7 @@ def test_the_ratio_is_of_the_medians_and_holds_at_1_10() -> None:
     within = result(tls=[10.9, 11.0, 50.0], plain=[10.0, 10.0, 10.0])
     assert within.figures["tls_median_ms"] == 11.0 and within.figures["plain_median_ms"] == 10.0
     assert within.figures["tls_over_plain"] == 1.1 and within.ok
+    assert within.figures["paired_ratio_median"] == 1.1  # 1.09, 1.1 and 5.0, round by round
     assert within.figures["cold_tls_over_plain"] == 2.0 and within.figures["first_tls_ms"] == 200.0
     beyond = result(tls=[11.2, 11.2, 11.2], plain=[10.0, 10.0, 10.0])
     assert beyond.figures["tls_over_plain"] == 1.12 and not beyond.ok
