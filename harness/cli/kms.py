@@ -7,17 +7,30 @@ import contextlib
 import datetime
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.table import Table
+from rich.text import Text
 
 from harness import paths
 from harness.cli.render import console, print_json
 from harness.errors import UsageError
 
+if TYPE_CHECKING:
+    from harness.kms.store import Store
+
+MAX_AUDIT_ROWS = 100_000
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     kms = sub.add_parser("kms", help="the lab KMS (attestation-bound key release)")
     kms.add_argument("--kms-dir", type=Path, help="KMS state (default: <state dir>/kms)")
+    kms.add_argument(
+        "--master-key-file",
+        type=Path,
+        help="the master key as a credential file (32 bytes, raw or base64, mode 0600) instead of "
+        "kms/master.key; TEELAB_KMS_MASTER_KEY_FILE does the same",
+    )
     cmds = kms.add_subparsers(dest="kms", metavar="COMMAND", required=True)
 
     serve = cmds.add_parser("serve", help="serve the KMS until interrupted")
@@ -28,6 +41,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--tls", action="store_true", help="serve HTTPS with the lab certificate (kms/tls/ca.pem)"
     )
     serve.add_argument("--max-body", type=int, default=65536, help="request body cap in bytes")
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        help="open connections at most (default: 2048); past it the oldest waiting one is closed, or the "
+        "newcomer gets 503",
+    )
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        help="seconds a request's head and body may take to arrive (default: 10)",
+    )
     serve.add_argument(
         "--lab-ca", type=Path, help="lab CA directory (its root counts only where a policy names it)"
     )
@@ -60,8 +84,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     audit = cmds.add_parser("audit", help="show the audit log, oldest first")
     audit.add_argument("--key", help="only this key id")
-    audit.add_argument("--limit", type=int, default=50)
+    audit.add_argument(
+        "--limit", type=int, default=50, help=f"rows at most, 1..{MAX_AUDIT_ROWS} (default: 50)"
+    )
     audit.add_argument("--since", type=int, default=0, help="rows after this row id")
+    audit.add_argument(
+        "--verify", action="store_true", help="check the audit log's HMAC chain end to end (E1024 if broken)"
+    )
     audit.add_argument("--json", action="store_true", help="print JSON")
     audit.set_defaults(func=run_audit)
 
@@ -89,16 +118,24 @@ def register_bench(kinds: argparse._SubParsersAction) -> None:
         help="offered req/s of the open-loop run at the most clients (0: skip; default: 320)",
     )
     bench.add_argument("--profile-dir", type=Path, help="profile the server; pstats files land here")
+    bench.add_argument(
+        "--hostile",
+        type=int,
+        metavar="N",
+        help="instead: the open-loop load alone, then beside N half-open connections (bar: p99 <= 3x)",
+    )
     bench.add_argument("--json", action="store_true", help="print JSON")
     bench.set_defaults(func=run_bench)
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from harness.bench.kms import MODES, bench_kms
+    from harness.bench.kms import MODES, bench_kms, bench_kms_hostile
 
     clients = tuple(args.clients or (1, 10, 100))
     if min(clients) < 1 or args.requests_per_client < 1:
         raise UsageError("--clients and --requests-per-client must be at least 1")
+    if args.hostile is not None and not (1 <= args.hostile <= 100_000 and args.open_rate > 0):
+        raise UsageError("--hostile takes 1..100000 connections and needs an --open-rate above 0")
     table = Table(title="bench kms (server in a subprocess, load generator in this one)")
     for column in ("mode", "clients", "load", "req/s", "p50 ms", "p99 ms", "max ms", "errors", "bars"):
         table.add_column(
@@ -114,14 +151,23 @@ def run_bench(args: argparse.Namespace) -> int:
             )
 
     with console.status("measuring", spinner="dots") if not args.json else contextlib.nullcontext():
-        results = bench_kms(
-            modes=tuple(args.mode or MODES),
-            concurrency=clients,
-            requests_per_client=args.requests_per_client,
-            open_rate=args.open_rate or None,
-            profile_dir=args.profile_dir,
-            on_result=show,
-        )
+        if args.hostile:
+            results = bench_kms_hostile(
+                mode=(args.mode or MODES)[0],
+                clients=max(clients),
+                attackers=args.hostile,
+                rate=args.open_rate,
+                on_result=show,
+            )
+        else:
+            results = bench_kms(
+                modes=tuple(args.mode or MODES),
+                concurrency=clients,
+                requests_per_client=args.requests_per_client,
+                open_rate=args.open_rate or None,
+                profile_dir=args.profile_dir,
+                on_result=show,
+            )
     if args.json:
         print_json([{k: v for k, v in r.to_dict().items() if k != "samples"} for r in results])
     else:
@@ -153,8 +199,23 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
-def _kms_dir(args: argparse.Namespace) -> Path:
-    return args.kms_dir or paths.state_dir() / "kms"
+def _kms_dir(args: argparse.Namespace, *, existing: bool = False) -> Path:
+    """The KMS directory; UsageError if it names something else than a directory, or (``existing``) if it
+    holds no store yet, so that a command that only reads leaves nothing behind."""
+    kms_dir = args.kms_dir or paths.state_dir() / "kms"
+    if kms_dir.exists() and not kms_dir.is_dir():
+        raise UsageError(f"--kms-dir {kms_dir} is not a directory", hint="name the KMS state directory")
+    if existing and not (kms_dir / "kms.sqlite3").is_file():
+        raise UsageError(
+            f"there is no KMS store in {kms_dir}", hint="create a key or credentials first, or fix --kms-dir"
+        )
+    return kms_dir
+
+
+def _open_store(args: argparse.Namespace, *, existing: bool = False) -> Store:
+    from harness.kms.store import Store
+
+    return Store.open(_kms_dir(args, existing=existing), args.master_key_file)
 
 
 def _read_policy(path: Path | None) -> str | None:
@@ -169,19 +230,27 @@ def _read_policy(path: Path | None) -> str | None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from harness.kms.admission import Limits
     from harness.kms.runner import Listen, serve_forever
 
-    listen = Listen(args.host, args.port, args.unix, args.tls, args.max_body)
-    serve_forever(_kms_dir(args), listen, lab_dir=args.lab_ca, tdx_collateral=args.tdx_collateral)
+    given = {"max_connections": args.max_connections, "request_timeout": args.request_timeout}
+    limits = Limits(**{name: value for name, value in given.items() if value is not None})
+    listen = Listen(args.host, args.port, args.unix, args.tls, args.max_body, limits)
+    serve_forever(
+        _kms_dir(args),
+        listen,
+        lab_dir=args.lab_ca,
+        tdx_collateral=args.tdx_collateral,
+        master_key_file=args.master_key_file,
+    )
     return 0
 
 
 def run_create_key(args: argparse.Namespace) -> int:
     from harness.kms.policy import KeyPolicy, default_policy
-    from harness.kms.store import Store
 
     text = _read_policy(args.policy)
-    store = Store.open(_kms_dir(args))
+    store = _open_store(args)
     try:
         text = text or default_policy(store.account)
         KeyPolicy.parse(text)
@@ -191,32 +260,29 @@ def run_create_key(args: argparse.Namespace) -> int:
     if args.json:
         print_json(record.metadata(store.account))
     else:
-        console.print(f"created key {record.id}\n  {record.arn}")
+        console.print(f"created key {record.id}\n  {record.arn}", markup=False)
     return 0
 
 
 def run_put_policy(args: argparse.Namespace) -> int:
     from harness.kms.errors import KeyNotFound
     from harness.kms.policy import KeyPolicy
-    from harness.kms.store import Store
 
     text = _read_policy(args.policy) or ""
     KeyPolicy.parse(text)
-    store = Store.open(_kms_dir(args))
+    store = _open_store(args, existing=True)
     try:
         if store.get_key(args.key_id) is None:
             raise KeyNotFound(f"key {args.key_id} does not exist", hint="list keys with teelab kms keys")
         store.submit(store.set_policy(args.key_id, text)).result()
     finally:
         store.close()
-    console.print(f"policy of {args.key_id} replaced")
+    console.print(f"policy of {args.key_id} replaced", markup=False)
     return 0
 
 
 def run_keys(args: argparse.Namespace) -> int:
-    from harness.kms.store import Store
-
-    store = Store.open(_kms_dir(args))
+    store = _open_store(args, existing=True)
     try:
         records = store.list_keys(1000)
     finally:
@@ -228,15 +294,13 @@ def run_keys(args: argparse.Namespace) -> int:
     for column in ("key id", "state", "created", "description"):
         table.add_column(column)
     for r in records:
-        table.add_row(r.id, r.state, _when(r.created), r.description)
+        table.add_row(r.id, r.state, _when(r.created), Text(r.description))
     console.print(table)
     return 0
 
 
 def run_credentials(args: argparse.Namespace) -> int:
-    from harness.kms.store import Store
-
-    store = Store.open(_kms_dir(args))
+    store = _open_store(args)
     try:
         creds = store.issue_credentials(args.name)
     finally:
@@ -244,19 +308,29 @@ def run_credentials(args: argparse.Namespace) -> int:
     if args.json:
         print_json(creds.to_dict())
     else:
-        console.print(f"principal {creds.arn}")
-        console.print(f"AWS_ACCESS_KEY_ID={creds.access_key}\nAWS_SECRET_ACCESS_KEY={creds.secret}")
+        console.print(f"principal {creds.arn}", markup=False)
+        console.print(
+            f"AWS_ACCESS_KEY_ID={creds.access_key}\nAWS_SECRET_ACCESS_KEY={creds.secret}", markup=False
+        )
     return 0
 
 
 def run_audit(args: argparse.Namespace) -> int:
-    from harness.kms.store import Store
-
-    if args.limit < 1:
-        raise UsageError("--limit must be at least 1")
-    store = Store.open(_kms_dir(args))
+    if not 1 <= args.limit <= MAX_AUDIT_ROWS:
+        raise UsageError(f"--limit must be 1..{MAX_AUDIT_ROWS}", hint="page with --since ROW_ID")
+    if not 0 <= args.since < 2**63:
+        raise UsageError("--since must be a row id, 0..2**63-1")
+    store = _open_store(args, existing=True)
     try:
+        if args.verify:
+            rows, head = store.verify_audit()
+            if args.json:
+                print_json({"rows": rows, "head": head, "intact": True})
+            else:
+                console.print(f"audit chain intact: {rows} rows, head {head}", markup=False)
+            return 0
         rows = list(store.audit(key_id=args.key, limit=args.limit, since_id=args.since))
+        pending = store.pending_refusals()
     finally:
         store.close()
     if args.json:
@@ -266,18 +340,25 @@ def run_audit(args: argparse.Namespace) -> int:
     for column in ("time", "operation", "key", "principal", "evidence", "decision", "status", "reasons"):
         table.add_column(column, overflow="fold")
     for r in rows:
+        # every field but the decision's colour comes from requests: Text, never markup
         colour = {"allow": "green", "deny": "red"}.get(r.decision, "yellow")
         table.add_row(
             _when(r.time),
-            r.operation,
-            (r.key_id or "-")[:8],
-            (r.principal or "anonymous").split(":")[-1],
-            (r.evidence_digest or "-")[:12],
-            f"[{colour}]{r.decision}[/]",
+            Text(r.operation),
+            Text((r.key_id or "-")[:8]),
+            Text((r.principal or "anonymous").split(":")[-1]),
+            Text((r.evidence_digest or "-")[:12]),
+            Text(r.decision, style=colour),
             str(r.status),
-            "; ".join(r.reasons),
+            Text("; ".join(r.reasons)),
         )
     console.print(table)
+    for source, kind, since, counted in pending:
+        console.print(
+            f"counted, not yet logged: {counted} anonymous {kind} refusals from {source}"
+            f" since {_when(since)}",
+            markup=False,
+        )
     return 0
 
 

@@ -17,12 +17,16 @@ import logging
 import resource
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
+from harness.errors import UsageError
+
 log = logging.getLogger("teelab.kms")
+REQUEST_PEER: ContextVar[str] = ContextVar("REQUEST_PEER", default="-")  # the peer whose request is served
 FD_RESERVE = 256  # descriptors kept for the store, the thread pool, TLS files and logs
 BUSY_BODY = json.dumps(
     {"__type": "ServiceUnavailableException", "message": "the KMS is at its connection cap; retry"}
@@ -41,6 +45,17 @@ class Limits:
     max_connections: int = 2048
     request_timeout: float = 10.0
     eviction_grace: float = 1.0
+
+    def __post_init__(self) -> None:
+        within("max connections", self.max_connections, 1, 1 << 20)
+        within("request timeout", self.request_timeout, 0.01, 3600)
+        within("eviction grace", self.eviction_grace, 0, 3600)
+
+
+def within(name: str, value: float, low: float, high: float) -> None:
+    """UsageError unless ``low <= value <= high`` (NaN is outside every range)."""
+    if not low <= value <= high:
+        raise UsageError(f"{name} {value} is outside {low:g}..{high:g}", hint=f"give a {name} in that range")
 
 
 def raise_fd_limit() -> int:
@@ -110,6 +125,7 @@ class Admission:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         """Read a declared body under the connection's deadline, then mark the connection as served."""
+        REQUEST_PEER.set(request.remote or "-")
         guard = self.by_handler.get(request.protocol)
         if guard is None:
             return await handler(request)

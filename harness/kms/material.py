@@ -11,11 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from harness.kms.errors import InvalidCiphertext, MasterKeyError
 
 MASTER_KEY_ENV = "TEELAB_KMS_MASTER_KEY"
+MASTER_KEY_FILE_ENV = "TEELAB_KMS_MASTER_KEY_FILE"
 BLOB_MAGIC = b"TLK1"
 KEY_ID_LEN = 36  # a UUID in text form
 _WRAP_AAD = b"teelab-kms-wrap:"
@@ -29,20 +32,24 @@ class MasterKey:
     source: str
 
     @classmethod
-    def load_or_create(cls, kms_dir: Path) -> MasterKey:
-        """From ``TEELAB_KMS_MASTER_KEY`` (base64), else ``kms_dir/master.key`` (0600), made on first use."""
+    def load_or_create(cls, kms_dir: Path, key_file: Path | None = None) -> MasterKey:
+        """From ``TEELAB_KMS_MASTER_KEY`` (base64), else ``key_file`` or ``TEELAB_KMS_MASTER_KEY_FILE`` (a
+        credential file the operator keeps elsewhere, never made here), else ``kms_dir/master.key`` (0600),
+        made on first use. Files hold 32 bytes, raw or in base64, and must not be open to group or others."""
         env = os.environ.get(MASTER_KEY_ENV)
         if env:
-            try:
-                key = base64.b64decode(env, validate=True)
-            except binascii.Error:
-                key = b""
-            if len(key) != 32:
+            key = _base64_key(env)
+            if key is None:
                 raise MasterKeyError(
                     f"{MASTER_KEY_ENV} is not base64 of 32 bytes",
                     hint=f"set {MASTER_KEY_ENV}=$(head -c32 /dev/urandom | base64) or unset it",
                 )
             return cls(key, "environment")
+        named = key_file or (
+            Path(os.environ[MASTER_KEY_FILE_ENV]) if os.environ.get(MASTER_KEY_FILE_ENV) else None
+        )
+        if named is not None:
+            return cls(_read_key_file(named), str(named))
         path = kms_dir / "master.key"
         if not path.exists():
             kms_dir.mkdir(parents=True, exist_ok=True)
@@ -52,17 +59,11 @@ class MasterKey:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        mode = path.stat().st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise MasterKeyError(
-                f"master key file {path} is accessible to group or others (mode {stat.S_IMODE(mode):o})",
-                hint=f"chmod 600 {path}",
-                path=str(path),
-            )
-        key = path.read_bytes()
-        if len(key) != 32:
-            raise MasterKeyError(f"master key file {path} holds {len(key)} bytes, not 32", path=str(path))
-        return cls(key, str(path))
+        return cls(_read_key_file(path), str(path))
+
+    def subkey(self, purpose: str) -> bytes:
+        """32 bytes for ``purpose`` (HKDF-SHA256 of the master key), so the master key itself does one job."""
+        return HKDF(hashes.SHA256(), 32, salt=None, info=b"teelab-kms:" + purpose.encode()).derive(self.key)
 
     def wrap(self, key_id: str, material: bytes) -> bytes:
         nonce = os.urandom(12)
@@ -76,6 +77,39 @@ class MasterKey:
                 f"key {key_id} does not unwrap with the master key from {self.source}",
                 hint="start the KMS with the master key the store was made with",
             ) from None
+
+
+def _base64_key(text: str) -> bytes | None:
+    try:
+        key = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return key if len(key) == 32 else None
+
+
+def _read_key_file(path: Path) -> bytes:
+    """32 bytes from ``path`` (raw, or base64 text); MasterKeyError if missing, too open or the wrong size."""
+    try:
+        mode = path.stat().st_mode
+        data = path.read_bytes()[:4096]
+    except OSError as exc:
+        raise MasterKeyError(
+            f"cannot read the master key file {path}: {exc.strerror}",
+            hint="point at a readable file holding 32 bytes (raw or base64)",
+            path=str(path),
+        ) from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise MasterKeyError(
+            f"master key file {path} is accessible to group or others (mode {stat.S_IMODE(mode):o})",
+            hint=f"chmod 600 {path}",
+            path=str(path),
+        )
+    key = data if len(data) == 32 else _base64_key(data.decode("ascii", errors="replace"))
+    if key is None:
+        raise MasterKeyError(
+            f"master key file {path} holds {len(data)} bytes, not 32 (raw) or base64 of 32", path=str(path)
+        )
+    return key
 
 
 def _context_bytes(context: dict[str, str] | None) -> bytes:

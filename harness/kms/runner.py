@@ -17,13 +17,15 @@ from typing import Any
 from aiohttp import web
 
 from harness.aio import EventLoopThread
-from harness.kms.admission import Admission, Limits, raise_fd_limit
+from harness.kms.admission import Admission, Limits, raise_fd_limit, within
 from harness.kms.errors import ServerStartError
 from harness.kms.recipient import Verifier
 from harness.kms.server import DEFAULT_MAX_BODY, KmsHttp
 from harness.kms.service import KmsService, ServiceConfig
 from harness.kms.store import Credentials, KeyRecord, Store
 from harness.kms.tls import ensure_certificate, server_context
+
+MAX_BODY_LIMIT = 16 << 20  # bodies are read whole into memory: the cap itself is capped
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,10 @@ class Listen:
     tls: bool = False
     max_body: int = DEFAULT_MAX_BODY
     limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        within("port", self.port, 0, 65535)
+        within("max body", self.max_body, 1, MAX_BODY_LIMIT)
 
 
 def default_verifier(lab_dir: Path | None = None, tdx_collateral: Path | None = None) -> Verifier:
@@ -61,11 +67,12 @@ class KmsServer:
         config: ServiceConfig | None = None,
         lab_dir: Path | None = None,
         tdx_collateral: Path | None = None,
+        master_key_file: Path | None = None,
     ) -> None:
         self.kms_dir = kms_dir
         self.listen = listen or Listen()
         verifier = verifier or default_verifier(lab_dir, tdx_collateral)  # a bad collateral cache: no store
-        self.store = Store.open(kms_dir)
+        self.store = Store.open(kms_dir, master_key_file)
         self.store.purge_deleted()
         self.service = KmsService(self.store, verifier, config)
         self.http = KmsHttp(self.service, max_body=self.listen.max_body)
@@ -197,6 +204,7 @@ def serve_forever(
     *,
     lab_dir: Path | None = None,
     tdx_collateral: Path | None = None,
+    master_key_file: Path | None = None,
     ready: Any = None,
     profile: Path | None = None,
 ) -> None:
@@ -205,7 +213,9 @@ def serve_forever(
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    server = KmsServer.start(kms_dir, listen, lab_dir=lab_dir, tdx_collateral=tdx_collateral)
+    server = KmsServer.start(
+        kms_dir, listen, lab_dir=lab_dir, tdx_collateral=tdx_collateral, master_key_file=master_key_file
+    )
     profiler = None
     if profile is not None and server._loop is not None:
         import cProfile

@@ -2,10 +2,16 @@
 
 SQLite in WAL mode with synchronous=FULL. Every write goes through one writer thread that commits whatever is
 queued in one transaction (group commit), then resolves the callers' futures: acknowledged means durable.
+Audit rows are chained in that transaction: each row's ``chain`` is an HMAC (keyed from the master key) over
+the previous row's and its own fields, and a MAC'd head names the last row, so editing, removing or
+truncating rows shows in ``verify_audit``. Anonymous refusals past ``REFUSAL_CAP`` an hour per source and
+kind are counted instead of logged; the count enters the chain as one summary row.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import queue
@@ -20,12 +26,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from harness.kms.errors import StoreError
+from harness.kms.admission import REQUEST_PEER
+from harness.kms.errors import AuditChainBroken, StoreError
 from harness.kms.material import MasterKey
 
 T = TypeVar("T")
 DEFAULT_ACCOUNT = "000000000000"
 DEFAULT_REGION = "us-east-1"
+GENESIS = "00" * 32  # the chain value before the first audit row
+REFUSAL_CAP = 100  # anonymous refusals logged per source and kind each REFUSAL_WINDOW_S; the rest are counted
+REFUSAL_WINDOW_S = 3600.0
+REFUSAL_SOURCES = 64  # sources counted apart; refusals from further ones share the source "other"
+_AUDIT_FIELDS = (
+    "id, time, request_id, operation, key_id, principal, evidence_digest, decision, reasons, status, error"
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -39,9 +53,12 @@ CREATE TABLE IF NOT EXISTS credentials (
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY, time REAL NOT NULL, request_id TEXT NOT NULL, operation TEXT NOT NULL,
     key_id TEXT, principal TEXT, evidence_digest TEXT, decision TEXT NOT NULL, reasons TEXT NOT NULL,
-    status INTEGER NOT NULL, error TEXT);
+    status INTEGER NOT NULL, error TEXT, chain TEXT);
 CREATE INDEX IF NOT EXISTS audit_key ON audit (key_id);
 CREATE TABLE IF NOT EXISTS nonces (digest TEXT PRIMARY KEY, expires REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS refusals (
+    source TEXT NOT NULL, kind TEXT NOT NULL, since REAL NOT NULL, logged INTEGER NOT NULL,
+    counted INTEGER NOT NULL, PRIMARY KEY (source, kind));
 """
 
 
@@ -124,14 +141,24 @@ class Store:
         self.dir = kms_dir
         self.path = kms_dir / "kms.sqlite3"
         self.master = master
+        self._chain_key = master.subkey("audit-chain")
         self._local = threading.local()
         self._material: dict[str, bytes] = {}
         try:
             kms_dir.mkdir(parents=True, exist_ok=True)
             os.chmod(kms_dir, 0o700)
+            # SQLite gives the -wal and -shm files the database file's mode
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            for path in (self.path, *(self.path.with_name(self.path.name + s) for s in ("-wal", "-shm"))):
+                if path.exists():
+                    os.chmod(path, 0o600)
             conn = self._conn()
             conn.executescript(_SCHEMA)
-            conn.commit()
+            if "chain" not in {row[1] for row in conn.execute("PRAGMA table_info(audit)")}:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("ALTER TABLE audit ADD COLUMN chain TEXT")
+                self._seal(conn, adopt=True)
+                conn.execute("COMMIT")
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the KMS store {self.path}: {exc}", path=str(self.path)) from None
         self.account = self._setting("account", DEFAULT_ACCOUNT)
@@ -143,9 +170,15 @@ class Store:
         self._writer.start()
 
     @classmethod
-    def open(cls, kms_dir: Path) -> Store:
-        """Open (or make) the store in ``kms_dir`` with its master key."""
-        return cls(kms_dir, MasterKey.load_or_create(kms_dir))
+    def open(cls, kms_dir: Path, master_key_file: Path | None = None) -> Store:
+        """Open (or make) the store in ``kms_dir`` with its master key (see ``MasterKey.load_or_create``)."""
+        if kms_dir.exists() and not kms_dir.is_dir():
+            raise StoreError(
+                f"the KMS directory {kms_dir} is not a directory",
+                hint="name a directory (made if missing) for --kms-dir",
+                path=str(kms_dir),
+            )
+        return cls(kms_dir, MasterKey.load_or_create(kms_dir, master_key_file))
 
     # -- connections and the writer thread ---------------------------------------------------------------
 
@@ -209,6 +242,7 @@ class Store:
                     conn.execute("ROLLBACK TO item")
                     conn.execute("RELEASE item")
                     results.append((future, False, exc))
+            self._seal(conn)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
@@ -228,6 +262,7 @@ class Store:
 
     def close(self) -> None:
         if self._writer.is_alive():
+            self.submit(self.flush_refusals(0.0))
             self._queue.put(None)
             self._writer.join(timeout=30)
         conn = getattr(self._local, "conn", None)
@@ -343,6 +378,7 @@ class Store:
         def change(conn: sqlite3.Connection) -> int:
             now = time.time()
             conn.execute("DELETE FROM nonces WHERE expires <= ?", (now,))
+            self.flush_refusals(REFUSAL_WINDOW_S)(conn)
             return conn.execute(
                 "DELETE FROM keys WHERE deletion_date IS NOT NULL AND deletion_date <= ?", (now,)
             ).rowcount
@@ -398,30 +434,118 @@ class Store:
     # -- audit and nonces ----------------------------------------------------------------------------------
 
     @staticmethod
-    def record(row: AuditRow, nonce: tuple[str, float] | None = None) -> Callable[[sqlite3.Connection], None]:
-        """The change that appends an audit row (and remembers a nonce digest until its expiry)."""
+    def record(
+        row: AuditRow, nonce: tuple[str, float] | None = None, source: str | None = None
+    ) -> Callable[[sqlite3.Connection], None]:
+        """The change that appends an audit row (and remembers a nonce digest until its expiry). An anonymous
+        refusal past the cap of its ``source`` (default: the peer of the request being served) and kind is
+        counted instead."""
+        peer = source or REQUEST_PEER.get()
 
         def change(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO audit (time, request_id, operation, key_id, principal, evidence_digest,"
-                " decision, reasons, status, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    row.time,
-                    row.request_id,
-                    row.operation,
-                    row.key_id,
-                    row.principal,
-                    row.evidence_digest,
-                    row.decision,
-                    json.dumps(list(row.reasons)),
-                    row.status,
-                    row.error,
-                ),
-            )
             if nonce is not None:
                 conn.execute("INSERT OR REPLACE INTO nonces (digest, expires) VALUES (?, ?)", nonce)
+            if row.principal is None and row.decision != "allow" and not _admit_refusal(conn, row, peer):
+                return
+            _insert(conn, row)
 
         return change
+
+    @staticmethod
+    def flush_refusals(age: float) -> Callable[[sqlite3.Connection], int]:
+        """The change that turns refusal counts at least ``age`` seconds old into summary audit rows."""
+
+        def change(conn: sqlite3.Connection) -> int:
+            now = time.time()
+            stale = conn.execute(
+                "SELECT source, kind, since, counted FROM refusals WHERE since <= ?", (now - age,)
+            ).fetchall()
+            for source, kind, since, counted in stale:
+                if counted:
+                    _insert(conn, _summary(source, kind, since, counted, now))
+            conn.execute("DELETE FROM refusals WHERE since <= ?", (now - age,))
+            return len(stale)
+
+        return change
+
+    def pending_refusals(self) -> list[tuple[str, str, float, int]]:
+        """(source, kind, since, counted) of refusals counted but not yet summarised in the audit log."""
+        return (
+            self._conn()
+            .execute(
+                "SELECT source, kind, since, counted FROM refusals WHERE counted > 0 ORDER BY source, kind"
+            )
+            .fetchall()
+        )
+
+    def _seal(self, conn: sqlite3.Connection, *, adopt: bool = False) -> None:
+        """Chain the audit rows this transaction inserted (``adopt``: every unchained row, for a store made
+        before rows were chained), and MAC the new head. A row put in by other means stays unchained."""
+        ids = sorted(_written.__dict__.pop("ids", set()))
+        if adopt:
+            rows = conn.execute(
+                f"SELECT {_AUDIT_FIELDS} FROM audit WHERE chain IS NULL ORDER BY id"
+            ).fetchall()
+        else:
+            rows = [
+                r
+                for i in ids
+                if (r := conn.execute(f"SELECT {_AUDIT_FIELDS} FROM audit WHERE id = ?", (i,)).fetchone())
+            ]
+        if not rows:
+            return
+        before = conn.execute(
+            "SELECT chain FROM audit WHERE id < ? AND chain IS NOT NULL ORDER BY id DESC LIMIT 1",
+            (rows[0][0],),
+        ).fetchone()
+        chain = before[0] if before else GENESIS
+        for row in rows:
+            chain = self._link(chain, row)
+            conn.execute("UPDATE audit SET chain = ? WHERE id = ?", (chain, row[0]))
+        conn.execute(
+            "INSERT OR REPLACE INTO settings (name, value) VALUES ('audit_head', ?)",
+            (self._head(rows[-1][0], chain),),
+        )
+
+    def _link(self, previous: str, row: tuple[Any, ...]) -> str:
+        fields = json.dumps(list(row), separators=(",", ":"), ensure_ascii=False).encode()
+        return hmac.new(self._chain_key, bytes.fromhex(previous) + fields, hashlib.sha256).hexdigest()
+
+    def _head(self, row_id: int, chain: str) -> str:
+        mac = hmac.new(self._chain_key, f"head:{row_id}:{chain}".encode(), hashlib.sha256).hexdigest()
+        return f"{row_id}:{chain}:{mac}"
+
+    def verify_audit(self) -> tuple[int, str]:
+        """Recompute the audit chain; (rows, head chain value) if intact, else AuditChainBroken naming the
+        first row that does not match (edited, inserted, removed) or a head that is missing or moved."""
+        chain, count, last_id = GENESIS, 0, 0
+        conn = self._conn()
+        for row in conn.execute(f"SELECT {_AUDIT_FIELDS}, chain FROM audit ORDER BY id"):
+            if row[-1] is None:
+                raise AuditChainBroken(
+                    f"audit row {row[0]} carries no chain value: it was not written by the KMS",
+                    row=row[0],
+                    path=str(self.path),
+                )
+            if not hmac.compare_digest(self._link(chain, row[:-1]), row[-1]):
+                raise AuditChainBroken(
+                    f"audit row {row[0]} does not follow from the rows before it: it, or a row before it, "
+                    "was edited, inserted or removed",
+                    row=row[0],
+                    path=str(self.path),
+                )
+            chain, count, last_id = row[-1], count + 1, row[0]
+        head = conn.execute("SELECT value FROM settings WHERE name = 'audit_head'").fetchone()
+        if count == 0 and head is None:
+            return 0, GENESIS
+        if head is None or not hmac.compare_digest(head[0], self._head(last_id, chain)):
+            raise AuditChainBroken(
+                f"the audit log's head does not name its last row {last_id}: rows were removed from its end "
+                "or the head was altered",
+                row=last_id,
+                path=str(self.path),
+            )
+        return count, chain
 
     def audit(self, *, key_id: str | None = None, limit: int = 100, since_id: int = 0) -> Iterator[AuditRow]:
         """Audit rows, oldest first, optionally for one key."""
@@ -442,3 +566,72 @@ class Store:
         """Nonce digests not yet expired (loaded at start so a replay across a restart is still refused)."""
         rows = self._conn().execute("SELECT digest, expires FROM nonces WHERE expires > ?", (time.time(),))
         return dict(rows.fetchall())
+
+
+_written = threading.local()  # ids of the audit rows the writer thread's open transaction inserted
+
+
+def _insert(conn: sqlite3.Connection, row: AuditRow) -> None:
+    cursor = conn.execute(
+        "INSERT INTO audit (time, request_id, operation, key_id, principal, evidence_digest, decision,"
+        " reasons, status, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            row.time,
+            row.request_id,
+            row.operation,
+            row.key_id,
+            row.principal,
+            row.evidence_digest,
+            row.decision,
+            json.dumps(list(row.reasons)),
+            row.status,
+            row.error,
+        ),
+    )
+    _written.__dict__.setdefault("ids", set()).add(cursor.lastrowid)
+
+
+def _admit_refusal(conn: sqlite3.Connection, row: AuditRow, source: str) -> bool:
+    """Whether an anonymous refusal is logged (within the cap of its source and kind) or only counted."""
+    kind = row.error or row.decision
+    known = conn.execute("SELECT 1 FROM refusals WHERE source = ? LIMIT 1", (source,)).fetchone()
+    if known is None and conn.execute("SELECT COUNT(DISTINCT source) FROM refusals").fetchone()[0] >= (
+        REFUSAL_SOURCES
+    ):
+        source = "other"
+    entry = conn.execute(
+        "SELECT since, logged, counted FROM refusals WHERE source = ? AND kind = ?", (source, kind)
+    ).fetchone()
+    if entry is not None and row.time - entry[0] >= REFUSAL_WINDOW_S:
+        if entry[2]:
+            _insert(conn, _summary(source, kind, entry[0], entry[2], row.time))
+        entry = None
+    if entry is None:
+        conn.execute(
+            "INSERT OR REPLACE INTO refusals (source, kind, since, logged, counted) VALUES (?, ?, ?, 1, 0)",
+            (source, kind, row.time),
+        )
+        return True
+    if entry[1] < REFUSAL_CAP:
+        conn.execute("UPDATE refusals SET logged = logged + 1 WHERE source = ? AND kind = ?", (source, kind))
+        return True
+    conn.execute("UPDATE refusals SET counted = counted + 1 WHERE source = ? AND kind = ?", (source, kind))
+    return False
+
+
+def _summary(source: str, kind: str, since: float, counted: int, now: float) -> AuditRow:
+    return AuditRow(
+        f"summary-{uuid.uuid4()}",
+        "-",
+        None,
+        None,
+        None,
+        "counted",
+        (
+            f"{counted} more anonymous {kind} refusals from {source} since {since:.0f}"
+            " were counted, not logged",
+        ),
+        0,
+        kind,
+        now,
+    )
