@@ -9,7 +9,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,12 @@ from teelab_guest import protocol
 
 from harness import images
 from harness.agent import AGENT_CHANNEL, GuestAgent, agent_port
+from harness.enclave.carver import ParentVm
+from harness.enclave.pool import MEMHP_ONLINE, EnclavePool, book_parent, boot_memory, layout_parent, rebook
 from harness.enclave.run import DEFAULT_PARENT_ROLE, plan_enclave
+from harness.host.hugepages import ensure_pool
 from harness.host.model import HostInfo
-from harness.host.probe import probe
+from harness.host.probe import hugepage_pools, probe
 from harness.qemu.errors import MachineError
 from harness.qemu.machine import Machine
 from harness.qemu.spec import ChardevChannel, Device, MemoryBackend, MemoryBackendMemfd, VMSpec
@@ -227,6 +230,58 @@ class Lab:
         """Build (or take from the cache) image ``name`` and boot it."""
         image = images.build(name)
         return self.boot(self.spec_for_image(image, **spec_options), timeout=timeout)  # type: ignore[arg-type]
+
+    def boot_parent(
+        self,
+        image: str | images.BuiltImage = "parent",
+        *,
+        name: str = "parent",
+        pool: EnclavePool | None = None,
+        vcpus: int = 2,
+        memory_mib: int = 512,
+        group: str | None = None,
+        timeout: float = 120.0,
+    ) -> ParentVm:
+        """Boot a parent with an enclave pool (``pool``, default 2 vCPUs and 256 MiB): ``memory_mib`` of
+        boot RAM and the pool on hugepages (reserved in the host's pool when short: needs root), the pool's
+        vCPUs as devices, every vCPU pinned as the ledger booked it, vsock at CID 3 of its routing group. Its
+        enclaves (``ParentVm.carve``) end with it."""
+        built = images.build(image) if isinstance(image, str) else image
+        layout = layout_parent(
+            self.host, name, pool or EnclavePool(), kept_vcpus=vcpus, boot_memory_mib=memory_mib
+        )
+        ensure_pool(layout.pool.page_kib, layout.pages(memory_mib + layout.pool.memory_mib))
+        self.host = replace(self.host, hugepages=hugepage_pools(Path("/")))
+        group = group or f"{name}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
+        ledger = self.vsock.ledger
+        attachment = self.vsock.attach(name, group=group, cid=3)
+        closers: list[Callable[[], None]] = [lambda: self.vsock.detach(name)]
+        try:
+            values = book_parent(ledger, layout)
+            spec = self.spec_for_image(
+                built, name=name, role="parent", vcpus=vcpus, memory_mib=memory_mib,
+                cmdline_extra=MEMHP_ONLINE, memory=boot_memory(layout),
+                devices=(*layout.devices, *attachment.devices),
+            )  # fmt: skip
+            spec = replace(spec, max_vcpus=vcpus + len(layout.pool_vcpus))
+        except BaseException:
+            _run_all(closers)
+            raise
+        parents: list[ParentVm] = []
+        closers.insert(0, lambda: [p.close() for p in parents])
+        boot = self.boot(spec, timeout=timeout, closers=closers)
+        try:
+            threads = boot.machine.vcpu_threads()
+            for vcpu, cpu in layout.vcpu_host.items():
+                os.sched_setaffinity(threads[vcpu], {cpu})
+            rebook(ledger, layout, boot.machine.pid)
+            parent = ParentVm(layout, boot.machine, self.host, self.vsock, group, ledger, values, boot=boot)
+            parents.append(parent)
+            parent.order({"op": "status"})  # the pool service is up
+        except BaseException:
+            self.stop(boot.machine, powerdown_timeout=0)
+            raise
+        return parent
 
     def boot_enclave(
         self,

@@ -175,6 +175,14 @@ def run_guest(started: float, steps: list[tuple[str, float]]) -> None:
         steps.append(("agent", uptime()))
         if args.get(protocol.DEBUG_KEY):
             say("teelab: " + " ".join(f"{name}={at:.3f}" for name, at in steps))
+        if role == "parent":
+            from teelab_guest import parent_pool  # the host's orders for the pool and the heartbeats
+
+            parent_pool.start()
+        elif role == "enclave":
+            from teelab_guest import parent_pool
+
+            threading.Thread(target=parent_pool.send_heartbeat, name="heartbeat", daemon=True).start()
         say(protocol.ready_line(role, uptime()))
         if role == "enclave":
             from teelab_guest import enclave_app  # an enclave image's /app/run, in a thread
