@@ -61,11 +61,11 @@ def run_ls(args: argparse.Namespace) -> int:
         print_json(rows)
         return 0
     table = Table(title="teelab images")
-    for column in ("name", "role", "key", "cached", "initrd", "description"):
+    for column in ("name", "role", "key", "cached", "initrd", "description and kernel command line"):
         table.add_column(column)
     for row in rows:
         size = f"{row['initrd_bytes'] / 2**20:.1f} MiB" if row["initrd_bytes"] else "-"  # type: ignore[operator]
         table.add_row(str(row["name"]), str(row["role"]), str(row["key"]), "yes" if row["cached"] else "no",
-                      size, str(row["description"]))  # fmt: skip
+                      size, f"{row['description']}\n[dim]{row['cmdline']}[/]")  # fmt: skip
     console.print(table)
     return 0

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from harness import images
 from harness.cli.arguments import positive_int
 from harness.cli.render import print_json
+from harness.errors import UsageError
+from harness.lab import Lab
 from harness.tee.measure import DEFAULT_GUEST_FEATURES, DEFAULT_VCPU_TYPE, LaunchInputs, measure
 
 
@@ -25,10 +28,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "of a guest launched from these inputs.",
     )
     parser.add_argument("--kind", choices=("snp", "tdx"), required=True)
+    parser.add_argument(
+        "--image",
+        help="a lab image (images/NAME.toml): measure the launch a lab CVM of it gets (its kernel, initrd, "
+        "command line, vCPUs and firmware, as `teelab demo` and the cvm fixture boot it)",
+    )
+    parser.add_argument(
+        "--cmdline-extra", default="", help="with --image: what the lab adds to the image's command line"
+    )
     parser.add_argument("--kernel", type=Path, help="kernel image (-kernel)")
     parser.add_argument("--initrd", type=Path, help="initial ramdisk (-initrd)")
     parser.add_argument("--cmdline", default="", help="kernel command line (-append)")
-    parser.add_argument("--vcpus", type=positive_int, default=1, help="boot vCPU count (default: 1)")
+    parser.add_argument(
+        "--vcpus", type=positive_int, help="boot vCPU count (default: 1; with --image, the lab's 2)"
+    )
     parser.add_argument(
         "--vcpu-type", default=DEFAULT_VCPU_TYPE, help=f"SNP: QEMU -cpu model (default: {DEFAULT_VCPU_TYPE})"
     )
@@ -47,17 +60,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    inputs = LaunchInputs(
-        kernel=args.kernel,
-        initrd=args.initrd,
-        cmdline=args.cmdline,
-        vcpus=args.vcpus,
-        vcpu_type=args.vcpu_type,
-        firmware=args.firmware,
-        policy=args.policy,
-        guest_features=args.guest_features,
-    )
-    result = measure(args.kind, inputs).to_dict()
+    if args.image is not None:
+        result = _measure_image(args)
+    else:
+        if args.cmdline_extra:
+            raise UsageError("--cmdline-extra goes with --image", hint="put it in --cmdline instead")
+        inputs = LaunchInputs(
+            kernel=args.kernel,
+            initrd=args.initrd,
+            cmdline=args.cmdline,
+            vcpus=args.vcpus or 1,
+            vcpu_type=args.vcpu_type,
+            firmware=args.firmware,
+            policy=args.policy,
+            guest_features=args.guest_features,
+        )
+        result = measure(args.kind, inputs).to_dict()
     if args.json:
         print_json(result)
         return 0
@@ -71,3 +89,29 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"{key:<14} {value}")
     return 0
+
+
+def _measure_image(args: argparse.Namespace) -> dict[str, object]:
+    """What a lab CVM of ``args.image`` will carry: the lab plans the launch and its TEE computes it."""
+    if args.kernel or args.initrd or args.cmdline or args.firmware:
+        raise UsageError(
+            "--image takes its kernel, initrd, command line and firmware from the lab",
+            hint="drop --kernel/--initrd/--cmdline/--firmware, or drop --image",
+        )
+    options = {"policy": args.policy} if args.policy is not None else {}
+    if args.kind == "snp":
+        options |= {"vcpu_type": args.vcpu_type, "guest_features": args.guest_features}
+    elif args.policy is not None:
+        options = {"attributes": args.policy}
+    with Lab() as lab:
+        plan = lab.plan_cvm(
+            images.build(args.image), name=f"measure-{args.image}", kind=args.kind, vsock=False,
+            cmdline_extra=args.cmdline_extra, vcpus=args.vcpus or 2, **options,
+        )  # fmt: skip
+        try:
+            measured = plan.tee.measurement
+            assert measured is not None
+            result = measured.to_dict()
+        finally:
+            plan.tee.close()
+    return {"image": args.image, "cmdline": plan.spec.cmdline, **result}

@@ -106,6 +106,7 @@ def list_images() -> list[dict[str, object]]:
                 "cached": image is not None,
                 "initrd_bytes": image.initrd_bytes if image else None,
                 "description": recipe.description,
+                "cmdline": recipe.kernel_cmdline(),
             }
         )
     return rows

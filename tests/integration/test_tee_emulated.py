@@ -114,3 +114,19 @@ def test_tdx_quote_from_inside_the_guest_verifies_against_teelab_measure(enclave
     )
     verdict = verify(got["blob"], policy)  # type: ignore[arg-type]
     assert verdict.ok, verdict.reasons
+
+
+def test_measure_of_a_lab_image_is_what_a_lab_cvm_of_it_reports(cvm_image) -> None:
+    """`teelab measure --image NAME --cmdline-extra ...` takes the lab's own launch inputs: no guessing of
+    vCPUs, firmware or command line to reproduce a lab guest's measurement."""
+    argv = [TEELAB, "measure", "--kind", "snp", "--image", "cvm", "--cmdline-extra", "lab.test=1", "--json"]
+    expected = json.loads(subprocess.run(argv, check=True, capture_output=True, text=True).stdout)
+    with Lab() as lab:
+        guest = lab.boot_cvm(
+            cvm_image, name="measured-cvm", kind="snp", cmdline_extra="lab.test=1", vsock=False
+        )
+        assert guest.agent is not None
+        argv = ["python3", "-c", GET_EVIDENCE, bytes(64).hex()]
+        got = cbor2.loads(guest.agent.exec(argv, check=True, timeout=60).stdout)
+    assert expected["cmdline"].endswith(" lab.test=1")
+    assert parse_snp_report(got["blob"]).measurement.hex() == expected["measurement"]
