@@ -61,11 +61,14 @@ def run_ls(args: argparse.Namespace) -> int:
         print_json(rows)
         return 0
     table = Table(title="teelab images")
-    for column in ("name", "role", "key", "cached", "initrd", "description and kernel command line"):
+    for column in ("name", "role", "key", "cached", "initrd", "description"):
         table.add_column(column)
     for row in rows:
         size = f"{row['initrd_bytes'] / 2**20:.1f} MiB" if row["initrd_bytes"] else "-"  # type: ignore[operator]
         table.add_row(str(row["name"]), str(row["role"]), str(row["key"]), "yes" if row["cached"] else "no",
-                      size, f"{row['description']}\n[dim]{row['cmdline']}[/]")  # fmt: skip
+                      size, str(row["description"]))  # fmt: skip
     console.print(table)
+    console.print("kernel command lines (before what a lab adds):")
+    for row in rows:
+        console.print(f"  {row['name']}: {row['cmdline']}", highlight=False, markup=False)
     return 0
