@@ -9,7 +9,7 @@ from harness import images
 from harness.bench.result import Bar, BenchResult
 from harness.lab import Lab
 
-# The bars of the foundation issue, under TCG on a 2-vCPU host.
+# The bars of docs/status.md (boot to ready), under TCG on a 2-vCPU host.
 BOOT_BARS = {"enclave": 3.0, "parent": 3.5}
 
 

@@ -24,7 +24,7 @@ from harness.vsock.host import VsockHost
 
 SERIAL_PORT = "org.teelab.bench.0"
 SERIAL_CHANNEL = "bench"
-# The bars of the vsock issue, under TCG on a 2-vCPU host.
+# The bars of docs/status.md (vsock), under TCG on a 2-vCPU host.
 TCG_BARS = (
     Bar("guest_to_host_mb_s", ">=", 25.0),
     Bar("guest_to_guest_mb_s", ">=", 15.0),
