@@ -26,6 +26,7 @@ from teelab_guest import pool_wire
 
 from harness.enclave import errors
 from harness.enclave.pool import (
+    PAGE_TOKENS,
     VIRTIO_MEM_ID,
     ParentLayout,
     cpu_release_mode,
@@ -35,6 +36,7 @@ from harness.enclave.pool import (
 )
 from harness.enclave.rules import CarveRequest, PoolCpu, PoolView, check_carve
 from harness.enclave.run import DEFAULT_VCPUS, EnclaveLaunch, plan_enclave
+from harness.host.errors import LedgerExhausted
 from harness.host.ledger import Ledger
 from harness.host.model import HostInfo
 from harness.host.probe import hugepage_pools
@@ -254,7 +256,7 @@ class ParentVm:
         owner = f"enclave:{self.name}:{launch.enclave_id}"
         values = {c.vcpu: self.ledger_values[c.vcpu] for c in chosen}
         self.ledger.transfer(self.layout.ledger_kind, list(values.values()), owner, pid=machine.pid)
-        undo.insert(1, lambda: self._ledger_back(owner, values))
+        undo.insert(1, lambda: self._ledger_back(owner, values, memory_mib))
         pages = self.layout.pages(memory_mib)
         tokens = [
             c.value for c in self.ledger.claims(self.layout.page_kind) if c.owner == pool_owner(self.name)
@@ -324,14 +326,25 @@ class ParentVm:
                 )
             time.sleep(0.1)
 
-    def _ledger_back(self, owner: str, values: dict[int, int]) -> None:
-        """The enclave's CPUs go back to their vCPUs' owners, its hugepages to the pool."""
+    def _ledger_back(self, owner: str, values: dict[int, int], memory_mib: int) -> None:
+        """The enclave's CPUs go back to their vCPUs' owners, its hugepages to the pool. Claims the ledger
+        reaped already (the enclave's QEMU died first) are claimed afresh."""
+        pid = self.machine.pid if self.machine.running else None
         for vcpu, value in values.items():
-            self.ledger.transfer(
-                self.layout.ledger_kind, [value], vcpu_owner(self.name, vcpu), pid=self.machine.pid
-            )
-        tokens = [c.value for c in self.ledger.claims(self.layout.page_kind) if c.owner == owner]
-        self.ledger.transfer(self.layout.page_kind, tokens, pool_owner(self.name), pid=self.machine.pid)
+            self._hand_over(self.layout.ledger_kind, [value], vcpu_owner(self.name, vcpu), pid)
+        kind = self.layout.page_kind
+        tokens = [c.value for c in self.ledger.claims(kind) if c.owner == owner]
+        self._hand_over(kind, tokens, pool_owner(self.name), pid)
+        missing = self.layout.pages(memory_mib) - len(tokens)
+        if missing > 0:
+            self.ledger.claim(kind, PAGE_TOKENS, missing, pool_owner(self.name), pid=pid)
+
+    def _hand_over(self, kind: str, values: list[int], owner: str, pid: int | None) -> None:
+        try:
+            self.ledger.transfer(kind, values, owner, pid=pid)
+        except LedgerExhausted:
+            held = {c.value for c in self.ledger.claims(kind)}
+            self.ledger.claim_exact(kind, [v for v in values if v not in held], owner, pid=pid)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def find(self, enclave_id: str | None = None, name: str | None = None) -> Enclave:
@@ -349,7 +362,7 @@ class ParentVm:
             self.enclaves.pop(enclave.enclave_id, None)
             enclave.state = "TERMINATING"
             steps = [
-                lambda: self._ledger_back(enclave.owner, enclave.ledger_values),
+                lambda: self._ledger_back(enclave.owner, enclave.ledger_values, enclave.memory_mib),
                 enclave.machine.kill,
                 enclave.launch.close,
                 lambda: self.vsock.detach(enclave.name),

@@ -1,0 +1,204 @@
+"""Enclaves carved from a running parent under TCG: the parent's vCPUs and hugepages move to the enclave and
+come back, the ledger says who holds them, the enclave has only vsock and its security module, a broken rule
+leaves nothing behind, and a SIGKILLed parent takes its enclaves within 2 s. One parent serves the module."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness.enclave import errors
+from harness.enclave.carver import ParentVm
+from harness.enclave.pool import SLOTS_PER_CPU
+from harness.enclave.recipes import BuiltEnclave, build_enclave_image
+from harness.host.hugepages import free_pages
+from harness.lab import Lab
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
+MIB = 1 << 20
+PAGE_KIB = 2048
+# PCI ids an enclave may show: q35's own host bridge, LPC/ISA bridge, AHCI (no drive) and SMBus; the
+# virtio-serial controller of the security module's port; vhost-user vsock.
+ALLOWED_PCI = {
+    (0x8086, 0x29C0), (0x8086, 0x2918), (0x8086, 0x2922), (0x8086, 0x2930),
+    (0x1AF4, 0x1003), (0x1AF4, 0x1043), (0x1AF4, 0x1053),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hello() -> BuiltEnclave:
+    return build_enclave_image("hello")
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with Lab() as lab:
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def parent(lab: Lab) -> ParentVm:
+    return lab.boot_parent(name="carve-parent")
+
+
+def hugetlb_kib(pid: int | None) -> int:
+    """Hugetlb memory mapped by a process (smaps' Shared_Hugetlb + Private_Hugetlb), 0 once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/smaps").read_text()
+    except (OSError, TypeError):
+        return 0
+    fields = ("Shared_Hugetlb:", "Private_Hugetlb:")
+    return sum(int(line.split()[1]) for line in text.splitlines() if line.startswith(fields))
+
+
+def online_count(cpus: str) -> int:
+    total = 0
+    for part in cpus.split(","):
+        low, _, high = part.partition("-")
+        total += int(high or low) - int(low) + 1
+    return total
+
+
+def holders(parent: ParentVm) -> dict[str, int]:
+    """Ledger owner -> how many values it holds, for this parent's CPUs and hugepages."""
+    counts: dict[str, int] = {}
+    for kind in (parent.layout.ledger_kind, parent.layout.page_kind):
+        for claim in parent.ledger.claims(kind):
+            if parent.name in claim.owner:
+                key = f"{kind}:{claim.owner.split(':')[0]}"
+                counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def test_carve_moves_cpus_and_hugepages_to_the_enclave_and_terminate_brings_them_back(
+    parent: ParentVm, hello: BuiltEnclave
+) -> None:
+    before = parent.order({"op": "status"})
+    free_before = free_pages(PAGE_KIB)
+    parent_before = hugetlb_kib(parent.machine.pid)
+    ledger_before = holders(parent)
+    assert ledger_before == {
+        f"{parent.layout.ledger_kind}:parent": 4,
+        f"{parent.layout.page_kind}:parent": (512 + 256) // 2,
+    }
+
+    enclave = parent.carve(hello.path, memory_mib=256, cpu_count=2)
+    after = parent.order({"op": "status"})
+    assert online_count(before["online"]) - online_count(after["online"]) == 2
+    assert before["mem_total_kib"] - after["mem_total_kib"] >= 256 * 1024
+    assert parent_before - hugetlb_kib(parent.machine.pid) == 256 * 1024
+    assert hugetlb_kib(enclave.machine.pid) == 256 * 1024
+    assert free_pages(PAGE_KIB) == free_before  # the pages moved: none were added, none are lost
+    assert holders(parent) == {
+        f"{parent.layout.ledger_kind}:parent": 2,
+        f"{parent.layout.ledger_kind}:enclave": 2,
+        f"{parent.layout.page_kind}:parent": 512 // 2,
+        f"{parent.layout.page_kind}:enclave": 256 // 2,
+    }
+    # each enclave vCPU thread runs exactly on the host CPU the ledger gave it (its parent vCPU's)
+    booked = [c.value for c in parent.ledger.claims(parent.layout.ledger_kind) if c.owner == enclave.owner]
+    host_cpus = sorted(v // SLOTS_PER_CPU if parent.layout.overcommit else v for v in booked)
+    threads = enclave.machine.vcpu_threads()
+    assert len(threads) == 2
+    for index, tid in threads.items():
+        assert os.sched_getaffinity(tid) == {enclave.cpus[index].host_cpu}
+    assert sorted(c.host_cpu for c in enclave.cpus) == host_cpus
+    assert sorted(parent.layout.vcpu_host[c.vcpu] for c in enclave.cpus) == host_cpus
+    # only vsock, the security module's port and the machine's own devices; no disk, no agent
+    pci = enclave.machine.qmp("query-pci")
+    ids = {(d["id"]["vendor"], d["id"]["device"]) for bus in pci for d in bus["devices"]}
+    assert ids <= ALLOWED_PCI, ids - ALLOWED_PCI
+    assert (0x1AF4, 0x1053) in ids
+    assert enclave.machine.qmp("query-block") == []
+    assert "agent" not in str(enclave.machine.qmp("query-chardev"))
+    (described,) = parent.describe()
+    assert described["EnclaveCID"] == enclave.cid and described["State"] == "RUNNING"
+    assert described["Flags"] == "NONE" and described["CPUIDs"] == [c.vcpu for c in enclave.cpus]
+    assert described["Measurements"]["PCR0"] == hello.measurements.pcr0.hex()
+    assert ("overcommit" in described["CPUMapping"]) == parent.layout.overcommit
+
+    pid = enclave.machine.pid
+    parent.terminate(enclave)
+    back = parent.order({"op": "status"})
+    assert back["online"] == before["online"]
+    assert back["mem_total_kib"] == before["mem_total_kib"]
+    assert hugetlb_kib(parent.machine.pid) == parent_before
+    assert not Path(f"/proc/{pid}").exists()
+    assert free_pages(PAGE_KIB) == free_before
+    assert holders(parent) == ledger_before
+    assert parent.describe() == []
+
+
+@pytest.mark.parametrize(
+    ("options", "code"),
+    [
+        ({"cpu_count": 4}, "E937"),  # the parent would keep 0 vCPUs
+        ({"cpu_count": 3}, "E933"),
+        ({"cpu_ids": (0, 1)}, "E939"),  # not pool vCPUs
+        ({"memory_mib": 255}, "E945"),
+        ({"memory_mib": 514}, "E941"),
+        ({"memory_mib": 64}, "E932"),
+        ({"memory_mib": 384}, "E938"),  # the parent would keep 384 MiB
+        ({"cid": 3}, "E946"),  # the parent's own CID
+    ],
+)
+def test_each_broken_rule_is_refused_with_its_code_and_leaves_nothing(
+    parent: ParentVm, hello: BuiltEnclave, options: dict[str, object], code: str
+) -> None:
+    options = {"memory_mib": 256, **options}
+    ledger = parent.ledger.claims()
+    free = free_pages(PAGE_KIB)
+    attached = set(parent.vsock.attachments)
+    children = set(os.listdir("/proc"))
+    with pytest.raises(errors.EnclaveError) as caught:
+        parent.carve(hello.path, **options)  # type: ignore[arg-type]
+    assert caught.value.code == code
+    assert parent.ledger.claims() == ledger
+    assert free_pages(PAGE_KIB) == free
+    assert set(parent.vsock.attachments) == attached
+    assert parent.enclaves == {}
+    new = [p for p in set(os.listdir("/proc")) - children if p.isdigit() and _is_our_qemu(int(p))]
+    assert new == []
+
+
+def _is_our_qemu(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return "qemu" in stat and int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid()
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def test_a_sigkilled_parent_takes_its_enclaves_within_2_s(
+    lab: Lab, parent: ParentVm, hello: BuiltEnclave
+) -> None:
+    """Last in the module: it kills the shared parent."""
+    enclave = parent.carve(hello.path, memory_mib=256, cpu_count=2)
+    pid = enclave.machine.pid
+    pages = hugetlb_kib(pid) // PAGE_KIB + hugetlb_kib(parent.machine.pid) // PAGE_KIB
+    free = free_pages(PAGE_KIB)
+    assert parent.machine.pid is not None
+    os.kill(parent.machine.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    while Path(f"/proc/{pid}").exists() and _alive(pid):
+        assert time.monotonic() - killed < 2.0, "the enclave outlived its parent by 2 s"
+        time.sleep(0.02)
+    deadline = time.monotonic() + 2.0
+    while free_pages(PAGE_KIB) < free + pages and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert free_pages(PAGE_KIB) >= free + pages  # the enclave's and the parent's hugepages are back
+    lab.stop(parent.machine, powerdown_timeout=0)
+    assert [c for c in parent.ledger.claims() if parent.name in c.owner] == []
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
