@@ -27,6 +27,7 @@ from harness.errors import UsageError
 
 log = logging.getLogger("teelab.kms")
 REQUEST_PEER: ContextVar[str] = ContextVar("REQUEST_PEER", default="-")  # the peer whose request is served
+MAX_HEAD = 16384  # bytes of request line and headers; aiohttp allows 8190 per line and per header
 FD_RESERVE = 256  # descriptors kept for the store, the thread pool, TLS files and logs
 BUSY_BODY = json.dumps(
     {"__type": "ServiceUnavailableException", "message": "the KMS is at its connection cap; retry"}
@@ -142,11 +143,13 @@ class Admission:
 
 
 class Guard(asyncio.Protocol):
-    """One connection: aiohttp's protocol behind it, and the deadline of the request it waits for."""
+    """One connection: the deadline of the request it waits for, and aiohttp's protocol behind it, made only
+    once a whole request head has come (a connection that never sends one costs no aiohttp handler)."""
 
     def __init__(self, admission: Admission) -> None:
         self.admission = admission
         self.inner: asyncio.Protocol | None = None
+        self.head = bytearray()  # the first request's head until it is whole
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.delivered = False  # whether a request has come in on this connection
@@ -157,10 +160,6 @@ class Guard(asyncio.Protocol):
             transport.write(BUSY_ANSWER)  # type: ignore[attr-defined]
             transport.close()
             return
-        assert self.admission.factory is not None, "admission before the aiohttp server is set up"
-        self.inner = self.admission.factory()
-        self.admission.by_handler[self.inner] = self
-        self.inner.connection_made(transport)
         self.wait_next()
 
     def wait_next(self) -> None:
@@ -200,9 +199,23 @@ class Guard(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.inner is not None:
             self.inner.data_received(data)
+            return
+        seen = len(self.head)
+        self.head += data
+        if self.head.find(b"\r\n\r\n", max(0, seen - 3)) < 0:
+            if len(self.head) > MAX_HEAD:  # aiohttp would refuse it too; no need to hand it over
+                self.admission.counts["head_too_large"] += 1
+                self.close()
+            return
+        assert self.admission.factory is not None, "admission before the aiohttp server is set up"
+        self.inner = self.admission.factory()
+        self.admission.by_handler[self.inner] = self
+        self.inner.connection_made(self.transport)  # type: ignore[arg-type]
+        head, self.head = bytes(self.head), bytearray()
+        self.inner.data_received(head)
 
     def eof_received(self) -> bool | None:
-        return self.inner.eof_received() if self.inner is not None else None
+        return self.inner.eof_received() if self.inner is not None else False
 
     def pause_writing(self) -> None:
         if self.inner is not None:

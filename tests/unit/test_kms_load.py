@@ -94,6 +94,13 @@ def test_a_body_that_trickles_in_is_closed_at_the_deadline(kms: KmsServer) -> No
     assert not still_open(sock)
 
 
+@pytest.mark.parametrize("kms", [Limits()], indirect=True)
+def test_a_head_that_never_ends_is_closed_once_too_large(kms: KmsServer) -> None:
+    sock = half_open(kms, b"POST / HTTP/1.1\r\nX-Filler: " + b"a" * 20000)
+    assert closed_within(sock, 5)
+    assert kms.admission is not None and kms.admission.counts["head_too_large"] == 1
+
+
 @pytest.mark.parametrize(
     "kms", [Limits(max_connections=3, request_timeout=30, eviction_grace=1.0)], indirect=True
 )
@@ -115,6 +122,7 @@ def test_at_the_cap_connections_that_never_sent_a_request_go_first_then_503(kms:
     assert answer.startswith(b"HTTP/1.1 503 ")
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["__type"] == "ServiceUnavailableException"
     assert still_open(third) and still_open(fourth)
+    assert len(kms.admission.by_handler) == 1  # half-open connections got no aiohttp handler
     assert kms.admission.stats() == {
         "open": 3,
         "peak": 3,
