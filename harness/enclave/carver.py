@@ -41,7 +41,7 @@ from harness.host.ledger import Ledger
 from harness.host.model import HostInfo
 from harness.host.probe import hugepage_pools
 from harness.qemu.machine import Machine
-from harness.qemu.spec import MemoryBackendMemfd
+from harness.qemu.spec import Device, MemoryBackendMemfd, VMSpec
 from harness.vsock import VsockHost
 
 log = logging.getLogger(__name__)
@@ -240,11 +240,7 @@ class ParentVm:
         undo.append(lambda: self._give_cpus(vcpus))
         self._resize_pool(-memory_mib)
         undo.append(lambda: self._resize_pool(memory_mib))
-        page_kib = self.layout.pool.page_kib
-        memory = MemoryBackendMemfd(
-            "ram0", memory_mib, share=True, hugetlb=True, hugetlbsize_kib=page_kib, prealloc=True
-        )
-        spec = replace(launch.spec, memory=memory, devices=(*launch.spec.devices, *attachment.devices))
+        spec = enclave_spec(launch.spec, memory_mib, self.layout.pool.page_kib, attachment.devices)
         host = replace(self.host, hugepages=hugepage_pools(Path("/")))  # the shrink has just freed pages
         machine = Machine(spec, host)
         machine.launch()
@@ -407,6 +403,15 @@ class ParentVm:
             steps = [lambda e=e: self.terminate(e) for e in list(self.enclaves.values())]
             steps += [self._unwatch, lambda: release_parent(self.ledger, self.name)]
             _undo_all(steps)
+
+
+def enclave_spec(planned: VMSpec, memory_mib: int, page_kib: int, vsock: tuple[Device, ...]) -> VMSpec:
+    """The planned enclave on hugepages (preallocated, shared with the vsock switch) with its vsock: the
+    kernel, initrd and security module's port from the plan, and nothing else."""
+    memory = MemoryBackendMemfd(
+        "ram0", memory_mib, share=True, hugetlb=True, hugetlbsize_kib=page_kib, prealloc=True
+    )
+    return replace(planned, memory=memory, devices=(*planned.devices, *vsock))
 
 
 def _remove_and_close(loop: Any, fd: int) -> None:
