@@ -20,6 +20,7 @@ from harness.agent import AGENT_CHANNEL, GuestAgent, agent_port
 from harness.enclave.carver import ParentVm
 from harness.enclave.pool import MEMHP_ONLINE, EnclavePool, book_parent, boot_memory, layout_parent, rebook
 from harness.enclave.run import DEFAULT_PARENT_ROLE, plan_enclave
+from harness.enclave.service import EnclaveApi
 from harness.host.hugepages import ensure_pool
 from harness.host.model import HostInfo
 from harness.host.probe import hugepage_pools, probe
@@ -277,6 +278,7 @@ class Lab:
             rebook(ledger, layout, boot.machine.pid)
             parent = ParentVm(layout, boot.machine, self.host, self.vsock, group, ledger, values, boot=boot)
             parents.append(parent)
+            parent.closers.append(EnclaveApi(parent).close)  # teelab-enclave's requests from the parent
             parent.order({"op": "status"})  # the pool service is up
         except BaseException:
             self.stop(boot.machine, powerdown_timeout=0)

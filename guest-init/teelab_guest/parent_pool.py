@@ -121,10 +121,21 @@ def _listen(port: int) -> socket.socket:
     return listener
 
 
+COMMAND = "/usr/bin/teelab-enclave"
+COMMAND_SCRIPT = '#!/bin/sh\nexec python3 -m teelab_guest.teelab_enclave "$@"\n'
+
+
 def start() -> None:
-    """Serve heartbeats and the host's orders in threads (nothing when the guest has no vsock)."""
+    """Serve heartbeats and the host's orders in threads (nothing when the guest has no vsock); install
+    the ``teelab-enclave`` command."""
     if not os.path.exists("/dev/vsock"):
         return
+    try:
+        with open(COMMAND, "x") as script:
+            script.write(COMMAND_SCRIPT)
+        os.chmod(COMMAND, 0o755)
+    except OSError:
+        pass  # there already, or a read-only root
     beats = Heartbeats()
     for target in (serve_heartbeats, serve_orders):
         threading.Thread(target=target, args=(beats,), name=target.__name__, daemon=True).start()

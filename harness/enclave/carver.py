@@ -104,6 +104,7 @@ class ParentVm:
     ledger: Ledger
     ledger_values: dict[int, int]  # vCPU -> ledger value (host CPU, or slot when overcommitted)
     boot: Any = None  # the GuestBoot (agent, readiness) when a Lab booted it
+    closers: list[Any] = field(default_factory=list)  # run at close, after the enclaves are gone
     enclaves: dict[str, Enclave] = field(default_factory=dict)
     cpu_mode: str = ""
     _lock: threading.RLock = field(default_factory=threading.RLock)
@@ -401,7 +402,8 @@ class ParentVm:
         """Terminate every enclave (giving back to the parent while it runs) and drop the parent's claims."""
         with self._lock:
             steps = [lambda e=e: self.terminate(e) for e in list(self.enclaves.values())]
-            steps += [self._unwatch, lambda: release_parent(self.ledger, self.name)]
+            steps += [*self.closers, self._unwatch, lambda: release_parent(self.ledger, self.name)]
+            self.closers = []
             _undo_all(steps)
 
 

@@ -4,6 +4,7 @@ leaves nothing behind, and a SIGKILLed parent takes its enclaves within 2 s. One
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -172,6 +173,58 @@ def _is_our_qemu(pid: int) -> bool:
         return "qemu" in stat and int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid()
     except (OSError, ValueError, IndexError):
         return False
+
+
+def enclave_cli(parent: ParentVm, *args: str, timeout: float = 180.0) -> tuple[int, str, str]:
+    """``teelab-enclave ARGS`` run in the parent through its agent: (status, stdout, stderr)."""
+    agent = parent.boot.agent
+    result = agent.exec(["teelab-enclave", *args], timeout=timeout)
+    return result.returncode, result.text, result.stderr.decode(errors="replace")
+
+
+def test_teelab_enclave_in_the_parent_runs_describes_and_terminates_with_nitro_clis_json(
+    parent: ParentVm, hello: BuiltEnclave
+) -> None:
+    parent.boot.agent.exec(["sh", "-c", "cat > /tmp/app.eif"], stdin=hello.path.read_bytes(), check=True)
+    status, out, err = enclave_cli(parent, "describe-eif", "--eif-path", "/tmp/app.eif")
+    assert status == 0, err
+    assert json.loads(out)["Measurements"]["PCR0"] == hello.measurements.pcr0.hex()
+
+    status, out, err = enclave_cli(
+        parent, "run-enclave", "--eif-path", "/tmp/app.eif", "--cpu-count", "2", "--memory", "256",
+        "--enclave-name", "app",
+    )  # fmt: skip
+    assert status == 0, err
+    ran = json.loads(out)
+    assert ran["EnclaveName"] == "app" and ran["NumberOfCPUs"] == 2 and ran["MemoryMiB"] == 256
+    status, out, _ = enclave_cli(parent, "describe-enclaves")
+    (described,) = json.loads(out)
+    assert described["EnclaveID"] == ran["EnclaveID"] and described["State"] == "RUNNING"
+    assert described["Flags"] == "NONE" and "CPUMapping" in described
+
+    status, out, err = enclave_cli(parent, "console", "--enclave-name", "app")
+    assert status == 2 and err.startswith("[ E948 ]") and out == ""
+    status, _, err = enclave_cli(parent, "run-enclave", "--eif-path", "/tmp/app.eif", "--cpu-count", "2",
+                                 "--memory", "256")  # fmt: skip
+    assert status == 2 and err.startswith("[ E937 ]")  # the pool's vCPUs are taken: the parent keeps 2
+
+    status, out, err = enclave_cli(parent, "terminate-enclave", "--enclave-name", "app")
+    assert status == 0 and json.loads(out)["Terminated"] is True, err
+    assert json.loads(enclave_cli(parent, "describe-enclaves")[1]) == []
+    status, _, err = enclave_cli(parent, "terminate-enclave", "--enclave-id", ran["EnclaveID"])
+    assert status == 2 and err.startswith("[ E949 ]")
+
+
+def test_a_debug_enclaves_console_streams(parent: ParentVm) -> None:
+    status, _, err = enclave_cli(
+        parent, "run-enclave", "--eif-path", "/tmp/app.eif", "--cpu-count", "2", "--memory", "256",
+        "--enclave-name", "dbg", "--debug-mode",
+    )  # fmt: skip
+    assert status == 0, err
+    assert json.loads(enclave_cli(parent, "describe-enclaves")[1])[0]["Flags"] == "DEBUG_MODE"
+    result = parent.boot.agent.exec(["timeout", "3", "teelab-enclave", "console", "--enclave-name", "dbg"])
+    assert "TEELAB-READY role=enclave" in result.text
+    assert enclave_cli(parent, "terminate-enclave", "--all")[0] == 0
 
 
 def test_a_sigkilled_parent_takes_its_enclaves_within_2_s(
