@@ -26,7 +26,9 @@ def imported_packages(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "harness":
             parts = node.module.split(".")
-            found |= {parts[1]} if len(parts) > 1 else {alias.name for alias in node.names}
+            found |= (
+                {parts[1]} if len(parts) > 1 else {a.name for a in node.names if not a.name.startswith("__")}
+            )
         elif isinstance(node, ast.Import):
             found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("harness.")}
     return found
