@@ -7,6 +7,7 @@ panic loop.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import struct
@@ -34,8 +35,10 @@ def say(line: str) -> None:
         try:
             with open("/dev/console", "w") as console:
                 console.write(line + "\n")
-        except OSError:
-            sys.stderr.write(line + "\n")
+        except OSError:  # no console (a production enclave has no serial port): nowhere to say it
+            if sys.stderr is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    sys.stderr.write(line + "\n")
 
 
 def mount(source: str, target: str, fstype: str, options: str = "") -> None:

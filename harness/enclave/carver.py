@@ -243,7 +243,7 @@ class ParentVm:
         undo.append(lambda: self._resize_pool(memory_mib))
         spec = enclave_spec(launch.spec, memory_mib, self.layout.pool.page_kib, attachment.devices)
         host = replace(self.host, hugepages=hugepage_pools(Path("/")))  # the shrink has just freed pages
-        machine = Machine(spec, host)
+        machine = Machine(spec, host, serial=debug)  # a console only in debug mode
         machine.launch()
         undo.insert(0, lambda: machine.kill())  # first of all: the enclave goes before its resources return
         launch.release_files()

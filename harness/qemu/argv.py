@@ -31,8 +31,10 @@ def build_argv(
     console: Chardev,
     qemu_binary: str | None = None,
     channels: Mapping[str, int] | None = None,
+    serial: bool = True,
 ) -> list[str]:
-    """The command line for ``spec`` on ``host``; raises a SpecError (E3xx) before anything runs."""
+    """The command line for ``spec`` on ``host``; raises a SpecError (E3xx) before anything runs. Without
+    ``serial`` the console chardev has no serial port behind it: the guest has no console at all."""
     spec.validate(host)
     for chardev in (qmp, console):
         chardev.validate(host)
@@ -60,7 +62,7 @@ def build_argv(
         argv += ["-bios", str(spec.firmware)]
     argv += FIXED_FLAGS
     argv += [*qmp.args(), "-mon", f"chardev={qmp.id},mode=control"]
-    argv += [*console.args(), "-serial", f"chardev:{console.id}"]
+    argv += [*console.args(), *(["-serial", f"chardev:{console.id}"] if serial else [])]
     argv += _device_args(spec, channels or {})
     return argv
 

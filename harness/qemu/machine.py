@@ -68,11 +68,13 @@ class Machine:
         artifacts: Path | None = None,
         qemu_binary: str | None = None,
         loop: EventLoopThread | None = None,
+        serial: bool = True,
     ) -> None:
         spec.validate(host)  # a bad spec raises its SpecError (E3xx) before anything exists, folder included
         refuse_duplicate_ids("chardev", [QMP_ID, CONSOLE_ID, *(c.id for c in spec.chardevs())])
         self.spec = spec
         self.host = host
+        self.serial = serial  # False: no serial port, so no console (a production enclave)
         self.qemu_binary = qemu_binary
         self.artifacts = artifacts or _new_artifact_dir(spec.name)
         self.artifacts.mkdir(parents=True, exist_ok=True)
@@ -101,6 +103,7 @@ class Machine:
             console=ChardevSocket(CONSOLE_ID, fd=console_fd),
             qemu_binary=self.qemu_binary,
             channels=channel_fds,
+            serial=self.serial,
         )
         by_hand = build_argv(
             self.spec,
@@ -108,6 +111,7 @@ class Machine:
             qmp=ChardevSocket(QMP_ID, path=Path("qmp.sock"), server=True, wait=False),
             console=ChardevStdio(CONSOLE_ID),
             qemu_binary=self.qemu_binary,
+            serial=self.serial,
         )
         (self.artifacts / "argv.json").write_text(json.dumps(argv, indent=1) + "\n")
         run_sh = self.artifacts / "run.sh"

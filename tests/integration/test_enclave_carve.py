@@ -117,6 +117,7 @@ def test_carve_moves_cpus_and_hugepages_to_the_enclave_and_terminate_brings_them
     assert (0x1AF4, 0x1053) in ids
     assert enclave.machine.qmp("query-block") == []
     assert "agent" not in str(enclave.machine.qmp("query-chardev"))
+    assert "-serial" not in enclave.machine.argv  # production: no console
     (described,) = parent.describe()
     assert described["EnclaveCID"] == enclave.cid and described["State"] == "RUNNING"
     assert described["Flags"] == "NONE" and described["CPUIDs"] == [c.vcpu for c in enclave.cpus]

@@ -106,5 +106,7 @@ def test_carved_enclave_command_line(tmp_path: Path) -> None:
     vsock = VhostUserVsockPci("vsock0", chardev=ChardevSocket("vsock0-chr", path=tmp_path / "enc.vhost"))
     with run.plan_enclave(eif, host=host, vcpus=2, memory_mib=256, agent=False, name="enc") as launch:
         spec = enclave_spec(launch.spec, 256, 2048, (vsock,))
-        argv = build_argv(spec, host, qmp=QMP, console=CONSOLE, channels={"tee": 5})
-    assert_golden("carved_enclave", argv, tmp_path)
+        argv = build_argv(spec, host, qmp=QMP, console=CONSOLE, channels={"tee": 5}, serial=False)
+        debug = build_argv(spec, host, qmp=QMP, console=CONSOLE, channels={"tee": 5})
+    assert_golden("carved_enclave", argv, tmp_path)  # production: no serial port, no console
+    assert [a for a in debug if a not in argv] == ["-serial", "chardev:console"]
