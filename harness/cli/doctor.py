@@ -9,6 +9,7 @@ from rich.table import Table
 
 from harness.cli.arguments import existing_directory
 from harness.cli.render import console, print_json
+from harness.enclave.pool import pool_summary
 from harness.host.ledger import Ledger
 from harness.host.model import HostInfo
 from harness.host.probe import probe
@@ -33,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     claims = Ledger().claims() if args.root == Path("/") else []
     if args.json:
         data = host.to_dict()
+        data["enclave_pool"] = pool_summary(host)
         data["ledger"] = [{"kind": c.kind, "value": c.value, "owner": c.owner, "pid": c.pid} for c in claims]
         print_json(data)
         return 0
@@ -82,6 +84,8 @@ def host_table(host: HostInfo) -> Table:
     table.add_row("QEMU", f"{qemu.binary or '[red]not found[/]'} {version if qemu.binary else ''}")
     for type_name in INTERESTING_TYPES:
         table.add_row(f"  {type_name}", yes(qemu.has(type_name)))
+    pool = pool_summary(host)
+    table.add_row("enclave pool", f"{pool['reason']}; a carve takes vCPUs by {pool['cpu_release']}")
     libvirt = host.libvirt
     table.add_row(
         "libvirt", f"{yes(libvirt.available)} {libvirt.version or ''} {libvirt.reason or ''}".strip()

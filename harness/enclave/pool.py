@@ -234,3 +234,18 @@ def rebook(ledger: Ledger, layout: ParentLayout, pid: int | None) -> None:
                 owners.setdefault(claim.owner, []).append(claim.value)
         for owner, values in owners.items():
             ledger.transfer(kind, values, owner, pid=pid)
+
+
+def pool_summary(host: HostInfo, pool: EnclavePool | None = None) -> dict[str, object]:
+    """What a default parent's pool gets on this host: the CPU mapping (strict or overcommit, and why) and how
+    a carve takes vCPUs, for ``teelab doctor``."""
+    try:
+        layout = layout_parent(host, "parent", pool or EnclavePool())
+    except errors.EnclaveError as exc:
+        return {"mapping": "unavailable", "reason": exc.message, "cpu_release": cpu_release_mode(host)}
+    return {
+        "mapping": "overcommit" if layout.overcommit else "strict",
+        "reason": layout.reason,
+        "vcpu_host": layout.vcpu_host,
+        "cpu_release": cpu_release_mode(host),
+    }

@@ -110,3 +110,13 @@ def test_carved_enclave_command_line(tmp_path: Path) -> None:
         debug = build_argv(spec, host, qmp=QMP, console=CONSOLE, channels={"tee": 5})
     assert_golden("carved_enclave", argv, tmp_path)  # production: no serial port, no console
     assert [a for a in debug if a not in argv] == ["-serial", "chardev:console"]
+
+
+def test_doctor_says_which_mapping_a_pool_gets_here() -> None:
+    from harness.enclave.pool import pool_summary
+
+    small = pool_summary(tcg_host())
+    assert small["mapping"] == "overcommit" and small["cpu_release"] == "offline"  # QEMU 7.2 under TCG
+    assert pool_summary(smt_host(4))["mapping"] == "strict"
+    one = replace(tcg_host(), cpus=(HostCpu(0, 0, 0, 0, (0,)),))
+    assert pool_summary(one)["mapping"] == "unavailable"
