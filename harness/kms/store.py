@@ -192,6 +192,10 @@ class Store:
             self._local.conn = conn
         return conn
 
+    def reader(self) -> sqlite3.Connection:
+        """This thread's connection, for reads (and schema of modules that keep tables beside these)."""
+        return self._conn()
+
     def _setting(self, name: str, default: str) -> str:
         conn = self._conn()
         conn.execute("INSERT OR IGNORE INTO settings (name, value) VALUES (?, ?)", (name, default))
@@ -281,10 +285,12 @@ class Store:
         description: str = "",
         key_usage: str = "ENCRYPT_DECRYPT",
         key_spec: str = "SYMMETRIC_DEFAULT",
+        material: bytes | None = None,
     ) -> tuple[KeyRecord, Callable[[sqlite3.Connection], KeyRecord]]:
-        """A fresh key and the change that stores it (submit it, or run it inside a larger change)."""
+        """A fresh key and the change that stores it (submit it, or run it inside a larger change);
+        ``material``: what the key spec keeps (a private key, an HMAC secret), else 32 random bytes."""
         key_id = str(uuid.uuid4())
-        material = secrets.token_bytes(32)
+        material = secrets.token_bytes(32) if material is None else material
         record = KeyRecord(
             key_id,
             self.arn(key_id),
