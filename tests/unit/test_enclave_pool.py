@@ -19,6 +19,7 @@ from harness.enclave.pool import (
     book_parent,
     boot_memory,
     layout_parent,
+    pool_summary,
     release_parent,
 )
 from harness.host.ledger import Ledger
@@ -113,7 +114,6 @@ def test_carved_enclave_command_line(tmp_path: Path) -> None:
 
 
 def test_doctor_says_which_mapping_a_pool_gets_here() -> None:
-    from harness.enclave.pool import pool_summary
 
     small = pool_summary(tcg_host())
     assert small["mapping"] == "overcommit" and small["cpu_release"] == "offline"  # QEMU 7.2 under TCG
