@@ -8,7 +8,7 @@ the request to the opened secret, with fresh evidence (untimed) before each. Eac
 as a guest unsealing more than once would; the first round trip (which connects, and for TLS handshakes) and
 ``cold`` round trips on fresh connections are reported beside the bar, which holds the medians on kept
 connections: TLS / plain <= 1.10. ``samples`` are each round's TLS / plain (taken back to back), and their
-median is reported too: on a machine shared with other work, it moves less than the ratio of the medians.
+median is reported too, a second view of the same runs.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class UnsealBenchResult(BenchResult):
                 figures[f"{mode}_median_ms"] = round(statistics.median(self.warm[mode]), 3)
         if "tls_median_ms" in figures and figures.get("plain_median_ms"):
             figures["tls_over_plain"] = round(figures["tls_median_ms"] / figures["plain_median_ms"], 3)
-        if self.samples:  # each round's TLS / plain, the two taken back to back: steadier under other load
+        if self.samples:  # each round's TLS / plain, the two taken back to back
             figures["paired_ratio_median"] = round(statistics.median(self.samples), 3)
         for mode in PORTS:
             if self.cold.get(mode):
