@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 import threading
 import warnings
 from collections.abc import Sequence
@@ -30,6 +31,10 @@ OID_AMD_HWID = "1.3.6.1.4.1.3704.1.4"
 OID_AMD_CSP_ID = "1.3.6.1.4.1.3704.1.5"
 _ACCEPTED_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
 MAX_CHAIN_LENGTH = 8
+# PEM certificates and whitespace, nothing else (text outside the blocks would be bytes nobody reads).
+PEM_CERTIFICATES = re.compile(
+    rb"(?:\s*-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----)+\s*"
+)
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,7 @@ def load_cert(der: bytes, *, field: str = "certificate") -> Cert:
     try:
         with _warn_lock, warnings.catch_warnings():
             warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            warnings.simplefilter("ignore", UserWarning)  # about malformed names: hostile input, not ours
             cert = x509.load_der_x509_certificate(der)
             info = _describe(der, fp, cert)
     except EvidenceError:
@@ -148,6 +154,8 @@ def load_any(blob: bytes, *, field: str = "certificates") -> tuple[Cert, ...]:
         raise EvidenceError(f"{field}: certificates must be bytes, not {type(blob).__name__}", field=field)
     blob = bytes(blob)
     if b"-----BEGIN CERTIFICATE-----" in blob:
+        if not PEM_CERTIFICATES.fullmatch(blob):
+            raise EvidenceError(f"{field}: PEM holds more than certificates and whitespace", field=field)
         return load_pem_certs(blob, field=field)
     if blob[:1] == b"\x30":
         return (load_cert(blob, field=field),)
@@ -310,7 +318,23 @@ def build_chain(
     return chain
 
 
+_link_cache: dict[tuple[str, str], bool] = {}
+
+
 def _signed_by(cert: Cert, issuer: Cert) -> bool:
+    """Whether ``issuer`` signed ``cert`` (cached by both fingerprints: one changed certificate costs only
+    the links it is on)."""
+    key = (cert.fingerprint, issuer.fingerprint)
+    cached = _link_cache.get(key)
+    if cached is None:
+        cached = _verify_link(cert, issuer)
+        if len(_link_cache) >= _CACHE_LIMIT:
+            _link_cache.clear()
+        _link_cache[key] = cached
+    return cached
+
+
+def _verify_link(cert: Cert, issuer: Cert) -> bool:
     try:
         if not isinstance(cert.x509.signature_hash_algorithm, _ACCEPTED_HASHES):
             return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import hmac
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -124,13 +125,31 @@ def check_chain(
     return anchor.name
 
 
+_signature_cache: dict[tuple[str, tuple[int, int], bytes, str], bool] = {}
+_SIGNATURE_CACHE_LIMIT = 4096
+
+
 def ecdsa_verify(
     cert_or_key: Cert | ec.EllipticCurvePublicKey,
     signature: tuple[int, int],
     message: bytes,
     digest: hashes.HashAlgorithm,
 ) -> bool:
-    key = cert_or_key.public_key if isinstance(cert_or_key, Cert) else cert_or_key
+    """ECDSA over ``message``; by a certificate's key the result is cached by its fingerprint, the
+    signature and the message's SHA-256 (evidence repeats the QE report and collateral signatures)."""
+    if not isinstance(cert_or_key, Cert):
+        return _ecdsa_verify(cert_or_key, signature, message, digest)
+    key = (cert_or_key.fingerprint, signature, hashlib.sha256(message).digest(), digest.name)
+    cached = _signature_cache.get(key)
+    if cached is None:
+        cached = _ecdsa_verify(cert_or_key.public_key, signature, message, digest)
+        if len(_signature_cache) >= _SIGNATURE_CACHE_LIMIT:
+            _signature_cache.clear()
+        _signature_cache[key] = cached
+    return cached
+
+
+def _ecdsa_verify(key: Any, signature: tuple[int, int], message: bytes, digest: hashes.HashAlgorithm) -> bool:
     if not isinstance(key, ec.EllipticCurvePublicKey):
         return False
     try:

@@ -55,8 +55,21 @@ class PckExtensions:
     pcesvn: int
 
 
+_extensions_cache: dict[str, PckExtensions] = {}
+
+
 def pck_extensions(cert: Cert) -> PckExtensions:
-    """Decode the SGX extension (1.2.840.113741.1.13.1) of a PCK certificate."""
+    """Decode the SGX extension (1.2.840.113741.1.13.1) of a PCK certificate (cached by fingerprint)."""
+    cached = _extensions_cache.get(cert.fingerprint)
+    if cached is None:
+        cached = _pck_extensions(cert)
+        if len(_extensions_cache) >= 256:
+            _extensions_cache.clear()
+        _extensions_cache[cert.fingerprint] = cached
+    return cached
+
+
+def _pck_extensions(cert: Cert) -> PckExtensions:
     try:
         raw = cert.x509.extensions.get_extension_for_oid(OID_SGX_EXTENSIONS).value.value
         top = _pairs(asn1.load(raw))
@@ -383,11 +396,22 @@ def _check_crls(
             )
 
 
+_crl_cache: dict[tuple[bytes, str], bool] = {}
+
+
 def _crl_signed(crl: x509.CertificateRevocationList, signer: Cert) -> bool:
-    try:
-        return crl.is_signature_valid(signer.public_key)
-    except (TypeError, ValueError):  # a key type that cannot sign CRLs
-        return False
+    """Whether ``signer`` signed ``crl`` (cached by the CRL's SHA-256 and the signer's fingerprint)."""
+    key = (crl.fingerprint(hashes.SHA256()), signer.fingerprint)
+    cached = _crl_cache.get(key)
+    if cached is None:
+        try:
+            cached = crl.is_signature_valid(signer.public_key)
+        except (TypeError, ValueError):  # a key type that cannot sign CRLs
+            cached = False
+        if len(_crl_cache) >= 256:
+            _crl_cache.clear()
+        _crl_cache[key] = cached
+    return cached
 
 
 def _masked(value: bytes, mask: bytes) -> bytes:

@@ -13,7 +13,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from harness.attest.certs import build_chain, load_pem_certs
+from harness.attest.certs import PEM_CERTIFICATES, build_chain, load_pem_certs
 from harness.attest.checks import (
     Findings,
     check_chain,
@@ -80,6 +80,10 @@ def verify_tdx(
         pck_chain = load_pem_certs(quote.pck_chain_pem, field="pck_chain")
         if not pck_chain:
             found.fail("missing-certificate", "pck_chain", "the quote carries no PCK certificate")
+        elif not PEM_CERTIFICATES.fullmatch(quote.pck_chain_pem):
+            found.fail(
+                "malformed", "pck_chain", "the PCK chain holds more than PEM certificates and whitespace"
+            )
     except EvidenceError as err:
         found.fail("malformed", err.field, err.message)
         pck_chain = ()
@@ -89,6 +93,14 @@ def verify_tdx(
         chain = build_chain(pck, pool, anchors, field="pck_chain")
         root = check_chain(found, chain, "tdx", policy, at=now, field="pck_chain")
         quote_root = chain.anchor
+        on_chain = {c.fingerprint for c in chain.certs}
+        for extra in (c for c in pck_chain if c.fingerprint not in on_chain):
+            found.fail(
+                "chain-invalid",
+                "pck_chain",
+                f"the quote carries {extra.subject_text}, which is not on the PCK certificate's chain "
+                "(a carried root must be the trusted root itself)",
+            )
         qe_report = quote.qe_report.to_bytes()
         if not ecdsa_verify(pck, raw_rs(quote.qe_report_signature), qe_report, hashes.SHA256()):
             found.fail(
