@@ -146,7 +146,9 @@ def verify_tdx(
     )
     if collateral is None and lab is not None and quote_root in lab.anchors() and policy.trusts_lab:
         collateral = lab.tdx_collateral()  # lab quotes have lab collateral; vendor quotes never get it
-    if collateral is None:
+    if collateral is None and root is not None and root not in policy.roots:
+        pass  # refused for its root already: collateral for it could change nothing
+    elif collateral is None:
         if policy.allow_missing_collateral:
             found.note("no TDX collateral given: TCB status, QE identity and revocation were not checked")
         else:

@@ -40,12 +40,7 @@ def test_a_refused_verdict_exits_1_and_prints_every_reason(
     assert main(["attest", "verify", str(evidence), "--policy", str(strict), "--json"]) == 1
     verdict = json.loads(capsys.readouterr().out)
     assert not verdict["ok"] and verdict["root"] == "lab"
-    assert {r["code"] for r in verdict["reasons"]} == {
-        "untrusted-root",
-        "debug-not-allowed",
-        "mrtd-mismatch",
-        "collateral-missing",  # the lab collateral is for policies that trust the lab
-    }
+    assert {r["code"] for r in verdict["reasons"]} == {"untrusted-root", "debug-not-allowed", "mrtd-mismatch"}
     assert main(["attest", "verify", str(evidence), "--policy", str(strict)]) == 1
     out = capsys.readouterr().out
     assert "REFUSED" in out and "[td_attributes]" in out and "mrtd-mismatch [mrtd]" in out

@@ -8,6 +8,7 @@ import base64
 import dataclasses
 import datetime as dt
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -56,13 +57,16 @@ def test_a_vendor_quote_without_collateral_is_refused_unless_the_policy_allows_i
     assert allowed.ok and any("collateral" in note for note in allowed.notes)
 
 
-def test_a_quote_without_collateral_does_not_use_up_its_nonce(lab: LabAuthority) -> None:
+def test_a_quote_without_collateral_does_not_use_up_its_nonce(lab: LabAuthority, tmp_path: Path) -> None:
     book = NonceBook()
     nonce = book.issue()
     quote = lab.tdx_quote(report_data(nonce, b""), mrtd=bytes(48))
-    vendor_only = Policy(lab_dir=lab.directory, nonce=nonce, nonce_book=book)
-    assert "collateral-missing" in verify(quote, vendor_only).codes
-    assert verify(quote, lab_policy(lab, nonce=nonce, nonce_book=book)).ok
+    copy = shutil.copytree(lab.directory, tmp_path / "lab-ca")
+    (copy / "tdx-collateral.json").rename(tmp_path / "collateral.json")  # a lab CA without its collateral
+    bare = Policy(roots=("lab",), lab_dir=copy, nonce=nonce, nonce_book=book)
+    assert verify(quote, bare).codes == {"collateral-missing"}
+    collateral = json.loads((tmp_path / "collateral.json").read_text())
+    assert verify(quote, bare, collateral=collateral).ok  # the nonce is still unused
 
 
 def test_lab_quotes_verify_with_the_lab_collateral(lab: LabAuthority) -> None:

@@ -179,9 +179,7 @@ def test_lab_evidence_is_refused_by_a_policy_without_the_lab_root(lab: LabAuthor
     evidence = issue(lab, kind)
     for roots in ((VENDOR_ROOT[kind],), Policy().roots):
         verdict = verify(evidence, policy(kind, roots=roots))
-        # a lab quote gets the lab collateral only under a policy that trusts the lab
-        unchecked = {"collateral-missing"} if kind == "tdx" else set()
-        assert verdict.codes == {"untrusted-root", *unchecked} and verdict.root == "lab"
+        assert verdict.codes == {"untrusted-root"} and verdict.root == "lab"
 
 
 @pytest.mark.parametrize("kind", KINDS)
