@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -118,6 +119,7 @@ def load_cert(der: bytes, *, field: str = "certificate") -> Cert:
             warnings.simplefilter("ignore", CryptographyDeprecationWarning)
             warnings.simplefilter("ignore", UserWarning)  # about malformed names: hostile input, not ours
             cert = x509.load_der_x509_certificate(der)
+            _require_whole_bit_strings(der)
             info = _describe(der, fp, cert)
     except EvidenceError:
         raise
@@ -160,6 +162,18 @@ def load_any(blob: bytes, *, field: str = "certificates") -> tuple[Cert, ...]:
     if blob[:1] == b"\x30":
         return (load_cert(blob, field=field),)
     return tuple(load_cert(der, field=f"{field}.{name}") for name, der in parse_snp_cert_table(blob))
+
+
+def _require_whole_bit_strings(der: bytes) -> None:
+    """DER's signature and key BIT STRINGs are whole bytes here; cryptography ignores a nonzero count of
+    unused bits, which would let one certificate have several encodings that all verify."""
+    parsed = asn1_x509.Certificate.load(der)
+    for name, bits in (
+        ("signature", parsed["signature_value"]),
+        ("public key", parsed["tbs_certificate"]["subject_public_key_info"]["public_key"]),
+    ):
+        if bits.contents[:1] != b"\0":
+            raise ValueError(f"its {name} BIT STRING declares unused bits")
 
 
 def _describe(der: bytes, fp: str, cert: x509.Certificate) -> Cert:

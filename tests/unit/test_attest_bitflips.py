@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from asn1crypto import x509 as asn1_x509
 
 from harness.attest import EvidenceError, LabAuthority, Policy, Verdict, parse, parse_tdx_quote, verify
 from harness.attest.tdx import quote_field_spans
@@ -263,3 +264,13 @@ def test_a_pck_chain_carrying_a_certificate_off_its_chain_is_refused(lab: LabAut
     stranger = lab.enclave_chain()[1].pem().encode()  # any certificate the PCK chain does not need
     verdict = verify(with_pck_chain(quote, chain + stranger), policy)
     assert verdict.codes == {"chain-invalid"} and "not on the PCK certificate's chain" in str(verdict.reasons)
+
+
+def test_a_certificate_whose_signature_declares_unused_bits_is_malformed() -> None:
+    """cryptography ignores the count: the same certificate in another encoding would verify."""
+    vcek = VENDOR["snp:snp:vcek.der"]
+    signature = asn1_x509.Certificate.load(vcek.data)["signature_value"].contents  # unused-bit count first
+    changed = bytearray(vcek.data)
+    changed[len(vcek.data) - len(signature)] = 1
+    verdict = vcek.check(bytes(changed))
+    assert not verdict.ok and "malformed" in verdict.codes and "unused bits" in str(verdict.reasons)
