@@ -176,6 +176,24 @@ def _is_our_qemu(pid: int) -> bool:
         return False
 
 
+def test_an_enclave_without_a_heartbeat_in_time_is_e947_and_everything_goes_back(
+    parent: ParentVm, hello: BuiltEnclave
+) -> None:
+    status = parent.order({"op": "status"})
+    ledger = {(c.kind, c.value, c.owner, c.pid) for c in parent.ledger.claims()}
+    free = free_pages(PAGE_KIB)
+    attached = set(parent.vsock.attachments)
+    parent_kib = hugetlb_kib(parent.machine.pid)
+    with pytest.raises(errors.EnclaveBootFailed) as caught:
+        parent.carve(hello.path, memory_mib=256, cpu_count=2, timeout=0.5)
+    assert caught.value.code == "E947"
+    assert parent.order({"op": "status"}) == status
+    assert hugetlb_kib(parent.machine.pid) == parent_kib
+    assert free_pages(PAGE_KIB) == free
+    assert {(c.kind, c.value, c.owner, c.pid) for c in parent.ledger.claims()} == ledger  # handed back
+    assert set(parent.vsock.attachments) == attached and parent.enclaves == {}
+
+
 def enclave_cli(parent: ParentVm, *args: str, timeout: float = 180.0) -> tuple[int, str, str]:
     """``teelab-enclave ARGS`` run in the parent through its agent: (status, stdout, stderr)."""
     agent = parent.boot.agent
