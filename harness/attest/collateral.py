@@ -224,6 +224,15 @@ def _evaluate(
     ):
         chain = build_chain(chain_certs[0], chain_certs[1:], anchors, field=f"collateral.{key}_issuer_chain")
         _check_issuer_chain(found, chain, quote_root, now, f"collateral.{key}_issuer_chain")
+        if chain.anchor is not None and len(chain.certs) != 2:
+            # Intel's TCB signing certificate is issued by the root itself; a PCK certificate (whose key lives
+            # on a platform) or a PCK CA must not vouch for TCB levels or quoting enclaves
+            found.fail(
+                "collateral-mismatch",
+                f"collateral.{key}_issuer_chain",
+                f"the {message} is signed by {chain_certs[0].subject_text}, which the root did not issue "
+                "directly (as it issues the TCB signing certificate)",
+            )
         if not ecdsa_verify(chain_certs[0], raw_rs(sig), body, hashes.SHA256()):
             found.fail(
                 "collateral-signature-invalid",

@@ -140,3 +140,15 @@ def test_a_pck_certificate_with_a_negative_serial_is_refused_not_raised(lab: Lab
     verdict = verify(evidence, lab_policy(lab))
     assert not verdict.ok and verdict.codes == {"malformed"}
     assert any("negative serial" in reason.message for reason in verdict.reasons)
+
+
+def test_collateral_signed_by_a_pck_key_is_refused(lab: LabAuthority) -> None:
+    """A platform's PCK key may sign QE reports, not the TCB info and QE identity that judge them."""
+    collateral = json.loads((lab.directory / "tdx-collateral.json").read_text())
+    pck_key, chain = lab_key(lab, "intel-pck"), "".join(c.pem() for c in lab.intel_chain())
+    for key in ("tcb_info", "qe_identity"):
+        collateral[f"{key}_signature"] = raw_signature(pck_key, collateral[key].encode()).hex()
+        collateral[f"{key}_issuer_chain"] = chain
+    verdict = verify(lab.tdx_quote(bytes(64), mrtd=bytes(48)), lab_policy(lab), collateral=collateral)
+    assert verdict.codes == {"collateral-mismatch"}
+    assert verdict.fields() == {"collateral.tcb_info_issuer_chain", "collateral.qe_identity_issuer_chain"}
