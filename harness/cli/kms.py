@@ -114,8 +114,7 @@ def register_bench(kinds: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--open-rate",
         type=float,
-        default=320.0,
-        help="offered req/s of the open-loop run at the most clients (0: skip; default: 320)",
+        help="offered req/s of the open-loop run (0: skip; default 320, and 100 with --hostile)",
     )
     bench.add_argument("--profile-dir", type=Path, help="profile the server; pstats files land here")
     bench.add_argument(
@@ -129,13 +128,15 @@ def register_bench(kinds: argparse._SubParsersAction) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from harness.bench.kms import MODES, bench_kms, bench_kms_hostile
+    from harness.bench.kms import HOSTILE_RATE, MODES, OPEN_RATE, bench_kms, bench_kms_hostile
 
     clients = tuple(args.clients or (1, 10, 100))
     if min(clients) < 1 or args.requests_per_client < 1:
         raise UsageError("--clients and --requests-per-client must be at least 1")
-    if args.hostile is not None and not (1 <= args.hostile <= 100_000 and args.open_rate > 0):
+    if args.hostile is not None and not (1 <= args.hostile <= 100_000 and args.open_rate != 0):
         raise UsageError("--hostile takes 1..100000 connections and needs an --open-rate above 0")
+    if args.open_rate is not None and not 0 <= args.open_rate <= 100_000:
+        raise UsageError("--open-rate must be 0..100000 requests/s")
     table = Table(title="bench kms (server in a subprocess, load generator in this one)")
     for column in ("mode", "clients", "load", "req/s", "p50 ms", "p99 ms", "max ms", "errors", "bars"):
         table.add_column(
@@ -156,7 +157,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 mode=(args.mode or MODES)[0],
                 clients=max(clients),
                 attackers=args.hostile,
-                rate=args.open_rate,
+                rate=args.open_rate or HOSTILE_RATE,
                 on_result=show,
             )
         else:
@@ -164,7 +165,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 modes=tuple(args.mode or MODES),
                 concurrency=clients,
                 requests_per_client=args.requests_per_client,
-                open_rate=args.open_rate or None,
+                open_rate=OPEN_RATE if args.open_rate is None else args.open_rate or None,
                 profile_dir=args.profile_dir,
                 on_result=show,
             )

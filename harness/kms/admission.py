@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import resource
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
@@ -40,8 +41,10 @@ BUSY_ANSWER = (
 
 @dataclass(frozen=True)
 class Limits:
-    """``max_connections`` open at once (lowered to fit the descriptor limit); ``request_timeout`` seconds for
-    a request's head and declared body to arrive, counted from the connection's opening or its last answer."""
+    """``max_connections`` open at once (lowered to fit the descriptor limit); ``request_timeout`` seconds at
+    most (at least half of it, drawn per wait) for a request's head and declared body to arrive, counted from
+    the connection's opening or its last answer; ``eviction_grace`` seconds of waiting before the cap may
+    evict a connection."""
 
     max_connections: int = 2048
     request_timeout: float = 10.0
@@ -168,7 +171,9 @@ class Guard(asyncio.Protocol):
             return
         self._cancel_timer()
         loop = asyncio.get_running_loop()
-        self.timer = loop.call_later(self.admission.limits.request_timeout, self._expire)
+        # between half and all of the timeout: connections opened together do not all close together
+        timeout = self.admission.limits.request_timeout * (0.5 + random.random() / 2)
+        self.timer = loop.call_later(timeout, self._expire)
         (self.admission.idle if self.delivered else self.admission.fresh)[self] = loop.time()
 
     def serving(self) -> None:

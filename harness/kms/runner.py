@@ -18,7 +18,7 @@ from aiohttp import web
 
 from harness.aio import EventLoopThread
 from harness.kms.admission import Admission, Limits, raise_fd_limit, within
-from harness.kms.errors import ServerStartError
+from harness.kms.errors import KmsError, ServerStartError
 from harness.kms.recipient import Verifier
 from harness.kms.server import DEFAULT_MAX_BODY, KmsHttp
 from harness.kms.service import KmsService, ServiceConfig
@@ -81,6 +81,7 @@ class KmsServer:
         self._listener: asyncio.Server | None = None
         self.admission: Admission | None = None
         self.endpoint = ""
+        self._stopped = False
 
     @classmethod
     def start(cls, kms_dir: Path, listen: Listen | None = None, **kwargs: Any) -> KmsServer:
@@ -187,6 +188,10 @@ class KmsServer:
                 self._loop.run(self._close(), timeout=10)
             self._loop.close()
             self._loop = None
+        if not self._stopped:
+            self._stopped = True
+            with contextlib.suppress(KmsError):  # refusals counted, not logged, become one chained row each
+                self.store.submit(Store.flush_refusals(0.0)).result(timeout=30)
         self.store.close()
         if self.listen.unix_path is not None:
             Path(self.listen.unix_path).unlink(missing_ok=True)

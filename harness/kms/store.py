@@ -235,6 +235,7 @@ class Store:
         # once running, a future cannot be cancelled; a cancelled one's change is still committed, unanswered
         waiting = [future.set_running_or_notify_cancel() for _, future in batch]
         results: list[tuple[Future[Any], bool, Any]] = []
+        _written.__dict__.pop("ids", None)  # left by a batch that failed
         try:
             conn.execute("BEGIN IMMEDIATE")
             for change, future in batch:
@@ -266,7 +267,6 @@ class Store:
 
     def close(self) -> None:
         if self._writer.is_alive():
-            self.submit(self.flush_refusals(0.0))
             self._queue.put(None)
             self._writer.join(timeout=30)
         conn = getattr(self._local, "conn", None)
@@ -524,8 +524,15 @@ class Store:
     def verify_audit(self) -> tuple[int, str]:
         """Recompute the audit chain; (rows, head chain value) if intact, else AuditChainBroken naming the
         first row that does not match (edited, inserted, removed) or a head that is missing or moved."""
-        chain, count, last_id = GENESIS, 0, 0
         conn = self._conn()
+        conn.execute("BEGIN")  # one snapshot for the rows and the head, while a server may be writing
+        try:
+            return self._verify(conn)
+        finally:
+            conn.execute("COMMIT")
+
+    def _verify(self, conn: sqlite3.Connection) -> tuple[int, str]:
+        chain, count, last_id = GENESIS, 0, 0
         for row in conn.execute(f"SELECT {_AUDIT_FIELDS}, chain FROM audit ORDER BY id"):
             if row[-1] is None:
                 raise AuditChainBroken(
