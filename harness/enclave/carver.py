@@ -194,6 +194,7 @@ class ParentVm:
             request = CarveRequest(memory_mib, cpu_count, tuple(cpu_ids) if cpu_ids else None, eif_bytes)
             chosen = check_carve(self.view(), request)
             self._check_cid(cid)
+            plan_options.setdefault("parent_instance", self.name)  # PCR4, and the enclave id's prefix
             launch = plan_enclave(
                 eif_path, host=self.host, debug=debug, vcpus=len(chosen), memory_mib=memory_mib, agent=False,
                 name=name, firmware=self.machine.spec.firmware, **plan_options,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.enclave import errors
+from harness.enclave import errors, pcr4_of_parent_instance
 from harness.enclave.carver import ParentVm
 from harness.enclave.pool import SLOTS_PER_CPU
 from harness.enclave.recipes import BuiltEnclave, build_enclave_image
@@ -122,6 +122,8 @@ def test_carve_moves_cpus_and_hugepages_to_the_enclave_and_terminate_brings_them
     assert described["EnclaveCID"] == enclave.cid and described["State"] == "RUNNING"
     assert described["Flags"] == "NONE" and described["CPUIDs"] == [c.vcpu for c in enclave.cpus]
     assert described["Measurements"]["PCR0"] == hello.measurements.pcr0.hex()
+    assert enclave.enclave_id.startswith(f"{parent.name}-enc")  # Nitro's <instance>-enc<hex>
+    assert enclave.launch.pcrs[4] == pcr4_of_parent_instance(parent.name)
     assert ("overcommit" in described["CPUMapping"]) == parent.layout.overcommit
 
     pid = enclave.machine.pid
