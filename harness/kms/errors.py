@@ -37,9 +37,8 @@ class UnknownOperation(KmsRequestError):
     code = "E1003"
     title = "unknown KMS operation"
     explanation = (
-        "X-Amz-Target must be TrentService.<Operation> with one of CreateKey, DescribeKey, ListKeys, "
-        "Encrypt, Decrypt, GenerateDataKey, GenerateRandom, GetKeyPolicy, PutKeyPolicy, ScheduleKeyDeletion, "
-        "CancelKeyDeletion."
+        "X-Amz-Target must be TrentService.<Operation> with an operation the lab KMS serves (docs/kms.md "
+        "lists them; grants, custom key stores, imported material and multi-Region keys are not served)."
     )
     aws_type = "UnknownOperationException"
 
@@ -47,7 +46,10 @@ class UnknownOperation(KmsRequestError):
 class KeyNotFound(KmsRequestError):
     code = "E1004"
     title = "no such KMS key"
-    explanation = "The KeyId (key id or key ARN) names no key in this KMS; aliases are not supported."
+    explanation = (
+        "The KeyId (key id, key ARN, alias name or alias ARN) names no key in this KMS, or the alias, tag "
+        "or policy named does not exist."
+    )
     aws_type = "NotFoundException"
 
 
@@ -71,7 +73,10 @@ class IncorrectKey(KmsRequestError):
 class InvalidKeyState(KmsRequestError):
     code = "E1007"
     title = "key state does not allow the operation"
-    explanation = "The key is pending deletion (or not pending, for CancelKeyDeletion)."
+    explanation = (
+        "The key is pending deletion (or not pending, for CancelKeyDeletion); a disabled key is "
+        "DisabledException (E1030) instead."
+    )
     aws_type = "KMSInvalidStateException"
 
 
@@ -150,6 +155,96 @@ class EvidenceRefused(AccessDenied):
         "The attestation evidence did not verify: bad signature or chain, a root the key policy does not "
         "name, stale, a replayed nonce, or report_data that does not bind the recipient key and nonce."
     )
+
+
+class Disabled(KmsRequestError):
+    code = "E1030"
+    title = "KMS key is disabled"
+    explanation = "Cryptographic operations need an enabled key: EnableKey turns a disabled key back on."
+    aws_type = "DisabledException"
+
+
+class AlreadyExists(KmsRequestError):
+    code = "E1031"
+    title = "alias already exists"
+    explanation = "CreateAlias names an alias that exists already; UpdateAlias points an existing alias anew."
+    aws_type = "AlreadyExistsException"
+
+
+class InvalidAliasName(KmsRequestError):
+    code = "E1032"
+    title = "alias name is not valid"
+    explanation = (
+        "An alias name is alias/ followed by 1..250 of A-Z a-z 0-9 / _ -, and alias/aws/ is reserved for "
+        "AWS managed keys."
+    )
+    aws_type = "InvalidAliasNameException"
+
+
+class NotAuthorized(KmsRequestError):
+    code = "E1033"
+    title = "reserved alias"
+    explanation = "Aliases beginning alias/aws/ belong to AWS managed keys: they cannot be made or changed."
+    aws_type = "NotAuthorizedException"
+
+
+class TagError(KmsRequestError):
+    code = "E1034"
+    title = "tag is not valid"
+    explanation = (
+        "Tag keys are 1..128 characters and may not begin with aws:, values 0..256; a key holds at most 50 "
+        "tags."
+    )
+    aws_type = "TagException"
+
+
+class UnsupportedOperation(KmsRequestError):
+    code = "E1035"
+    title = "operation does not apply to this kind of key"
+    explanation = (
+        "Rotation applies to symmetric encryption keys only, GetPublicKey to asymmetric keys only, "
+        "GenerateDataKeyPair needs a symmetric key."
+    )
+    aws_type = "UnsupportedOperationException"
+
+
+class InvalidKeyUsage(KmsRequestError):
+    code = "E1036"
+    title = "key usage or algorithm does not fit the operation"
+    explanation = (
+        "Each key has one KeyUsage (ENCRYPT_DECRYPT, SIGN_VERIFY or GENERATE_VERIFY_MAC) and the algorithms "
+        "of its KeySpec: DescribeKey lists them. Encrypt with a signing key, Sign with an RSA algorithm on "
+        "an ECC key and the like are refused."
+    )
+    aws_type = "InvalidKeyUsageException"
+
+
+class InvalidSignatureValue(KmsRequestError):
+    code = "E1037"
+    title = "signature does not verify"
+    explanation = "Verify was given a signature that the key's public key does not verify for the message."
+    aws_type = "KMSInvalidSignatureException"
+
+
+class InvalidMac(KmsRequestError):
+    code = "E1038"
+    title = "MAC does not verify"
+    explanation = "VerifyMac was given a MAC that the HMAC key does not produce for the message."
+    aws_type = "KMSInvalidMacException"
+
+
+class InvalidMarker(KmsRequestError):
+    code = "E1039"
+    title = "paging marker is not valid"
+    explanation = "Marker must be a NextMarker from the previous page of the same listing."
+    aws_type = "InvalidMarkerException"
+
+
+class LimitExceeded(KmsRequestError):
+    code = "E1040"
+    title = "KMS limit reached"
+    explanation = "A key may be rotated on demand at most 10 times; automatic rotation has no such limit."
+    aws_type = "LimitExceededException"
 
 
 class MasterKeyError(KmsError):

@@ -19,7 +19,8 @@ from harness.kms.errors import InvalidCiphertext, MasterKeyError
 
 MASTER_KEY_ENV = "TEELAB_KMS_MASTER_KEY"
 MASTER_KEY_FILE_ENV = "TEELAB_KMS_MASTER_KEY_FILE"
-BLOB_MAGIC = b"TLK1"
+BLOB_MAGIC = b"TLK2"  # TLK1 blobs (no material version) still decrypt
+_BLOB_MAGIC_V1 = b"TLK1"
 KEY_ID_LEN = 36  # a UUID in text form
 _WRAP_AAD = b"teelab-kms-wrap:"
 
@@ -116,26 +117,46 @@ def _context_bytes(context: dict[str, str] | None) -> bytes:
     return json.dumps(context or {}, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def encrypt_blob(key_id: str, material: bytes, plaintext: bytes, context: dict[str, str] | None) -> bytes:
-    """A CiphertextBlob: magic, key id, nonce, AES-256-GCM over plaintext binding the encryption context."""
-    header = BLOB_MAGIC + key_id.encode()
+def encrypt_blob(
+    key_id: str, material: bytes, plaintext: bytes, context: dict[str, str] | None, version: int = 0
+) -> bytes:
+    """A CiphertextBlob: magic, key id, material version (4 bytes, big-endian), nonce, then AES-256-GCM over
+    the plaintext with the header and encryption context as associated data."""
+    header = BLOB_MAGIC + key_id.encode() + version.to_bytes(4, "big")
     nonce = os.urandom(12)
     return header + nonce + AESGCM(material).encrypt(nonce, plaintext, header + _context_bytes(context))
 
 
-def blob_key_id(blob: bytes) -> str:
-    """The key id a CiphertextBlob names; InvalidCiphertext if it is not one of ours."""
-    if len(blob) < len(BLOB_MAGIC) + KEY_ID_LEN + 12 + 16 or not blob.startswith(BLOB_MAGIC):
+@dataclass(frozen=True)
+class BlobHeader:
+    key_id: str
+    version: int  # which material of the key (0: the material it was made with; each rotation adds one)
+    length: int  # bytes before the nonce
+
+
+def blob_header(blob: bytes) -> BlobHeader:
+    """The key id and material version a CiphertextBlob names; InvalidCiphertext if it is not one of ours.
+    Blobs made before keys rotated (magic TLK1, no version) name version 0."""
+    versioned = blob.startswith(BLOB_MAGIC)
+    length = len(BLOB_MAGIC) + KEY_ID_LEN + (4 if versioned else 0)
+    if len(blob) < length + 12 + 16 or not (versioned or blob.startswith(_BLOB_MAGIC_V1)):
         raise InvalidCiphertext("CiphertextBlob is not a ciphertext of this KMS", length=len(blob))
     try:
-        return blob[len(BLOB_MAGIC) : len(BLOB_MAGIC) + KEY_ID_LEN].decode("ascii")
+        key_id = blob[len(BLOB_MAGIC) : len(BLOB_MAGIC) + KEY_ID_LEN].decode("ascii")
     except UnicodeDecodeError:
         raise InvalidCiphertext("CiphertextBlob has a corrupt key id") from None
+    version = int.from_bytes(blob[length - 4 : length], "big") if versioned else 0
+    return BlobHeader(key_id, version, length)
+
+
+def blob_key_id(blob: bytes) -> str:
+    """The key id a CiphertextBlob names; InvalidCiphertext if it is not one of ours."""
+    return blob_header(blob).key_id
 
 
 def decrypt_blob(blob: bytes, material: bytes, context: dict[str, str] | None) -> bytes:
-    key_id = blob_key_id(blob)
-    header = BLOB_MAGIC + key_id.encode()
+    """The plaintext of ``blob``, given the material of the key version its header names."""
+    header = blob[: blob_header(blob).length]
     nonce = blob[len(header) : len(header) + 12]
     try:
         return AESGCM(material).decrypt(nonce, blob[len(header) + 12 :], header + _context_bytes(context))

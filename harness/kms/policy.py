@@ -13,15 +13,24 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import Any
 
 from harness.kms.errors import MalformedPolicy
 
 MAX_POLICY_BYTES = 32768
-ACTIONS = (
+OPERATIONS = (
     "CreateKey", "DescribeKey", "ListKeys", "Encrypt", "Decrypt", "GenerateDataKey", "GenerateRandom",
     "GetKeyPolicy", "PutKeyPolicy", "ScheduleKeyDeletion", "CancelKeyDeletion",
+    "CreateAlias", "UpdateAlias", "DeleteAlias", "ListAliases", "EnableKey", "DisableKey", "TagResource",
+    "UntagResource", "ListResourceTags", "ListKeyPolicies", "GenerateDataKeyWithoutPlaintext", "ReEncrypt",
+    "EnableKeyRotation", "DisableKeyRotation", "GetKeyRotationStatus", "RotateKeyOnDemand",
+    "ListKeyRotations", "Sign", "Verify", "GetPublicKey", "GenerateMac", "VerifyMac", "GenerateDataKeyPair",
+    "GenerateDataKeyPairWithoutPlaintext",
 )  # fmt: skip
+# Policy actions: one per operation, except ReEncrypt, which needs ReEncryptFrom on its source key and
+# ReEncryptTo on its destination. Wildcards ("kms:GenerateDataKey*", "kms:ReEncrypt*") match these names.
+ACTIONS = (*(o for o in OPERATIONS if o != "ReEncrypt"), "ReEncryptFrom", "ReEncryptTo")
 _ACTION_NAMES = {f"kms:{a}".lower() for a in ACTIONS}
 
 ROOT_KEY = "teelab:RecipientAttestation:Root"
@@ -270,8 +279,8 @@ def _statement(index: int, raw: Any) -> Statement:
         raise MalformedPolicy(f'{where}: Principal must be "*" or {{"AWS": ARN or list}}')
     actions = tuple(a.lower() for a in _strings(raw.get("Action"), "Action", where))
     for action in actions:
-        if action not in ("*", "kms:*") and action not in _ACTION_NAMES:
-            raise MalformedPolicy(f"{where}: unknown action {action!r}")
+        if not any(fnmatchcase(name, action) for name in _ACTION_NAMES) and action != "*":
+            raise MalformedPolicy(f"{where}: unknown action {action!r} (no KMS action matches it)")
     if "Resource" in raw:
         _strings(raw["Resource"], "Resource", where)
     return Statement(index, sid, effect, principals, actions, _conditions(raw.get("Condition", {}), where))
@@ -373,7 +382,7 @@ def _condition_holds(cond: Condition, actual: Any) -> bool:
 def _mismatch(statement: Statement, ctx: RequestContext, account: str) -> str | None:
     """Why ``statement`` does not apply to ``ctx``; None when it applies."""
     action = ctx.action.lower()
-    if not any(a in ("*", "kms:*", action) for a in statement.actions):
+    if not any(a == action or fnmatchcase(action, a) for a in statement.actions):
         return f"action {ctx.action} not listed"
     if not _principal_matches(statement.principals, ctx.principal, account):
         return f"principal {ctx.principal or 'anonymous'} not listed"

@@ -1,94 +1,47 @@
 """The KMS operations over the store: validation of each field, key policies, Recipient release.
 
 ``KmsService.call`` is transport-free: the HTTP layer hands it the operation, the JSON body and the caller,
-and gets back the response plus the store change to commit (with the audit row) before it answers.
+and gets back the response plus the store change to commit (with the audit row) before it answers. This
+module serves keys' life and symmetric cryptography; ``ops_keys`` aliases, tags, state and rotation;
+``ops_asymmetric`` signing, MACs, public keys and data key pairs.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import json
-import re
 import secrets
-import sqlite3
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from teelab_guest.kms_envelope import EnvelopeError, seal
-
-from harness.kms import material
+from harness.kms import fields, keyspecs, material
+from harness.kms.base import KEY_ID, Audit, Outcome, ServiceConfig
 from harness.kms.errors import (
-    AccessDenied,
-    EvidenceMalformed,
     IncorrectKey,
+    InvalidCiphertext,
     InvalidKeyState,
-    KeyNotFound,
+    InvalidKeyUsage,
     KmsRequestError,
     MalformedPolicy,
     UnknownOperation,
 )
-from harness.kms.policy import ACTIONS, KeyPolicy, RequestContext, default_policy
-from harness.kms.recipient import Attested, Recipient, Verifier, parse_recipient, refuse
-from harness.kms.store import KeyRecord, Store
+from harness.kms.fields import b64
+from harness.kms.ops_asymmetric import AsymmetricOps
+from harness.kms.ops_keys import KeyOps, tag_list
+from harness.kms.policy import OPERATIONS, default_policy
+from harness.kms.store import KeyRecord
+
+__all__ = ["Audit", "KmsService", "Outcome", "ServiceConfig"]
 
 MAX_PLAINTEXT = 4096
 MAX_CIPHERTEXT = 6144
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-_COMMON_FIELDS = {"GrantTokens", "DryRun"}
+ENCRYPTION_ALGORITHMS = ("SYMMETRIC_DEFAULT", "RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256")
 
 
-@dataclass
-class Audit:
-    """What the audit row of one request will say; filled in as the request is served."""
-
-    operation: str
-    principal: str | None
-    key_id: str | None = None
-    evidence_digest: str | None = None
-    reasons: list[str] = field(default_factory=list)
-    nonce: tuple[str, float] | None = None
-
-
-@dataclass(frozen=True)
-class Outcome:
-    response: dict[str, Any]
-    change: Callable[[sqlite3.Connection], Any] | None = None
-
-
-@dataclass(frozen=True)
-class ServiceConfig:
-    max_evidence_age_s: float = 300.0  # enclave documents older than this are stale
-    max_clock_skew_s: float = 60.0  # documents from the future by more than this are refused
-    nonce_ttl_s: float = 86400.0  # how long an SNP/TDX nonce is remembered
-
-
-class KmsService:
-    def __init__(
-        self,
-        store: Store,
-        verifier: Verifier,
-        config: ServiceConfig | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.store = store
-        self.verifier = verifier
-        self.config = config or ServiceConfig()
-        self.clock = clock
-        self._nonces = store.live_nonces()
-        self._nonce_lock = threading.Lock()
-        self._policies: dict[str, KeyPolicy] = {}
+class KmsService(KeyOps, AsymmetricOps):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._ops: dict[str, Callable[[dict[str, Any], Audit], Outcome]] = {
-            name: getattr(self, "_op_" + name) for name in ACTIONS
+            name: getattr(self, "_op_" + name) for name in OPERATIONS
         }
-
-    @property
-    def account(self) -> str:
-        return self.store.account
 
     def call(self, operation: str, body: Any, audit: Audit) -> Outcome:
         """Serve one request; raises a KmsRequestError subclass when it is refused. Thread-safe: the HTTP
@@ -100,117 +53,82 @@ class KmsService:
             raise KmsRequestError("the request body must be a JSON object")
         if body.get("DryRun") not in (None, False):
             raise KmsRequestError("DryRun is not supported")
-        _optional(body, "GrantTokens", list)
+        fields.optional(body, "GrantTokens", list)
         return op(body, audit)
 
-    # -- helpers ---------------------------------------------------------------------------------------------
+    # -- symmetric material --------------------------------------------------------------------------------
 
-    def _policy(self, text: str) -> KeyPolicy:
-        policy = self._policies.get(text)
-        if policy is None:
-            if len(self._policies) > 1024:
-                self._policies.clear()
-            policy = self._policies[text] = KeyPolicy.parse(text)
-        return policy
-
-    def _key(self, key_ref: Any, audit: Audit, *, pending_ok: bool = False) -> KeyRecord:
-        key_id = self._key_id(key_ref)
-        audit.key_id = key_id
-        record = self.store.get_key(key_id, now=self.clock())
-        if record is None:
-            raise KeyNotFound(f"key {key_id} does not exist", hint="list keys with teelab kms keys")
-        if record.state != "Enabled" and not pending_ok:
-            raise InvalidKeyState(f"key {record.arn} is {record.state}")
-        return record
-
-    def _key_id(self, key_ref: Any) -> str:
-        if not isinstance(key_ref, str) or not 1 <= len(key_ref) <= 2048:
-            raise KmsRequestError("KeyId must be a string of 1..2048 characters")
-        prefix = f"arn:aws:kms:{self.store.region}:{self.account}:key/"
-        key_id = key_ref[len(prefix) :] if key_ref.startswith(prefix) else key_ref
-        if not _UUID.match(key_id):
-            raise KeyNotFound(f"key {key_ref[:128]!r} does not exist (key ids and key ARNs only, no aliases)")
-        return key_id
-
-    def _authorize(
-        self, policy_text: str, action: str, audit: Audit, recipient: Recipient | None
-    ) -> Attested | None:
-        """Verify the Recipient (if any) and evaluate ``policy_text``; AccessDenied when it does not allow."""
-        policy = self._policy(policy_text)
-        attested = None
-        if recipient is not None:
-            audit.evidence_digest = recipient.digest
-            attested = self._attest(recipient, policy, audit)
-        ctx = RequestContext(
-            action=f"kms:{action}",
-            principal=audit.principal,
-            attestation=attested.conditions if attested else None,
-            vendor_root=attested.vendor_root if attested else True,
-            debug=attested.debug if attested else False,
-        )
-        decision = policy.evaluate(ctx, self.account)
-        audit.reasons.extend(decision.reasons)
-        if not decision.allowed:
-            raise AccessDenied(
-                f"{audit.principal or 'anonymous'} is not allowed kms:{action} on "
-                f"{audit.key_id or 'this account'}" + (" with this attestation evidence" if attested else ""),
-                hint="the audit log (teelab kms audit) lists why each statement did not apply",
+    def _symmetric(self, record: KeyRecord, operation: str) -> None:
+        if record.key_spec != keyspecs.SYMMETRIC:
+            raise InvalidKeyUsage(
+                f"{operation} needs a symmetric encryption key; {record.arn} is {record.key_spec}"
             )
-        return attested
 
-    def _attest(self, recipient: Recipient, policy: KeyPolicy, audit: Audit) -> Attested:
-        now = self.clock()
-        try:
-            attested = self.verifier(recipient, policy.named_roots(), now)
-        except KmsRequestError as exc:
-            audit.reasons.append(f"evidence: {exc.message}")
-            raise
-        audit.reasons.append(f"evidence: {attested.kind} from root {attested.root} verified")
-        if attested.timestamp_ms is not None:
-            age = now - attested.timestamp_ms / 1000
-            if age > self.config.max_evidence_age_s:
-                raise refuse(
-                    f"attestation document is {age:.0f} s old (limit {self.config.max_evidence_age_s:g} s)"
+    def _seal(
+        self, record: KeyRecord, plaintext: bytes, context: dict[str, str] | None, algorithm: str | None
+    ) -> tuple[bytes, str]:
+        """Ciphertext of ``plaintext`` under ``record`` (its current material version, after any automatic
+        rotation that fell due), and the algorithm used."""
+        if record.key_usage != keyspecs.ENCRYPT_DECRYPT:
+            raise InvalidKeyUsage(f"key {record.arn} is a {record.key_usage} key, not ENCRYPT_DECRYPT")
+        if record.key_spec != keyspecs.SYMMETRIC:
+            if algorithm is None or algorithm == keyspecs.SYMMETRIC:
+                raise InvalidKeyUsage(
+                    f"an {record.key_spec} key needs EncryptionAlgorithm RSAES_OAEP_SHA_1 or _256"
                 )
-            if -age > self.config.max_clock_skew_s:
-                raise refuse(f"attestation document is dated {-age:.0f} s in the future")
-        if attested.nonce is not None:
-            digest = hashlib.sha256(attested.kind.encode() + b"\0" + attested.nonce).hexdigest()
-            if attested.timestamp_ms is not None:
-                expiry = (
-                    attested.timestamp_ms / 1000
-                    + self.config.max_evidence_age_s
-                    + self.config.max_clock_skew_s
-                )
-            else:
-                expiry = now + self.config.nonce_ttl_s
-            with self._nonce_lock:  # requests are served on several threads: check and claim at once
-                expires = self._nonces.get(digest)
-                if expires is not None and expires > now:
-                    raise refuse("attestation nonce was already used (replay)", nonce_digest=digest)
-                if len(self._nonces) > 100_000:
-                    self._nonces = {d: e for d, e in self._nonces.items() if e > now}
-                self._nonces[digest] = expiry
-            audit.nonce = (digest, expiry)
-        return attested
+            return keyspecs.encrypt(
+                record.key_spec, self.store.material(record.id), algorithm, plaintext
+            ), algorithm
+        if algorithm not in (None, keyspecs.SYMMETRIC):
+            raise InvalidKeyUsage(f"{algorithm} is not an algorithm of a symmetric key")
+        return self._symmetric_blob(record, plaintext, context), keyspecs.SYMMETRIC
 
-    def _release(self, plaintext: bytes, attested: Attested | None) -> dict[str, str]:
-        """Plaintext, or CiphertextForRecipient (and never the plaintext) when there is a Recipient."""
-        if attested is None:
-            return {"Plaintext": _b64(plaintext)}
-        try:
-            envelope = seal(plaintext, attested.public_key)
-        except EnvelopeError as exc:  # an RSA key of the wrong size, or not RSA
-            raise EvidenceMalformed(f"attested public key: {exc}") from None
-        return {"CiphertextForRecipient": _b64(envelope)}
+    def _opener(
+        self, blob: bytes, key_ref: Any, algorithm: str | None, audit: Audit, name: str = "KeyId"
+    ) -> tuple[KeyRecord, Callable[[dict[str, str] | None], bytes]]:
+        """The key that made ``blob`` and a function that decrypts it (called once the policy allows)."""
+        wanted = None if key_ref is None else self._key_id(key_ref, name)
+        if wanted is not None:
+            record = self._key(wanted, audit)
+            if record.key_spec != keyspecs.SYMMETRIC:
+                return record, self._asymmetric_opener(record, blob, algorithm)
+        header = material.blob_header(blob)
+        if wanted is not None and wanted != header.key_id:
+            raise IncorrectKey(f"the ciphertext was not made under key {wanted}")
+        if not KEY_ID.match(header.key_id):
+            raise InvalidCiphertext("CiphertextBlob names no valid key id")
+        record = self._key(header.key_id, audit)
+        if algorithm not in (None, keyspecs.SYMMETRIC):
+            raise InvalidKeyUsage(f"{algorithm} is not an algorithm of a symmetric key")
 
-    def _account_policy(self) -> str:
-        return self.store.account_policy() or default_policy(self.account)
+        def open_symmetric(context: dict[str, str] | None) -> bytes:
+            try:
+                key = self.keyring.material(record.id, header.version)
+            except KeyError:
+                raise InvalidCiphertext(
+                    f"CiphertextBlob names material version {header.version}, which key {record.id} never had"
+                ) from None
+            return material.decrypt_blob(blob, key, context)
+
+        return record, open_symmetric
+
+    def _asymmetric_opener(
+        self, record: KeyRecord, blob: bytes, algorithm: str | None
+    ) -> Callable[[dict[str, str] | None], bytes]:
+        if record.key_usage != keyspecs.ENCRYPT_DECRYPT:
+            raise InvalidKeyUsage(f"key {record.arn} is a {record.key_usage} key, not ENCRYPT_DECRYPT")
+        if algorithm is None or algorithm == keyspecs.SYMMETRIC:
+            raise InvalidKeyUsage(
+                f"an {record.key_spec} key needs EncryptionAlgorithm RSAES_OAEP_SHA_1 or RSAES_OAEP_SHA_256"
+            )
+        return lambda _context: keyspecs.decrypt(
+            record.key_spec, self.store.material(record.id), algorithm, blob
+        )
 
     # -- operations --------------------------------------------------------------------------------------
 
     def _op_CreateKey(self, body: dict[str, Any], audit: Audit) -> Outcome:
-        _only(
+        fields.only(
             body,
             {
                 "Policy",
@@ -225,40 +143,54 @@ class KmsService:
             },
         )
         self._authorize(self._account_policy(), "CreateKey", audit, None)
-        text = _optional(body, "Policy", str)
+        text = fields.optional(body, "Policy", str)
         if text is None:
             text = default_policy(self.account)
         self._policy(text)
-        description = _optional(body, "Description", str) or ""
+        description = fields.optional(body, "Description", str) or ""
         if len(description) > 8192:
             raise KmsRequestError("Description must be at most 8192 characters")
-        _choice(body, "KeyUsage", ("ENCRYPT_DECRYPT",))
-        _choice(body, "KeySpec", ("SYMMETRIC_DEFAULT",))
-        _choice(body, "CustomerMasterKeySpec", ("SYMMETRIC_DEFAULT",))
-        _choice(body, "Origin", ("AWS_KMS",))
-        _optional(body, "Tags", list)
-        _optional(body, "BypassPolicyLockoutSafetyCheck", bool)
-        if _optional(body, "MultiRegion", bool):
+        usage = fields.choice(
+            body, "KeyUsage", (keyspecs.ENCRYPT_DECRYPT, keyspecs.SIGN_VERIFY, keyspecs.GENERATE_VERIFY_MAC)
+        )
+        spec = fields.choice(body, "KeySpec", tuple(keyspecs.SPECS))
+        legacy = fields.choice(body, "CustomerMasterKeySpec", tuple(keyspecs.SPECS))
+        if spec is not None and legacy is not None and spec != legacy:
+            raise KmsRequestError("KeySpec and CustomerMasterKeySpec differ (give KeySpec alone)")
+        spec = spec or legacy or keyspecs.SYMMETRIC
+        usage = usage or keyspecs.ENCRYPT_DECRYPT
+        if usage not in keyspecs.SPECS[spec].usages:
+            raise KmsRequestError(
+                f"KeyUsage {usage} is not valid for KeySpec {spec} "
+                f"(it allows {', '.join(keyspecs.SPECS[spec].usages)})"
+            )
+        fields.choice(body, "Origin", ("AWS_KMS",))
+        tags = tag_list(body.get("Tags"), required=False)
+        fields.optional(body, "BypassPolicyLockoutSafetyCheck", bool)
+        if fields.optional(body, "MultiRegion", bool):
             raise KmsRequestError("MultiRegion keys are not supported")
-        record, change = self.store.new_key(text, description)
+        record, change = self.store.new_key(text, description, usage, spec, keyspecs.new_material(spec))
         audit.key_id = record.id
-        return Outcome({"KeyMetadata": record.metadata(self.account)}, change)
+        tagging = self.keyring.set_tags(record.id, tags) if tags else None
+
+        def create(conn: Any) -> None:
+            change(conn)
+            if tagging is not None:
+                tagging(conn)
+
+        return Outcome({"KeyMetadata": self._metadata(record)}, create)
 
     def _op_DescribeKey(self, body: dict[str, Any], audit: Audit) -> Outcome:
-        _only(body, {"KeyId"})
+        fields.only(body, {"KeyId"})
         record = self._key(body.get("KeyId"), audit, pending_ok=True)
         self._authorize(record.policy, "DescribeKey", audit, None)
-        return Outcome({"KeyMetadata": record.metadata(self.account)})
+        return Outcome({"KeyMetadata": self._metadata(record)})
 
     def _op_ListKeys(self, body: dict[str, Any], audit: Audit) -> Outcome:
-        _only(body, {"Limit", "Marker"})
+        fields.only(body, {"Limit", "Marker"})
         self._authorize(self._account_policy(), "ListKeys", audit, None)
-        limit = _optional(body, "Limit", int)
-        limit = 100 if limit is None else limit
-        if not 1 <= limit <= 1000:
-            raise KmsRequestError("Limit must be 1..1000")
-        marker = _optional(body, "Marker", str) or ""
-        records = self.store.list_keys(limit + 1, marker)
+        limit = fields.integer(body, "Limit", 1, 1000, 100)
+        records = self.store.list_keys(limit + 1, fields.marker(body))
         response: dict[str, Any] = {
             "Keys": [{"KeyId": r.id, "KeyArn": r.arn} for r in records[:limit]],
             "Truncated": len(records) > limit,
@@ -268,99 +200,145 @@ class KmsService:
         return Outcome(response)
 
     def _op_Encrypt(self, body: dict[str, Any], audit: Audit) -> Outcome:
-        _only(body, {"KeyId", "Plaintext", "EncryptionContext", "EncryptionAlgorithm"})
+        fields.only(body, {"KeyId", "Plaintext", "EncryptionContext", "EncryptionAlgorithm"})
         record = self._key(body.get("KeyId"), audit)
-        plaintext = _blob(body, "Plaintext", MAX_PLAINTEXT, required=True)
-        context = _context(body)
-        _choice(body, "EncryptionAlgorithm", ("SYMMETRIC_DEFAULT",))
+        plaintext = fields.blob(body, "Plaintext", MAX_PLAINTEXT, needed=True)
+        context = fields.context(body)
+        algorithm = fields.choice(body, "EncryptionAlgorithm", ENCRYPTION_ALGORITHMS)
         self._authorize(record.policy, "Encrypt", audit, None)
-        blob = material.encrypt_blob(record.id, self.store.material(record.id), plaintext, context)
-        return Outcome(
-            {"CiphertextBlob": _b64(blob), "KeyId": record.arn, "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"}
-        )
+        blob, algorithm = self._seal(record, plaintext, context, algorithm)
+        return Outcome({"CiphertextBlob": b64(blob), "KeyId": record.arn, "EncryptionAlgorithm": algorithm})
 
     def _op_Decrypt(self, body: dict[str, Any], audit: Audit) -> Outcome:
-        _only(body, {"KeyId", "CiphertextBlob", "EncryptionContext", "EncryptionAlgorithm", "Recipient"})
-        blob = _blob(body, "CiphertextBlob", MAX_CIPHERTEXT, required=True)
-        context = _context(body)
-        _choice(body, "EncryptionAlgorithm", ("SYMMETRIC_DEFAULT",))
-        recipient = parse_recipient(body["Recipient"]) if body.get("Recipient") is not None else None
-        blob_key = material.blob_key_id(blob)
-        if body.get("KeyId") is not None:
-            wanted = self._key_id(body["KeyId"])
-            if wanted != blob_key:
-                audit.key_id = wanted
-                raise IncorrectKey(f"the ciphertext was not made under key {wanted}")
-        if not _UUID.match(blob_key):
-            raise material.InvalidCiphertext("CiphertextBlob names no valid key id")
-        record = self._key(blob_key, audit)
+        fields.only(
+            body, {"KeyId", "CiphertextBlob", "EncryptionContext", "EncryptionAlgorithm", "Recipient"}
+        )
+        blob = fields.blob(body, "CiphertextBlob", MAX_CIPHERTEXT, needed=True)
+        context = fields.context(body)
+        algorithm = fields.choice(body, "EncryptionAlgorithm", ENCRYPTION_ALGORITHMS)
+        recipient = self._recipient(body)
+        record, opener = self._opener(blob, body.get("KeyId"), algorithm, audit)
         attested = self._authorize(record.policy, "Decrypt", audit, recipient)
-        plaintext = material.decrypt_blob(blob, self.store.material(record.id), context)
+        plaintext = opener(context)
         return Outcome(
             {
                 "KeyId": record.arn,
-                "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+                "EncryptionAlgorithm": algorithm or keyspecs.SYMMETRIC,
                 **self._release(plaintext, attested),
             }
         )
 
-    def _op_GenerateDataKey(self, body: dict[str, Any], audit: Audit) -> Outcome:
-        _only(body, {"KeyId", "KeySpec", "NumberOfBytes", "EncryptionContext", "Recipient"})
+    def _op_ReEncrypt(self, body: dict[str, Any], audit: Audit) -> Outcome:
+        fields.only(
+            body,
+            {
+                "CiphertextBlob",
+                "SourceEncryptionContext",
+                "SourceKeyId",
+                "DestinationKeyId",
+                "DestinationEncryptionContext",
+                "SourceEncryptionAlgorithm",
+                "DestinationEncryptionAlgorithm",
+            },
+        )
+        blob = fields.blob(body, "CiphertextBlob", MAX_CIPHERTEXT, needed=True)
+        source_context = fields.context(body, "SourceEncryptionContext")
+        target_context = fields.context(body, "DestinationEncryptionContext")
+        source_algorithm = fields.choice(body, "SourceEncryptionAlgorithm", ENCRYPTION_ALGORITHMS)
+        target_algorithm = fields.choice(body, "DestinationEncryptionAlgorithm", ENCRYPTION_ALGORITHMS)
+        if body.get("DestinationKeyId") is None:
+            raise KmsRequestError("DestinationKeyId is required")
+        source, opener = self._opener(blob, body.get("SourceKeyId"), source_algorithm, audit, "SourceKeyId")
+        self._authorize(source.policy, "ReEncryptFrom", audit, None)
+        target = self._key(body["DestinationKeyId"], audit, name="DestinationKeyId")
+        self._authorize(target.policy, "ReEncryptTo", audit, None)
+        audit.reasons.append(f"re-encrypted from key {source.id}")
+        plaintext = opener(source_context)
+        sealed, target_algorithm = self._seal(target, plaintext, target_context, target_algorithm)
+        return Outcome(
+            {
+                "CiphertextBlob": b64(sealed),
+                "SourceKeyId": source.arn,
+                "KeyId": target.arn,
+                "SourceEncryptionAlgorithm": source_algorithm or keyspecs.SYMMETRIC,
+                "DestinationEncryptionAlgorithm": target_algorithm,
+            }
+        )
+
+    def _data_key(
+        self, body: dict[str, Any], audit: Audit, action: str
+    ) -> tuple[KeyRecord, bytes, bytes, Any]:
+        """GenerateDataKey(WithoutPlaintext)'s shared part: (key, data key, its ciphertext, attested)."""
         record = self._key(body.get("KeyId"), audit)
-        spec = _choice(body, "KeySpec", ("AES_256", "AES_128"))
-        count = _optional(body, "NumberOfBytes", int)
+        spec = fields.choice(body, "KeySpec", ("AES_256", "AES_128"))
+        count = fields.optional(body, "NumberOfBytes", int)
         if (spec is None) == (count is None):
-            raise KmsRequestError("GenerateDataKey needs exactly one of KeySpec and NumberOfBytes")
+            raise KmsRequestError(f"{action} needs exactly one of KeySpec and NumberOfBytes")
         if count is not None and not 1 <= count <= 1024:
             raise KmsRequestError("NumberOfBytes must be 1..1024")
         size = count or (32 if spec == "AES_256" else 16)
-        context = _context(body)
-        recipient = parse_recipient(body["Recipient"]) if body.get("Recipient") is not None else None
-        attested = self._authorize(record.policy, "GenerateDataKey", audit, recipient)
+        context = fields.context(body)
+        recipient = self._recipient(body)
+        self._symmetric(record, action)
+        attested = self._authorize(record.policy, action, audit, recipient)
         data_key = secrets.token_bytes(size)
-        blob = material.encrypt_blob(record.id, self.store.material(record.id), data_key, context)
+        blob, _ = self._seal(record, data_key, context, None)
+        return record, data_key, blob, attested
+
+    def _op_GenerateDataKey(self, body: dict[str, Any], audit: Audit) -> Outcome:
+        fields.only(body, {"KeyId", "KeySpec", "NumberOfBytes", "EncryptionContext", "Recipient"})
+        record, data_key, blob, attested = self._data_key(body, audit, "GenerateDataKey")
         return Outcome(
-            {"CiphertextBlob": _b64(blob), "KeyId": record.arn, **self._release(data_key, attested)}
+            {"CiphertextBlob": b64(blob), "KeyId": record.arn, **self._release(data_key, attested)}
         )
 
+    def _op_GenerateDataKeyWithoutPlaintext(self, body: dict[str, Any], audit: Audit) -> Outcome:
+        fields.only(body, {"KeyId", "KeySpec", "NumberOfBytes", "EncryptionContext"})
+        record, _, blob, _ = self._data_key(body, audit, "GenerateDataKeyWithoutPlaintext")
+        return Outcome({"CiphertextBlob": b64(blob), "KeyId": record.arn})
+
     def _op_GenerateRandom(self, body: dict[str, Any], audit: Audit) -> Outcome:
-        _only(body, {"NumberOfBytes", "CustomKeyStoreId", "Recipient"})
-        count = _optional(body, "NumberOfBytes", int)
-        count = 32 if count is None else count
-        if not 1 <= count <= 1024:
-            raise KmsRequestError("NumberOfBytes must be 1..1024")
+        fields.only(body, {"NumberOfBytes", "CustomKeyStoreId", "Recipient"})
+        count = fields.integer(body, "NumberOfBytes", 1, 1024, 32)
         if body.get("CustomKeyStoreId") is not None:
             raise KmsRequestError("custom key stores are not supported")
-        recipient = parse_recipient(body["Recipient"]) if body.get("Recipient") is not None else None
+        recipient = self._recipient(body)
         attested = self._authorize(self._account_policy(), "GenerateRandom", audit, recipient)
         return Outcome(self._release(secrets.token_bytes(count), attested))
 
     def _op_GetKeyPolicy(self, body: dict[str, Any], audit: Audit) -> Outcome:
-        _only(body, {"KeyId", "PolicyName"})
+        fields.only(body, {"KeyId", "PolicyName"})
         record = self._key(body.get("KeyId"), audit, pending_ok=True)
-        _choice(body, "PolicyName", ("default",))
+        fields.choice(body, "PolicyName", ("default",))
         self._authorize(record.policy, "GetKeyPolicy", audit, None)
         return Outcome({"Policy": record.policy, "PolicyName": "default"})
 
     def _op_PutKeyPolicy(self, body: dict[str, Any], audit: Audit) -> Outcome:
-        _only(body, {"KeyId", "PolicyName", "Policy", "BypassPolicyLockoutSafetyCheck"})
+        fields.only(body, {"KeyId", "PolicyName", "Policy", "BypassPolicyLockoutSafetyCheck"})
         record = self._key(body.get("KeyId"), audit, pending_ok=True)
-        _choice(body, "PolicyName", ("default",))
-        _optional(body, "BypassPolicyLockoutSafetyCheck", bool)
-        text = _optional(body, "Policy", str)
+        fields.choice(body, "PolicyName", ("default",))
+        fields.optional(body, "BypassPolicyLockoutSafetyCheck", bool)
+        text = fields.optional(body, "Policy", str)
         if text is None:
             raise MalformedPolicy("Policy is required")
         self._authorize(record.policy, "PutKeyPolicy", audit, None)
         self._policy(text)
         return Outcome({}, self.store.set_policy(record.id, text))
 
+    def _op_ListKeyPolicies(self, body: dict[str, Any], audit: Audit) -> Outcome:
+        fields.only(body, {"KeyId", "Limit", "Marker"})
+        record = self._key(body.get("KeyId"), audit, pending_ok=True)
+        fields.integer(body, "Limit", 1, 1000, 100)
+        fields.marker(body)
+        self._authorize(record.policy, "ListKeyPolicies", audit, None)
+        return Outcome({"PolicyNames": ["default"], "Truncated": False})
+
     def _op_ScheduleKeyDeletion(self, body: dict[str, Any], audit: Audit) -> Outcome:
-        _only(body, {"KeyId", "PendingWindowInDays"})
-        record = self._key(body.get("KeyId"), audit)
-        days = _optional(body, "PendingWindowInDays", int)
-        days = 30 if days is None else days
-        if not 7 <= days <= 30:
-            raise KmsRequestError("PendingWindowInDays must be 7..30")
+        fields.only(body, {"KeyId", "PendingWindowInDays"})
+        record = self._key(body.get("KeyId"), audit, pending_ok=True)
+        if record.state == "PendingDeletion":
+            raise InvalidKeyState(f"key {record.arn} is already pending deletion")
+        days = fields.integer(body, "PendingWindowInDays", 7, 30, 30)
         self._authorize(record.policy, "ScheduleKeyDeletion", audit, None)
         when = round(self.clock() + days * 86400, 3)
         return Outcome(
@@ -374,70 +352,10 @@ class KmsService:
         )
 
     def _op_CancelKeyDeletion(self, body: dict[str, Any], audit: Audit) -> Outcome:
-        _only(body, {"KeyId"})
+        """As in AWS, the key comes back disabled: EnableKey makes it usable again."""
+        fields.only(body, {"KeyId"})
         record = self._key(body.get("KeyId"), audit, pending_ok=True)
         if record.state != "PendingDeletion":
             raise InvalidKeyState(f"key {record.arn} is not pending deletion")
         self._authorize(record.policy, "CancelKeyDeletion", audit, None)
-        return Outcome({"KeyId": record.arn}, self.store.set_state(record.id, "Enabled", None))
-
-
-# -- field checks ------------------------------------------------------------------------------------------
-
-
-def _only(body: dict[str, Any], allowed: set[str]) -> None:
-    unknown = set(body) - allowed - _COMMON_FIELDS
-    if unknown:
-        raise KmsRequestError(f"unknown fields {sorted(str(u)[:64] for u in unknown)[:5]}")
-
-
-def _optional(body: dict[str, Any], name: str, kind: type) -> Any:
-    value = body.get(name)
-    if value is None:
-        return None
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise KmsRequestError(f"{name} must be an integer")
-    if not isinstance(value, kind):
-        raise KmsRequestError(f"{name} must be a {kind.__name__}")
-    return value
-
-
-def _choice(body: dict[str, Any], name: str, choices: tuple[str, ...]) -> str | None:
-    value = body.get(name)
-    if value is not None and value not in choices:
-        raise KmsRequestError(f"{name} must be one of {', '.join(choices)}", given=str(value)[:64])
-    return value
-
-
-def _blob(body: dict[str, Any], name: str, limit: int, *, required: bool = False) -> bytes:
-    value = body.get(name)
-    if value is None:
-        if required:
-            raise KmsRequestError(f"{name} is required")
-        return b""
-    if not isinstance(value, str):
-        raise KmsRequestError(f"{name} must be a base64 string")
-    if len(value) > (limit + 2) // 3 * 4:
-        raise KmsRequestError(f"{name} must be at most {limit} bytes")
-    try:
-        data = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise KmsRequestError(f"{name} is not valid base64") from None
-    if not 1 <= len(data) <= limit:
-        raise KmsRequestError(f"{name} must be 1..{limit} bytes")
-    return data
-
-
-def _context(body: dict[str, Any]) -> dict[str, str] | None:
-    context = body.get("EncryptionContext")
-    if context is None:
-        return None
-    if not isinstance(context, dict) or not all(isinstance(v, str) for v in context.values()):
-        raise KmsRequestError("EncryptionContext must map strings to strings")
-    if len(json.dumps(context)) > 8192:
-        raise KmsRequestError("EncryptionContext is too large")
-    return context
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
+        return Outcome({"KeyId": record.arn}, self.store.set_state(record.id, "Disabled", None))

@@ -68,7 +68,12 @@ def test_boto3_key_lifecycle(admin) -> None:
     with pytest.raises(ClientError) as exc:
         admin.encrypt(KeyId=key["KeyId"], Plaintext=b"x")
     assert error_of(exc) == "KMSInvalidStateException"
-    admin.cancel_key_deletion(KeyId=key["KeyId"])
+    admin.cancel_key_deletion(KeyId=key["KeyId"])  # as in AWS, the key comes back disabled
+    assert admin.describe_key(KeyId=key["KeyId"])["KeyMetadata"]["KeyState"] == "Disabled"
+    with pytest.raises(ClientError) as exc:
+        admin.encrypt(KeyId=key["KeyId"], Plaintext=b"x")
+    assert error_of(exc) == "DisabledException"
+    admin.enable_key(KeyId=key["KeyId"])
     assert admin.encrypt(KeyId=key["KeyId"], Plaintext=b"x")["CiphertextBlob"]
 
 

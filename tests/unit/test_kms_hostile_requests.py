@@ -22,12 +22,13 @@ from hypothesis import strategies as st
 from teelab_guest.kms_client import RecipientKey
 
 from harness.attest import LabAuthority
-from harness.kms import KmsServer
+from harness.kms import KmsServer, keyspecs
+from harness.kms.keyring import Keyring
 from harness.kms.material import encrypt_blob
-from harness.kms.policy import ACTIONS, CONDITION_KEYS
+from harness.kms.policy import CONDITION_KEYS, OPERATIONS
 
 BATCH = 8  # requests of one example, sent at once: the server commits their audit rows together
-EXAMPLES_PER_OPERATION = 60  # x BATCH x 11 operations: 5,280 requests
+EXAMPLES_PER_OPERATION = 19  # x BATCH x 35 operations: 5,320 requests
 STATUSES: list[int] = []
 ERRORS_4XX = {
     "SerializationException",
@@ -40,6 +41,17 @@ ERRORS_4XX = {
     "MalformedPolicyDocumentException",
     "AccessDeniedException",
     "RequestEntityTooLargeException",
+    "DisabledException",
+    "AlreadyExistsException",
+    "InvalidAliasNameException",
+    "NotAuthorizedException",
+    "TagException",
+    "UnsupportedOperationException",
+    "InvalidKeyUsageException",
+    "KMSInvalidSignatureException",
+    "KMSInvalidMacException",
+    "InvalidMarkerException",
+    "LimitExceededException",
 }
 OPEN = {"Statement": {"Effect": "Allow", "Principal": "*", "Action": "kms:*"}}
 FIELDS: dict[str, tuple[str, ...]] = {
@@ -57,8 +69,40 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "PutKeyPolicy": ("KeyId", "PolicyName", "Policy", "BypassPolicyLockoutSafetyCheck"),
     "ScheduleKeyDeletion": ("KeyId", "PendingWindowInDays"),
     "CancelKeyDeletion": ("KeyId",),
+    "CreateAlias": ("AliasName", "TargetKeyId"),
+    "UpdateAlias": ("AliasName", "TargetKeyId"),
+    "DeleteAlias": ("AliasName",),
+    "ListAliases": ("KeyId", "Limit", "Marker"),
+    "EnableKey": ("KeyId",),
+    "DisableKey": ("KeyId",),
+    "TagResource": ("KeyId", "Tags"),
+    "UntagResource": ("KeyId", "TagKeys"),
+    "ListResourceTags": ("KeyId", "Limit", "Marker"),
+    "ListKeyPolicies": ("KeyId", "Limit", "Marker"),
+    "GenerateDataKeyWithoutPlaintext": ("KeyId", "KeySpec", "NumberOfBytes", "EncryptionContext"),
+    "ReEncrypt": (
+        "CiphertextBlob", "SourceEncryptionContext", "SourceKeyId", "DestinationKeyId",
+        "DestinationEncryptionContext", "SourceEncryptionAlgorithm", "DestinationEncryptionAlgorithm",
+    ),
+    "EnableKeyRotation": ("KeyId", "RotationPeriodInDays"),
+    "DisableKeyRotation": ("KeyId",),
+    "GetKeyRotationStatus": ("KeyId",),
+    "RotateKeyOnDemand": ("KeyId",),
+    "ListKeyRotations": ("KeyId", "Limit", "Marker"),
+    "Sign": ("KeyId", "Message", "MessageType", "SigningAlgorithm"),
+    "Verify": ("KeyId", "Message", "MessageType", "Signature", "SigningAlgorithm"),
+    "GetPublicKey": ("KeyId",),
+    "GenerateMac": ("KeyId", "Message", "MacAlgorithm"),
+    "VerifyMac": ("KeyId", "Message", "MacAlgorithm", "Mac"),
+    "GenerateDataKeyPair": ("KeyId", "KeyPairSpec", "EncryptionContext", "Recipient"),
+    "GenerateDataKeyPairWithoutPlaintext": ("KeyId", "KeyPairSpec", "EncryptionContext"),
 }  # fmt: skip
-assert set(FIELDS) == set(ACTIONS)
+assert set(FIELDS) == set(OPERATIONS)
+# operations that change their key go to the scratch key, so the others stay enabled with an open policy
+SCRATCH = {
+    "PutKeyPolicy", "ScheduleKeyDeletion", "CancelKeyDeletion", "DisableKey", "EnableKey", "TagResource",
+    "UntagResource", "RotateKeyOnDemand", "EnableKeyRotation", "DisableKeyRotation",
+}  # fmt: skip
 
 
 class Raw:
@@ -94,6 +138,17 @@ def world(server: KmsServer, lab: LabAuthority) -> dict[str, Any]:
     server.set_account_policy(OPEN)
     stable = server.create_key(OPEN)
     scratch = server.create_key(OPEN)
+    extra = {}
+    for name, usage, spec in (
+        ("signer", "SIGN_VERIFY", "ECC_NIST_P256"),
+        ("mac", "GENERATE_VERIFY_MAC", "HMAC_256"),
+        ("rsa", "ENCRYPT_DECRYPT", "RSA_2048"),
+    ):
+        _, change = server.store.new_key(
+            json.dumps(OPEN), name, usage, spec, keyspecs.new_material(spec)
+        )
+        extra[name] = server.store.submit(change).result()
+    server.store.submit(Keyring.put_alias("alias/stable", stable.id, 0.0, create=True)).result()
     blob = encrypt_blob(stable.id, server.store.material(stable.id), b"secret", {"app": "x"})
     recipient = RecipientKey()
     document = lab.attestation_document(
@@ -104,6 +159,7 @@ def world(server: KmsServer, lab: LabAuthority) -> dict[str, Any]:
         module_id="i-hostile",
     )
     return {
+        **extra,
         "stable": stable,
         "scratch": scratch,
         "blob": blob,
@@ -173,7 +229,13 @@ def policies(draw: st.DrawFn) -> str:
 
 def field_values(world: dict[str, Any]) -> dict[str, st.SearchStrategy[Any]]:
     stable, blob, document = world["stable"], world["blob"], world["document"]
-    key_ids = st.sampled_from([stable.id, stable.arn, str(uuid.uuid4()), "alias/x", stable.id.upper()])
+    key_ids = st.sampled_from(
+        [
+            stable.id, stable.arn, str(uuid.uuid4()), "alias/x", stable.id.upper(), "alias/stable",
+            world["signer"].id, world["mac"].id, world["rsa"].arn,
+        ]
+    )  # fmt: skip
+    algorithms = st.sampled_from(["SYMMETRIC_DEFAULT", "RSAES_OAEP_SHA_256", "RSAES_OAEP_SHA_1"])
     recipient = st.fixed_dictionaries(
         {"AttestationDocument": st.one_of(st.just(b64(document)), mutated(document).map(b64), JSON)},
         optional={
@@ -190,8 +252,8 @@ def field_values(world: dict[str, Any]) -> dict[str, st.SearchStrategy[Any]]:
             st.just(b64(blob)), mutated(blob).map(b64), st.binary(max_size=200).map(b64)
         ),
         "EncryptionContext": st.one_of(st.just({"app": "x"}), st.dictionaries(TEXT, TEXT | LONG, max_size=3)),
-        "EncryptionAlgorithm": st.sampled_from(["SYMMETRIC_DEFAULT", "RSAES_OAEP_SHA_256"]),
-        "KeySpec": st.sampled_from(["AES_256", "AES_128", "SYMMETRIC_DEFAULT", "RSA_2048"]),
+        "EncryptionAlgorithm": algorithms,
+        "KeySpec": st.sampled_from(["AES_256", "AES_128", "SYMMETRIC_DEFAULT", "ECC_NIST_P256", "HMAC_256"]),
         "NumberOfBytes": st.integers(-3, 1100),
         "Limit": st.integers(-3, 1100),
         "Marker": st.one_of(key_ids, TEXT, LONG),
@@ -207,6 +269,23 @@ def field_values(world: dict[str, Any]) -> dict[str, st.SearchStrategy[Any]]:
         "PendingWindowInDays": st.integers(0, 40),
         "CustomKeyStoreId": TEXT | LONG,
         "Recipient": recipient,
+        "AliasName": st.sampled_from(["alias/scratch", "alias/aws/x", "alias/", "alias/a:b", "x"]) | TEXT,
+        "TargetKeyId": key_ids,
+        "TagKeys": st.lists(TEXT, max_size=3),
+        "RotationPeriodInDays": st.integers(80, 2600),
+        "SourceKeyId": key_ids,
+        "DestinationKeyId": key_ids,
+        "SourceEncryptionContext": st.just({"app": "x"}),
+        "DestinationEncryptionContext": st.dictionaries(TEXT, TEXT, max_size=2),
+        "SourceEncryptionAlgorithm": algorithms,
+        "DestinationEncryptionAlgorithm": algorithms,
+        "Message": st.binary(max_size=80).map(b64),
+        "MessageType": st.sampled_from(["RAW", "DIGEST", "EXTERNAL_MU"]),
+        "SigningAlgorithm": st.sampled_from(["ECDSA_SHA_256", "RSASSA_PSS_SHA_256", "ECDSA_SHA_384"]),
+        "Signature": st.binary(min_size=1, max_size=80).map(b64),
+        "MacAlgorithm": st.sampled_from(["HMAC_SHA_256", "HMAC_SHA_512"]),
+        "Mac": st.binary(min_size=1, max_size=40).map(b64),
+        "KeyPairSpec": st.sampled_from(["ECC_NIST_P256", "RSA_2048", "SM2", "ECC_NIST_P384"]),
     }
 
 
@@ -217,7 +296,7 @@ def requests(
     body: dict[str, Any] = {}
     for name in draw(st.lists(st.sampled_from([*FIELDS[operation], "GrantTokens", "DryRun"]), unique=True)):
         body[name] = draw(st.one_of(values[name], JSON) if name in values else JSON)
-    if operation in ("PutKeyPolicy", "ScheduleKeyDeletion", "CancelKeyDeletion") and body.get("KeyId"):
+    if operation in SCRATCH and body.get("KeyId"):
         body["KeyId"] = world["scratch"].id  # the stable key keeps its open policy and stays enabled
     if draw(st.integers(0, 9)) == 0:
         body[draw(TEXT)] = draw(JSON)  # a field the operation does not know
