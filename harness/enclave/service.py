@@ -21,8 +21,9 @@ from harness.errors import LabError
 
 log = logging.getLogger(__name__)
 
-MAX_EIF_BYTES = 2 << 30
-CHUNK = 1 << 20
+MIB = 1 << 20
+CHUNK = MIB
+MAX_SESSIONS = 8  # a parent's concurrent requests; more are closed unanswered
 
 
 class EnclaveApi:
@@ -32,6 +33,7 @@ class EnclaveApi:
         self.parent = parent
         self._listener = parent.vsock.listen(pool_wire.ENCLAVE_API_PORT, vm=parent.name)
         self._closed = False
+        self._sessions = threading.BoundedSemaphore(MAX_SESSIONS)
         self._thread = threading.Thread(target=self._accept, name=f"enclave-api-{parent.name}", daemon=True)
         self._thread.start()
 
@@ -41,10 +43,13 @@ class EnclaveApi:
                 conn, _cid = self._listener.accept(timeout=0.5)
             except (TimeoutError, OSError, LabError):
                 continue
+            if not self._sessions.acquire(blocking=False):
+                conn.close()
+                continue
             threading.Thread(target=self._session, args=(conn,), daemon=True).start()
 
     def _session(self, conn: socket.socket) -> None:
-        with conn:
+        with conn, _released(self._sessions):
             try:
                 conn.settimeout(600)
                 request = pool_wire.read_frame(conn)
@@ -71,7 +76,8 @@ class EnclaveApi:
             enclave = self.parent.find(_text(request.get("enclave_id")), _text(request.get("enclave_name")))
             return self.parent.terminate(enclave)
         if verb in ("run-enclave", "describe-eif"):
-            fd = _receive_image(conn, request.get("eif_size"))
+            # an image needs 4 x its size in enclave memory: none larger than a quarter of the pool can run
+            fd = _receive_image(conn, request.get("eif_size"), self.parent.layout.pool.memory_mib * MIB // 4)
             try:
                 path = f"/proc/self/fd/{fd}"
                 if verb == "describe-eif":
@@ -116,10 +122,21 @@ class EnclaveApi:
         self._thread.join(timeout=2)
 
 
-def _receive_image(conn: socket.socket, size: object) -> int:
-    """The image's bytes from ``conn`` into a memfd (its descriptor)."""
-    if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_EIF_BYTES:
-        raise errors.EifInputInvalid(f"eif_size {size!r}", hint=f"send 1 byte to {MAX_EIF_BYTES} of image")
+@contextlib.contextmanager
+def _released(semaphore: threading.BoundedSemaphore) -> Any:
+    try:
+        yield
+    finally:
+        semaphore.release()
+
+
+def _receive_image(conn: socket.socket, size: object, limit: int) -> int:
+    """The image's bytes (at most ``limit``) from ``conn`` into a memfd (its descriptor)."""
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= limit:
+        raise errors.EifInputInvalid(
+            f"eif_size {size!r}: an image of this parent's pool is 1 to {limit:,} bytes",
+            hint="an enclave needs 4 x its image in memory: shrink the image or grow the pool",
+        )
     fd = os.memfd_create("teelab-eif", os.MFD_CLOEXEC)
     try:
         left = size
