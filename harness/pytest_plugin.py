@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from harness.host import capability
 from harness.host.model import HostInfo
 
 HARDWARE_MARKERS = {
@@ -33,17 +34,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def missing_hardware(marker: str, host: HostInfo) -> str | None:
     """Why this host cannot run tests marked ``marker``, or None when it can."""
-    if marker == "kvm" and host.accel != "kvm":
-        return f"no usable KVM: {host.accel_reason}"
-    if marker == "snp" and not (host.tee.sev_snp and host.qemu.has("sev-snp-guest")):
-        return "no SEV-SNP: host firmware/kernel or QEMU's sev-snp-guest object is missing"
-    if marker == "tdx" and not (host.tee.tdx and host.qemu.has("tdx-guest")):
-        return "no TDX: host kernel or QEMU's tdx-guest object is missing"
-    if marker == "vhost_vsock" and not host.vhost_vsock:
-        return "no /dev/vhost-vsock on this host"
-    if marker == "root" and os.geteuid() != 0:
-        return "needs root"
-    return None
+    if marker == "root":
+        return None if os.geteuid() == 0 else "needs root"
+    group = "vhost-vsock" if marker == "vhost_vsock" else marker
+    return "; ".join(capability.missing(group, host)) or None  # type: ignore[arg-type]
 
 
 @functools.cache

@@ -7,12 +7,16 @@ from pathlib import Path
 
 from rich.table import Table
 
+from harness import config
 from harness.cli.arguments import existing_directory
 from harness.cli.render import console, print_json
 from harness.enclave.pool import pool_summary
+from harness.host import capability
+from harness.host.errors import CapabilityMissing
 from harness.host.ledger import Ledger
 from harness.host.model import HostInfo
 from harness.host.probe import probe
+from harness.tee.measure import snp_firmware_measures
 
 INTERESTING_TYPES = (
     *("sev-guest", "sev-snp-guest", "tdx-guest", "memory-backend-memfd", "memory-backend-file"),
@@ -26,11 +30,47 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--root", type=existing_directory, default=Path("/"), help="probe a fixture tree instead of this host"
     )
+    parser.add_argument(
+        "--require",
+        choices=capability.GROUPS,
+        metavar="GROUP",
+        help=f"fail (E206, exit 2) unless the host gives what GROUP promises: {', '.join(capability.GROUPS)}",
+    )
     parser.set_defaults(func=run)
+
+
+def firmware_missing(group: str) -> list[str]:
+    """What is wrong with the firmware teelab.toml (``[snp] ovmf``, ``[tdx] ovmf``) names for ``group``."""
+    if group not in ("snp", "tdx"):
+        return []
+    variable = config.env_name(group, "ovmf")
+    value = config.setting(group, "ovmf")
+    if not value:
+        return [f"no {group.upper()} firmware configured ({variable} or [{group}] ovmf in teelab.toml)"]
+    path = Path(value)
+    if not path.is_file():
+        return [f"{variable} names {path}, which is not a file"]
+    if group == "snp" and not snp_firmware_measures(path, kernel=True):
+        return [f"{path} is not an AmdSev OVMF: no SNP_KERNEL_HASHES section, so -kernel would go unmeasured"]
+    return []
+
+
+def require(group: str, host: HostInfo) -> None:
+    """Raise ``CapabilityMissing`` naming every piece ``host`` lacks for ``group``."""
+    missing = capability.missing(group, host) + firmware_missing(group)  # type: ignore[arg-type]
+    if missing:
+        raise CapabilityMissing(
+            f"this host lacks what the {group} group promises: " + "; ".join(missing),
+            hint="docs/hardware.md says how to provision each piece (ansible/site.yml does it per group)",
+            group=group,
+            missing=missing,
+        )
 
 
 def run(args: argparse.Namespace) -> int:
     host = probe(args.root)
+    if args.require:
+        require(args.require, host)
     claims = Ledger().claims() if args.root == Path("/") else []
     if args.json:
         data = host.to_dict()

@@ -46,3 +46,14 @@ class LedgerCorrupt(HostError):
     code = "E205"
     title = "host ledger unreadable"
     explanation = "The ledger file under the state dir is not valid JSON; move it aside to start afresh."
+
+
+class CapabilityMissing(HostError):
+    code = "E206"
+    title = "host lacks what its capability group promises"
+    explanation = (
+        "`teelab doctor --require GROUP` found this host short of what hosts of that group (tcg, kvm, snp, "
+        "tdx, vhost-vsock) must offer: the message lists each missing piece (kernel switch, device node, "
+        "QEMU object or version, firmware). docs/hardware.md says how a host gets each one."
+    )
+    exit_status = 2

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Literal, Protocol
 from teelab_guest.tee_wire import TEE_PORT
 
 from harness.aio import EventLoopThread
+from harness.host import capability
 from harness.host.model import HostInfo
 from harness.qemu.spec import (
     ChardevChannel,
@@ -382,15 +383,7 @@ def real_tee_missing(kind: Kind, host: HostInfo) -> list[str]:
     """Why ``host`` cannot run a real ``kind`` guest (empty when it can)."""
     if kind == "nsm":
         return ["an enclave security module is always emulated"]
-    qemu_type, flag = ("sev-snp-guest", host.tee.sev_snp) if kind == "snp" else ("tdx-guest", host.tee.tdx)
-    missing = []
-    if not host.qemu.has(qemu_type):
-        missing.append(f"QEMU has no {qemu_type} object")
-    if not flag:
-        missing.append(f"the host kernel does not offer {'SEV-SNP' if kind == 'snp' else 'TDX'}")
-    if host.accel != "kvm":
-        missing.append(f"no usable KVM ({host.accel_reason})")
-    return missing
+    return capability.missing(kind, host)
 
 
 def choose_backend(kind: Kind, host: HostInfo, mode: Mode = "auto", **options: Any) -> TeeBackend:

@@ -1,0 +1,57 @@
+"""Host capability groups (the Ansible inventory's groups, the nightly's runner labels): what a host of each
+group must offer, and why a probed host falls short."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from harness.host.model import HostInfo
+
+Group = Literal["tcg", "kvm", "snp", "tdx", "vhost-vsock"]
+GROUPS: tuple[Group, ...] = get_args(Group)
+# The first QEMU release with each confidential-guest object (QEMU's docs/system/i386/*.rst).
+SNP_QEMU = (9, 1, 0)
+TDX_QEMU = (10, 1, 0)
+
+
+def _qemu_missing(host: HostInfo, *types: str, since: tuple[int, int, int] | None = None) -> list[str]:
+    qemu = host.qemu
+    if qemu.binary is None:
+        return ["no qemu-system-x86_64 on PATH"]
+    missing = []
+    if since is not None and (qemu.version or (0, 0, 0)) < since:
+        found = ".".join(map(str, qemu.version)) if qemu.version else "of unknown version"
+        missing.append(f"QEMU {found} is older than {since[0]}.{since[1]}")
+    missing += [f"QEMU has no {t}" for t in types if not qemu.has(t)]
+    return missing
+
+
+def _kvm_missing(host: HostInfo) -> list[str]:
+    return [] if host.accel == "kvm" else [f"no usable KVM ({host.accel_reason})"]
+
+
+def missing(group: Group, host: HostInfo) -> list[str]:
+    """Why ``host`` does not give what hosts of ``group`` promise (empty when it does).
+
+    tcg: a QEMU with the memfd backend and the user-space vsock device; kvm: that and usable KVM; snp:
+    ``kvm_amd sev_snp=Y``, /dev/sev and QEMU >= 9.1 with ``sev-snp-guest``; tdx: ``kvm_intel tdx=Y`` and QEMU
+    >= 10.1 with ``tdx-guest``; vhost-vsock: /dev/vhost-vsock and QEMU's ``vhost-vsock-pci``.
+    """
+    if group not in GROUPS:
+        raise ValueError(f"unknown capability group {group!r}")
+    if group == "tcg":
+        return _qemu_missing(host, "memory-backend-memfd", "vhost-user-vsock-pci")
+    if group == "kvm":
+        return _qemu_missing(host) + _kvm_missing(host)
+    if group == "vhost-vsock":
+        found = [] if host.vhost_vsock else ["no /dev/vhost-vsock (load vhost_vsock)"]
+        return found + _qemu_missing(host, "vhost-vsock-pci")
+    if group == "snp":
+        found = (
+            []
+            if host.tee.sev_snp
+            else ["the host kernel does not offer SEV-SNP (kvm_amd sev_snp=Y, /dev/sev)"]
+        )
+        return found + _qemu_missing(host, "sev-snp-guest", since=SNP_QEMU) + _kvm_missing(host)
+    found = [] if host.tee.tdx else ["the host kernel does not offer TDX (kvm_intel tdx=Y)"]
+    return found + _qemu_missing(host, "tdx-guest", since=TDX_QEMU) + _kvm_missing(host)
