@@ -237,3 +237,34 @@ class X86Cpu(Device):
             "core-id": self.core_id,
             "thread-id": self.thread_id,
         }
+
+
+@dataclass(frozen=True)
+class TpmCrb(Device):
+    """A TPM 2.0 (CRB interface) whose TPM is an external emulator (swtpm) on ``chardev``, its control
+    socket: ``-tpmdev emulator`` then ``-device tpm-crb``. The backend's id is ``<id>-dev``."""
+
+    id: str
+    chardev: ChardevSocket
+    qemu_type: ClassVar[str] = "tpm-crb"
+
+    def validate(self, host: HostInfo) -> None:
+        super().validate(host)
+        if not isinstance(self.chardev, ChardevSocket) or self.chardev.path is None or self.chardev.server:
+            raise OptionInvalid(
+                f"device {self.id}: the TPM emulator needs a client socket chardev with a path",
+                hint="pass ChardevSocket(id, path=<swtpm control socket>) (swtpm listens, QEMU connects)",
+                id=self.id,
+            )
+
+    def chardevs(self) -> tuple[Chardev, ...]:
+        return (self.chardev,)
+
+    def args(self) -> list[str]:
+        backend = f"{self.id}-dev"
+        return [
+            "-tpmdev",
+            f"emulator,id={backend},chardev={self.chardev.id}",
+            "-device",
+            f"{self.qemu_type},id={self.id},tpmdev={backend}",
+        ]

@@ -13,6 +13,7 @@ from harness.host.model import Accel, HostInfo
 from harness.qemu.chardevs import Chardev, ChardevChannel, ChardevFile, ChardevSocket, ChardevStdio
 from harness.qemu.devices import (
     Device,
+    TpmCrb,
     VhostUserVsockPci,
     VhostVsockPci,
     VirtioMemPci,
@@ -57,6 +58,7 @@ __all__ = [
     "MemoryBackendRam",
     "SevSnpGuest",
     "TdxGuest",
+    "TpmCrb",
     "VMSpec",
     "VhostUserVsockPci",
     "VhostVsockPci",

@@ -27,6 +27,7 @@ DEVICES_7_2 = frozenset(
         "virtserialport",
         "virtio-rng-pci",
         "max-x86_64-cpu",
+        "tpm-crb",
     }
 )
 MACHINES = frozenset({"q35", "pc", "microvm", "none"})

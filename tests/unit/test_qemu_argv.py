@@ -18,7 +18,9 @@ from harness.qemu import (
     MemoryBackendMemfd,
     MemoryBackendRam,
     SevSnpGuest,
+    SpecError,
     TdxGuest,
+    TpmCrb,
     VhostUserVsockPci,
     VhostVsockPci,
     VirtioMemPci,
@@ -103,6 +105,10 @@ CASES: dict[str, Case] = {
             memory=MemoryBackendMemfd("ram0", 256),
             devices=(VirtioMemPci("vmem0", MemoryBackendMemfd("vmem0-mem", 1024), requested_size_mib=128),),
         ),
+        tcg_host(),
+    ),
+    "tpm_crb": lambda b, t: (
+        plain(b, devices=(TpmCrb("tpm0", ChardevSocket("tpm0-chr", path=t / "swtpm.sock")),)),
         tcg_host(),
     ),
     "sev_snp": lambda b, t: (
@@ -214,3 +220,15 @@ def test_explicit_tcg_on_a_kvm_host_uses_max_cpu_and_multithreaded_tcg(boot: dic
     argv = build_argv(plain(boot, accel="tcg"), snp_host(), qmp=QMP, console=CONSOLE)
     assert argv[argv.index("-accel") + 1] == "tcg,thread=multi"
     assert argv[argv.index("-cpu") + 1] == "max"
+
+
+@pytest.mark.parametrize(
+    "chardev",
+    [ChardevSocket("tpm0-chr", fd=5), ChardevSocket("tpm0-chr", path=Path("t.sock"), server=True)],
+    ids=["fd", "server"],
+)
+def test_tpm_emulator_needs_a_client_socket_path(boot: dict[str, Path], chardev: ChardevSocket) -> None:
+    spec = plain(boot, devices=(TpmCrb("tpm0", chardev),))
+    with pytest.raises(SpecError) as err:
+        build_argv(spec, tcg_host(), qmp=QMP, console=CONSOLE)
+    assert err.value.code == "E315" and "client socket" in str(err.value)
