@@ -225,6 +225,13 @@ class KmsClient:
             )
         return self._conn
 
+    def connect(self) -> None:
+        """Open the connection now (TLS handshake included) rather than at the first call, so a caller can
+        overlap it with other work; KmsTrustError or OSError as the first call would raise them."""
+        conn = self._connection()
+        if conn.sock is None:
+            conn.connect()
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()

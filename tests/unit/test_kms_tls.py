@@ -145,3 +145,22 @@ def test_host_clients_verify_with_the_dirs_ca(real: KmsServer) -> None:
     transport = Transport.endpoint(real.endpoint, tls=client_context(real.kms_dir))
     with KmsClient(transport, access_key=creds.access_key, secret=creds.secret) as client:
         assert len(client.generate_random(8)) == 8
+
+
+def test_connect_opens_tls_before_the_first_call_and_the_call_uses_it(real: KmsServer) -> None:
+    """unseal opens the connection while it makes its key: the handshake is done before the round trip."""
+    creds = real.credentials("guest")
+    tls = pinned_context(ca_text(real.kms_dir), ca_pin(real.kms_dir))
+    with KmsClient(guest_transport(real, tls), access_key=creds.access_key, secret=creds.secret) as client:
+        client.connect()
+        sock = client._conn.sock  # type: ignore[union-attr]
+        assert isinstance(sock, ssl.SSLSocket) and sock.version() is not None  # handshake done
+        assert len(client.generate_random(16)) == 16
+        assert client._conn.sock is sock  # type: ignore[union-attr]
+
+
+def test_connect_to_a_fake_kms_is_refused_at_connect(real: KmsServer, fake: KmsServer) -> None:
+    tls = pinned_context(ca_text(real.kms_dir), ca_pin(real.kms_dir))
+    with KmsClient(guest_transport(fake, tls)) as client, pytest.raises(KmsTrustError) as refused:
+        client.connect()
+    assert refused.value.reason == "untrusted-server"
