@@ -68,7 +68,12 @@ class Keyring:
     # -- aliases -------------------------------------------------------------------------------------------
 
     def alias(self, name: str) -> Alias | None:
-        rows = self._read("SELECT name, key_id, created, updated FROM aliases WHERE name = ?", (name,))
+        """The alias ``name``, unless it is missing or its key was purged."""
+        rows = self._read(
+            "SELECT a.name, a.key_id, a.created, a.updated FROM aliases a JOIN keys k ON k.id = a.key_id"
+            " WHERE a.name = ?",
+            (name,),
+        )
         return Alias(*rows[0]) if rows else None
 
     def aliases(self, key_id: str | None, limit: int, after: str) -> list[Alias]:
@@ -88,6 +93,10 @@ class Keyring:
 
         def change(conn: sqlite3.Connection) -> None:
             if create:
+                # an alias of a key that was purged went with it, as in AWS: its name is free again
+                conn.execute(
+                    "DELETE FROM aliases WHERE name = ? AND key_id NOT IN (SELECT id FROM keys)", (name,)
+                )
                 try:
                     conn.execute(
                         "INSERT INTO aliases (name, key_id, created, updated) VALUES (?, ?, ?, ?)",

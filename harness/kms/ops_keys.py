@@ -68,8 +68,9 @@ def alias_name(body: dict[str, Any]) -> str:
     return name
 
 
-def _page(body: dict[str, Any], high: int) -> tuple[int, str]:
-    return fields.integer(body, "Limit", 1, high, high), fields.marker(body)
+def _page(body: dict[str, Any], high: int, default: int) -> tuple[int, str]:
+    """Limit (1..``high``, AWS's ``default``) and Marker of a listing."""
+    return fields.integer(body, "Limit", 1, high, default), fields.marker(body)
 
 
 class KeyOps(ServiceBase):
@@ -124,7 +125,7 @@ class KeyOps(ServiceBase):
 
     def _op_ListAliases(self, body: dict[str, Any], audit: Audit) -> Outcome:
         fields.only(body, {"KeyId", "Limit", "Marker"})
-        limit, marker = _page(body, 100)
+        limit, marker = _page(body, 100, 50)
         if marker and not marker.startswith(ALIAS_PREFIX):
             raise InvalidMarker("Marker must be the NextMarker of the previous page")
         key_id = None
@@ -190,7 +191,7 @@ class KeyOps(ServiceBase):
     def _op_ListResourceTags(self, body: dict[str, Any], audit: Audit) -> Outcome:
         fields.only(body, {"KeyId", "Limit", "Marker"})
         record = self._key(body.get("KeyId"), audit, pending_ok=True)
-        limit, marker = _page(body, 50)
+        limit, marker = _page(body, 50, 50)
         self._authorize(record.policy, "ListResourceTags", audit, None)
         tags = [t for t in self.keyring.tags(record.id) if t[0] > marker]
         response: dict[str, Any] = {
@@ -251,7 +252,7 @@ class KeyOps(ServiceBase):
     def _op_ListKeyRotations(self, body: dict[str, Any], audit: Audit) -> Outcome:
         fields.only(body, {"KeyId", "Limit", "Marker"})
         record = self._rotatable(body, audit, pending_ok=True)
-        limit, marker = _page(body, 1000)
+        limit, marker = _page(body, 1000, 100)
         if marker and not marker.isdigit():
             raise InvalidMarker("Marker must be the NextMarker of the previous page")
         self._authorize(record.policy, "ListKeyRotations", audit, None)

@@ -222,3 +222,15 @@ def test_re_encrypt_needs_both_policy_actions(server: KmsServer, kms) -> None:
     assert kms.decrypt(CiphertextBlob=moved)["Plaintext"] == b"p"
     kms.put_key_policy(KeyId=target, PolicyName="default", Policy=policy("kms:ReEncryptFrom"))
     assert refused(carol.re_encrypt, CiphertextBlob=blob, DestinationKeyId=target) == "AccessDeniedException"
+
+
+def test_an_alias_goes_with_its_purged_key(server: KmsServer, kms) -> None:
+    doomed = kms.create_key()["KeyMetadata"]["KeyId"]
+    kms.create_alias(AliasName="alias/short-lived", TargetKeyId=doomed)
+    server.store.submit(server.store.set_state(doomed, "PendingDeletion", 1.0)).result()  # long past due
+    assert server.store.purge_deleted() >= 1
+    assert refused(kms.describe_key, KeyId="alias/short-lived") == "NotFoundException"
+    assert "alias/short-lived" not in {a["AliasName"] for a in kms.list_aliases()["Aliases"]}
+    heir = kms.create_key()["KeyMetadata"]["KeyId"]
+    kms.create_alias(AliasName="alias/short-lived", TargetKeyId=heir)
+    assert kms.describe_key(KeyId="alias/short-lived")["KeyMetadata"]["KeyId"] == heir
