@@ -44,8 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--max-connections",
         type=int,
-        help="open connections at most (default: 2048); past it the oldest waiting one is closed, or the "
-        "newcomer gets 503",
+        help="open connections at most (default: 4096): half for connections that have not sent a whole "
+        "request head yet, half for those that have; see docs/kms.md",
     )
     serve.add_argument(
         "--request-timeout",

@@ -1,12 +1,15 @@
-"""Who gets a connection to the KMS: a cap on open connections, a deadline for each request to arrive whole,
-the oldest waiting connection evicted when the cap is reached, and a 503 when none can be.
+"""Who gets a connection to the KMS: a cap on open connections in two pools, a deadline for each request to
+arrive whole, the oldest connection evicted where a pool is full, and a 503 when none may be.
 
-A connection is *waiting* from the moment it opens (or its last answer was handed to aiohttp) until its
-request is in hand: the head, and the body when its length is declared. Waiting connections are closed at
-their deadline. At the cap a newcomer takes the place of the oldest waiting connection that never delivered a
-request, else of the oldest idle keep-alive one, either only once it has waited ``eviction_grace`` seconds
-(so a flood of newcomers cannot evict a connection before its request could arrive); if there is none, the
-newcomer is answered 503 ServiceUnavailableException and closed. A connection being served is never evicted.
+A new connection is *fresh* until its first request head is whole; half of the cap is for fresh connections,
+and a newcomer to a full fresh pool takes the place of the oldest fresh one. A half-open flood therefore only
+churns the fresh pool: an honest client, whose head follows its connect within a millisecond, gets through.
+A connection whose head is whole moves to the other half, the *delivered* pool; if that is full it takes the
+place of the oldest idle one there that has waited ``eviction_grace`` seconds (a connection being served is
+never evicted), else it is answered 503 ServiceUnavailableException and closed.
+
+Every connection waiting for a request (fresh, idle keep-alive, or with a declared body still arriving) is
+closed at its deadline: ``request_timeout`` from its opening or its last answer.
 """
 
 from __future__ import annotations
@@ -41,17 +44,17 @@ BUSY_ANSWER = (
 
 @dataclass(frozen=True)
 class Limits:
-    """``max_connections`` open at once (lowered to fit the descriptor limit); ``request_timeout`` seconds at
-    most (at least half of it, drawn per wait) for a request's head and declared body to arrive, counted from
-    the connection's opening or its last answer; ``eviction_grace`` seconds of waiting before the cap may
-    evict a connection."""
+    """``max_connections`` open at once (lowered to fit the descriptor limit), half of them fresh;
+    ``request_timeout`` seconds at most (at least half of it, drawn per wait) for a request's head and
+    declared body to arrive, counted from the connection's opening or its last answer; ``eviction_grace``
+    seconds an idle delivered connection is kept before a newcomer may take its place."""
 
-    max_connections: int = 2048
+    max_connections: int = 4096
     request_timeout: float = 10.0
     eviction_grace: float = 1.0
 
     def __post_init__(self) -> None:
-        within("max connections", self.max_connections, 1, 1 << 20)
+        within("max connections", self.max_connections, 2, 1 << 20)
         within("request timeout", self.request_timeout, 0.01, 3600)
         within("eviction grace", self.eviction_grace, 0, 3600)
 
@@ -79,50 +82,70 @@ def connection_cap(limits: Limits) -> int:
     """``limits.max_connections``, lowered so that the open connections leave ``FD_RESERVE`` descriptors."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     room = limits.max_connections if soft == resource.RLIM_INFINITY else soft - FD_RESERVE
-    return max(1, min(limits.max_connections, room))
+    return max(2, min(limits.max_connections, room))
 
 
 class Admission:
     """The protocol factory to hand ``loop.create_server`` and the aiohttp middleware that tells it when a
-    connection's request is in hand. ``counts`` says how many connections were evicted, timed out, refused."""
+    connection's request is in hand. ``counts`` says how many connections were evicted from either pool,
+    timed out, refused with 503 or closed for an endless head."""
 
     def __init__(self, limits: Limits, max_body: int) -> None:
         self.factory: Callable[[], asyncio.Protocol] | None = None  # aiohttp's web.Server, once set up
         self.limits = limits
         self.cap = connection_cap(limits)
+        self.max_fresh = self.cap // 2
+        self.max_delivered = self.cap - self.max_fresh
         self.max_body = max_body
-        self.open: set[Guard] = set()
-        # waiting connections, oldest first: those that never delivered a request, and idle keep-alive ones
-        self.fresh: OrderedDict[Guard, float] = OrderedDict()
-        self.idle: OrderedDict[Guard, float] = OrderedDict()
+        self.fresh: OrderedDict[Guard, float] = OrderedDict()  # no whole head yet, oldest first
+        self.delivered: set[Guard] = set()  # sent a whole head
+        self.idle: OrderedDict[Guard, float] = OrderedDict()  # delivered, waiting for a request; oldest first
         self.by_handler: dict[asyncio.Protocol, Guard] = {}
         self.counts: Counter[str] = Counter()
         self.peak = 0
 
+    @property
+    def backlog(self) -> int:
+        """The listen queue: small enough that the connections accepted in the few loop turns between a
+        connection's accept and its first read cannot push it out of the fresh pool."""
+        return max(8, min(1024, self.max_fresh // 4))
+
     def protocol(self) -> Guard:
         return Guard(self)
 
-    def admit(self, guard: Guard) -> bool:
-        """Make room for ``guard``: evict the oldest waiting connection at the cap; False if none can go."""
-        if len(self.open) >= self.cap:
-            victim = self._evictable()
-            if victim is None:
+    def admit(self, guard: Guard) -> None:
+        """Take ``guard`` into the fresh pool, in the place of the oldest fresh connection if it is full."""
+        if len(self.fresh) >= self.max_fresh:
+            oldest = next(iter(self.fresh))
+            self.counts["evicted_fresh"] += 1
+            oldest.close()
+        self.fresh[guard] = asyncio.get_running_loop().time()
+        self._count()
+
+    def promote(self, guard: Guard) -> bool:
+        """Move ``guard``, whose head is whole, to the delivered pool: in the place of the oldest idle one
+        there past the grace if it is full; False if none may go."""
+        if len(self.delivered) >= self.max_delivered:
+            settled = asyncio.get_running_loop().time() - self.limits.eviction_grace
+            oldest = next(iter(self.idle.items()), None)
+            if oldest is None or oldest[1] > settled:
                 self.counts["refused"] += 1
                 return False
-            self.counts["evicted"] += 1
-            victim.close()
-        self.open.add(guard)
-        self.peak = max(self.peak, len(self.open))
+            self.counts["evicted_idle"] += 1
+            oldest[0].close()
+        del self.fresh[guard]
+        self.idle[guard] = asyncio.get_running_loop().time()  # until its body is in; the deadline runs on
+        self.delivered.add(guard)
+        self._count()
         return True
 
-    def _evictable(self) -> Guard | None:
-        """The oldest connection that never delivered a request, else the oldest idle one, past the grace."""
-        settled = asyncio.get_running_loop().time() - self.limits.eviction_grace
-        for waiting in (self.fresh, self.idle):
-            oldest = next(iter(waiting.items()), None)
-            if oldest is not None and oldest[1] <= settled:
-                return oldest[0]
-        return None
+    def forget(self, guard: Guard) -> None:
+        self.fresh.pop(guard, None)
+        self.idle.pop(guard, None)
+        self.delivered.discard(guard)
+
+    def _count(self) -> None:
+        self.peak = max(self.peak, len(self.fresh) + len(self.delivered))
 
     @web.middleware
     async def middleware(
@@ -142,7 +165,8 @@ class Admission:
             guard.wait_next()
 
     def stats(self) -> dict[str, Any]:
-        return {"open": len(self.open), "peak": self.peak, "cap": self.cap, **self.counts}
+        open_now = {"fresh": len(self.fresh), "delivered": len(self.delivered)}
+        return {**open_now, "peak": self.peak, "cap": self.cap, **self.counts}
 
 
 class Guard(asyncio.Protocol):
@@ -155,34 +179,27 @@ class Guard(asyncio.Protocol):
         self.head = bytearray()  # the first request's head until it is whole
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
-        self.delivered = False  # whether a request has come in on this connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        if not self.admission.admit(self):
-            transport.write(BUSY_ANSWER)  # type: ignore[attr-defined]
-            transport.close()
-            return
-        self.wait_next()
+        self.admission.admit(self)
+        self._arm()
 
-    def wait_next(self) -> None:
-        """Start waiting for the next request: the deadline runs, and the cap may evict this connection."""
-        if self not in self.admission.open:
-            return
+    def _arm(self) -> None:
         self._cancel_timer()
-        loop = asyncio.get_running_loop()
         # between half and all of the timeout: connections opened together do not all close together
         timeout = self.admission.limits.request_timeout * (0.5 + random.random() / 2)
-        self.timer = loop.call_later(timeout, self._expire)
-        (self.admission.idle if self.delivered else self.admission.fresh)[self] = loop.time()
+        self.timer = asyncio.get_running_loop().call_later(timeout, self._expire)
+
+    def wait_next(self) -> None:
+        """Its answer is handed over: wait for the next request, idle (evictable past the grace)."""
+        if self in self.admission.delivered:
+            self.admission.idle[self] = asyncio.get_running_loop().time()
+            self._arm()
 
     def serving(self) -> None:
-        self._stop_waiting()
-        self.delivered = True
-
-    def _stop_waiting(self) -> None:
+        """Its request is in hand: no deadline, and never evicted while it is served."""
         self._cancel_timer()
-        self.admission.fresh.pop(self, None)
         self.admission.idle.pop(self, None)
 
     def _expire(self) -> None:
@@ -191,8 +208,8 @@ class Guard(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
-        self._stop_waiting()
-        self.admission.open.discard(self)  # it no longer counts, though its socket closes on the next turn
+        self._cancel_timer()
+        self.admission.forget(self)  # it no longer counts, though its socket closes on the next turn
         if self.transport is not None:
             self.transport.close()
 
@@ -211,6 +228,13 @@ class Guard(asyncio.Protocol):
             if len(self.head) > MAX_HEAD:  # aiohttp would refuse it too; no need to hand it over
                 self.admission.counts["head_too_large"] += 1
                 self.close()
+            return
+        if self not in self.admission.fresh:
+            return  # evicted or timed out on this turn
+        if not self.admission.promote(self):
+            assert self.transport is not None
+            self.transport.write(BUSY_ANSWER)
+            self.close()
             return
         assert self.admission.factory is not None, "admission before the aiohttp server is set up"
         self.inner = self.admission.factory()
@@ -231,8 +255,8 @@ class Guard(asyncio.Protocol):
             self.inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_waiting()
-        self.admission.open.discard(self)
+        self._cancel_timer()
+        self.admission.forget(self)
         if self.inner is not None:
             self.admission.by_handler.pop(self.inner, None)
             self.inner.connection_lost(exc)

@@ -123,7 +123,7 @@ class KmsServer:
                     admission.protocol,
                     str(listen.unix_path),
                     ssl=context,
-                    backlog=1024,
+                    backlog=admission.backlog,
                     ssl_handshake_timeout=handshake,
                 )
                 return f"unix:{listen.unix_path}"
@@ -132,7 +132,7 @@ class KmsServer:
                 listen.host,
                 listen.port,
                 ssl=context,
-                backlog=1024,
+                backlog=admission.backlog,
                 reuse_address=True,
                 ssl_handshake_timeout=handshake,
             )

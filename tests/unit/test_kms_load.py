@@ -14,7 +14,7 @@ import pytest
 
 from harness.bench.kms import PARTIAL_HEAD, bench_kms_hostile
 from harness.kms import KmsServer, Listen
-from harness.kms.admission import Limits
+from harness.kms.admission import FD_RESERVE, Limits, connection_cap
 
 
 def address(server: KmsServer) -> tuple[str, int]:
@@ -102,34 +102,53 @@ def test_a_head_that_never_ends_is_closed_once_too_large(kms: KmsServer) -> None
 
 
 @pytest.mark.parametrize(
-    "kms", [Limits(max_connections=3, request_timeout=30, eviction_grace=1.0)], indirect=True
+    "kms", [Limits(max_connections=4, request_timeout=30, eviction_grace=1.0)], indirect=True
 )
-def test_at_the_cap_connections_that_never_sent_a_request_go_first_then_503(kms: KmsServer) -> None:
+def test_half_open_connections_churn_their_own_pool_and_a_full_delivered_pool_answers_503(
+    kms: KmsServer,
+) -> None:
+    """Cap 4: two fresh places (no whole head yet), two delivered ones."""
     assert kms.admission is not None
     keep_alive = http.client.HTTPConnection(*address(kms), timeout=5)
-    assert anonymous_request(keep_alive) == 400  # delivered a request: an idle keep-alive connection now
+    assert anonymous_request(keep_alive) == 400  # delivered, now idle
     first, second = half_open(kms), half_open(kms)
-    time.sleep(1.2)  # past the eviction grace
-    third = half_open(kms)  # takes the place of the oldest that never sent a request
+    third = half_open(kms)  # the fresh pool is full: the oldest fresh one goes, whatever its age
     assert closed_within(first, 2)
-    fourth = half_open(kms)
+    newcomer = http.client.HTTPConnection(*address(kms), timeout=5)
+    assert anonymous_request(newcomer) == 400  # pushed second out, delivered its request
     assert closed_within(second, 2)
-    assert anonymous_request(keep_alive) == 400  # the older keep-alive connection was kept
-    # third and fourth are within their grace, keep_alive has just been answered: nobody can go
+    assert len(kms.admission.by_handler) == 2  # the half-open connections got no aiohttp handler
+    # the delivered pool is full, both within their grace: a whole request is answered 503
     refused = socket.create_connection(address(kms))
+    refused.sendall(b"POST / HTTP/1.1\r\nHost: kms\r\nContent-Length: 0\r\n\r\n")
     refused.settimeout(5)
     answer = refused.recv(4096)
     assert answer.startswith(b"HTTP/1.1 503 ")
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["__type"] == "ServiceUnavailableException"
-    assert still_open(third) and still_open(fourth)
-    assert len(kms.admission.by_handler) == 1  # half-open connections got no aiohttp handler
+    time.sleep(1.2)  # past the grace, the oldest idle one makes room
+    late = http.client.HTTPConnection(*address(kms), timeout=5)
+    assert anonymous_request(late) == 400
+    assert anonymous_request(newcomer) == 400  # the younger idle connection was kept
+    assert closed_within(keep_alive.sock, 2)
+    assert still_open(third)
     assert kms.admission.stats() == {
-        "open": 3,
-        "peak": 3,
-        "cap": 3,
-        "evicted": 2,
+        "fresh": 1,
+        "delivered": 2,
+        "peak": 4,
+        "cap": 4,
+        "evicted_fresh": 2,
+        "evicted_idle": 1,
         "refused": 1,
     }
+
+
+def test_the_cap_leaves_descriptors_for_the_store_when_the_limit_is_low() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+    try:
+        assert connection_cap(Limits()) == 512 - FD_RESERVE
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_the_server_raises_its_descriptor_limit(tmp_path: Path) -> None:
