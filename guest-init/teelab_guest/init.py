@@ -165,6 +165,11 @@ def run_guest(started: float, steps: list[tuple[str, float]]) -> None:
     try:
         mount_basics()
         steps.append(("mounted", uptime()))
+        if os.path.exists("/dev/tpmrm0"):  # a vTPM: measure the command line and code before loading any
+            from teelab_guest import tpm_boot
+
+            tpm_boot.measure_if_present()
+            steps.append(("measured", uptime()))
         os.environ.update(protocol.GUEST_ENV)
         load_modules()
         steps.append(("modules", uptime()))

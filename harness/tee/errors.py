@@ -79,3 +79,30 @@ class DeviceConfigError(TeeError):
         "32 bytes, a measurement of the wrong kind or length, an NSM device without a security module."
     )
     exit_status = 2
+
+
+class VtpmError(TeeError):
+    code = "E960"
+    title = "vTPM failed"
+    explanation = (
+        "The VM's vTPM (swtpm) could not be manufactured (swtpm_setup with the lab TPM manufacturer CA), did "
+        "not start, or its state folder is in use by another swtpm. Its log is named in the error; nothing "
+        "of it was left running."
+    )
+
+
+class VtpmUnavailable(VtpmError):
+    code = "E961"
+    title = "swtpm not installed"
+    explanation = "A vTPM was asked for but swtpm or swtpm_setup is not on PATH (Debian: swtpm swtpm-tools)."
+    exit_status = 2
+
+
+class VtpmAttestationFailed(VtpmError):
+    code = "E962"
+    title = "vTPM attestation key not certified"
+    explanation = (
+        "The lab AK CA refused to certify the guest's attestation key: the EK certificate does not chain to "
+        "the lab TPM manufacturer CA, the AK is not a restricted signing key, or the guest's TPM did not "
+        "recover the credential made for its EK and AK (credential activation), or its answer was unreadable."
+    )
