@@ -151,14 +151,16 @@ class Admission:
     async def middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        """Read a declared body under the connection's deadline, then mark the connection as served."""
+        """Read a declared body under the connection's deadline, then mark the connection as served (a body
+        without a declared length is read by the handler while the deadline runs and eviction may strike)."""
         REQUEST_PEER.set(request.remote or "-")
         guard = self.by_handler.get(request.protocol)
         if guard is None:
             return await handler(request)
         if request.content_length is not None and request.content_length <= self.max_body:
             await request.read()  # the guard closes the connection if its deadline passes meanwhile
-        guard.serving()
+            guard.serving()
+        # else a chunked body (or one over the cap): the handler reads it, the connection still waiting
         try:
             return await handler(request)
         finally:

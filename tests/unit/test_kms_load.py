@@ -76,13 +76,17 @@ def test_a_partial_request_head_is_closed_at_the_deadline(kms: KmsServer) -> Non
     assert kms.admission is not None and kms.admission.counts["timed_out"] >= 1
 
 
+TRICKLED = {
+    "declared length": b"Content-Length: 100\r\n\r\n{",
+    "chunked": b"Transfer-Encoding: chunked\r\n\r\n64\r\n{",
+}
+
+
 @pytest.mark.parametrize("kms", [Limits(request_timeout=0.5)], indirect=True)
-def test_a_body_that_trickles_in_is_closed_at_the_deadline(kms: KmsServer) -> None:
-    head = (
-        b"POST / HTTP/1.1\r\nHost: kms\r\nX-Amz-Target: TrentService.GenerateRandom\r\n"
-        b"Content-Length: 100\r\n\r\n{"
-    )
-    sock = half_open(kms, head)
+@pytest.mark.parametrize("framing", TRICKLED, ids=list(TRICKLED))
+def test_a_body_that_trickles_in_is_closed_at_the_deadline(kms: KmsServer, framing: str) -> None:
+    head = b"POST / HTTP/1.1\r\nHost: kms\r\nX-Amz-Target: TrentService.GenerateRandom\r\n"
+    sock = half_open(kms, head + TRICKLED[framing])
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline and still_open(sock):
         sock.setblocking(True)
