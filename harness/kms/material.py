@@ -154,9 +154,12 @@ def blob_key_id(blob: bytes) -> str:
     return blob_header(blob).key_id
 
 
-def decrypt_blob(blob: bytes, material: bytes, context: dict[str, str] | None) -> bytes:
-    """The plaintext of ``blob``, given the material of the key version its header names."""
-    header = blob[: blob_header(blob).length]
+def decrypt_blob(
+    blob: bytes, material: bytes, context: dict[str, str] | None, parsed: BlobHeader | None = None
+) -> bytes:
+    """The plaintext of ``blob``, given the material of the key version its header (``parsed``: already
+    read with ``blob_header``) names."""
+    header = blob[: (parsed or blob_header(blob)).length]
     nonce = blob[len(header) : len(header) + 12]
     try:
         return AESGCM(material).decrypt(nonce, blob[len(header) + 12 :], header + _context_bytes(context))

@@ -87,17 +87,15 @@ class KmsService(KeyOps, AsymmetricOps):
         self, blob: bytes, key_ref: Any, algorithm: str | None, audit: Audit, name: str = "KeyId"
     ) -> tuple[KeyRecord, Callable[[dict[str, str] | None], bytes]]:
         """The key that made ``blob`` and a function that decrypts it (called once the policy allows)."""
-        wanted = None if key_ref is None else self._key_id(key_ref, name)
-        if wanted is not None:
-            record = self._key(wanted, audit)
-            if record.key_spec != keyspecs.SYMMETRIC:
-                return record, self._asymmetric_opener(record, blob, algorithm)
+        record = None if key_ref is None else self._key(key_ref, audit, name=name)
+        if record is not None and record.key_spec != keyspecs.SYMMETRIC:
+            return record, self._asymmetric_opener(record, blob, algorithm)
         header = material.blob_header(blob)
-        if wanted is not None and wanted != header.key_id:
-            raise IncorrectKey(f"the ciphertext was not made under key {wanted}")
+        if record is not None and record.id != header.key_id:
+            raise IncorrectKey(f"the ciphertext was not made under key {record.id}")
         if not KEY_ID.match(header.key_id):
             raise InvalidCiphertext("CiphertextBlob names no valid key id")
-        record = self._key(header.key_id, audit)
+        record = record or self._key(header.key_id, audit)
         if algorithm not in (None, keyspecs.SYMMETRIC):
             raise InvalidKeyUsage(f"{algorithm} is not an algorithm of a symmetric key")
 
@@ -108,7 +106,7 @@ class KmsService(KeyOps, AsymmetricOps):
                 raise InvalidCiphertext(
                     f"CiphertextBlob names material version {header.version}, which key {record.id} never had"
                 ) from None
-            return material.decrypt_blob(blob, key, context)
+            return material.decrypt_blob(blob, key, context, header)
 
         return record, open_symmetric
 
