@@ -39,7 +39,7 @@ from harness.vsock.packet import (
     TYPE_STREAM,
     Header,
 )
-from harness.vsock.virtqueue import DESC, DESC_F_NEXT, DESC_F_WRITE, U16, USED_ELEM, RingAddresses, SplitQueue
+from harness.vsock.virtqueue import DESC, DESC_F_NEXT, DESC_F_WRITE, USED_ELEM, RingAddresses, SplitQueue
 
 USER_BASE = 0x7F00_0000_0000  # where the fake front-end pretends guest RAM is mapped
 GUEST_BUF_ALLOC = 256 * 1024
@@ -51,6 +51,7 @@ class DriverQueue:
 
     def __init__(self, ram: memoryview, base: int, size: int, event_idx: bool) -> None:
         self.ram = ram
+        self.ram16 = ram.cast("H")  # the rings' 16-bit fields, one load or store each (the switch reads them)
         self.size = size
         self.event_idx = event_idx
         self.desc = base
@@ -77,22 +78,22 @@ class DriverQueue:
             DESC.pack_into(self.ram, self.desc + 16 * index, gpa, length, flags, 0 if last else ids[i + 1])
         head = ids[0]
         self.chains[head] = ids
-        U16.pack_into(self.ram, self.avail + 4 + 2 * (self.avail_idx % self.size), head)
+        self.ram16[(self.avail + 4) // 2 + self.avail_idx % self.size] = head
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        U16.pack_into(self.ram, self.avail + 2, self.avail_idx)
+        self.ram16[(self.avail + 2) // 2] = self.avail_idx
         return head
 
     def take_used(self) -> list[tuple[int, int]]:
         """New used elements (head, written); their descriptors go back to the free list."""
         out = []
-        used_idx = U16.unpack_from(self.ram, self.used + 2)[0]
+        used_idx = self.ram16[(self.used + 2) // 2]
         while self.last_used != used_idx:
             head, written = USED_ELEM.unpack_from(self.ram, self.used + 4 + 8 * (self.last_used % self.size))
             self.last_used = (self.last_used + 1) & 0xFFFF
             self.free.extend(self.chains.pop(head, []))
             out.append((head, written))
         if self.event_idx:  # ask for an interrupt on the next used element
-            U16.pack_into(self.ram, self.avail + 4 + 2 * self.size, self.last_used)
+            self.ram16[(self.avail + 4) // 2 + self.size] = self.last_used
         return out
 
 
@@ -380,7 +381,9 @@ class FakeGuest:
         return None
 
     def close_ram(self) -> None:
-        self.rx.ram = self.tx.ram = memoryview(b"")
+        for ring in (self.rx, self.tx):
+            ring.ram16.release()
+            ring.ram = ring.ram16 = memoryview(b"")
         self.ram.release()
         if self._map is not None:
             self._map.close()
