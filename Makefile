@@ -37,8 +37,8 @@ images: venv
 	@for image in $(IMAGES); do $(BIN)/teelab image build $$image || exit 1; done
 
 lint: venv
-	$(BIN)/ruff check harness guest-init tests
-	$(BIN)/ruff format --check harness guest-init tests
+	$(BIN)/ruff check harness guest-init tests scripts
+	$(BIN)/ruff format --check harness guest-init tests scripts
 
 unit: host venv
 	$(BIN)/pytest tests/unit
