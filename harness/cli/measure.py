@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from harness import images
 from harness.cli.arguments import positive_int
 from harness.cli.render import print_json
 from harness.errors import UsageError
 from harness.lab import Lab
+from harness.tee import tpm_measure
 from harness.tee.measure import DEFAULT_GUEST_FEATURES, DEFAULT_VCPU_TYPE, LaunchInputs, measure
 
 
@@ -23,11 +25,11 @@ def _integer(text: str) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "measure",
-        help="expected SNP launch measurement or TDX MRTD/RTMRs of a guest",
+        help="expected SNP launch measurement, TDX MRTD/RTMRs or vTPM PCRs of a guest",
         description="Print the values the (real or emulated) security processor puts in the evidence "
         "of a guest launched from these inputs.",
     )
-    parser.add_argument("--kind", choices=("snp", "tdx"), required=True)
+    parser.add_argument("--kind", choices=("snp", "tdx", "tpm"), required=True)
     parser.add_argument(
         "--image",
         help="a lab image (images/NAME.toml): measure the launch a lab CVM of it gets (its kernel, initrd, "
@@ -60,6 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.kind == "tpm":
+        return _print_tpm(_measure_tpm(args), args.json)
     if args.image is not None:
         result = _measure_image(args)
     else:
@@ -115,3 +119,32 @@ def _measure_image(args: argparse.Namespace) -> dict[str, object]:
         finally:
             plan.tee.close()
     return {"image": args.image, "cmdline": plan.spec.cmdline, **result}
+
+
+def _measure_tpm(args: argparse.Namespace) -> dict[str, object]:
+    """The vTPM PCRs 0-9 guest-init will have, from --image (as a lab CVM boots) or --initrd and --cmdline."""
+    if args.image is not None:
+        image = images.build(args.image)
+        with Lab() as lab:
+            plan = lab.plan_cvm(
+                image, name=f"measure-{args.image}", vsock=False, cmdline_extra=args.cmdline_extra
+            )
+            plan.tee.close()
+        cmdline, initrd = plan.spec.cmdline, image.initrd
+    elif args.initrd is None or args.cmdline_extra:
+        raise UsageError("--kind tpm needs --image, or --initrd and --cmdline", hint="the PCRs cover both")
+    else:
+        cmdline, initrd = args.cmdline, args.initrd
+    return {"cmdline": cmdline, **tpm_measure.predict(cmdline, initrd).to_dict()}
+
+
+def _print_tpm(result: dict[str, Any], as_json: bool) -> int:
+    if as_json:
+        print_json(result)
+        return 0
+    print(f"{'cmdline':<14} {result['cmdline']}")
+    for index, value in result["pcrs"].items():
+        print(f"{'pcr' + index:<14} {value}")
+    for event in result["events"]:
+        print(f"event          PCR{event['pcr']} {event['type']:<15} {event['digest']}")
+    return 0
