@@ -21,16 +21,15 @@ import random
 import resource
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from harness.errors import UsageError
+from harness.kms.store import REQUEST_PEER
 
 log = logging.getLogger("teelab.kms")
-REQUEST_PEER: ContextVar[str] = ContextVar("REQUEST_PEER", default="-")  # the peer whose request is served
 MAX_HEAD = 16384  # bytes of request line and headers; aiohttp allows 8190 per line and per header
 FD_RESERVE = 256  # descriptors kept for the store, the thread pool, TLS files and logs
 BUSY_BODY = json.dumps(

@@ -22,17 +22,19 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from harness.kms.admission import REQUEST_PEER
 from harness.kms.errors import AuditChainBroken, StoreError
 from harness.kms.material import MasterKey
 
 T = TypeVar("T")
 DEFAULT_ACCOUNT = "000000000000"
 DEFAULT_REGION = "us-east-1"
+# the peer of the request being served (set by the HTTP layer): the source anonymous refusals are counted by
+REQUEST_PEER: ContextVar[str] = ContextVar("REQUEST_PEER", default="-")
 GENESIS = "00" * 32  # the chain value before the first audit row
 REFUSAL_CAP = 100  # anonymous refusals logged per source and kind each REFUSAL_WINDOW_S; the rest are counted
 REFUSAL_WINDOW_S = 3600.0
