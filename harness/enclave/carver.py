@@ -30,6 +30,7 @@ from harness.enclave.pool import (
     VIRTIO_MEM_ID,
     ParentLayout,
     cpu_release_mode,
+    hugepage_memory,
     pool_owner,
     release_parent,
     vcpu_owner,
@@ -41,7 +42,7 @@ from harness.host.ledger import Ledger
 from harness.host.model import HostInfo
 from harness.host.probe import hugepage_pools
 from harness.qemu.machine import Machine
-from harness.qemu.spec import Device, MemoryBackendMemfd, VMSpec
+from harness.qemu.spec import Device, VMSpec
 from harness.vsock import VsockHost
 
 log = logging.getLogger(__name__)
@@ -242,7 +243,9 @@ class ParentVm:
         undo.append(lambda: self._give_cpus(vcpus))
         self._resize_pool(-memory_mib)
         undo.append(lambda: self._resize_pool(memory_mib))
-        spec = enclave_spec(launch.spec, memory_mib, self.layout.pool.page_kib, attachment.devices)
+        spec = enclave_spec(
+            launch.spec, memory_mib, self.layout.pool.page_kib, attachment.devices, self.layout.node
+        )
         host = replace(self.host, hugepages=hugepage_pools(Path("/")))  # the shrink has just freed pages
         machine = Machine(spec, host, serial=debug)  # a console only in debug mode
         machine.launch()
@@ -408,12 +411,12 @@ class ParentVm:
             _undo_all(steps)
 
 
-def enclave_spec(planned: VMSpec, memory_mib: int, page_kib: int, vsock: tuple[Device, ...]) -> VMSpec:
-    """The planned enclave on hugepages (preallocated, shared with the vsock switch) with its vsock: the
-    kernel, initrd and security module's port from the plan, and nothing else."""
-    memory = MemoryBackendMemfd(
-        "ram0", memory_mib, share=True, hugetlb=True, hugetlbsize_kib=page_kib, prealloc=True
-    )
+def enclave_spec(
+    planned: VMSpec, memory_mib: int, page_kib: int, vsock: tuple[Device, ...], node: int = 0
+) -> VMSpec:
+    """The planned enclave on hugepages of ``node`` (preallocated, shared with the vsock switch) with its
+    vsock: the kernel, initrd and security module's port from the plan, and nothing else."""
+    memory = hugepage_memory("ram0", memory_mib, page_kib, node)
     return replace(planned, memory=memory, devices=(*planned.devices, *vsock))
 
 

@@ -9,7 +9,7 @@ need more cores (no core shared with the parent) are relaxed; ``describe`` and `
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from harness.enclave import errors
 from harness.host.ledger import Ledger
@@ -122,46 +122,33 @@ def layout_parent(
     for i, v in enumerate(pool_vcpus):
         vcpu_host[v] = pool_cpus[i % len(pool_cpus)]
     model = "host" if host.accel == "kvm" else "max"
+    node = next((c.node for c in online if c.cpu == vcpu_host[pool_vcpus[0]]), 0) if pool_vcpus else 0
     layout = ParentLayout(
-        name, pool, kept_vcpus, boot_memory_mib, vcpu_host, pool_vcpus, overcommit, reason, model
+        name, pool, kept_vcpus, boot_memory_mib, vcpu_host, pool_vcpus, overcommit, reason, model, node
     )
     pool_memory = MemoryBackendMemfd(
-        "pool-ram0", pool.memory_mib, share=True, hugetlb=True, hugetlbsize_kib=pool.page_kib
-    )
+        "pool-ram0", pool.memory_mib, share=True, hugetlb=True, hugetlbsize_kib=pool.page_kib,
+        host_nodes=(node,), policy="bind",
+    )  # fmt: skip
+    block = max(2, pool.page_kib // 1024)
     devices: tuple[Device, ...] = tuple(layout.cpu_device(v) for v in pool_vcpus)
     devices += (
-        VirtioMemPci(
-            VIRTIO_MEM_ID,
-            pool_memory,
-            pool.memory_mib,
-            block_size_mib=max(2, pool.page_kib // 1024),
-            prealloc=True,
-        ),
+        VirtioMemPci(VIRTIO_MEM_ID, pool_memory, pool.memory_mib, block_size_mib=block, prealloc=True),
     )
-    return ParentLayout(
-        name,
-        pool,
-        kept_vcpus,
-        boot_memory_mib,
-        vcpu_host,
-        pool_vcpus,
-        overcommit,
-        reason,
-        model,
-        devices=devices,
-    )
+    return replace(layout, devices=devices)
 
 
 def boot_memory(layout: ParentLayout) -> MemoryBackendMemfd:
-    """The parent's boot RAM: hugepages, preallocated, shared with the vsock switch (sealed memfd)."""
+    """The parent's boot RAM: hugepages of the pool's node, preallocated, shared with the vsock switch."""
+    return hugepage_memory("ram0", layout.boot_memory_mib, layout.pool.page_kib, layout.node)
+
+
+def hugepage_memory(backend: str, memory_mib: int, page_kib: int, node: int) -> MemoryBackendMemfd:
+    """Preallocated hugepage RAM from one host NUMA node, in a sealed memfd the vsock switch can map."""
     return MemoryBackendMemfd(
-        "ram0",
-        layout.boot_memory_mib,
-        share=True,
-        hugetlb=True,
-        hugetlbsize_kib=layout.pool.page_kib,
-        prealloc=True,
-    )
+        backend, memory_mib, share=True, hugetlb=True, hugetlbsize_kib=page_kib, prealloc=True,
+        host_nodes=(node,), policy="bind",
+    )  # fmt: skip
 
 
 def vcpu_owner(parent: str, vcpu: int) -> str:

@@ -110,7 +110,10 @@ class EnclaveApi:
         while True:
             text = enclave.machine.console_text().encode()
             if len(text) > sent:
-                conn.sendall(text[sent:])
+                try:
+                    conn.sendall(text[sent:])
+                except OSError:  # the reader went away: the stream ends, the enclave runs on
+                    return
                 sent = len(text)
             if not enclave.machine.running or self._closed:
                 return

@@ -62,6 +62,27 @@ def check_hugepages(host: HostInfo, demand: HugepageDemand, what: str) -> None:
     )
 
 
+def check_numa_binding(
+    backend: str, host_nodes: tuple[int, ...], policy: NumaPolicy | None, host: HostInfo
+) -> None:
+    """OptionInvalid unless ``host_nodes`` and ``policy`` come together and name nodes the host has."""
+    if bool(host_nodes) != (policy is not None):
+        raise OptionInvalid(
+            f"memory backend {backend}: host_nodes and policy go together "
+            f"(host_nodes={host_nodes}, policy={policy})",
+            hint="give both host_nodes=(0,) and policy='bind', or neither",
+            id=backend,
+        )
+    unknown = sorted(set(host_nodes) - set(host.numa_nodes))
+    if unknown:
+        raise OptionInvalid(
+            f"memory backend {backend}: host NUMA node(s) {unknown} do not exist "
+            f"(host has {list(host.numa_nodes)})",
+            hint=f"choose host_nodes among {list(host.numa_nodes)}",
+            id=backend,
+        )
+
+
 class MemoryBackend(ABC):
     """A ``memory-backend-*`` object holding guest RAM."""
 
@@ -129,6 +150,8 @@ class MemoryBackendMemfd(MemoryBackend):
     hugetlb: bool = False
     hugetlbsize_kib: int | None = None
     prealloc: bool = False  # take every page at launch (an enclave's memory must be there before it runs)
+    host_nodes: tuple[int, ...] = ()  # with policy "bind": the pages come from these host NUMA nodes only
+    policy: NumaPolicy | None = None
     qemu_type: ClassVar[str] = "memory-backend-memfd"
 
     @property
@@ -139,7 +162,8 @@ class MemoryBackendMemfd(MemoryBackend):
         if not self.hugetlb:
             return None
         page_kib = self.hugetlbsize_kib or 2048
-        return HugepageDemand(page_kib, -(-self.size_mib * 1024 // page_kib))
+        nodes = self.host_nodes if self.policy == "bind" else ()
+        return HugepageDemand(page_kib, -(-self.size_mib * 1024 // page_kib), nodes)
 
     def validate(self, host: HostInfo) -> None:
         if self.hugetlbsize_kib is not None and not self.hugetlb:
@@ -148,6 +172,7 @@ class MemoryBackendMemfd(MemoryBackend):
                 hint="set hugetlb=True or drop hugetlbsize_kib",
                 id=self.id,
             )
+        check_numa_binding(self.id, self.host_nodes, self.policy, host)
         super().validate(host)
 
     def options(self) -> list[str]:
@@ -158,6 +183,9 @@ class MemoryBackendMemfd(MemoryBackend):
                 opts.append(f"hugetlbsize={size_text(self.hugetlbsize_kib)}")
         if self.prealloc:
             opts.append("prealloc=true")
+        opts += [f"host-nodes={node}" for node in self.host_nodes]
+        if self.policy is not None:
+            opts.append(f"policy={self.policy}")
         return opts
 
 
@@ -187,21 +215,7 @@ class MemoryBackendFile(MemoryBackend):
 
     def validate(self, host: HostInfo) -> None:
         check_id("object", self.id)
-        if bool(self.host_nodes) != (self.policy is not None):
-            raise OptionInvalid(
-                f"memory backend {self.id}: host_nodes and policy go together "
-                f"(host_nodes={self.host_nodes}, policy={self.policy})",
-                hint="give both host_nodes=(0,) and policy='bind', or neither",
-                id=self.id,
-            )
-        unknown = sorted(set(self.host_nodes) - set(host.numa_nodes))
-        if unknown:
-            raise OptionInvalid(
-                f"memory backend {self.id}: host NUMA node(s) {unknown} do not exist "
-                f"(host has {list(host.numa_nodes)})",
-                hint=f"choose host_nodes among {list(host.numa_nodes)}",
-                id=self.id,
-            )
+        check_numa_binding(self.id, self.host_nodes, self.policy, host)
         if self.hugepage_kib is not None:
             self._check_mount(host, self.hugepage_kib)
         super().validate(host)
@@ -282,7 +296,13 @@ class ConfidentialGuest(ABC):
 
 @dataclass(frozen=True)
 class SevSnpGuest(ConfidentialGuest):
-    """An AMD SEV-SNP guest (QEMU >= 9.1); ``host_data`` is 32 bytes placed in the attestation report."""
+    """An AMD SEV-SNP guest (QEMU >= 9.1, docs/system/i386/amd-memory-encryption.rst).
+
+    ``host_data`` (32 bytes) is placed in the attestation report; ``id_block`` (96 bytes) and ``id_auth``
+    (4096 bytes) are SNP_LAUNCH_FINISH's ID block and its signature, ``author_key_enabled`` when ``id_auth``
+    carries an author key. Private memory lives in guest_memfd, so any memory backend holds the shared part:
+    plain RAM, a memfd, or hugetlbfs.
+    """
 
     id: str = "sev0"
     cbitpos: int = 51
@@ -290,34 +310,51 @@ class SevSnpGuest(ConfidentialGuest):
     policy: int = 0x30000
     kernel_hashes: bool = True
     host_data: bytes | None = None
+    id_block: bytes | None = None
+    id_auth: bytes | None = None
+    author_key_enabled: bool = False
     qemu_type: ClassVar[str] = "sev-snp-guest"
     min_qemu: ClassVar[str] = "9.1"
     host_flag: ClassVar[str] = "/sys/module/kvm_amd/parameters/sev_snp"
     unavailable: ClassVar[type[SpecError]] = SevSnpUnavailable
-    memory_types: ClassVar[tuple[type[MemoryBackend], ...]] = (MemoryBackendMemfd,)
-    needs_shared_memory: ClassVar[bool] = True
 
     def host_supports(self, host: HostInfo) -> bool:
         return host.tee.sev_snp
 
     def validate(self, host: HostInfo, accel: Accel | None = None) -> None:
         super().validate(host, accel)
-        if self.host_data is not None and len(self.host_data) != 32:
-            raise OptionInvalid(
-                f"{self.id}: host_data is {len(self.host_data)} bytes, SEV-SNP takes exactly 32",
-                hint="pass 32 bytes, e.g. hashlib.sha256(...).digest()",
-                id=self.id,
-            )
-        for name, ours, hosts in (
-            ("cbitpos", self.cbitpos, host.tee.cbitpos),
-            ("reduced_phys_bits", self.reduced_phys_bits, host.tee.reduced_phys_bits),
-        ):
-            if hosts is not None and ours != hosts:
+        for name, blob, size in (("host_data", self.host_data, 32), ("id_block", self.id_block, 96),
+                                 ("id_auth", self.id_auth, 4096)):  # fmt: skip
+            if blob is not None and len(blob) != size:
                 raise OptionInvalid(
-                    f"{self.id}: {name}={ours} but this host's CPU reports {hosts}",
-                    hint=f"set {name}={hosts} (CPUID 0x8000001F EBX)",
+                    f"{self.id}: {name} is {len(blob)} bytes, SEV-SNP takes exactly {size}",
+                    hint=f"pass {size} bytes" + (", e.g. hashlib.sha256(...).digest()" if size == 32 else ""),
                     id=self.id,
                 )
+        if (self.id_auth is not None or self.author_key_enabled) and self.id_block is None:
+            raise OptionInvalid(
+                f"{self.id}: id_auth and author_key_enabled sign an ID block, and id_block is not set",
+                hint="pass id_block= the 96-byte ID block that id_auth signs",
+                id=self.id,
+            )
+        if self.id_block is not None and self.id_auth is None:
+            raise OptionInvalid(
+                f"{self.id}: an ID block needs its ID authentication structure",
+                hint="pass id_auth= the 4096-byte structure with the ID key's signature of id_block",
+                id=self.id,
+            )
+        if host.tee.cbitpos is not None and self.cbitpos != host.tee.cbitpos:
+            raise OptionInvalid(
+                f"{self.id}: cbitpos={self.cbitpos} but this host's CPU reports {host.tee.cbitpos}",
+                hint=f"set cbitpos={host.tee.cbitpos} (CPUID 0x8000001F EBX[5:0]); QEMU refuses any other",
+                id=self.id,
+            )
+        if not 1 <= self.reduced_phys_bits <= 63:
+            raise OptionInvalid(
+                f"{self.id}: reduced_phys_bits={self.reduced_phys_bits} is outside 1..63",
+                hint="QEMU takes 1..63 (CPUID 0x8000001F EBX[11:6]); 1 is the usual value",
+                id=self.id,
+            )
 
     def options(self) -> list[str]:
         opts = [
@@ -326,22 +363,53 @@ class SevSnpGuest(ConfidentialGuest):
             f"policy={self.policy:#x}",
             f"kernel-hashes={onoff(self.kernel_hashes)}",
         ]
-        if self.host_data is not None:
-            opts.append(f"host-data={base64.b64encode(self.host_data).decode()}")
+        for name, blob in (
+            ("host-data", self.host_data),
+            ("id-block", self.id_block),
+            ("id-auth", self.id_auth),
+        ):
+            if blob is not None:
+                opts.append(f"{name}={base64.b64encode(blob).decode()}")
+        if self.author_key_enabled:
+            opts.append("author-key-enabled=on")
         return opts
+
+
+# TD attributes (Intel TDX module ABI, TDCS.ATTRIBUTES); QEMU >= 10.1 takes the raw 64 bits.
+TD_DEBUG = 1 << 0
+TD_SEPT_VE_DISABLE = 1 << 28
+TD_PKS = 1 << 30
+TD_PERFMON = 1 << 63
+QuoteSocket = tuple[int, int] | Path
 
 
 @dataclass(frozen=True)
 class TdxGuest(ConfidentialGuest):
-    """An Intel TDX guest (QEMU >= 10.1); ``quote_generation_socket`` is the QGS vsock (cid, port)."""
+    """An Intel TDX guest (QEMU >= 10.1, docs/system/i386/tdx.rst).
+
+    ``attributes`` are the raw TD attributes (``TD_DEBUG | TD_PKS | ...``; when None, only ``sept_ve_disable``
+    is set); ``mrconfigid``, ``mrowner`` and ``mrownerconfig`` are 48-byte SHA-384 values the quote carries;
+    ``quote_generation_socket`` reaches the QGS over vsock ``(cid, port)`` or a Unix socket path.
+    """
 
     id: str = "tdx0"
-    quote_generation_socket: tuple[int, int] | None = None
+    quote_generation_socket: QuoteSocket | None = None
     sept_ve_disable: bool = True
+    attributes: int | None = None
+    mrconfigid: bytes | None = None
+    mrowner: bytes | None = None
+    mrownerconfig: bytes | None = None
     qemu_type: ClassVar[str] = "tdx-guest"
     min_qemu: ClassVar[str] = "10.1"
     host_flag: ClassVar[str] = "/sys/module/kvm_intel/parameters/tdx"
     unavailable: ClassVar[type[SpecError]] = TdxUnavailable
+
+    @property
+    def td_attributes(self) -> int:
+        """The TD attributes the guest launches with."""
+        if self.attributes is not None:
+            return self.attributes
+        return TD_SEPT_VE_DISABLE if self.sept_ve_disable else 0
 
     def host_supports(self, host: HostInfo) -> bool:
         return host.tee.tdx
@@ -351,27 +419,69 @@ class TdxGuest(ConfidentialGuest):
 
     def validate(self, host: HostInfo, accel: Accel | None = None) -> None:
         super().validate(host, accel)
-        if self.quote_generation_socket is not None:
-            cid, port = self.quote_generation_socket
+        socket = self.quote_generation_socket
+        if isinstance(socket, tuple):
+            cid, port = socket
             if not (0 < cid < 2**32 - 1 and 0 <= port < 2**32):
                 raise OptionInvalid(
                     f"{self.id}: quote_generation_socket {cid, port} is not a vsock address",
-                    hint="use (2, 4050): the host's CID and the QGS port",
+                    hint="use (2, 4050): the host's CID and the QGS port, or the QGS's Unix socket path",
+                    id=self.id,
+                )
+        elif socket is not None and not (isinstance(socket, Path) and socket.is_absolute()):
+            raise OptionInvalid(
+                f"{self.id}: quote_generation_socket {socket!r} is neither (cid, port) nor an absolute path",
+                hint="use (2, 4050) or Path('/var/run/tdx-qgs/qgs.socket')",
+                id=self.id,
+            )
+        if self.attributes is not None:
+            if not 0 <= self.attributes < 2**64:
+                raise OptionInvalid(
+                    f"{self.id}: attributes {self.attributes:#x} do not fit in 64 bits",
+                    hint="combine TD_DEBUG, TD_SEPT_VE_DISABLE, TD_PKS, TD_PERFMON",
+                    id=self.id,
+                )
+            if bool(self.attributes & TD_SEPT_VE_DISABLE) != self.sept_ve_disable:
+                raise OptionInvalid(
+                    f"{self.id}: attributes {self.attributes:#x} and sept_ve_disable={self.sept_ve_disable} "
+                    "disagree on bit 28",
+                    hint="make sept_ve_disable match bit 28 of attributes (QEMU would apply only one)",
+                    id=self.id,
+                )
+        for name in ("mrconfigid", "mrowner", "mrownerconfig"):
+            value = getattr(self, name)
+            if value is not None and len(value) != 48:
+                raise OptionInvalid(
+                    f"{self.id}: {name} is {len(value)} bytes, TDX takes a 48-byte SHA-384 value",
+                    hint="pass hashlib.sha384(...).digest()",
                     id=self.id,
                 )
 
     def options(self) -> list[str]:
-        return [] if self.sept_ve_disable else ["sept-ve-disable=off"]
+        opts = [] if self.sept_ve_disable else ["sept-ve-disable=off"]
+        if self.attributes is not None:
+            opts = [f"attributes={self.attributes:#x}"]
+        for name in ("mrconfigid", "mrowner", "mrownerconfig"):
+            value = getattr(self, name)
+            if value is not None:
+                opts.append(f"{name}={base64.b64encode(value).decode()}")
+        return opts
 
     def args(self) -> list[str]:
-        if self.quote_generation_socket is None:
+        socket = self.quote_generation_socket
+        if socket is None:
             return super().args()
-        cid, port = self.quote_generation_socket
-        obj: dict[str, object] = {
-            "qom-type": self.qemu_type,
-            "id": self.id,
-            "quote-generation-socket": {"type": "vsock", "cid": str(cid), "port": str(port)},
-        }
-        if not self.sept_ve_disable:
+        obj: dict[str, object] = {"qom-type": self.qemu_type, "id": self.id}
+        if isinstance(socket, tuple):
+            obj["quote-generation-socket"] = {"type": "vsock", "cid": str(socket[0]), "port": str(socket[1])}
+        else:
+            obj["quote-generation-socket"] = {"type": "unix", "path": str(socket)}
+        if self.attributes is not None:
+            obj["attributes"] = self.attributes
+        elif not self.sept_ve_disable:
             obj["sept-ve-disable"] = False
+        for name in ("mrconfigid", "mrowner", "mrownerconfig"):
+            value = getattr(self, name)
+            if value is not None:
+                obj[name] = base64.b64encode(value).decode()
         return ["-object", json.dumps(obj, separators=(",", ":"))]
