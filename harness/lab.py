@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import re
 import time
@@ -29,6 +30,7 @@ from harness.qemu.machine import Machine
 from harness.qemu.spec import ChardevChannel, Device, MemoryBackend, MemoryBackendMemfd, VMSpec
 from harness.tee.measure import SnpMeasurement, TdxMeasurement
 from harness.tee.platforms import TeeAttachment, choose_backend
+from harness.tee.vtpm import Vtpm, vtpm_is_ephemeral
 from harness.vsock import VsockAttachment, VsockHost, VsockProxy
 
 READY_PATTERN = re.compile(protocol.READY_REGEX)
@@ -53,6 +55,7 @@ class CvmPlan:
     name: str
     tee: TeeAttachment
     vsock: VsockAttachment | None
+    vtpm: Vtpm | None = None
 
     @property
     def spec(self) -> VMSpec:
@@ -189,28 +192,37 @@ class Lab:
         vsock: bool = True,
         group: str | None = None,
         cid: int | None = None,
+        vtpm: str | None = None,
         **tee_options: Any,
     ) -> CvmPlan:
         """A confidential VM booting ``image`` with role ``cvm``: the TEE of ``kind`` (real where the host has
-        it unless ``mode`` says otherwise, emulated elsewhere) and, with ``vsock``, a vsock device."""
+        it unless ``mode`` says otherwise, emulated elsewhere), with ``vsock`` a vsock device, with ``vtpm``
+        ("ephemeral" or "persistent") a vTPM (swtpm, started now, stopped with the VM)."""
         attachment = self.vsock.attach(name, group=group, cid=cid) if vsock else None
+        tpm = None
         try:
+            if vtpm is not None:
+                tpm = Vtpm(name, ephemeral=vtpm_is_ephemeral(vtpm)).start()
             shared = attachment is not None and attachment.needs_shared_memory
             spec = self.spec_for_image(
                 image, name=name, role="cvm", vcpus=vcpus, memory_mib=memory_mib, cmdline_extra=cmdline_extra,
                 memory=MemoryBackendMemfd("ram0", memory_mib, share=True) if shared else None,
-                devices=attachment.devices if attachment else (),
+                devices=(*(attachment.devices if attachment else ()), *((tpm.device(),) if tpm else ())),
             )  # fmt: skip
             tee = choose_backend(kind, self.host, mode, **tee_options).attach(spec, self.host)  # type: ignore[arg-type]
         except BaseException:
+            if tpm is not None:
+                tpm.close()
             if attachment is not None:
                 self.vsock.detach(name)
             raise
-        return CvmPlan(name, tee, attachment)
+        return CvmPlan(name, tee, attachment, tpm)
 
     def boot_planned(self, plan: CvmPlan, *, timeout: float = 60.0) -> GuestBoot:
         """Boot a planned CVM; its TEE service and vsock go when it stops."""
         closers = [plan.tee.close]
+        if plan.vtpm is not None:
+            closers.append(plan.vtpm.close)
         if plan.vsock is not None:
             closers.append(lambda: self.vsock.detach(plan.name))
         return self.boot(plan.spec, timeout=timeout, on_launch=plan.tee.after_launch, closers=closers)
@@ -363,6 +375,19 @@ def _run_all(closers: Sequence[Callable[[], None]]) -> None:
 
 def _has_agent(spec: VMSpec) -> bool:
     return any(isinstance(c, ChardevChannel) and c.id == AGENT_CHANNEL for c in spec.chardevs())
+
+
+def tpm_guest(boot: GuestBoot) -> Callable[[Sequence[str]], dict[str, Any]]:
+    """Runs ``teelab_guest.tpm_attest`` in a booted guest through its agent (``harness.tee.vtpm_attest``)."""
+    agent = boot.agent
+    if agent is None:
+        raise MachineError(f"{boot.machine.spec.name} has no guest agent", hint="boot it with agent=True")
+
+    def call(args: Sequence[str]) -> dict[str, Any]:
+        done = agent.exec(["python3", "-m", "teelab_guest.tpm_attest", *args], check=True)
+        return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+    return call
 
 
 def with_role(cmdline: str, role: str) -> str:

@@ -106,3 +106,10 @@ class VtpmAttestationFailed(VtpmError):
         "the lab TPM manufacturer CA, the AK is not a restricted signing key, or the guest's TPM did not "
         "recover the credential made for its EK and AK (credential activation), or its answer was unreadable."
     )
+
+
+class VtpmOptionInvalid(VtpmError):
+    code = "E963"
+    title = "bad vTPM option"
+    explanation = "A vTPM is either ephemeral (its state goes with the VM) or persistent (kept per VM name)."
+    exit_status = 2

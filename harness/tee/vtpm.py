@@ -24,7 +24,7 @@ from harness.attest.tpm_ca import TpmAuthority
 from harness.host.runtime import remove_runtime_dir, runtime_dir
 from harness.qemu.chardevs import ChardevSocket
 from harness.qemu.devices import TpmCrb
-from harness.tee.errors import VtpmError, VtpmUnavailable
+from harness.tee.errors import VtpmError, VtpmOptionInvalid, VtpmUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,16 @@ SETUP_TIMEOUT = 60.0
 STATE_FILE = "tpm2-00.permall"
 RSA_EK_HANDLE, ECC_EK_HANDLE = 0x81010001, 0x81010016
 RSA_EK_CERT_INDEX, ECC_EK_CERT_INDEX = 0x01C00002, 0x01C0000A
+
+
+VTPM_MODES = ("ephemeral", "persistent")
+
+
+def vtpm_is_ephemeral(mode: str) -> bool:
+    """Whether a vTPM of ``mode`` ("ephemeral" or "persistent") loses its state with the VM."""
+    if mode not in VTPM_MODES:
+        raise VtpmOptionInvalid(f"vTPM mode {mode!r}", hint="use vtpm='ephemeral' or vtpm='persistent'")
+    return mode == "ephemeral"
 
 
 def persistent_state_dir(name: str) -> Path:

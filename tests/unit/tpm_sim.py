@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 from teelab_guest.tpm_device import Tpm
 
+from harness.aio import die_with_parent
 from harness.attest.tpm_ca import TpmAuthority
 from harness.tee.vtpm import Vtpm
 
@@ -28,6 +29,7 @@ def swtpm(authority: TpmAuthority, name: str = "unit") -> Iterator[Tpm]:
             ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={vtpm.state_dir}",
              "--server", f"type=unixio,path={data}", "--ctrl", f"type=unixio,path={vtpm.socket}",
              "--flags", "not-need-init,startup-clear"],
+            preexec_fn=die_with_parent(),
         )  # fmt: skip
         with _connect(data, process) as sock:
             yield Tpm(lambda command: _transact(sock, command))
