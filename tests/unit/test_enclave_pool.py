@@ -120,3 +120,16 @@ def test_doctor_says_which_mapping_a_pool_gets_here() -> None:
     assert pool_summary(smt_host(4))["mapping"] == "strict"
     one = replace(tcg_host(), cpus=(HostCpu(0, 0, 0, 0, (0,)),))
     assert pool_summary(one)["mapping"] == "unavailable"
+
+
+def test_hugepage_memory_binds_one_node_the_host_has() -> None:
+    from harness.qemu import MemoryBackendMemfd
+    from harness.qemu.errors import OptionInvalid
+
+    host = tcg_host(free_2m=1024)
+    for wrong in ({"host_nodes": (1,), "policy": "bind"}, {"host_nodes": (0,)}, {"policy": "bind"}):
+        with pytest.raises(OptionInvalid):
+            MemoryBackendMemfd("ram0", 256, hugetlb=True, **wrong).validate(host)  # type: ignore[arg-type]
+    bound = MemoryBackendMemfd("ram0", 256, hugetlb=True, host_nodes=(0,), policy="bind")
+    bound.validate(host)
+    assert bound.hugepage_demand().nodes == (0,)  # type: ignore[union-attr]
