@@ -24,7 +24,8 @@ from harness.enclave.pool import (
 )
 from harness.host.ledger import Ledger
 from harness.host.model import HostCpu, HostInfo
-from harness.qemu import ChardevSocket, VhostUserVsockPci, VMSpec, build_argv
+from harness.qemu import ChardevSocket, MemoryBackendMemfd, VhostUserVsockPci, VMSpec, build_argv
+from harness.qemu.errors import OptionInvalid
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "enclave"
 QMP = ChardevSocket("qmp", fd=3)
@@ -123,9 +124,6 @@ def test_doctor_says_which_mapping_a_pool_gets_here() -> None:
 
 
 def test_hugepage_memory_binds_one_node_the_host_has() -> None:
-    from harness.qemu import MemoryBackendMemfd
-    from harness.qemu.errors import OptionInvalid
-
     host = tcg_host(free_2m=1024)
     for wrong in ({"host_nodes": (1,), "policy": "bind"}, {"host_nodes": (0,)}, {"policy": "bind"}):
         with pytest.raises(OptionInvalid):
