@@ -4,8 +4,10 @@ decrypting its blobs, also after SIGKILL and restart; refusals with AWS's except
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
@@ -166,3 +168,49 @@ def test_rotated_material_survives_sigkill(tmp_path: Path) -> None:
         kms = client(second.endpoint, creds)
         assert [kms.decrypt(CiphertextBlob=b)["Plaintext"] for b in blobs] == [b"before"] + [b"after"] * 3
         assert len(kms.list_key_rotations(KeyId=key)["Rotations"]) == 3
+
+
+def test_rotations_under_load_survive_a_sigkill_halfway(tmp_path: Path) -> None:
+    """Eight clients encrypt and rotate four keys on demand while the KMS is SIGKILLed; after a restart every
+    acknowledged blob decrypts and every acknowledged rotation is listed."""
+    kms_dir = tmp_path / "kms"
+    creds = Store.open(kms_dir).issue_credentials("admin")
+    acknowledged: list[tuple[bytes, bytes]] = []
+    rotations: dict[str, int] = {}
+    lock = threading.Lock()
+    with KmsProcess(kms_dir, Listen(port=0)) as first:
+        setup = client(first.endpoint, creds)
+        keys = [setup.create_key()["KeyMetadata"]["KeyId"] for _ in range(4)]
+        rotations.update(dict.fromkeys(keys, 0))
+
+        def work(worker: int) -> None:
+            kms = client(first.endpoint, creds)
+            for step in range(200):
+                key = keys[(worker + step) % 4]
+                plaintext = f"{worker}:{step}".encode()
+                try:
+                    if step % 7 == 3 and rotations[key] < 10:
+                        kms.rotate_key_on_demand(KeyId=key)
+                        with lock:
+                            rotations[key] += 1
+                    blob = kms.encrypt(KeyId=key, Plaintext=plaintext)["CiphertextBlob"]
+                except Exception:  # the server is gone (or the key hit its rotation limit): stop
+                    return
+                with lock:
+                    acknowledged.append((blob, plaintext))
+
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(work, w) for w in range(8)]
+            deadline = time.monotonic() + 30
+            while len(acknowledged) < 150 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            first.kill()
+            for future in futures:
+                future.result()
+    assert len(acknowledged) >= 150 and sum(rotations.values()) >= 4
+    with KmsProcess(kms_dir, Listen(port=0)) as second:
+        kms = client(second.endpoint, creds)
+        for blob, plaintext in acknowledged:
+            assert kms.decrypt(CiphertextBlob=blob)["Plaintext"] == plaintext
+        for key, count in rotations.items():
+            assert len(kms.list_key_rotations(KeyId=key)["Rotations"]) >= count
