@@ -33,20 +33,17 @@ __all__ = ["Audit", "KmsService", "Outcome", "ServiceConfig"]
 
 MAX_PLAINTEXT = 4096
 MAX_CIPHERTEXT = 6144
+_OPERATIONS = frozenset(OPERATIONS)
 ENCRYPTION_ALGORITHMS = ("SYMMETRIC_DEFAULT", "RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256")
 
 
 class KmsService(KeyOps, AsymmetricOps):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._ops: dict[str, Callable[[dict[str, Any], Audit], Outcome]] = {
-            name: getattr(self, "_op_" + name) for name in OPERATIONS
-        }
+    """The lab KMS's operations: each ``_op_<Name>`` method serves the operation of that name."""
 
     def call(self, operation: str, body: Any, audit: Audit) -> Outcome:
         """Serve one request; raises a KmsRequestError subclass when it is refused. Thread-safe: the HTTP
         layer runs calls on a small pool so that OpenSSL work (which releases the GIL) uses a second CPU."""
-        op = self._ops.get(operation)
+        op = getattr(self, "_op_" + operation) if operation in _OPERATIONS else None
         if op is None:
             raise UnknownOperation(f"unknown operation {operation[:64]!r}")
         if not isinstance(body, dict):

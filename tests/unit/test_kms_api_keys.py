@@ -234,3 +234,12 @@ def test_an_alias_goes_with_its_purged_key(server: KmsServer, kms) -> None:
     heir = kms.create_key()["KeyMetadata"]["KeyId"]
     kms.create_alias(AliasName="alias/short-lived", TargetKeyId=heir)
     assert kms.describe_key(KeyId="alias/short-lived")["KeyMetadata"]["KeyId"] == heir
+
+
+def test_every_operation_has_its_method_and_policy_action() -> None:
+    from harness.kms.policy import ACTIONS, OPERATIONS
+    from harness.kms.service import KmsService
+
+    served = {name.removeprefix("_op_") for name in dir(KmsService) if name.startswith("_op_")}
+    assert served == set(OPERATIONS) and len(OPERATIONS) == 35
+    assert set(ACTIONS) == set(OPERATIONS) - {"ReEncrypt"} | {"ReEncryptFrom", "ReEncryptTo"}
