@@ -11,7 +11,9 @@ configuration, ephemeral state) is removed on ``close`` or by its watcher when t
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 START_TIMEOUT = 10.0
 SETUP_TIMEOUT = 60.0
 STATE_FILE = "tpm2-00.permall"
+LOCK_FILE = ".teelab-vtpm.lock"
 RSA_EK_HANDLE, ECC_EK_HANDLE = 0x81010001, 0x81010016
 RSA_EK_CERT_INDEX, ECC_EK_CERT_INDEX = 0x01C00002, 0x01C0000A
 
@@ -77,6 +80,7 @@ class Vtpm:
         self._loop = loop or shared_loop()
         self._process: subprocess.Popen[bytes] | None = None
         self.manufacture_seconds = 0.0
+        self._lock_fd: int | None = None
 
     def device(self, device_id: str = "tpm0") -> TpmCrb:
         return TpmCrb(device_id, ChardevSocket(f"{device_id}-chr", path=self.socket))
@@ -90,6 +94,7 @@ class Vtpm:
         nothing is left running and the runtime folder is gone."""
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._claim_state()
             if not (self.state_dir / STATE_FILE).exists():
                 self.manufacture()
             argv = [
@@ -112,6 +117,21 @@ class Vtpm:
             raise
         log.info("vTPM for %s: swtpm pid %d, state %s", self.name, self._process.pid, self.state_dir)
         return self
+
+    def _claim_state(self) -> None:
+        """Hold the state folder's lock while this vTPM runs: swtpm itself takes its lock only once QEMU
+        initialises the TPM, so two VMs could otherwise share one persistent state."""
+        fd = os.open(self.state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise VtpmError(
+                f"vTPM for {self.name}: its state {self.state_dir} is in use by another vTPM",
+                hint="stop the VM that uses it, or give this VM another name or state_dir",
+                state_dir=str(self.state_dir),
+            ) from None
+        self._lock_fd = fd
 
     def manufacture(self) -> None:
         """swtpm_setup with swtpm_localca signing the EK certificates with the lab manufacturer CA."""
@@ -176,6 +196,9 @@ class Vtpm:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(5)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
         remove_runtime_dir(self.folder)
 
     def __enter__(self) -> Vtpm:
