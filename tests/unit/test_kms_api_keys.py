@@ -243,3 +243,24 @@ def test_every_operation_has_its_method_and_policy_action() -> None:
     served = {name.removeprefix("_op_") for name in dir(KmsService) if name.startswith("_op_")}
     assert served == set(OPERATIONS) and len(OPERATIONS) == 35
     assert set(ACTIONS) == set(OPERATIONS) - {"ReEncrypt"} | {"ReEncryptFrom", "ReEncryptTo"}
+
+
+def test_policy_actions_take_wildcards_that_name_kms_actions() -> None:
+    from harness.kms.errors import MalformedPolicy
+    from harness.kms.policy import KeyPolicy, RequestContext
+
+    def allows(action_pattern: str, action: str) -> bool:
+        policy = KeyPolicy.parse(
+            json.dumps({"Statement": {"Effect": "Allow", "Principal": "*", "Action": action_pattern}})
+        )
+        return policy.evaluate(RequestContext(action=f"kms:{action}", principal=None), "000000000000").allowed
+
+    assert allows("kms:GenerateDataKey*", "GenerateDataKeyPairWithoutPlaintext")
+    assert allows("kms:ReEncrypt*", "ReEncryptFrom") and allows("KMS:reencrypt*", "ReEncryptTo")
+    assert not allows("kms:GenerateDataKey*", "Decrypt")
+    assert not allows("kms:List*", "GetKeyPolicy") and allows("kms:List*", "ListKeyRotations")
+    for pattern in ("kms:Fly*", "kms:ReEncrypt", "s3:*"):  # ReEncrypt is an operation, not an action
+        with pytest.raises(MalformedPolicy, match="unknown action"):
+            KeyPolicy.parse(
+                json.dumps({"Statement": {"Effect": "Allow", "Principal": "*", "Action": pattern}})
+            )
