@@ -14,6 +14,7 @@ from teelab_guest.tee_wire import TEE_PORT
 from harness.aio import EventLoopThread
 from harness.host import capability
 from harness.host.model import HostInfo
+from harness.qemu.objects import TD_SEPT_VE_DISABLE, QuoteSocket
 from harness.qemu.spec import (
     ChardevChannel,
     MemoryBackendMemfd,
@@ -49,7 +50,6 @@ Mode = Literal["auto", "real", "emulated"]
 Kind = Literal["snp", "tdx", "nsm"]
 TEE_PORT_ID = "tee0"
 TEE_CHANNEL = "tee"
-SEPT_VE_DISABLE = 1 << 28
 
 
 class Launched(Protocol):
@@ -143,13 +143,18 @@ class TeeBackend(ABC):
 
 @dataclass(frozen=True)
 class SnpBackend(TeeBackend):
-    """A real SEV-SNP guest: ``sev-snp-guest``, memfd RAM, AmdSev OVMF (kernel hashes), ``-cpu EPYC-v4``."""
+    """A real SEV-SNP guest: ``sev-snp-guest``, AmdSev OVMF (kernel hashes), ``-cpu EPYC-v4``. The spec's
+    memory backend is kept (hugetlbfs included: guest_memfd holds the private memory), a shared memfd when it
+    has none; ``id_block``/``id_auth``/``author_key_enabled`` go to SNP_LAUNCH_FINISH."""
 
     policy: int = SNP_DEFAULT_POLICY
     host_data: bytes | None = None
     firmware: Path | None = None
     vcpu_type: str = DEFAULT_VCPU_TYPE
     guest_features: int = DEFAULT_GUEST_FEATURES
+    id_block: bytes | None = None
+    id_auth: bytes | None = None
+    author_key_enabled: bool = False
     memory_id: str = "ram1"
     kind: ClassVar[Kind] = "snp"
     emulated: ClassVar[bool] = False
@@ -168,17 +173,16 @@ class SnpBackend(TeeBackend):
                 hint="use the AmdSev OVMF build (edk2 OvmfPkg/AmdSev/AmdSevX64.dsc)",
                 firmware=str(firmware),
             )
-        memory = spec.memory
-        if isinstance(memory, MemoryBackendMemfd):
-            memory = replace(memory, share=True)
-        else:
-            memory = MemoryBackendMemfd(self.memory_id, spec.memory_mib, share=True)
+        memory = spec.memory or MemoryBackendMemfd(self.memory_id, spec.memory_mib, share=True)
         guest = SevSnpGuest(
             cbitpos=host.tee.cbitpos or 51,
             reduced_phys_bits=host.tee.reduced_phys_bits or 1,
             policy=self.policy,
             kernel_hashes=True,
             host_data=self.host_data,
+            id_block=self.id_block,
+            id_auth=self.id_auth,
+            author_key_enabled=self.author_key_enabled,
         )
         return replace(spec, memory=memory, confidential=guest, firmware=firmware, cpu_model=self.vcpu_type)
 
@@ -203,24 +207,23 @@ class SnpBackend(TeeBackend):
 
 @dataclass(frozen=True)
 class TdxBackend(TeeBackend):
-    """A real TDX guest: ``tdx-guest`` (quote generation over vsock to the QGS) + a TDX OVMF.
+    """A real TDX guest: ``tdx-guest`` (raw TD attributes, MRCONFIGID/MROWNER/MROWNERCONFIG, quote generation
+    over vsock ``(cid, port)`` or a Unix socket path to the QGS) + a TDX OVMF (TDVF).
 
     ``expected`` is None: the lab's TDX derivation does not model TDVF, so real MRTD/RTMRs are not predicted.
     """
 
     attributes: int = TDX_DEFAULT_ATTRIBUTES
     firmware: Path | None = None
-    quote_generation_socket: tuple[int, int] | None = (2, 4050)
+    quote_generation_socket: QuoteSocket | None = (2, 4050)
+    mrconfigid: bytes | None = None
+    mrowner: bytes | None = None
+    mrownerconfig: bytes | None = None
     memory_id: str = "mem0"
     kind: ClassVar[Kind] = "tdx"
     emulated: ClassVar[bool] = False
 
     def configure(self, spec: VMSpec, host: HostInfo) -> VMSpec:
-        if self.attributes not in (0, SEPT_VE_DISABLE):
-            raise MeasureInputInvalid(
-                f"{spec.name}: TD attributes {self.attributes:#x} cannot be set through tdx-guest here",
-                hint=f"use attributes={SEPT_VE_DISABLE:#x} (SEPT_VE_DISABLE) or 0",
-            )
         firmware = self.firmware or spec.firmware
         if firmware is None:
             raise MeasureInputInvalid(
@@ -230,7 +233,12 @@ class TdxBackend(TeeBackend):
         memory = spec.memory or MemoryBackendRam(self.memory_id, spec.memory_mib)
         guest = TdxGuest(
             quote_generation_socket=self.quote_generation_socket,
-            sept_ve_disable=bool(self.attributes & SEPT_VE_DISABLE),
+            sept_ve_disable=bool(self.attributes & TD_SEPT_VE_DISABLE),
+            # (attributes that sept-ve-disable alone expresses keep QEMU's key=value/JSON form minimal)
+            attributes=None if self.attributes in (0, TD_SEPT_VE_DISABLE) else self.attributes,
+            mrconfigid=self.mrconfigid,
+            mrowner=self.mrowner,
+            mrownerconfig=self.mrownerconfig,
         )
         return replace(spec, memory=memory, confidential=guest, firmware=firmware)
 
@@ -318,6 +326,9 @@ class EmulatedTdxBackend(EmulatedBackend):
     """TDX quotes from the lab PCK chain, carrying this VM's lab MRTD/RTMRs and TD attributes."""
 
     attributes: int = TDX_DEFAULT_ATTRIBUTES
+    mrconfigid: bytes | None = None
+    mrowner: bytes | None = None
+    mrownerconfig: bytes | None = None
     authority: Any = field(default=None, compare=False, repr=False)
     kind: ClassVar[Kind] = "tdx"
 
@@ -329,7 +340,9 @@ class EmulatedTdxBackend(EmulatedBackend):
 
     def processor(self, spec: VMSpec, measurement: Measurement | None) -> SecurityProcessor:
         assert isinstance(measurement, TdxMeasurement)
-        return SecurityProcessor("tdx", tdx=lab_tdx_issuer(self.authority or lab_authority(), measurement))
+        owner = {name: getattr(self, name) for name in ("mrconfigid", "mrowner", "mrownerconfig")}
+        issuer = lab_tdx_issuer(self.authority or lab_authority(), measurement, **owner)
+        return SecurityProcessor("tdx", tdx=issuer)
 
 
 @dataclass(frozen=True)
@@ -360,8 +373,10 @@ def lab_snp_issuer(authority: Any, measurement: SnpMeasurement, host_data: bytes
     return issue
 
 
-def lab_tdx_issuer(authority: Any, measurement: TdxMeasurement) -> Any:
-    """Signs TDX quotes with the lab attestation key for one VM: its MRTD, RTMRs and TD attributes."""
+def lab_tdx_issuer(authority: Any, measurement: TdxMeasurement, **owner: bytes | None) -> Any:
+    """Signs TDX quotes with the lab attestation key for one VM: its MRTD, RTMRs, TD attributes and the
+    MRCONFIGID/MROWNER/MROWNERCONFIG given in ``owner`` (zero when None)."""
+    values = {name: value for name, value in owner.items() if value is not None}
 
     def issue(*, report_data: bytes) -> bytes:
         return bytes(
@@ -370,6 +385,7 @@ def lab_tdx_issuer(authority: Any, measurement: TdxMeasurement) -> Any:
                 mrtd=measurement.mrtd,
                 rtmrs=measurement.rtmrs,
                 td_attributes=measurement.td_attributes,
+                **values,
             )
         )
 
@@ -415,7 +431,9 @@ def choose_backend(kind: Kind, host: HostInfo, mode: Mode = "auto", **options: A
 
 
 def _emulated_snp_options(options: dict[str, Any]) -> dict[str, Any]:
-    options = {k: v for k, v in options.items() if k not in ("firmware", "memory_id")}
+    # (the emulated report carries no ID block: its family_id, image_id and id_key_digest stay zero)
+    real_only = ("firmware", "memory_id", "id_block", "id_auth", "author_key_enabled")
+    options = {k: v for k, v in options.items() if k not in real_only}
     if options.get("host_data") is None:
         options.pop("host_data", None)
     return options
@@ -431,13 +449,17 @@ def backend_for_spec(spec: VMSpec, host: HostInfo, mode: Mode = "auto", **option
     guest = spec.confidential
     if isinstance(guest, SevSnpGuest):
         options.setdefault("policy", guest.policy)
-        if guest.host_data is not None:
-            options.setdefault("host_data", guest.host_data)
+        for name in ("host_data", "id_block", "id_auth"):
+            if getattr(guest, name) is not None:
+                options.setdefault(name, getattr(guest, name))
+        if guest.author_key_enabled:
+            options.setdefault("author_key_enabled", True)
         return choose_backend("snp", host, mode, **options)
     if isinstance(guest, TdxGuest):
-        options.setdefault("attributes", SEPT_VE_DISABLE if guest.sept_ve_disable else 0)
-        if guest.quote_generation_socket is not None:
-            options.setdefault("quote_generation_socket", guest.quote_generation_socket)
+        options.setdefault("attributes", guest.td_attributes)
+        for name in ("quote_generation_socket", "mrconfigid", "mrowner", "mrownerconfig"):
+            if getattr(guest, name) is not None:
+                options.setdefault(name, getattr(guest, name))
         return choose_backend("tdx", host, mode, **options)
     raise MeasureInputInvalid(
         f"{spec.name} names no confidential guest", hint="set confidential=SevSnpGuest(...) or TdxGuest(...)"

@@ -17,7 +17,7 @@ from harness.aio import EventLoopThread, shared_loop
 from harness.attest import LabAuthority
 from harness.cli import main
 from harness.qemu import ChardevSocket, MemoryBackendMemfd, SevSnpGuest, TdxGuest, VMSpec, build_argv
-from harness.qemu.errors import SevSnpUnavailable, TdxUnavailable
+from harness.qemu.errors import OptionInvalid, SevSnpUnavailable, TdxUnavailable
 from harness.tee.errors import (
     FirmwareCannotMeasureKernel,
     MeasureInputInvalid,
@@ -86,11 +86,11 @@ def test_real_snp_golden_argv(guest: VMSpec, tmp_path: Path) -> None:
     assert attachment.service is None
 
 
-def test_real_snp_keeps_a_memfd_backend_and_takes_cbitpos_from_the_host(guest: VMSpec) -> None:
+def test_real_snp_keeps_the_specs_memory_backend_and_takes_cbitpos_from_the_host(guest: VMSpec) -> None:
     host = replace(snp_host(), tee=replace(snp_host().tee, cbitpos=47, reduced_phys_bits=5))
     spec = replace(guest, memory=MemoryBackendMemfd("ram0", 2048, share=False))
     configured = SnpBackend(firmware=FIXTURES / "ovmf_AmdSev_suffix.bin").attach(spec, host).spec
-    assert configured.memory == MemoryBackendMemfd("ram0", 2048, share=True)
+    assert configured.memory == MemoryBackendMemfd("ram0", 2048, share=False)  # guest_memfd: private memory
     assert isinstance(configured.confidential, SevSnpGuest)
     assert (configured.confidential.cbitpos, configured.confidential.reduced_phys_bits) == (47, 5)
 
@@ -136,8 +136,8 @@ def test_real_tdx_refuses_what_it_cannot_configure(guest: VMSpec, tmp_path: Path
     (tmp_path / "OVMF.fd").write_bytes(b"tdvf")
     with pytest.raises(MeasureInputInvalid, match="firmware"):
         TdxBackend().attach(guest, tdx_host())
-    with pytest.raises(MeasureInputInvalid, match="attributes 0x10000001"):
-        TdxBackend(attributes=0x10000001, firmware=tmp_path / "OVMF.fd").attach(guest, tdx_host())
+    with pytest.raises(OptionInvalid, match="do not fit in 64 bits"):
+        TdxBackend(attributes=1 << 64, firmware=tmp_path / "OVMF.fd").attach(guest, tdx_host())
     with pytest.raises(TdxUnavailable):
         TdxBackend(firmware=tmp_path / "OVMF.fd").attach(guest, tcg_host())
 
