@@ -20,7 +20,12 @@ from harness.enclave.recipes import BuiltEnclave, build_enclave_image
 from harness.host.hugepages import free_pages
 from harness.lab import Lab
 
-pytestmark = [pytest.mark.vm, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.slow,
+    # the host's request threads must not die (a console reader that left used to raise BrokenPipeError there)
+    pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"),
+]
 MIB = 1 << 20
 PAGE_KIB = 2048
 # PCI ids an enclave may show: q35's own host bridge, LPC/ISA bridge, AHCI (no drive) and SMBus; the
