@@ -8,6 +8,7 @@ module serves keys' life and symmetric cryptography; ``ops_keys`` aliases, tags,
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,7 @@ from harness.kms.errors import (
     InvalidCiphertext,
     InvalidKeyState,
     InvalidKeyUsage,
+    KeyNotFound,
     KmsRequestError,
     MalformedPolicy,
     UnknownOperation,
@@ -304,14 +306,14 @@ class KmsService(KeyOps, AsymmetricOps):
     def _op_GetKeyPolicy(self, body: dict[str, Any], audit: Audit) -> Outcome:
         fields.only(body, {"KeyId", "PolicyName"})
         record = self._key(body.get("KeyId"), audit, pending_ok=True)
-        fields.choice(body, "PolicyName", ("default",))
+        _policy_name(body)
         self._authorize(record.policy, "GetKeyPolicy", audit, None)
         return Outcome({"Policy": record.policy, "PolicyName": "default"})
 
     def _op_PutKeyPolicy(self, body: dict[str, Any], audit: Audit) -> Outcome:
         fields.only(body, {"KeyId", "PolicyName", "Policy", "BypassPolicyLockoutSafetyCheck"})
         record = self._key(body.get("KeyId"), audit, pending_ok=True)
-        fields.choice(body, "PolicyName", ("default",))
+        _policy_name(body)
         fields.optional(body, "BypassPolicyLockoutSafetyCheck", bool)
         text = fields.optional(body, "Policy", str)
         if text is None:
@@ -354,3 +356,13 @@ class KmsService(KeyOps, AsymmetricOps):
             raise InvalidKeyState(f"key {record.arn} is not pending deletion")
         self._authorize(record.policy, "CancelKeyDeletion", audit, None)
         return Outcome({"KeyId": record.arn}, self.store.set_state(record.id, "Disabled", None))
+
+
+def _policy_name(body: dict[str, Any]) -> None:
+    """PolicyName as AWS takes it: 1..128 word characters (else ValidationException), and a key has only the
+    policy named ``default`` (another name: NotFoundException)."""
+    name = fields.text(body, "PolicyName", 1, 128)
+    if name is not None and not re.fullmatch(r"\w+", name):
+        raise KmsRequestError("PolicyName must be word characters")
+    if name not in (None, "default"):
+        raise KeyNotFound(f"the key has no policy named {name!r}; its one policy is named default")

@@ -184,6 +184,11 @@ def key_policies(kms: Any) -> Any:
     )["Policy"]
 
 
+@case("NotFoundException")
+def a_policy_not_named_default(kms: Any) -> Any:
+    return error(kms.get_key_policy, KeyId=new_key(kms), PolicyName="other")
+
+
 @case((False, True, 180, False))
 def rotation_status(kms: Any) -> Any:
     key = new_key(kms)
