@@ -13,10 +13,12 @@ from harness.attest.nitro import AttestationDocument, looks_like_nitro, parse_at
 from harness.attest.policy import Policy
 from harness.attest.snp import REPORT_SIZE, SnpReport, looks_like_snp, parse_snp_report
 from harness.attest.tdx import TdxQuote, looks_like_tdx, parse_tdx_quote
+from harness.attest.tpm import looks_like_tpm
 from harness.attest.verdict import Reason, Verdict
 from harness.attest.verify_nitro import verify_nitro
 from harness.attest.verify_snp import verify_snp
 from harness.attest.verify_tdx import verify_tdx
+from harness.attest.verify_tpm import verify_tpm
 
 KINDS = ("snp", "tdx", "nitro")
 
@@ -24,6 +26,8 @@ KINDS = ("snp", "tdx", "nitro")
 def detect_kind(evidence: bytes) -> str:
     """ "snp", "tdx" or "nitro" from the first bytes; raises E802/E804 when it cannot tell."""
     data = bytes(evidence[:8])
+    if looks_like_tpm(evidence):
+        return "tpm"  # vTPM evidence (quote, event log, EK and AK certificates): docs/tpm.md
     if looks_like_nitro(data):
         return "nitro"
     if len(evidence) == REPORT_SIZE and looks_like_snp(data):
@@ -85,6 +89,8 @@ def verify(
         verdict = verify_tdx(evidence, policy, now=at, collateral=collateral)
     elif kind == "nitro":
         verdict = verify_nitro(evidence, policy, now=at)
+    elif kind == "tpm":
+        verdict = verify_tpm(evidence, policy, now=at)
     else:
         return malformed_verdict("unknown", UnknownEvidenceFormat(f"unknown kind {kind!r}", field="kind"))
     foreign = foreign_pins(policy, kind)
@@ -99,6 +105,7 @@ PINS_BY_KIND = {
     "snp": ("measurement", "host_data", "min_tcb", "report_data"),
     "tdx": ("mrtd", "rtmrs", "mrconfigid", "mrowner", "mrownerconfig", "report_data"),
     "nitro": ("pcrs", "module_id", "user_data"),
+    "tpm": ("pcrs",),
 }
 
 

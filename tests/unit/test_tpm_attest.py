@@ -4,9 +4,10 @@ and quotes; the AK CA certifies by credential activation; ``verify_tpm`` names e
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from harness.attest import LabAuthority
 from harness.attest.policy import NonceBook, Policy
 from harness.attest.tpm import TpmEvidence
 from harness.attest.tpm_ca import TpmAuthority
+from harness.attest.verifier import detect_kind, verify
 from harness.attest.verify_tpm import verify_tpm
 from harness.tee import tpm_measure
 from harness.tee.errors import VtpmAttestationFailed
@@ -244,3 +246,42 @@ def test_malformed_evidence_is_a_verdict_not_an_exception(lab: LabAuthority) -> 
     assert not verdict.ok and verdict.codes == {"malformed"}
     empty = TpmEvidence(b"", b"", b"", b"", b"", {})
     assert verify_tpm(empty.to_bytes(), policy(lab, b"n")).codes == {"malformed"}
+
+
+def test_verify_detects_tpm_evidence_and_the_cli_verifies_it(
+    booted: tuple[Guest, Path], ak: CertifiedAk, lab: LabAuthority, tmp_path: Path, run: Callable[..., Any]
+) -> None:
+    guest, initrd = booted
+    nonce = os.urandom(32)
+    evidence = quote(guest, ak, nonce).to_bytes()
+    assert detect_kind(evidence) == "tpm"
+    good = policy(lab, nonce, initrd=initrd)
+    assert verify(evidence, good).ok
+    pinned = dataclasses.replace(good, measurement=bytes(48))
+    assert verify(evidence, pinned).codes == {"policy-kind-mismatch"}
+    (tmp_path / "evidence.json").write_bytes(evidence)
+    pcrs = "\n".join(f'{i} = "{v.hex()}"' for i, v in good.pcrs.items())
+    (tmp_path / "policy.toml").write_text(
+        f'roots = ["lab"]\nlab_dir = "{lab.directory}"\nnonce = "{nonce.hex()}"\n[pcrs]\n{pcrs}\n'
+    )
+    status, out, _ = run(
+        "attest",
+        "verify",
+        str(tmp_path / "evidence.json"),
+        "--policy",
+        str(tmp_path / "policy.toml"),
+        "--json",
+    )
+    assert status == 0 and json.loads(out)["ok"] and json.loads(out)["kind"] == "tpm"
+    (tmp_path / "policy.toml").write_text(
+        f'roots = ["lab"]\nlab_dir = "{lab.directory}"\nnonce = "{"00" * 32}"\n'
+    )
+    status, out, _ = run(
+        "attest",
+        "verify",
+        str(tmp_path / "evidence.json"),
+        "--policy",
+        str(tmp_path / "policy.toml"),
+        "--json",
+    )
+    assert status != 0 and [r["code"] for r in json.loads(out)["reasons"]] == ["nonce-mismatch"]
