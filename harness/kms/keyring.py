@@ -61,6 +61,7 @@ class Keyring:
             store.reader().executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot add the keyring tables to {store.path}: {exc}") from None
+        store.submit(_sweep).result()
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         return self.store.reader().execute(sql, args).fetchall()
@@ -248,3 +249,10 @@ class Keyring:
 
 def _wrap_id(key_id: str, version: int) -> str:
     return f"{key_id}#v{version}"
+
+
+def _sweep(conn: sqlite3.Connection) -> None:
+    """Forget what belonged to keys that were purged (Store.purge_deleted runs as a server starts): their
+    rotated material above all, which must go with the key, and their aliases, tags and schedules."""
+    for table in ("key_versions", "key_tags", "key_rotation", "aliases"):
+        conn.execute(f"DELETE FROM {table} WHERE key_id NOT IN (SELECT id FROM keys)")

@@ -17,6 +17,7 @@ from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from harness.kms import KmsProcess, KmsServer, Listen, Store
+from harness.kms.keyring import Keyring
 from harness.kms.material import blob_header
 
 DAY = 86400.0
@@ -214,3 +215,18 @@ def test_rotations_under_load_survive_a_sigkill_halfway(tmp_path: Path) -> None:
             assert kms.decrypt(CiphertextBlob=blob)["Plaintext"] == plaintext
         for key, count in rotations.items():
             assert len(kms.list_key_rotations(KeyId=key)["Rotations"]) >= count
+
+
+def test_rotated_material_goes_with_its_purged_key(server: KmsServer, kms) -> None:
+    key = kms.create_key(Tags=[{"TagKey": "t", "TagValue": "v"}])["KeyMetadata"]["KeyId"]
+    kms.rotate_key_on_demand(KeyId=key)
+    kms.enable_key_rotation(KeyId=key)
+    store = server.store
+    store.submit(store.set_state(key, "PendingDeletion", 1.0)).result()  # long past due
+    assert store.purge_deleted() >= 1
+    Keyring(store)  # as the next server start does, after its purge
+
+    def rows(table: str) -> int:
+        return store.reader().execute(f"SELECT COUNT(*) FROM {table} WHERE key_id = ?", (key,)).fetchone()[0]
+
+    assert [rows(t) for t in ("key_versions", "key_tags", "key_rotation")] == [0, 0, 0]
