@@ -126,6 +126,23 @@ class EccPublic:
         return u16(self.name_alg) + hashlib.sha256(self.raw).digest()
 
 
+def ak_spki_der(ak: EccPublic) -> bytes:
+    """The AK as DER SubjectPublicKeyInfo: what a CVM binds into its SNP/TDX report_data beside the nonce
+    (``teelab_guest.binding.report_data(nonce, this)``), as Azure's paravisor binds its vTPM's AK."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if ak.curve != ECC_NIST_P256 or len(ak.x) != 32 or len(ak.y) != 32:
+        raise TpmFormatError("the AK is not a P-256 point")
+    try:
+        key = ec.EllipticCurvePublicNumbers(
+            int.from_bytes(ak.x, "big"), int.from_bytes(ak.y, "big"), ec.SECP256R1()
+        ).public_key()
+    except ValueError:
+        raise TpmFormatError("the AK's point is not on P-256") from None
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
 def parse_ecc_public(raw: bytes) -> EccPublic:
     """A TPMT_PUBLIC of type ECC (the AK)."""
     r = Reader(raw)

@@ -27,8 +27,11 @@ class TpmEvidence:
     signature: bytes  # TPMT_SIGNATURE
     pcrs: Mapping[int, bytes]
     event_log: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
+    tee_evidence: bytes = b""  # a CVM's SNP report binding the nonce and the AK, when the quote came with one
+    tee_certificates: bytes = b""  # its certificate table (VCEK, ASK, ARK)
 
     def to_bytes(self) -> bytes:
+        tee = {"tee_evidence": _b64(self.tee_evidence), "tee_certificates": _b64(self.tee_certificates)}
         return json.dumps(
             {
                 "format": FORMAT,
@@ -39,6 +42,7 @@ class TpmEvidence:
                 "signature": _b64(self.signature),
                 "pcrs": {str(i): v.hex() for i, v in sorted(self.pcrs.items())},
                 "event_log": list(self.event_log),
+                **(tee if self.tee_evidence else {}),
             }
         ).encode()
 
@@ -75,7 +79,10 @@ def parse_tpm_evidence(data: bytes) -> TpmEvidence:
         or not all(isinstance(e, dict) for e in events)
     ):
         raise EvidenceError(f"event_log must be a list of at most {MAX_EVENTS} objects", field="event_log")
-    return TpmEvidence(signature=_unb64(doc, "signature"), pcrs=pcrs, event_log=tuple(events), **values)
+    tee = {name: _unb64(doc, name) for name in ("tee_evidence", "tee_certificates") if name in doc}
+    return TpmEvidence(
+        signature=_unb64(doc, "signature"), pcrs=pcrs, event_log=tuple(events), **values, **tee
+    )
 
 
 def _b64(data: bytes) -> str:

@@ -105,7 +105,7 @@ PINS_BY_KIND = {
     "snp": ("measurement", "host_data", "min_tcb", "report_data"),
     "tdx": ("mrtd", "rtmrs", "mrconfigid", "mrowner", "mrownerconfig", "report_data"),
     "nitro": ("pcrs", "module_id", "user_data"),
-    "tpm": ("pcrs",),
+    "tpm": ("pcrs", "measurement", "host_data", "min_tcb"),  # the SNP values of a CVM's report beside it
 }
 
 

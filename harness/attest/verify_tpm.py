@@ -8,11 +8,15 @@
 - ``nonce-mismatch`` [nonce] (or the nonce book's ``nonce-unknown``/``nonce-stale``/``nonce-reused``);
 - ``pcr-digest-mismatch`` [pcrs]: the PCR values given are not the ones the quote covers;
 - ``event-log-mismatch`` [pcrN or event_log[i]]: replaying the event log does not give the quoted PCR N;
-- ``pcr-mismatch`` [pcrN]: PCR N is not the policy's value.
+- ``pcr-mismatch`` [pcrN]: PCR N is not the policy's value;
+- a CVM's SNP report beside the quote is verified as SNP evidence whose report_data must bind the quote's
+  nonce and the AK (``binding.report_data(nonce, AK SubjectPublicKeyInfo)``), its reasons under ``tee.``;
+  ``tee-evidence-missing`` [tee_evidence] when the policy pins SNP values and no report came.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import hmac
@@ -30,8 +34,10 @@ from harness.attest.errors import EvidenceError
 from harness.attest.policy import Policy
 from harness.attest.tpm import TpmEvidence, parse_tpm_evidence
 from harness.attest.tpm_ca import AK_CA, MANUFACTURER, ak_binding, default_tpm_dir, load_tpm_certificates
+from harness.attest.verify_snp import verify_snp
 
 KIND = "tpm"
+TEE_PINS = ("measurement", "host_data", "min_tcb")  # SNP values a policy for a CVM with a vTPM may pin
 NONCE_REASONS = {
     "nonce-unknown": "the nonce was not issued by the policy's nonce book",
     "nonce-stale": "the nonce expired before the evidence arrived",
@@ -73,8 +79,35 @@ def verify_tpm(evidence: bytes, policy: Policy, *, now: dt.datetime | None = Non
     root = _check_certificates(found, doc, ek_cert, ak_cert, ak, policy, at)
     signed = _check_signature(found, ak, doc)
     _check_pcrs(found, quote, doc, policy, claims)
+    _check_tee(found, doc, ak, quote.extra_data, policy, at, claims)
     _check_nonce(found, quote.extra_data, policy, claims, authentic=signed and not found.reasons)
     return found.verdict(KIND, root, claims)
+
+
+def _check_tee(
+    found: Findings, doc: TpmEvidence, ak: tpm_wire.EccPublic, nonce: bytes, policy: Policy, at: dt.datetime,
+    claims: dict[str, Any],
+) -> None:  # fmt: skip
+    """One verdict for a CVM and its vTPM: its SNP report must bind this quote's nonce and this AK."""
+    if not doc.tee_evidence:
+        pinned = [name for name in TEE_PINS if getattr(policy, name)]
+        if pinned:
+            found.fail(
+                "tee-evidence-missing", "tee_evidence",
+                f"the policy pins {', '.join(pinned)}, but no CVM report binding the AK came with the quote",
+            )  # fmt: skip
+        return
+    try:
+        spki = tpm_wire.ak_spki_der(ak)
+    except tpm_wire.TpmFormatError as exc:
+        found.fail("ak-not-certified", "ak_public", str(exc))
+        return
+    tee_policy = dataclasses.replace(policy, pcrs={}, nonce=nonce, nonce_book=None, public_key=spki)
+    certificates = [doc.tee_certificates] if doc.tee_certificates else []
+    verdict = verify_snp(doc.tee_evidence, tee_policy, now=at, certificates=certificates)
+    for reason in verdict.reasons:
+        found.fail(reason.code, f"tee.{reason.field}", reason.message)
+    claims["tee"] = dict(verdict.claims)
 
 
 def _check_certificates(

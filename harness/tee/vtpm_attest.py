@@ -68,9 +68,10 @@ def certify_ak(guest: GuestCall, authority: TpmAuthority) -> CertifiedAk:
     return CertifiedAk(ek_cert, ak.raw, ak_cert, time.monotonic() - started)
 
 
-def quote(guest: GuestCall, ak: CertifiedAk, nonce: bytes) -> TpmEvidence:
-    """The guest's quote of PCRs 0-9 on ``nonce``, with its event log, as evidence for ``verify``."""
-    answer = guest(["quote", nonce.hex()])
+def quote(guest: GuestCall, ak: CertifiedAk, nonce: bytes, *, tee: bool = False) -> TpmEvidence:
+    """The guest's quote of PCRs 0-9 on ``nonce``, with its event log, as evidence for ``verify``; with
+    ``tee``, the CVM's SNP report binding the nonce and the AK beside it."""
+    answer = guest(["quote", nonce.hex(), *(["tee"] if tee else [])])
     try:
         return TpmEvidence(
             ek_certificate=ak.ek_certificate.der,
@@ -80,6 +81,8 @@ def quote(guest: GuestCall, ak: CertifiedAk, nonce: bytes) -> TpmEvidence:
             signature=base64.b64decode(answer["signature"]),
             pcrs={int(i): bytes.fromhex(v) for i, v in answer["pcrs"].items()},
             event_log=tuple(answer.get("event_log", ())),
+            tee_evidence=base64.b64decode(answer.get("tee_evidence", "")),
+            tee_certificates=base64.b64decode(answer.get("tee_certificates", "")),
         )
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise VtpmAttestationFailed(f"the guest's quote answer is unreadable: {exc!r}") from None

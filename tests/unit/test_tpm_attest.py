@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from teelab_guest import tpm_attest, tpm_boot
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from teelab_guest import binding, tpm_attest, tpm_boot, tpm_wire
 from teelab_guest.tpm_device import Tpm, TpmError
 from tpm_sim import swtpm
 
@@ -257,8 +258,9 @@ def test_verify_detects_tpm_evidence_and_the_cli_verifies_it(
     assert detect_kind(evidence) == "tpm"
     good = policy(lab, nonce, initrd=initrd)
     assert verify(evidence, good).ok
+    assert verify(evidence, dataclasses.replace(good, mrtd=bytes(48))).codes == {"policy-kind-mismatch"}
     pinned = dataclasses.replace(good, measurement=bytes(48))
-    assert verify(evidence, pinned).codes == {"policy-kind-mismatch"}
+    assert verify(evidence, pinned).codes == {"tee-evidence-missing"}
     (tmp_path / "evidence.json").write_bytes(evidence)
     pcrs = "\n".join(f'{i} = "{v.hex()}"' for i, v in good.pcrs.items())
     (tmp_path / "policy.toml").write_text(
@@ -285,3 +287,38 @@ def test_verify_detects_tpm_evidence_and_the_cli_verifies_it(
         "--json",
     )
     assert status != 0 and [r["code"] for r in json.loads(out)["reasons"]] == ["nonce-mismatch"]
+
+
+def test_a_cvm_report_beside_the_quote_must_bind_its_nonce_and_ak(
+    booted: tuple[Guest, Path], ak: CertifiedAk, lab: LabAuthority
+) -> None:
+    """One verdict for a CVM and its vTPM: the SNP report's report_data binds the quote's nonce and the AK
+    (as Azure's paravisor binds its vTPM's AK); a report binding another key, or another measurement, fails
+    under ``tee.``."""
+    nonce = os.urandom(32)
+    evidence = quote(booted[0], ak, nonce)
+    spki = tpm_wire.ak_spki_der(tpm_wire.parse_ecc_public(evidence.ak_public))
+    measurement = bytes.fromhex("ab" * 48)
+
+    def with_report(key: bytes) -> bytes:
+        report = lab.snp_report(binding.report_data(nonce, key), measurement=measurement)
+        return dataclasses.replace(
+            evidence, tee_evidence=report, tee_certificates=lab.snp_cert_table()
+        ).to_bytes()
+
+    cvm = policy(lab, nonce, measurement=measurement)
+    verdict = verify(with_report(spki), cvm)
+    assert verdict.ok, verdict.reasons
+    assert verdict.claims["tee"]["measurement"] == measurement.hex()
+    other_key = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    )
+    assert {(r.code, r.field) for r in verify(with_report(other_key), cvm).reasons} == {
+        ("binding-mismatch", "tee.report_data")
+    }
+    other = dataclasses.replace(cvm, measurement=bytes(48))
+    assert {(r.code, r.field) for r in verify(with_report(spki), other).reasons} == {
+        ("measurement-mismatch", "tee.measurement")
+    }
