@@ -2,8 +2,8 @@
 guests and always tear them down.
 
 Markers: ``kvm``, ``snp``, ``tdx``, ``vhost_vsock`` (skip unless the host has it), ``root`` (skip unless
-root), ``vm`` (boots guests), ``slow``. Fixtures: ``lab_host``, ``lab``, ``lab_image``, ``boot_guest`` and
-``cvm``; docs/testing.md shows them at work.
+root), ``vm`` (boots guests), ``slow``. Fixtures: ``lab_host``, ``lab``, ``lab_image``, ``boot_guest``,
+``cvm``, ``parent`` and ``enclave``; docs/testing.md shows them at work.
 """
 
 from __future__ import annotations
@@ -103,6 +103,41 @@ def cvm(lab: object) -> Callable[..., object]:
         return lab.boot_cvm(image, **options)  # type: ignore[attr-defined]
 
     return boot
+
+
+@pytest.fixture
+def parent(lab: object) -> Callable[..., object]:
+    """Boot a parent with an enclave pool: ``parent(pool=EnclavePool(memory_mib=256, cpu_count=2),
+    name="parent")`` gives a ``ParentVm`` (``.carve``, ``.describe``, ``.terminate``, ``.boot.agent``);
+    options are ``Lab.boot_parent``'s. CPUs, hugepages and CIDs come from the host ledger; everything ends
+    with the test."""
+
+    def boot(image: str = "parent", **options: object) -> object:
+        return lab.boot_parent(image, **options)  # type: ignore[attr-defined]
+
+    return boot
+
+
+@pytest.fixture
+def enclave(parent: Callable[..., object]) -> Callable[..., object]:
+    """Carve an enclave: ``enclave("hello", memory_mib=256, cpu_count=2, debug=False)`` builds the enclave
+    recipe (or takes an EIF path), carves it out of ``of=`` (a ``ParentVm``; by default one parent booted for
+    the test) and returns once its heartbeat came; options are ``ParentVm.carve``'s."""
+    booted: list[object] = []
+
+    def carve(
+        image: str | os.PathLike[str], *, of: object = None, memory_mib: int = 256, **options: object
+    ) -> object:
+        from harness.enclave.recipes import build_enclave_image
+
+        if of is None:
+            if not booted:
+                booted.append(parent())
+            of = booted[0]
+        path = image if os.path.isfile(image) else build_enclave_image(str(image)).path
+        return of.carve(path, memory_mib=memory_mib, **options)  # type: ignore[attr-defined]
+
+    return carve
 
 
 @pytest.hookimpl(wrapper=True)
