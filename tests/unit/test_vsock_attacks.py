@@ -292,16 +292,17 @@ def test_host_sockets_that_never_read(run: Run, idle: tuple[float, int]) -> None
     x4 = run.vms["x4"]
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(listener_path(x4.uds, 7000)))
-    listener.listen(128)  # accepts nothing, reads nothing
+    listener.listen(512)  # accepts nothing, reads nothing
     try:
-        with attack(run, idle, "host sockets that never read", caps=hybrid.MAX_HOST_BUFFER):
+        with attack(run, idle, "400 host connections whose sockets never read", caps=hybrid.MAX_HOST_BUFFER):
             with x4.pump.lock:
-                conns = [x4.guest.connect(2, 7000) for _ in range(64)]
-            x4.pump.wait(lambda: all(c.state != "connecting" for c in conns))
+                conns = [x4.guest.connect(2, 7000) for _ in range(400)]
+            x4.pump.wait(lambda: all(c.state != "connecting" for c in conns), timeout=30)
             with x4.pump.lock:
                 for conn in conns:
-                    x4.guest.write(conn, bytes(hybrid.HOST_BUF_ALLOC))
-            x4.pump.wait(lambda: all(not c.outgoing or c.reset for c in conns), timeout=10)
+                    if conn.state == "established":  # a full window each, past what the kernel holds
+                        x4.guest.write(conn, bytes(hybrid.HOST_BUF_ALLOC))
+            x4.pump.wait(lambda: all(not c.outgoing or c.reset for c in conns), timeout=30)
     finally:
         listener.close()
 
