@@ -49,6 +49,19 @@ def test_bad_values_are_coded_errors_that_leave_nothing(tmp_path: Path, run: Run
         assert kms_dir.read_text() == "not a KMS\n"
 
 
+BENCH_CASES = {
+    "--hostile 0": ["--hostile", "0"],
+    "--hostile with --open-rate 0": ["--hostile", "1000", "--open-rate", "0"],
+    "--open-rate -5": ["--open-rate", "-5"],
+}
+
+
+@pytest.mark.parametrize("case", BENCH_CASES, ids=list(BENCH_CASES))
+def test_bench_kms_refuses_bad_hostile_values(run: Run, case: str) -> None:
+    status, out, err = run("bench", "kms", *BENCH_CASES[case])
+    assert status == 2 and "[ E102 ]" in err and "Traceback" not in out + err, (out, err)
+
+
 def test_python_m_harness_kms_refuses_a_bad_port_the_same_way(tmp_path: Path) -> None:
     import subprocess
     import sys
