@@ -254,13 +254,15 @@ class ParentVm:
         launch.serve(machine)
         for index, tid in sorted(machine.vcpu_threads().items()):
             os.sched_setaffinity(tid, {chosen[index].host_cpu})
-        owner = f"enclave:{self.name}:{launch.enclave_id}"
+        owner = f"enclave:{self.layout.holder}:{launch.enclave_id}"
         values = {c.vcpu: self.ledger_values[c.vcpu] for c in chosen}
         self.ledger.transfer(self.layout.ledger_kind, list(values.values()), owner, pid=machine.pid)
         undo.insert(1, lambda: self._ledger_back(owner, values, memory_mib))
         pages = self.layout.pages(memory_mib)
         tokens = [
-            c.value for c in self.ledger.claims(self.layout.page_kind) if c.owner == pool_owner(self.name)
+            c.value
+            for c in self.ledger.claims(self.layout.page_kind)
+            if c.owner == pool_owner(self.layout.holder)
         ]
         self.ledger.transfer(self.layout.page_kind, tokens[:pages], owner, pid=machine.pid)
         started = time.monotonic()
@@ -332,13 +334,13 @@ class ParentVm:
         reaped already (the enclave's QEMU died first) are claimed afresh."""
         pid = self.machine.pid if self.machine.running else None
         for vcpu, value in values.items():
-            self._hand_over(self.layout.ledger_kind, [value], vcpu_owner(self.name, vcpu), pid)
+            self._hand_over(self.layout.ledger_kind, [value], vcpu_owner(self.layout.holder, vcpu), pid)
         kind = self.layout.page_kind
         tokens = [c.value for c in self.ledger.claims(kind) if c.owner == owner]
-        self._hand_over(kind, tokens, pool_owner(self.name), pid)
+        self._hand_over(kind, tokens, pool_owner(self.layout.holder), pid)
         missing = self.layout.pages(memory_mib) - len(tokens)
         if missing > 0:
-            self.ledger.claim(kind, PAGE_TOKENS, missing, pool_owner(self.name), pid=pid)
+            self.ledger.claim(kind, PAGE_TOKENS, missing, pool_owner(self.layout.holder), pid=pid)
 
     def _hand_over(self, kind: str, values: list[int], owner: str, pid: int | None) -> None:
         try:
@@ -406,7 +408,7 @@ class ParentVm:
         """Terminate every enclave (giving back to the parent while it runs) and drop the parent's claims."""
         with self._lock:
             steps = [lambda e=e: self.terminate(e) for e in list(self.enclaves.values())]
-            steps += [*self.closers, self._unwatch, lambda: release_parent(self.ledger, self.name)]
+            steps += [*self.closers, self._unwatch, lambda: release_parent(self.ledger, self.layout.holder)]
             self.closers = []
             _undo_all(steps)
 

@@ -9,6 +9,7 @@ need more cores (no core shared with the parent) are relaxed; ``describe`` and `
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 
 from harness.enclave import errors
@@ -56,6 +57,12 @@ class ParentLayout:
     cpu_model: str = "max"
     node: int = 0
     devices: tuple[Device, ...] = field(default=())
+
+    @property
+    def holder(self) -> str:
+        """The parent's name in ledger owners, unique across processes (two pytest workers may both boot
+        a "parent")."""
+        return f"{self.name}@{os.getpid()}"
 
     @property
     def ledger_kind(self) -> str:
@@ -161,7 +168,7 @@ def book_parent(ledger: Ledger, layout: ParentLayout, pid: int | None = None) ->
     values: dict[int, int] = {}
     try:
         for vcpu, cpu in sorted(layout.vcpu_host.items()):
-            owner = vcpu_owner(layout.name, vcpu)
+            owner = vcpu_owner(layout.holder, vcpu)
             if layout.overcommit:
                 slots = range(cpu * SLOTS_PER_CPU, (cpu + 1) * SLOTS_PER_CPU)
                 (values[vcpu],) = ledger.claim(OVERCOMMIT_KIND, slots, 1, owner, pid=pid)
@@ -172,18 +179,18 @@ def book_parent(ledger: Ledger, layout: ParentLayout, pid: int | None = None) ->
             layout.page_kind,
             PAGE_TOKENS,
             layout.pages(layout.boot_memory_mib),
-            f"parent:{layout.name}:ram",
+            f"parent:{layout.holder}:ram",
             pid=pid,
         )
         ledger.claim(
             layout.page_kind,
             PAGE_TOKENS,
             layout.pages(layout.pool.memory_mib),
-            pool_owner(layout.name),
+            pool_owner(layout.holder),
             pid=pid,
         )
     except BaseException:
-        release_parent(ledger, layout.name)
+        release_parent(ledger, layout.holder)
         raise
     return values
 
@@ -213,7 +220,7 @@ def cpu_release_mode(host: HostInfo) -> str:
 
 def rebook(ledger: Ledger, layout: ParentLayout, pid: int | None) -> None:
     """Put the parent's claims on its QEMU's pid, so they go if it dies while the harness lives on."""
-    prefix = f"parent:{layout.name}:"
+    prefix = f"parent:{layout.holder}:"
     for kind in (layout.ledger_kind, layout.page_kind):
         owners: dict[str, list[int]] = {}
         for claim in ledger.claims(kind):

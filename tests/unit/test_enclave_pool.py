@@ -77,10 +77,10 @@ def test_booking_claims_every_vcpu_and_page_and_release_drops_them(tmp_path: Pat
     assert values == layout.vcpu_host
     assert len(ledger.claims("hugepages-2048kB")) == (512 + 256) // 2
     other = layout_parent(smt_host(4), "q", EnclavePool(memory_mib=256))
-    with pytest.raises(Exception, match="held by parent:p"):
+    with pytest.raises(Exception, match=f"held by parent:p@{os.getpid()}"):
         book_parent(ledger, other)  # the same host CPUs, strictly: all or nothing
-    assert {c.owner.split(":")[1] for c in ledger.claims()} == {"p"}
-    release_parent(ledger, "p")
+    assert {c.owner.split(":")[1] for c in ledger.claims()} == {layout.holder}
+    release_parent(ledger, layout.holder)
     assert ledger.claims() == []
 
 
@@ -131,3 +131,12 @@ def test_hugepage_memory_binds_one_node_the_host_has() -> None:
     bound = MemoryBackendMemfd("ram0", 256, hugetlb=True, host_nodes=(0,), policy="bind")
     bound.validate(host)
     assert bound.hugepage_demand().nodes == (0,)  # type: ignore[union-attr]
+
+
+def test_releasing_a_parent_leaves_a_same_named_parent_of_another_process(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path)
+    layout = layout_parent(tcg_host(free_2m=1024), "parent", EnclavePool())
+    ledger.claim("cpu-slot", range(1000, 1001), 1, "parent:parent@1:vcpu0")  # another pytest worker's
+    book_parent(ledger, layout)
+    release_parent(ledger, layout.holder)
+    assert [c.owner for c in ledger.claims()] == ["parent:parent@1:vcpu0"]
