@@ -117,6 +117,13 @@ class Keyring:
 
         return change
 
+    @staticmethod
+    def set_description(key_id: str, description: str) -> Callable[[sqlite3.Connection], None]:
+        def change(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE keys SET description = ? WHERE id = ?", (description, key_id))
+
+        return change
+
     # -- tags ----------------------------------------------------------------------------------------------
 
     def tags(self, key_id: str) -> list[tuple[str, str]]:

@@ -170,6 +170,14 @@ class KeyOps(ServiceBase):
         self._authorize(record.policy, "DisableKey", audit, None)
         return Outcome({}, self.store.set_state(record.id, "Disabled", None))
 
+    def _op_UpdateKeyDescription(self, body: dict[str, Any], audit: Audit) -> Outcome:
+        fields.only(body, {"KeyId", "Description"})
+        record = self._not_pending(body, audit)
+        description = fields.text(body, "Description", 0, 8192, needed=True)
+        assert description is not None
+        self._authorize(record.policy, "UpdateKeyDescription", audit, None)
+        return Outcome({}, self.keyring.set_description(record.id, description))
+
     def _op_TagResource(self, body: dict[str, Any], audit: Audit) -> Outcome:
         fields.only(body, {"KeyId", "Tags"})
         record = self._not_pending(body, audit)

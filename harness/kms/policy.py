@@ -26,7 +26,7 @@ OPERATIONS = (
     "UntagResource", "ListResourceTags", "ListKeyPolicies", "GenerateDataKeyWithoutPlaintext", "ReEncrypt",
     "EnableKeyRotation", "DisableKeyRotation", "GetKeyRotationStatus", "RotateKeyOnDemand",
     "ListKeyRotations", "Sign", "Verify", "GetPublicKey", "GenerateMac", "VerifyMac", "GenerateDataKeyPair",
-    "GenerateDataKeyPairWithoutPlaintext",
+    "GenerateDataKeyPairWithoutPlaintext", "UpdateKeyDescription",
 )  # fmt: skip
 # Policy actions: one per operation, except ReEncrypt, which needs ReEncryptFrom on its source key and
 # ReEncryptTo on its destination. Wildcards ("kms:GenerateDataKey*", "kms:ReEncrypt*") match these names.

@@ -152,6 +152,14 @@ def test_tags(kms) -> None:
     assert len(first["Tags"]) + len(second["Tags"]) == 50
 
 
+def test_update_key_description(kms) -> None:
+    key = kms.create_key(Description="first")["KeyMetadata"]["KeyId"]
+    kms.update_key_description(KeyId="arn:aws:kms:us-east-1:000000000000:key/" + key, Description="second")
+    assert kms.describe_key(KeyId=key)["KeyMetadata"]["Description"] == "second"
+    kms.schedule_key_deletion(KeyId=key, PendingWindowInDays=7)
+    assert refused(kms.update_key_description, KeyId=key, Description="third") == "KMSInvalidStateException"
+
+
 def test_key_policies_listed(kms) -> None:
     key = kms.create_key()["KeyMetadata"]["KeyId"]
     answer = kms.list_key_policies(KeyId=key)
@@ -241,7 +249,7 @@ def test_every_operation_has_its_method_and_policy_action() -> None:
     from harness.kms.service import KmsService
 
     served = {name.removeprefix("_op_") for name in dir(KmsService) if name.startswith("_op_")}
-    assert served == set(OPERATIONS) and len(OPERATIONS) == 35
+    assert served == set(OPERATIONS) and len(OPERATIONS) == 36
     assert set(ACTIONS) == set(OPERATIONS) - {"ReEncrypt"} | {"ReEncryptFrom", "ReEncryptTo"}
 
 

@@ -184,6 +184,13 @@ def key_policies(kms: Any) -> Any:
     )["Policy"]
 
 
+@case("second")
+def update_key_description(kms: Any) -> Any:
+    key = new_key(kms, Description="first")
+    kms.update_key_description(KeyId=key, Description="second")
+    return kms.describe_key(KeyId=key)["KeyMetadata"]["Description"]
+
+
 @case("NotFoundException")
 def a_policy_not_named_default(kms: Any) -> Any:
     return error(kms.get_key_policy, KeyId=new_key(kms), PolicyName="other")
