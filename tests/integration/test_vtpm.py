@@ -17,6 +17,7 @@ from processes import alive, qemu_pids
 
 from harness.attest.policy import NonceBook, Policy
 from harness.attest.tpm_ca import TpmAuthority
+from harness.attest.verifier import verify
 from harness.attest.verify_tpm import verify_tpm
 from harness.host.runtime import runtime_root
 from harness.lab import Lab, tpm_guest
@@ -85,6 +86,12 @@ def test_a_booted_guests_quote_verifies_and_another_command_line_is_refused_nami
             vtpm_attest.quote(guest, ak, nonce).to_bytes(), Policy(roots=("lab",), nonce=nonce, pcrs=other)
         )
         assert {(r.code, r.field) for r in refused.reasons} == {("pcr-mismatch", "pcr8")}
+        nonce = os.urandom(32)  # one verdict for the CVM and its vTPM: the SNP report binds the nonce and AK
+        both = vtpm_attest.quote(guest, ak, nonce, tee=True)
+        measurement = bytes.fromhex(plan.measurement_hex() or "")
+        cvm = Policy(roots=("lab",), nonce=nonce, pcrs=predicted.pcrs, measurement=measurement)
+        verdict = verify(both.to_bytes(), cvm)
+        assert verdict.ok and verdict.claims["tee"]["measurement"] == measurement.hex(), verdict.reasons
         socket, folder = plan.vtpm.socket, plan.vtpm.folder  # type: ignore[union-attr]
         assert socket.exists() and plan.vtpm.pid in swtpm_pids()  # type: ignore[union-attr]
         lab.stop(boot.machine)

@@ -75,7 +75,9 @@ def booted(authority: TpmAuthority, tmp_path_factory: pytest.TempPathFactory) ->
     root = guest_tree(tmp_path_factory.mktemp("guest"))
     log = root.parent / "events.json"
     with swtpm(authority) as tpm:
-        tpm_boot.measure_boot(tpm, tpm_boot.boot_events(str(root), str(root / "cmdline")), str(log))
+        tpm_boot.measure_boot(
+            tpm.pcr_extend, tpm_boot.boot_events(str(root), str(root / "cmdline")), str(log)
+        )
         yield Guest(tpm, log), pack(root, root.parent / "initrd.cpio")
 
 
@@ -322,3 +324,15 @@ def test_a_cvm_report_beside_the_quote_must_bind_its_nonce_and_ak(
     assert {(r.code, r.field) for r in verify(with_report(spki), other).reasons} == {
         ("measurement-mismatch", "tee.measurement")
     }
+
+
+def test_guest_inits_lean_extend_is_the_device_modules_command() -> None:
+    """guest-init marshals PCR_Extend itself (its boot path imports nothing more): the same bytes."""
+    sent: list[bytes] = []
+
+    def transact(command: bytes) -> bytes:
+        sent.append(command)
+        return bytes.fromhex("80010000000a00000000")
+
+    Tpm(transact).pcr_extend(16, b"\x11" * 32)
+    assert sent == [tpm_boot.pcr_extend_command(16, b"\x11" * 32)]
