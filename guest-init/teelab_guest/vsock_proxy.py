@@ -72,7 +72,7 @@ def _entry(item: object, where: str) -> tuple[str, int]:
     if unknown or set(item) != set(KEYS):
         raise AllowlistError(f"{where}: an entry needs exactly 'address' and 'port' (got {sorted(item)})")
     address, port = item["address"], item["port"]
-    if isinstance(port, str) and port.isdigit():
+    if isinstance(port, str) and port.isascii() and port.isdigit():
         port = int(port)
     if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
         raise AllowlistError(f"{where}: port {port!r} is not a TCP port number")
@@ -100,7 +100,7 @@ def _scalar(text: str, where: str) -> object:
         return text[1:-1]
     if not text:
         raise AllowlistError(f"{where}: empty value")
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # '²' is a digit to isdigit() but not to int()
         return int(text)
     if text[0] in "[{&*!|>%@`":
         raise AllowlistError(f"{where}: {text!r} is outside the supported YAML subset")

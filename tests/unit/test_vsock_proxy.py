@@ -314,8 +314,19 @@ def test_guest_proxy_refuses_a_bad_allowlist(tmp_path: Path) -> None:
         b"allowlist = 5\n",  # TOML
         b'{"allowlist": [{"address": "10.0.0.1", "port": 1}], "allowlist": []}\n',
         b"allowlist:\n- {address: 127.0.0.1, address: 10.0.0.1, port: 1}\n",
+        "allowlist:\n- {address: 127.0.0.1, port: \u00b2}\n".encode(),  # a digit to isdigit(), not to int()
+        "allowlist:\n- address: 127.0.0.1\n  port: '\u00b2'\n".encode(),
     ],
-    ids=["not-utf8", "number", "json-list-is-number", "toml", "json-duplicate-key", "yaml-duplicate-key"],
+    ids=[
+        "not-utf8",
+        "number",
+        "json-list-is-number",
+        "toml",
+        "json-duplicate-key",
+        "yaml-duplicate-key",
+        "superscript-port",
+        "quoted-superscript-port",
+    ],
 )
 def test_a_bad_allowlist_file_is_a_coded_error(
     tmp_path: Path, run: Callable[..., tuple[int, str, str]], content: bytes
