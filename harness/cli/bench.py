@@ -18,6 +18,7 @@ BENCH_MODULES = (
     "harness.cli.enclave",
     "harness.cli.kms",
     "harness.cli.tee",
+    "harness.cli.tpm",
     "harness.cli.vsock",
 )
 
