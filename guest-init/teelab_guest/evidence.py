@@ -1,5 +1,7 @@
-"""Attestation evidence inside a guest, one API over every source; the first that exists wins: configfs-tsm,
-/dev/sev-guest, /dev/tdx_guest, /dev/nsm, then the emulated security-processor port. Stdlib + cbor2."""
+"""Attestation evidence inside a guest, one API over every source; the first usable one wins: configfs-tsm
+with a provider bound, /dev/sev-guest, /dev/tdx_guest, /dev/nsm, then the emulated security-processor port.
+Each source passed over is reported with the reason (``Evidence.passed_over``, ``describe_sources``).
+Stdlib + cbor2."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import select
 import struct
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from teelab_guest import nsm_wire, tee_wire
@@ -57,6 +59,13 @@ class EvidenceError(Exception):
         self.message = message
 
 
+class NoTsmProvider(EvidenceError):
+    """configfs-tsm is there, but no provider (sev_guest, tdx_guest) is bound: the next source is tried."""
+
+    def __init__(self) -> None:
+        super().__init__("configfs-tsm", "configfs-tsm is there but no provider is bound (mkdir: ENXIO)")
+
+
 @dataclass(frozen=True)
 class Evidence:
     """What the platform returned for one report_data.
@@ -71,6 +80,7 @@ class Evidence:
     aux: bytes = b""
     source: str = ""
     note: str = ""
+    passed_over: tuple[str, ...] = ()  # the sources tried or present before ``source``, each with why
 
     @property
     def verifiable_remotely(self) -> bool:
@@ -154,7 +164,66 @@ def get_evidence(
         "nsm": lambda: nsm_evidence(platform, data),
         "emulated": lambda: emulated_evidence(platform, data, vmpl or 0),
     }
-    return fetch[sources[0]]()
+    reasons = dict(absent_sources(platform))
+    for source in sources:
+        try:
+            evidence = fetch[source]()
+        except NoTsmProvider as exc:  # only this falls through: a failed device request is not retried
+            if source == sources[-1]:
+                raise
+            reasons[source] = exc.message
+            continue
+        earlier = SOURCES[: SOURCES.index(source)]
+        return replace(evidence, passed_over=tuple(reasons[s] for s in earlier if s in reasons))
+    raise AssertionError("unreachable: the last source returns or raises")
+
+
+def absent_sources(platform: Platform) -> list[tuple[str, str]]:
+    """The sources that are not there, each with what is missing."""
+    missing = {
+        "configfs-tsm": f"no {TSM_REPORT_DIR} (configfs not mounted, or no tsm module: Linux 6.7+)",
+        "sev-guest": f"no {SEV_GUEST_DEVICE}",
+        "tdx-guest": f"no {TDX_GUEST_DEVICE}",
+        "nsm": f"no {NSM_DEVICE}",
+        "emulated": f"no {TEE_PORT_DEVICE}",
+    }
+    present = platform.available()
+    return [(source, missing[source]) for source in SOURCES if source not in present]
+
+
+def describe_sources(platform: Platform | None = None) -> str:
+    """Which source ``get_evidence`` would use and why the ones before it are passed over: configfs-tsm is
+    probed (an entry made and removed) to tell a bound provider from none."""
+    platform = platform or Platform()
+    reasons = dict(absent_sources(platform))
+    for source in SOURCES:
+        if source in reasons:
+            continue
+        if source == "configfs-tsm":
+            provider = tsm_provider(platform)
+            if provider is None:
+                reasons[source] = NoTsmProvider().message
+                continue
+            return f"configfs-tsm (provider {provider})"
+        before = "; ".join(reasons[s] for s in SOURCES[: SOURCES.index(source)])
+        return f"{source}" + (f", because: {before}" if before else "")
+    return "none: " + "; ".join(reasons.values())
+
+
+def tsm_provider(platform: Platform) -> str | None:
+    """The provider bound to configfs-tsm (``sev_guest``, ``tdx_guest``), None when none is (ENXIO)."""
+    entry = os.path.join(platform.path(TSM_REPORT_DIR), f"teelab-probe-{os.getpid()}-{os.urandom(4).hex()}")
+    try:
+        platform.fs.mkdir(entry)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            return None
+        raise EvidenceError("configfs-tsm", f"mkdir {entry}: {exc.strerror or exc}") from exc
+    try:
+        return platform.fs.read(os.path.join(entry, "provider")).decode().strip()
+    finally:
+        with contextlib.suppress(OSError):
+            platform.fs.rmdir(entry)
 
 
 def pad_report_data(report_data: bytes) -> bytes:
@@ -176,6 +245,8 @@ def configfs_tsm_report(platform: Platform, report_data: bytes, vmpl: int | None
         try:
             fs.mkdir(entry)
         except OSError as exc:
+            if exc.errno == errno.ENXIO:  # the tsm module is loaded, no sev_guest/tdx_guest provider bound
+                raise NoTsmProvider() from exc
             raise EvidenceError("configfs-tsm", f"mkdir {entry}: {exc.strerror or exc}") from exc
         try:
             evidence = _tsm_once(fs, entry, report_data, vmpl)

@@ -59,6 +59,25 @@ def mount_basics() -> None:
     mount("devpts", "/dev/pts", "devpts")
 
 
+def mount_configfs() -> str | None:
+    """Mount configfs on /sys/kernel/config (configfs-tsm lives there); why not, or None when mounted."""
+    try:
+        mount("configfs", "/sys/kernel/config", "configfs")
+    except OSError as exc:  # ENODEV: this kernel has no configfs (the 6.1 images)
+        return exc.strerror
+    return None
+
+
+def report_evidence_source() -> None:
+    """Say which evidence source get_evidence uses here and why (off the boot path: it imports cbor2)."""
+    from teelab_guest import evidence
+
+    try:
+        say(f"teelab: evidence source: {evidence.describe_sources()}")
+    except evidence.EvidenceError as exc:
+        say(f"teelab: evidence source: {exc}")
+
+
 def load_modules(listing: str = MODULES_LIST, directory: str = MODULES_DIR) -> list[str]:
     """finit_module() each module named in ``listing``, in order; returns the ones loaded."""
     loaded = []
@@ -172,12 +191,17 @@ def run_guest(started: float, steps: list[tuple[str, float]]) -> None:
             steps.append(("measured", uptime()))
         os.environ.update(protocol.GUEST_ENV)
         load_modules()
+        configfs_missing = mount_configfs()
         steps.append(("modules", uptime()))
         args = kernel_cmdline()
         role = args.get(protocol.ROLE_KEY, "cvm")
         if role not in protocol.ROLES:
             raise ValueError(f"unknown {protocol.ROLE_KEY}={role}; known: {', '.join(protocol.ROLES)}")
         link_ports()
+        if role == "cvm":
+            if configfs_missing:
+                say(f"teelab: no configfs ({configfs_missing}): no configfs-tsm")
+            threading.Thread(target=report_evidence_source, name="evidence", daemon=True).start()
         watch_power_button()
         start_agent(started)
         steps.append(("agent", uptime()))

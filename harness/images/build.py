@@ -56,7 +56,7 @@ def images_dir() -> Path:
 def image_key(recipe: Recipe) -> str:
     """The content address of an image: what goes into it, not when it was made."""
     digest = hashlib.sha256()
-    pin = load_kernel_pin()
+    pin = load_kernel_pin(recipe.kernel)
     inputs = {
         "recipe": dataclasses.asdict(recipe),
         "kernel": dataclasses.asdict(pin),
@@ -115,8 +115,8 @@ def list_images() -> list[dict[str, object]]:
 def _build(recipe: Recipe, key: str, out: Path, step: Callable[[str], None]) -> None:
     directory = out.parent
     step("kernel")
-    tree = kernel.unpack(load_kernel_pin(), directory)
-    modules = [(name, tree.modules[name]) for name in tree.with_dependencies(recipe.modules)]
+    tree = kernel.unpack(load_kernel_pin(recipe.kernel), directory)
+    modules = [(name, tree.module_file(name)) for name in tree.with_dependencies(recipe.modules)]
     step("rootfs")
     tar = rootfs.debootstrap_tar(recipe.suite, recipe.packages, directory)
     work = Path(tempfile.mkdtemp(dir=directory, prefix=f".build-{recipe.name}-"))

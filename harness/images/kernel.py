@@ -1,9 +1,13 @@
-"""The pinned guest kernel: fetched with ``apt-get download``, checked by sha256, unpacked once into the
-cache, and its modules resolved with their dependencies (read from each module's ``.modinfo``)."""
+"""The pinned guest kernel: fetched with ``apt-get download`` (from the host's apt sources, or from the pin's
+Debian suite through the builder's own apt configuration), else taken from the artifact cache the Ansible role
+fills; checked by sha256, unpacked once into the cache, and its modules (``.ko`` or ``.ko.xz``) resolved with
+their dependencies (read from each module's ``.modinfo``)."""
 
 from __future__ import annotations
 
 import hashlib
+import lzma
+import os
 import re
 import shutil
 import subprocess
@@ -11,9 +15,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness import config
 from harness.images.cache import build_lock
 from harness.images.errors import KernelFetchFailed, RecipeInvalid
 from harness.images.recipe import KernelPin
+from harness.images.rootfs import mirror
+
+DEFAULT_ARTIFACT_CACHE = "/var/cache/teelab/artifacts"
+DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 
 
 @dataclass(frozen=True)
@@ -22,8 +31,20 @@ class KernelTree:
 
     root: Path
     vmlinuz: Path
-    modules: dict[str, Path]  # module name (dashes as underscores) -> .ko path
+    modules: dict[str, Path]  # module name (dashes as underscores) -> .ko or .ko.xz path
     builtin: frozenset[str]
+
+    def module_file(self, name: str) -> Path:
+        """The uncompressed ``.ko`` of module ``name`` (a ``.ko.xz`` is decompressed beside it, once)."""
+        path = self.modules[name]
+        if path.suffix != ".xz":
+            return path
+        plain = path.with_suffix("")
+        if not plain.exists():
+            staging = plain.with_name(f".{plain.name}.{os.getpid()}")
+            staging.write_bytes(module_bytes(path))
+            staging.rename(plain)  # atomic: a concurrent build sees the whole file or none
+        return plain
 
     def with_dependencies(self, wanted: tuple[str, ...]) -> list[str]:
         """``wanted`` and what they depend on, each after its dependencies; built-in ones left out."""
@@ -56,39 +77,85 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def artifact_cache() -> Path:
+    """Where the role keeps pinned artifacts for when the archive has dropped them: ``[images]
+    artifact_cache`` in teelab.toml or ``TEELAB_IMAGES_ARTIFACT_CACHE``."""
+    return Path(config.setting("images", "artifact_cache", DEFAULT_ARTIFACT_CACHE))
+
+
 def fetch_deb(pin: KernelPin, cache: Path) -> Path:
-    """The pinned .deb in ``cache``, downloaded if missing; its sha256 must match the pin."""
+    """The pinned .deb in ``cache``: downloaded if missing, else copied from the artifact cache; its sha256
+    must match the pin."""
     cache.mkdir(parents=True, exist_ok=True)
     deb = cache / pin.deb_name
     if not deb.exists():
         with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as temp:
-            spec = f"{pin.package}={pin.version}"
-            done = _apt_download(spec, Path(temp))
-            if done.returncode != 0:  # package lists may be missing on a fresh machine: update once
-                subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=False)
-                done = _apt_download(spec, Path(temp))
+            failure = _download(pin, Path(temp), cache)
             found = list(Path(temp).glob("*.deb"))
-            if done.returncode != 0 or not found:
+            fallback = artifact_cache() / pin.deb_name
+            if found:
+                found[0].rename(deb)
+            elif fallback.is_file():
+                shutil.copyfile(fallback, Path(temp) / pin.deb_name)
+                (Path(temp) / pin.deb_name).rename(deb)
+            else:
                 raise KernelFetchFailed(
-                    f"apt-get download {spec} failed: {done.stderr.strip()[-500:]}",
-                    hint="pin a kernel the archive still has: apt-cache policy linux-image-cloud-amd64",
-                    package=spec,
+                    f"apt-get download {pin.package}={pin.version} failed ({failure}) and the artifact cache "
+                    f"has no {pin.deb_name}",
+                    hint=f"pin a kernel the archive still has (apt-cache policy), or put {pin.deb_name} in "
+                    f"{fallback.parent} (the Ansible role fills it)",
+                    package=f"{pin.package}={pin.version}",
                 )
-            found[0].rename(deb)
     actual = sha256_file(deb)
     if actual != pin.sha256:
         deb.unlink()
         raise KernelFetchFailed(
             f"{pin.deb_name} has sha256 {actual}, the pin says {pin.sha256}",
-            hint="the archive's file changed: check it, then update sha256 in images/kernel.toml",
+            hint="the file changed: check it, then update sha256 in the kernel pin under images/",
         )
     return deb
 
 
-def _apt_download(spec: str, directory: Path) -> subprocess.CompletedProcess[str]:
+def _download(pin: KernelPin, directory: Path, cache: Path) -> str:
+    """``apt-get download`` the pin into ``directory``; what went wrong, or "" when it worked."""
+    options = [] if pin.suite is None else apt_options(pin.suite, cache)
+    spec = f"{pin.package}={pin.version}"
+    done = _apt_download(spec, directory, options)
+    if done.returncode != 0:  # package lists may be missing or stale: update once
+        subprocess.run(["apt-get", *options, "update", "-qq"], capture_output=True, check=False)
+        done = _apt_download(spec, directory, options)
+    return "" if done.returncode == 0 else done.stderr.strip()[-300:] or f"exit {done.returncode}"
+
+
+def apt_options(suite: str, cache: Path) -> list[str]:
+    """apt options for a private configuration under ``cache/apt-<suite>``: the teelab mirror's ``suite``
+    main, its own lists and archives, the host's sources and dpkg status untouched."""
+    base = cache / f"apt-{suite}"
+    for sub in ("lists/partial", "archives/partial"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    sources = base / "sources.list"
+    line = f"deb [signed-by={DEBIAN_KEYRING}] {mirror()} {suite} main\n"
+    if not sources.exists() or sources.read_text() != line:
+        sources.write_text(line)
+    return [
+        f"-oDir::Etc::SourceList={sources}",
+        "-oDir::Etc::SourceParts=/nonexistent",
+        f"-oDir::State::Lists={base / 'lists'}",
+        f"-oDir::Cache={base}",
+        "-oDir::State::status=/dev/null",
+        "-oAPT::Architecture=amd64",
+        "-oAcquire::Retries=0",
+    ]
+
+
+def _apt_download(spec: str, directory: Path, options: list[str]) -> subprocess.CompletedProcess[str]:
     directory.chmod(0o777)  # apt's sandbox user must be able to write the file
     return subprocess.run(
-        ["apt-get", "download", "-qq", spec], cwd=directory, capture_output=True, text=True, check=False
+        ["apt-get", *options, "download", "-qq", spec],
+        cwd=directory,
+        capture_output=True,
+        text=True,
+        check=False,
     )
 
 
@@ -116,15 +183,30 @@ def _extract(deb: Path, root: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def module_name(path: Path | str) -> str:
+    """``virtio_pci`` for ``.../virtio-pci.ko`` or ``.../virtio-pci.ko.xz``."""
+    name = Path(path).name
+    return name.removesuffix(".xz").removesuffix(".ko").replace("-", "_")
+
+
+def module_bytes(path: Path) -> bytes:
+    """A module file's ELF bytes (decompressed when it is a ``.ko.xz``)."""
+    data = path.read_bytes()
+    return lzma.decompress(data) if path.suffix == ".xz" else data
+
+
 def kernel_tree(root: Path) -> KernelTree:
     vmlinuz = next(root.glob("boot/vmlinuz-*"))
-    release_dir = next(root.glob("lib/modules/*"))
-    modules = {p.name[:-3].replace("-", "_"): p for p in release_dir.rglob("*.ko")}
+    release_dir = next(
+        d for d in (*root.glob("lib/modules/*"), *root.glob("usr/lib/modules/*")) if d.is_dir()
+    )
+    modules = {module_name(p): p for p in release_dir.rglob("*.ko.xz")}
+    modules |= {module_name(p): p for p in release_dir.rglob("*.ko")}  # decompressed ones win
     builtin_file = release_dir / "modules.builtin"
     builtin = frozenset(
-        Path(line.strip()).name[:-3].replace("-", "_")
+        module_name(line.strip())
         for line in (builtin_file.read_text().splitlines() if builtin_file.exists() else [])
-        if line.strip().endswith(".ko")
+        if line.strip().endswith((".ko", ".ko.xz"))
     )
     return KernelTree(root, vmlinuz, modules, builtin)
 
@@ -134,7 +216,7 @@ _DEPENDS = re.compile(rb"(?:^|\0)depends=([^\0]*)\0")
 
 def module_dependencies(ko: Path) -> list[str]:
     """The ``depends=`` entry of a module's .modinfo section."""
-    match = _DEPENDS.search(ko.read_bytes())
+    match = _DEPENDS.search(module_bytes(ko))
     if not match or not match[1]:
         return []
     return [name.decode() for name in match[1].split(b",") if name]

@@ -29,9 +29,13 @@ def guest_init_dir() -> Path:
 
 @dataclass(frozen=True)
 class KernelPin:
+    """A kernel package pinned by version and sha256; ``suite`` (e.g. ``trixie``) when the builder fetches it
+    from that Debian suite through its own apt configuration instead of the host's."""
+
     package: str
     version: str
     sha256: str
+    suite: str | None = None
 
     @property
     def deb_name(self) -> str:
@@ -48,13 +52,21 @@ class Recipe:
     modules: tuple[str, ...]
     cmdline: tuple[str, ...]
     drop: tuple[str, ...]
+    kernel: str = "kernel"  # the pin: images/<kernel>.toml
 
     def kernel_cmdline(self) -> str:
         return " ".join([*self.cmdline, f"teelab.role={self.role}"])
 
 
+def is_kernel_pin(name: str) -> bool:
+    """``kernel`` and ``kernel-<anything>`` name kernel pins, not image recipes."""
+    return name == "kernel" or name.startswith("kernel-")
+
+
 def recipe_names() -> list[str]:
-    return sorted(p.stem for p in recipes_dir().glob("*.toml") if p.stem not in ("base", "kernel"))
+    return sorted(
+        p.stem for p in recipes_dir().glob("*.toml") if p.stem != "base" and not is_kernel_pin(p.stem)
+    )
 
 
 def load_recipe(name: str) -> Recipe:
@@ -65,6 +77,7 @@ def load_recipe(name: str) -> Recipe:
             role=str(data["role"]),
             description=str(data.get("description", "")),
             suite=str(data["suite"]),
+            kernel=str(data.get("kernel", "kernel")),
             **{field: tuple(str(v) for v in data.get(field, [])) for field in LIST_FIELDS},
         )
     except KeyError as exc:
@@ -73,13 +86,26 @@ def load_recipe(name: str) -> Recipe:
         ) from None
 
 
-def load_kernel_pin() -> KernelPin:
-    data = _read_toml(recipes_dir() / "kernel.toml")
+def load_kernel_pin(name: str = "kernel") -> KernelPin:
+    """The pin ``images/<name>.toml``: package, version, sha256 and optionally suite."""
+    path = recipes_dir() / f"{name}.toml"
+    if not is_kernel_pin(name) or not path.is_file():
+        raise RecipeInvalid(
+            f"no kernel pin {name!r} (images/{name}.toml)",
+            hint="name a kernel pin file: kernel or kernel-<something>",
+        )
+    data = _read_toml(path)
     try:
-        return KernelPin(str(data["package"]), str(data["version"]), str(data["sha256"]))
+        suite = data.get("suite")
+        return KernelPin(
+            str(data["package"]),
+            str(data["version"]),
+            str(data["sha256"]),
+            None if suite is None else str(suite),
+        )
     except KeyError as exc:
         raise RecipeInvalid(
-            f"images/kernel.toml has no {exc.args[0]!r}", hint="set package, version, sha256"
+            f"images/{name}.toml has no {exc.args[0]!r}", hint="set package, version, sha256"
         ) from None
 
 
@@ -87,7 +113,7 @@ def _merged(name: str, seen: tuple[str, ...]) -> dict[str, Any]:
     if name in seen:
         raise RecipeInvalid(f"recipe {name} extends itself via {' -> '.join(seen)}", hint="break the cycle")
     path = recipes_dir() / f"{name}.toml"
-    if not path.is_file() or name == "kernel":
+    if not path.is_file() or is_kernel_pin(name):
         raise RecipeUnknown(
             f"no image recipe {name!r}", hint=f"known recipes: {', '.join(recipe_names())}", name=name
         )
