@@ -24,13 +24,7 @@ MAX_AUDIT_ROWS = 100_000
 
 def register(sub: argparse._SubParsersAction) -> None:
     kms = sub.add_parser("kms", help="the lab KMS (attestation-bound key release)")
-    kms.add_argument("--kms-dir", type=Path, help="KMS state (default: <state dir>/kms)")
-    kms.add_argument(
-        "--master-key-file",
-        type=Path,
-        help="the master key as a credential file (32 bytes, raw or base64, mode 0600) instead of "
-        "kms/master.key; TEELAB_KMS_MASTER_KEY_FILE does the same",
-    )
+    _store_options(kms, None)
     cmds = kms.add_subparsers(dest="kms", metavar="COMMAND", required=True)
 
     serve = cmds.add_parser("serve", help="serve the KMS until interrupted")
@@ -93,6 +87,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     audit.add_argument("--json", action="store_true", help="print JSON")
     audit.set_defaults(func=run_audit)
+    for command in cmds.choices.values():  # `teelab kms audit --kms-dir D` as well as `kms --kms-dir D audit`
+        _store_options(command, argparse.SUPPRESS)
+
+
+def _store_options(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--kms-dir", type=Path, default=default, help="KMS state (default: <state dir>/kms)")
+    parser.add_argument(
+        "--master-key-file",
+        type=Path,
+        default=default,
+        help="the master key as a credential file (32 bytes, raw or base64, mode 0600) instead of "
+        "kms/master.key; TEELAB_KMS_MASTER_KEY_FILE does the same",
+    )
 
 
 def register_bench(kinds: argparse._SubParsersAction) -> None:

@@ -10,6 +10,7 @@ import pytest
 from teelab_guest.kms_client import KmsClient, Transport
 
 from harness.cli import kms as kms_cli
+from harness.cli import main
 from harness.errors import LabError
 from harness.kms import KmsServer
 
@@ -79,4 +80,22 @@ def test_bad_policy_file_is_refused_and_leaves_no_key(
     assert run(kms_dir, "create-key", "--policy", str(tmp_path / "missing.json")) == 2
     assert "cannot read policy file" in capsys.readouterr().out
     assert run(kms_dir, "keys", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["kms", "--kms-dir", "{d}", "keys", "--json"],
+        ["kms", "keys", "--kms-dir", "{d}", "--json"],
+    ],
+    ids=["before-the-command", "after-the-command"],
+)
+def test_kms_dir_is_taken_where_users_put_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    kms_dir = tmp_path / "kms"
+    assert run(kms_dir, "credentials", "ops") == 0
+    capsys.readouterr()
+    assert main([a.format(d=kms_dir) for a in argv]) == 0
     assert json.loads(capsys.readouterr().out) == []
