@@ -114,3 +114,42 @@ def test_cli_signing_mac_and_key_pairs(aws, tmp_path: Path) -> None:
     aws("enable-key-rotation", "--key-id", symmetric, "--rotation-period-in-days", "90")
     assert aws("get-key-rotation-status", "--key-id", symmetric)["KeyRotationEnabled"] is True
     assert aws("list-key-policies", "--key-id", symmetric)["PolicyNames"] == ["default"]
+
+
+def test_cli_the_remaining_operations(aws, tmp_path: Path) -> None:
+    first = aws("create-key")["KeyMetadata"]["KeyId"]
+    second = aws("create-key")["KeyMetadata"]["KeyId"]
+    aws("create-alias", "--alias-name", "alias/cli-moving", "--target-key-id", first)
+    aws("update-alias", "--alias-name", "alias/cli-moving", "--target-key-id", second)
+    assert aws("describe-key", "--key-id", "alias/cli-moving")["KeyMetadata"]["KeyId"] == second
+    aws("update-key-description", "--key-id", "alias/cli-moving", "--description", "moved")
+    assert aws("describe-key", "--key-id", second)["KeyMetadata"]["Description"] == "moved"
+    aws("delete-alias", "--alias-name", "alias/cli-moving")
+    assert "(NotFoundException)" in aws("describe-key", "--key-id", "alias/cli-moving", ok=False)
+    aws("tag-resource", "--key-id", first, "--tags", "TagKey=a,TagValue=1", "TagKey=b,TagValue=2")
+    aws("untag-resource", "--key-id", first, "--tag-keys", "a")
+    assert aws("list-resource-tags", "--key-id", first)["Tags"] == [{"TagKey": "b", "TagValue": "2"}]
+    aws("enable-key-rotation", "--key-id", first)
+    aws("disable-key-rotation", "--key-id", first)
+    assert aws("get-key-rotation-status", "--key-id", first)["KeyRotationEnabled"] is False
+    aws("disable-key", "--key-id", first)
+    aws("enable-key", "--key-id", first)
+    rsa = aws("create-key", "--key-spec", "RSA_2048", "--key-usage", "ENCRYPT_DECRYPT")["KeyMetadata"][
+        "KeyId"
+    ]
+    sealed = aws(
+        "encrypt", "--key-id", rsa, "--plaintext", "aGk=", "--encryption-algorithm", "RSAES_OAEP_SHA_256"
+    )
+    (tmp_path / "rsa-blob").write_bytes(base64.b64decode(sealed["CiphertextBlob"]))
+    opened = aws(
+        "decrypt", "--key-id", rsa, "--encryption-algorithm", "RSAES_OAEP_SHA_256",
+        "--ciphertext-blob", f"fileb://{tmp_path / 'rsa-blob'}",
+    )  # fmt: skip
+    assert base64.b64decode(opened["Plaintext"]) == b"aGk="  # CLI v1 sent the argument's text as it is
+    assert len(base64.b64decode(aws("generate-random", "--number-of-bytes", "24")["Plaintext"])) == 24
+    data_key = aws("generate-data-key", "--key-id", first, "--number-of-bytes", "16")
+    assert len(base64.b64decode(data_key["Plaintext"])) == 16
+    assert aws("get-key-policy", "--key-id", first, "--policy-name", "default")["PolicyName"] == "default"
+    aws("schedule-key-deletion", "--key-id", second, "--pending-window-in-days", "7")
+    aws("cancel-key-deletion", "--key-id", second)
+    assert len(aws("list-keys")["Keys"]) >= 3
