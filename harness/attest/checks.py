@@ -33,7 +33,7 @@ AUTHENTICITY_CODES = frozenset(
         "certificate-not-yet-valid",
         "certificate-revoked",
         "ca-constraints",
-        "missing-certificate",
+        "certificate-missing",
         "qe-signature-invalid",
         "qe-binding-invalid",
         "signature-algo-unsupported",

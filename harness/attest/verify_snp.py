@@ -152,7 +152,7 @@ def verify_snp(
         endorsement = _endorsement(candidates, report)
         if endorsement is None:
             found.fail(
-                "missing-certificate",
+                "certificate-missing",
                 signer,
                 f"no {signer.upper()} certificate for this report (chip_id {report.chip_id.hex()[:16]}..., "
                 f"TCB {report.reported_tcb.to_bytes().hex()}); pass it in certificates= "

@@ -79,7 +79,7 @@ def verify_tdx(
     try:
         pck_chain = load_pem_certs(quote.pck_chain_pem, field="pck_chain")
         if not pck_chain:
-            found.fail("missing-certificate", "pck_chain", "the quote carries no PCK certificate")
+            found.fail("certificate-missing", "pck_chain", "the quote carries no PCK certificate")
         elif not PEM_CERTIFICATES.fullmatch(quote.pck_chain_pem):
             found.fail(
                 "malformed", "pck_chain", "the PCK chain holds more than PEM certificates and whitespace"

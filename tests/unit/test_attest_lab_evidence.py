@@ -236,7 +236,7 @@ def test_snp_report_without_its_vcek_is_refused_naming_the_missing_certificate(
 ) -> None:
     evidence = lab.snp_report(bytes(64), measurement=MEASUREMENT)
     elsewhere = policy("snp", lab_dir=tmp_path / "no-lab-here")
-    assert verify(evidence, elsewhere).codes == {"missing-certificate"}
+    assert verify(evidence, elsewhere).codes == {"certificate-missing"}
     # The guest's certificate table carries the VCEK, but without the lab CA the chain reaches no known root.
     with_table = verify(evidence, elsewhere, certificates=[lab.snp_cert_table()])
     assert with_table.codes == {"untrusted-root"}
