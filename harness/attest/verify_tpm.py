@@ -5,7 +5,8 @@
   and name and this EK (the AK never proved, by credential activation, that it lives beside this EK), or
   the AK is not a restricted signing key of the TPM;
 - ``quote-signature-invalid`` [signature]: the AK did not sign this quote;
-- ``nonce-mismatch`` [nonce] (or the nonce book's ``nonce-unknown``/``nonce-stale``/``nonce-reused``);
+- ``nonce-mismatch`` [nonce]: extraData is not the nonce (or, with the policy's public_key, the binding of
+  both); the nonce book's ``nonce-unknown``/``nonce-stale``/``nonce-reused``;
 - ``pcr-digest-mismatch`` [pcrs]: the PCR values given are not the ones the quote covers;
 - ``event-log-mismatch`` [pcrN or event_log[i]]: replaying the event log does not give the quoted PCR N;
 - ``pcr-mismatch`` [pcrN]: PCR N is not the policy's value;
@@ -26,7 +27,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from teelab_guest import tpm_wire
+from teelab_guest import binding, tpm_wire
 
 from harness.attest.certs import Anchor, Cert, build_chain, load_cert
 from harness.attest.checks import Findings, malformed_verdict
@@ -238,18 +239,26 @@ def _check_pcrs(
 def _check_nonce(
     found: Findings, extra: bytes, policy: Policy, claims: dict[str, Any], *, authentic: bool
 ) -> None:
-    if policy.nonce is not None:
-        if hmac.compare_digest(extra, policy.nonce):
-            claims["nonce"] = extra.hex()
-        else:
-            found.fail("nonce-mismatch", "nonce", "the quote's extraData is not the policy's nonce")
+    """extraData is the policy's nonce, or (with the policy's public_key, as for a KMS Recipient) SHA-512
+    binding of nonce and key (``teelab_guest.binding.report_data``), exactly as SNP/TDX report_data."""
+    if policy.public_key is not None:
+        expected: bytes | None = binding.report_data(policy.nonce or b"", policy.public_key)
+    else:
+        expected = policy.nonce
+    if expected is not None:
+        if not hmac.compare_digest(extra, expected):
+            found.fail("nonce-mismatch", "nonce", "the quote's extraData is not the policy's nonce (and key)")
             return
+        if policy.nonce is not None:
+            claims["nonce"] = policy.nonce.hex()
+        if policy.public_key is not None:
+            claims["public_key"] = policy.public_key.hex()
     book = policy.nonce_book
     if book is None:
         return
     if policy.nonce is None:
         found.fail("nonce-missing", "nonce", "the policy has a nonce book but names no nonce")
         return
-    problem = book.consume(extra) if authentic else book.check(extra)
+    problem = book.consume(policy.nonce) if authentic else book.check(policy.nonce)
     if problem is not None:
         found.fail(problem, "nonce", NONCE_REASONS.get(problem, problem))

@@ -51,7 +51,7 @@ def verify_recipient(
         kind = attest.detect_kind(recipient.evidence)
     except attest.AttestError as err:
         raise EvidenceMalformed(f"Recipient.AttestationDocument: {err.message}") from None
-    bound = kind in ("snp", "tdx")
+    bound = kind in ("snp", "tdx", "tpm")
     if bound and (recipient.public_key is None or recipient.nonce is None):
         raise EvidenceMalformed(f"{kind} evidence needs Recipient.PublicKey and Recipient.Nonce beside it")
     if not bound and (recipient.public_key is not None or recipient.certificates):
@@ -99,6 +99,12 @@ def verify_recipient(
         # a debug-mode enclave attests with all-zero PCRs
         debug = all(set(pcrs.get(i, "0")) == {"0"} for i in (0, 1, 2))
         timestamp = claims.get("timestamp")
+    elif kind == "tpm":  # a vTPM quote; with a CVM's SNP report binding its AK, that report's keys too
+        public_key, nonce, timestamp = recipient.public_key, recipient.nonce, None
+        tee = claims.get("tee") or {}
+        debug = bool(tee.get("debug"))
+        conditions.update(_tpm_conditions(claims))
+        conditions.update(_snp_conditions(tee) if tee else {})
     else:
         public_key, nonce, timestamp = recipient.public_key, recipient.nonce, None
         debug = bool(claims.get("debug"))
@@ -135,6 +141,12 @@ def _snp_conditions(claims: Any) -> dict[str, Any]:
     tcb = claims.get("tcb") or {}
     for part in ("bootloader", "tee", "snp", "microcode"):
         out[_PREFIX + "snptcb" + part] = tcb.get(part)
+    return out
+
+
+def _tpm_conditions(claims: Any) -> dict[str, Any]:
+    out = {_PREFIX + f"tpmpcr{index}": value for index, value in (claims.get("pcrs") or {}).items()}
+    out[_PREFIX + "tpmekfingerprint"] = claims.get("ek_fingerprint")
     return out
 
 

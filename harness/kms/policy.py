@@ -63,7 +63,10 @@ _LAB_KEYS = {
     "teelab:RecipientAttestation:TdxRtmr3": "hex",
     "teelab:RecipientAttestation:TdxMrConfigId": "hex",
     "teelab:RecipientAttestation:TdxAttributes": "number",
+    "teelab:RecipientAttestation:TpmEkFingerprint": "hex",
 }
+for _n in range(24):  # a vTPM's SHA-256 PCRs (docs/tpm.md)
+    _LAB_KEYS[f"teelab:RecipientAttestation:TpmPcr{_n}"] = "hex"
 CONDITION_KEYS: dict[str, str] = {k.lower(): t for k, t in {**_NITRO_KEYS, **_LAB_KEYS}.items()}
 
 _STRING_OPS = {"StringEquals", "StringNotEquals", "StringEqualsIgnoreCase", "StringNotEqualsIgnoreCase"}
