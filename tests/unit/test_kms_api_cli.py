@@ -149,7 +149,25 @@ def test_cli_the_remaining_operations(aws, tmp_path: Path) -> None:
     assert len(base64.b64decode(aws("generate-random", "--number-of-bytes", "24")["Plaintext"])) == 24
     data_key = aws("generate-data-key", "--key-id", first, "--number-of-bytes", "16")
     assert len(base64.b64decode(data_key["Plaintext"])) == 16
-    assert aws("get-key-policy", "--key-id", first, "--policy-name", "default")["PolicyName"] == "default"
+    policy = {
+        "Statement": {
+            "Effect": "Allow",
+            "Principal": {"AWS": "arn:aws:iam::000000000000:root"},
+            "Action": "kms:*",
+        }
+    }
+    (tmp_path / "policy.json").write_text(json.dumps(policy))
+    aws(
+        "put-key-policy",
+        "--key-id",
+        first,
+        "--policy-name",
+        "default",
+        "--policy",
+        f"file://{tmp_path / 'policy.json'}",
+    )
+    stored = aws("get-key-policy", "--key-id", first, "--policy-name", "default")
+    assert json.loads(stored["Policy"]) == policy
     aws("schedule-key-deletion", "--key-id", second, "--pending-window-in-days", "7")
     aws("cancel-key-deletion", "--key-id", second)
     assert len(aws("list-keys")["Keys"]) >= 3
