@@ -19,7 +19,15 @@ from teelab_guest import protocol
 from harness import images
 from harness.agent import AGENT_CHANNEL, GuestAgent, agent_port
 from harness.enclave.carver import ParentVm
-from harness.enclave.pool import MEMHP_ONLINE, EnclavePool, book_parent, boot_memory, layout_parent, rebook
+from harness.enclave.pool import (
+    MEMHP_ONLINE,
+    EnclavePool,
+    book_parent,
+    boot_memory,
+    hugepage_lock,
+    layout_parent,
+    rebook,
+)
 from harness.enclave.run import DEFAULT_PARENT_ROLE, plan_enclave
 from harness.enclave.service import EnclaveApi
 from harness.host.hugepages import ensure_pool
@@ -263,13 +271,16 @@ class Lab:
         layout = layout_parent(
             self.host, name, pool or EnclavePool(), kept_vcpus=vcpus, boot_memory_mib=memory_mib
         )
-        ensure_pool(layout.pool.page_kib, layout.pages(memory_mib + layout.pool.memory_mib))
-        self.host = replace(self.host, hugepages=hugepage_pools(Path("/")))
-        group = group or f"{name}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
         ledger = self.vsock.ledger
-        attachment = self.vsock.attach(name, group=group, cid=3)
-        closers: list[Callable[[], None]] = [lambda: self.vsock.detach(name)]
+        pages = contextlib.ExitStack()  # the hugepage lock, until QEMU has preallocated its pages
+        pages.enter_context(hugepage_lock(ledger))
+        group = group or f"{name}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
+        closers: list[Callable[[], None]] = []
         try:
+            ensure_pool(layout.pool.page_kib, layout.pages(memory_mib + layout.pool.memory_mib))
+            self.host = replace(self.host, hugepages=hugepage_pools(Path("/")))
+            attachment = self.vsock.attach(name, group=group, cid=3)
+            closers.append(lambda: self.vsock.detach(name))
             values = book_parent(ledger, layout)
             spec = self.spec_for_image(
                 built, name=name, role="parent", vcpus=vcpus, memory_mib=memory_mib,
@@ -278,11 +289,15 @@ class Lab:
             )  # fmt: skip
             spec = replace(spec, max_vcpus=vcpus + len(layout.pool_vcpus))
         except BaseException:
+            pages.close()
             _run_all(closers)
             raise
         parents: list[ParentVm] = []
         closers.insert(0, lambda: [p.close() for p in parents])
-        boot = self.boot(spec, timeout=timeout, closers=closers)
+        try:
+            boot = self.boot(spec, timeout=timeout, closers=closers, on_launch=lambda _: pages.close())
+        finally:
+            pages.close()
         try:
             threads = boot.machine.vcpu_threads()
             for vcpu, cpu in layout.vcpu_host.items():

@@ -30,6 +30,7 @@ from harness.enclave.pool import (
     VIRTIO_MEM_ID,
     ParentLayout,
     cpu_release_mode,
+    hugepage_lock,
     hugepage_memory,
     pool_owner,
     release_parent,
@@ -204,7 +205,10 @@ class ParentVm:
             try:
                 enclave = self._carve(launch, name, chosen, memory_mib, cid, debug, timeout, undo)
             except BaseException:
-                with contextlib.suppress(Exception):  # the carve's own error is the one to raise
+                with (
+                    contextlib.suppress(Exception),
+                    hugepage_lock(self.ledger),
+                ):  # the carve's error is raised
                     _undo_all(undo)
                 raise
             enclave.carve_seconds = round(time.monotonic() - started, 3)
@@ -241,14 +245,10 @@ class ParentVm:
         vcpus = [c.vcpu for c in chosen]
         self._take_cpus(vcpus)
         undo.append(lambda: self._give_cpus(vcpus))
-        self._resize_pool(-memory_mib)
-        undo.append(lambda: self._resize_pool(memory_mib))
-        spec = enclave_spec(
-            launch.spec, memory_mib, self.layout.pool.page_kib, attachment.devices, self.layout.node
-        )
-        host = replace(self.host, hugepages=hugepage_pools(Path("/")))  # the shrink has just freed pages
-        machine = Machine(spec, host, serial=debug)  # a console only in debug mode
-        machine.launch()
+        with hugepage_lock(self.ledger):  # the pages the shrink frees go to this enclave, none other
+            self._resize_pool(-memory_mib)
+            undo.append(lambda: self._resize_pool(memory_mib))
+            machine = self._launch_enclave(launch, attachment, memory_mib, debug)
         undo.insert(0, lambda: machine.kill())  # first of all: the enclave goes before its resources return
         launch.release_files()
         launch.serve(machine)
@@ -273,6 +273,17 @@ class ParentVm:
             launch.enclave_id, name, attachment.cid, chosen, memory_mib, debug, launch, machine, owner,
             values, heartbeat_seconds=seconds,
         )  # fmt: skip
+
+    def _launch_enclave(
+        self, launch: EnclaveLaunch, attachment: Any, memory_mib: int, debug: bool
+    ) -> Machine:
+        spec = enclave_spec(
+            launch.spec, memory_mib, self.layout.pool.page_kib, attachment.devices, self.layout.node
+        )
+        host = replace(self.host, hugepages=hugepage_pools(Path("/")))  # the shrink has just freed pages
+        machine = Machine(spec, host, serial=debug)  # a console only in debug mode
+        machine.launch()
+        return machine
 
     def _arm_heartbeat(self, cid: int, timeout: float) -> socket.socket:
         """A connection to the pool service that answers when ``cid``'s heartbeat comes."""
@@ -375,7 +386,8 @@ class ParentVm:
                     lambda: self._resize_pool(enclave.memory_mib),
                     lambda: self._give_cpus([c.vcpu for c in enclave.cpus]),
                 ]
-            _undo_all(steps)
+            with hugepage_lock(self.ledger):  # the pages the enclave frees go back to this parent
+                _undo_all(steps)
             return {"EnclaveName": enclave.name, "EnclaveID": enclave.enclave_id, "Terminated": True}
 
     def describe(self) -> list[dict[str, Any]]:

@@ -9,9 +9,12 @@ need more cores (no core shared with the parent) are relaxed; ``describe`` and `
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
+from harness import paths
 from harness.enclave import errors
 from harness.host.ledger import Ledger
 from harness.host.model import HostInfo
@@ -156,6 +159,14 @@ def hugepage_memory(backend: str, memory_mib: int, page_kib: int, node: int) -> 
         backend, memory_mib, share=True, hugetlb=True, hugetlbsize_kib=page_kib, prealloc=True,
         host_nodes=(node,), policy="bind",
     )  # fmt: skip
+
+
+@contextlib.contextmanager
+def hugepage_lock(ledger: Ledger) -> Iterator[None]:
+    """Held from the moment hugepages are freed or reserved until the QEMU that takes them has them (its
+    memory is preallocated before it answers QMP), so another lab of this host cannot take them meanwhile."""
+    with paths.exclusive_lock(ledger.directory / "hugepages.lock"):
+        yield
 
 
 def vcpu_owner(parent: str, vcpu: int) -> str:

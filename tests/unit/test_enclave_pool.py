@@ -140,3 +140,25 @@ def test_releasing_a_parent_leaves_a_same_named_parent_of_another_process(tmp_pa
     book_parent(ledger, layout)
     release_parent(ledger, layout.holder)
     assert [c.owner for c in ledger.claims()] == ["parent:parent@1:vcpu0"]
+
+
+def test_the_hugepage_lock_keeps_a_second_lab_waiting_until_the_first_has_its_pages(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from harness.enclave.pool import hugepage_lock
+
+    ledger = Ledger(tmp_path)
+    order: list[str] = []
+
+    def second() -> None:
+        with hugepage_lock(ledger):
+            order.append("second")
+
+    with hugepage_lock(ledger):
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(0.2)
+        order.append("first done")
+    thread.join(5)
+    assert order == ["first done", "second"]
