@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from harness.enclave.pool import (
     EnclavePool,
     book_parent,
     boot_memory,
+    hugepage_lock,
     layout_parent,
     pool_summary,
     release_parent,
@@ -143,11 +146,6 @@ def test_releasing_a_parent_leaves_a_same_named_parent_of_another_process(tmp_pa
 
 
 def test_the_hugepage_lock_keeps_a_second_lab_waiting_until_the_first_has_its_pages(tmp_path: Path) -> None:
-    import threading
-    import time
-
-    from harness.enclave.pool import hugepage_lock
-
     ledger = Ledger(tmp_path)
     order: list[str] = []
 
