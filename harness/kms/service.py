@@ -75,6 +75,7 @@ class KmsService(KeyOps, AsymmetricOps):
                 raise InvalidKeyUsage(
                     f"an {record.key_spec} key needs EncryptionAlgorithm RSAES_OAEP_SHA_1 or _256"
                 )
+            _no_context(context)
             return keyspecs.encrypt(
                 record.key_spec, self.store.material(record.id), algorithm, plaintext
             ), algorithm
@@ -118,9 +119,13 @@ class KmsService(KeyOps, AsymmetricOps):
             raise InvalidKeyUsage(
                 f"an {record.key_spec} key needs EncryptionAlgorithm RSAES_OAEP_SHA_1 or RSAES_OAEP_SHA_256"
             )
-        return lambda _context: keyspecs.decrypt(
-            record.key_spec, self.store.material(record.id), algorithm, blob
-        )
+        spec, chosen = record.key_spec, algorithm
+
+        def open_asymmetric(context: dict[str, str] | None) -> bytes:
+            _no_context(context)
+            return keyspecs.decrypt(spec, self.store.material(record.id), chosen, blob)
+
+        return open_asymmetric
 
     # -- operations --------------------------------------------------------------------------------------
 
@@ -366,3 +371,9 @@ def _policy_name(body: dict[str, Any]) -> None:
         raise KmsRequestError("PolicyName must be word characters")
     if name not in (None, "default"):
         raise KeyNotFound(f"the key has no policy named {name!r}; its one policy is named default")
+
+
+def _no_context(context: dict[str, str] | None) -> None:
+    """An RSA ciphertext cannot bind an encryption context: refuse one rather than ignore it (as AWS does)."""
+    if context:
+        raise KmsRequestError("EncryptionContext is supported only with symmetric encryption keys")

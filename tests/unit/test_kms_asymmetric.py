@@ -127,6 +127,10 @@ def test_rsa_encryption_both_ways(kms, algorithm: str) -> None:
     ) == ("ValidationException")
     assert refused(kms.encrypt, KeyId=key["KeyId"], Plaintext=b"x") == "InvalidKeyUsageException"
     assert refused(kms.decrypt, CiphertextBlob=outside, KeyId=key["KeyId"]) == "InvalidKeyUsageException"
+    # an RSA ciphertext cannot bind an encryption context: one is refused, not ignored
+    with_context = {"KeyId": key["KeyId"], "EncryptionAlgorithm": algorithm, "EncryptionContext": {"a": "b"}}
+    assert refused(kms.encrypt, Plaintext=b"x", **with_context) == "ValidationException"
+    assert refused(kms.decrypt, CiphertextBlob=outside, **with_context) == "ValidationException"
     assert refused(kms.decrypt, CiphertextBlob=outside, EncryptionAlgorithm=algorithm) == (
         "InvalidCiphertextException"
     )
