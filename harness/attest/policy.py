@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -19,6 +20,9 @@ from harness.attest.snp import TcbVersion
 NONCE_UNKNOWN = "nonce-unknown"
 NONCE_STALE = "nonce-stale"
 NONCE_REUSED = "nonce-reused"
+
+
+MAX_AGE_LIMIT_S = 10 * 365 * 86400  # a max_age past this is a typo, not a policy
 
 
 class NonceChecker(Protocol):
@@ -179,6 +183,12 @@ class Policy:
         if self.max_age is not None and not isinstance(self.max_age, timedelta):
             if isinstance(self.max_age, bool) or not isinstance(self.max_age, (int, float)):
                 raise PolicyError("policy max_age must be seconds or a timedelta", field="max_age")
+            if not (math.isfinite(self.max_age) and 0 < self.max_age <= MAX_AGE_LIMIT_S):
+                raise PolicyError(
+                    f"policy max_age must be a number of seconds above 0 and at most {MAX_AGE_LIMIT_S:g} "
+                    f"(ten years), got {self.max_age!r}",
+                    field="max_age",
+                )
             object.__setattr__(self, "max_age", timedelta(seconds=self.max_age))
         for name in ("allow_debug", "allow_migrate_ma", "allow_smt", "allow_missing_collateral"):
             if not isinstance(getattr(self, name), bool):
@@ -216,7 +226,11 @@ class Policy:
         tables keyed by index, min_tcb as {bootloader, tee, snp, microcode}, max_age in seconds."""
         path = Path(path)
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise PolicyError(
+                f"policy {path} is not UTF-8 text (byte {exc.start})", field="toml", path=str(path)
+            ) from None
         except OSError as exc:
             raise EvidenceFileError(f"cannot read policy {path}: {exc}", path=str(path)) from None
         except tomllib.TOMLDecodeError as exc:

@@ -16,6 +16,7 @@ from typing import Any
 
 from rich.markup import escape
 
+from harness import userfiles
 from harness.attest import (
     KINDS,
     LabAuthority,
@@ -136,6 +137,8 @@ def _at(value: str | None) -> dt.datetime | None:
         raise UsageError(
             f"--at {value!r} is not an ISO time", hint="e.g. --at 2025-06-20T00:00:00Z"
         ) from None
+    if not 1970 <= moment.year <= 9998:
+        raise UsageError(f"--at {value!r} is outside 1970..9998", hint="e.g. --at 2025-06-20T00:00:00Z")
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
@@ -162,7 +165,7 @@ def write_files(outputs: dict[Path, bytes]) -> None:
 
 
 def _lab_dir(value: Path | None) -> Path:
-    return value or default_lab_dir()
+    return userfiles.directory(value, "lab CA directory") if value is not None else default_lab_dir()
 
 
 # --- commands ---------------------------------------------------------------------------------------------
@@ -170,7 +173,7 @@ def run_verify(args: argparse.Namespace) -> int:
     evidence = read_evidence(args.file)
     policy = Policy.from_toml(args.policy)
     if args.lab_dir is not None:
-        policy = dataclasses.replace(policy, lab_dir=args.lab_dir)
+        policy = dataclasses.replace(policy, lab_dir=_lab_dir(args.lab_dir))
     collateral = None
     if args.collateral is not None:
         try:
@@ -281,7 +284,23 @@ def run_roots(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_unwritable(path: Path, *, directory: bool = False) -> None:
+    """E830 for an output the command could not write, before it makes anything (the lab CA included)."""
+    wrong = (
+        (path.exists() and not path.is_dir()) if directory else (path.is_dir() or not path.parent.is_dir())
+    )
+    if wrong:
+        what = (
+            "is not a directory" if directory else ("is a directory" if path.is_dir() else "has no directory")
+        )
+        raise EvidenceFileError(
+            f"cannot write {path}: it {what}", path=str(path), hint="write to an existing directory"
+        )
+
+
 def run_lab(args: argparse.Namespace) -> int:
+    if args.export is not None:
+        _refuse_unwritable(args.export, directory=True)
     lab = LabAuthority.load_or_create(_lab_dir(args.lab_dir))
     pems = lab.certificates_pem()
     if args.export is not None:
@@ -317,9 +336,11 @@ def run_lab(args: argparse.Namespace) -> int:
 
 
 def run_issue(args: argparse.Namespace) -> int:
-    lab = LabAuthority.load_or_create(_lab_dir(args.lab_dir))
     measurement = _hex_arg(args.measurement, "measurement", 48)
     report_data = _hex_arg(args.report_data, "report-data", 64)
+    nonce = None if args.nonce is None else _hex_arg(args.nonce, "nonce")
+    _refuse_unwritable(args.out)
+    lab = LabAuthority.load_or_create(_lab_dir(args.lab_dir))
     if args.kind == "snp":
         policy = 0x30000 | (1 << 19 if args.debug else 0)
         evidence = lab.snp_report(report_data, measurement=measurement, policy=policy)
@@ -331,7 +352,7 @@ def run_issue(args: argparse.Namespace) -> int:
             pcrs={0: pcr0, 1: bytes(48) if args.debug else measurement, 2: bytes(48)},
             public_key=None,
             user_data=None,
-            nonce=None if args.nonce is None else _hex_arg(args.nonce, "nonce"),
+            nonce=nonce,
             module_id="teelab-lab-enclave",
         )
     outputs = {args.out: evidence}

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 NOT_UTF8 = b"\xff\xfe not text"
+VECTORS = Path(__file__).resolve().parents[1] / "vectors"
 
 # (argv with {d} for the folder of bad inputs, the code expected). Each is one mistake a person makes.
 ROWS = [
@@ -72,6 +73,24 @@ ROWS = [
         "--signing-certificate {d}/file --private-key {d}/not-utf8",
         "E914",
     ),
+    # attestation: policies, times, files and directories
+    ("attest verify {d}/report.bin --policy {d}/not-utf8", "E810"),
+    ("attest verify {d}/report.bin --policy {d}/max-age-inf.toml", "E810"),
+    ("attest verify {d}/report.bin --policy {d}/max-age-nan.toml", "E810"),
+    ("attest verify {d}/report.bin --policy {d}/max-age-huge.toml", "E810"),
+    ("attest verify {d}/report.bin --policy {d}/policy.toml --at 0001-01-01T00:00:00", "E102"),
+    ("attest verify {d}/report.bin --policy {d}/policy.toml --at 9999-12-31T23:59:59", "E102"),
+    ("attest verify {d}/report.bin --policy {d}/policy.toml --at yesterday", "E102"),
+    ("attest verify {d}/report.bin --policy {d}/policy.toml --lab-dir {d}/file", "E104"),
+    ("attest verify {d}/missing --policy {d}/policy.toml", "E830"),
+    ("attest verify {d} --policy {d}/policy.toml", "E830"),
+    ("attest show {d}/file", "E804"),
+    ("attest lab --lab-dir {d}/file", "E104"),
+    ("attest lab --export {d}/file", "E830"),
+    ("attest roots --lab-dir {d}/file", "E104"),
+    ("attest issue snp --out {d}", "E830"),
+    ("attest issue snp --out {d}/missing/report.bin", "E830"),
+    ("attest issue snp --out {d}/report-out.bin --lab-dir {d}/file/sub", "E104"),
 ]
 
 
@@ -82,6 +101,10 @@ def inputs(tmp_path: Path) -> Path:
     (folder / "file").write_bytes(b"not an image of any kind")
     (folder / "not-utf8").write_bytes(NOT_UTF8)
     (folder / "number.json").write_text("5\n")
+    (folder / "report.bin").write_bytes((VECTORS / "snp" / "report.bin").read_bytes())
+    (folder / "policy.toml").write_text('roots = ["amd-milan"]\n')
+    for name, value in (("inf", "inf"), ("nan", "nan"), ("huge", "1e300")):
+        (folder / f"max-age-{name}.toml").write_text(f"max_age = {value}\n")
     return folder
 
 
