@@ -5,13 +5,14 @@ from __future__ import annotations
 import re
 from abc import ABC
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from harness.host.model import HostInfo
 from harness.qemu.chardevs import Chardev, ChardevChannel, ChardevSocket
-from harness.qemu.errors import MemorySizeError, OptionInvalid, VhostVsockUnavailable
+from harness.qemu.errors import MemorySizeError, OptionInvalid, SpecFileMissing, VhostVsockUnavailable
 from harness.qemu.objects import MemoryBackend, MemoryBackendFile
-from harness.qemu.options import check_id, escape, require_type, size_mib
+from harness.qemu.options import check_id, escape, onoff, require_type, size_mib
 
 VSOCK_CID_MAX = 2**32 - 1  # U32_MAX is VMADDR_CID_ANY
 VIRTIO_SERIAL_BUS = "virtio-serial0"
@@ -268,3 +269,30 @@ class TpmCrb(Device):
             "-device",
             f"{self.qemu_type},id={self.id},tpmdev={backend}",
         ]
+
+
+@dataclass(frozen=True)
+class VirtioBlkPci(Device):
+    """A virtio-blk disk backed by a raw image file (``-blockdev file`` then ``-device virtio-blk-pci``); the
+    backend's node name is ``<id>-file``."""
+
+    id: str
+    path: Path
+    read_only: bool = False
+    qemu_type: ClassVar[str] = "virtio-blk-pci"
+
+    def validate(self, host: HostInfo) -> None:
+        super().validate(host)
+        if not Path(self.path).is_file():
+            raise SpecFileMissing(
+                f"device {self.id}: disk image {self.path} does not exist",
+                hint="create it first (truncate -s 64M disk.img) or point path= at an existing file",
+                path=str(self.path),
+            )
+
+    def args(self) -> list[str]:
+        node = f"{self.id}-file"
+        blockdev = (
+            f"driver=file,node-name={node},filename={escape(self.path)},read-only={onoff(self.read_only)}"
+        )
+        return ["-blockdev", blockdev, "-device", f"{self.qemu_type},id={self.id},drive={node}"]

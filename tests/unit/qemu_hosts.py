@@ -28,6 +28,7 @@ DEVICES_7_2 = frozenset(
         "virtio-rng-pci",
         "max-x86_64-cpu",
         "tpm-crb",
+        "virtio-blk-pci",
     }
 )
 MACHINES = frozenset({"q35", "pc", "microvm", "none"})

@@ -23,6 +23,7 @@ from harness.qemu import (
     TpmCrb,
     VhostUserVsockPci,
     VhostVsockPci,
+    VirtioBlkPci,
     VirtioMemPci,
     VirtioRngPci,
     VirtioSerialPort,
@@ -51,6 +52,12 @@ def boot(tmp_path: Path) -> dict[str, Path]:
     for path in files.values():
         path.write_bytes(b"\0" * 16)
     return files
+
+
+def disk_image(tmp_path: Path) -> Path:
+    path = tmp_path / "data.img"
+    path.write_bytes(bytes(4096))
+    return path
 
 
 def plain(boot: dict[str, Path], **changes: object) -> VMSpec:
@@ -109,6 +116,10 @@ CASES: dict[str, Case] = {
     ),
     "tpm_crb": lambda b, t: (
         plain(b, devices=(TpmCrb("tpm0", ChardevSocket("tpm0-chr", path=t / "swtpm.sock")),)),
+        tcg_host(),
+    ),
+    "virtio_blk": lambda b, t: (
+        plain(b, devices=(VirtioBlkPci("disk0", disk_image(t)),)),
         tcg_host(),
     ),
     "sev_snp": lambda b, t: (
@@ -232,3 +243,10 @@ def test_tpm_emulator_needs_a_client_socket_path(boot: dict[str, Path], chardev:
     with pytest.raises(SpecError) as err:
         build_argv(spec, tcg_host(), qmp=QMP, console=CONSOLE)
     assert err.value.code == "E315" and "client socket" in str(err.value)
+
+
+def test_a_disk_image_must_exist(boot: dict[str, Path], tmp_path: Path) -> None:
+    spec = plain(boot, devices=(VirtioBlkPci("disk0", tmp_path / "absent.img"),))
+    with pytest.raises(SpecError) as err:
+        build_argv(spec, tcg_host(), qmp=QMP, console=CONSOLE)
+    assert err.value.code == "E303" and "absent.img" in str(err.value)
