@@ -219,7 +219,7 @@ class EnclaveImageChanged(EnclaveError):
     exit_status = 1
 
 
-# ------------------------------------------------------------------------------ carving enclaves from a parent
+# ----------------------------------------------------------------------------- carving enclaves from a parent
 
 
 class CarveRefused(EnclaveError):
