@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 from rich.text import Text
 
-from harness import paths
+from harness import paths, userfiles
 from harness.cli.render import console, print_json
 from harness.errors import UsageError
 
@@ -227,14 +227,7 @@ def _open_store(args: argparse.Namespace, *, existing: bool = False) -> Store:
 
 
 def _read_policy(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        return path.read_text()
-    except OSError as exc:
-        raise UsageError(
-            f"cannot read policy file {path}: {exc.strerror}", hint="give a readable JSON file"
-        ) from None
+    return None if path is None else userfiles.read_text(path, "key policy file")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -258,6 +251,8 @@ def run_create_key(args: argparse.Namespace) -> int:
     from harness.kms.policy import KeyPolicy, default_policy
 
     text = _read_policy(args.policy)
+    if text is not None:
+        KeyPolicy.parse(text)  # refused before a store is made
     store = _open_store(args)
     try:
         text = text or default_policy(store.account)

@@ -49,6 +49,35 @@ def test_bad_values_are_coded_errors_that_leave_nothing(tmp_path: Path, run: Run
         assert kms_dir.read_text() == "not a KMS\n"
 
 
+POLICY_FILES = {
+    "not UTF-8": (b"\xff\xfe{}", "E103"),
+    "a directory": (None, "E103"),
+    "a JSON number": (b"5", "E1008"),
+    "a second Effect": (
+        b'{"Statement": [{"Effect": "Allow", "Effect": "Deny", "Principal": "*", "Action": "kms:*"}]}',
+        "E1008",
+    ),
+}
+
+
+@pytest.mark.parametrize("command", ["create-key", "put-policy"])
+@pytest.mark.parametrize("case", POLICY_FILES, ids=list(POLICY_FILES))
+def test_a_bad_key_policy_file_is_refused_before_a_store_is_made(
+    tmp_path: Path, run: Run, case: str, command: str
+) -> None:
+    content, code = POLICY_FILES[case]
+    policy = tmp_path / "policy.json"
+    if content is None:
+        policy.mkdir()
+    else:
+        policy.write_bytes(content)
+    argv = ["put-policy", "some-key"] if command == "put-policy" else ["create-key"]
+    status, out, err = run("kms", "--kms-dir", str(tmp_path / "kms"), *argv, "--policy", str(policy))
+    assert status == 2, (out, err)
+    assert f"[ {code} ]" in err and "Traceback" not in out + err
+    assert not (tmp_path / "kms").exists()
+
+
 BENCH_CASES = {
     "--hostile 0": ["--hostile", "0"],
     "--hostile with --open-rate 0": ["--hostile", "1000", "--open-rate", "0"],
