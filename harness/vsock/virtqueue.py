@@ -29,6 +29,9 @@ DESC_F_WRITE = 2
 DESC_F_INDIRECT = 4
 AVAIL_F_NO_INTERRUPT = 1
 MAX_QUEUE_SIZE = 32768
+# Descriptors in one chain: Linux sends a header and at most MAX_SKB_FRAGS (17) buffers. Without a bound a
+# front end that sets a 32768-entry ring makes every chain (or loop) cost 32768 steps: 5 s per batch.
+MAX_CHAIN = 64
 if sys.byteorder != "little":  # the 16-bit views below are native, virtio rings are little-endian
     raise ImportError("the vsock switch's virtqueues need a little-endian host")
 _FENCE = threading.Lock()
@@ -143,7 +146,7 @@ class SplitQueue:
         writable: list[memoryview] = []
         rlen = wlen = 0
         index = head
-        for _ in range(size):
+        for _ in range(min(size, MAX_CHAIN)):
             addr, length, flags, nxt = DESC.unpack_from(self._desc, 16 * index)
             if flags & DESC_F_INDIRECT:
                 raise ChainFault("indirect_desc", f"descriptor {index} is indirect (not negotiated)", head)
@@ -164,7 +167,9 @@ class SplitQueue:
             if nxt >= size:
                 raise ChainFault("desc_index", f"descriptor {index} chains to {nxt} >= {size}", head)
             index = nxt
-        raise ChainFault("desc_loop", f"chain from {head} is longer than the queue ({size})", head)
+        if size <= MAX_CHAIN:
+            raise ChainFault("desc_loop", f"chain from {head} is longer than the queue ({size})", head)
+        raise ChainFault("chain_too_long", f"chain from {head} is longer than {MAX_CHAIN} descriptors", head)
 
     def remapped(self, memory: GuestMemory) -> SplitQueue:
         """This ring over a new memory table, going on from the same indices; GuestFault when the table

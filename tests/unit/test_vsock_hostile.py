@@ -32,6 +32,7 @@ KNOWN_REASONS = {
     "bad_address",
     "desc_index",
     "desc_loop",
+    "chain_too_long",
     "desc_order",
     "indirect_desc",
     "avail_overrun",

@@ -18,6 +18,7 @@ from harness.vsock.virtqueue import (
     DESC,
     DESC_F_NEXT,
     DESC_F_WRITE,
+    MAX_CHAIN,
     U16,
     ChainFault,
     RingAddresses,
@@ -244,3 +245,32 @@ def test_ring_indices_are_written_whole_while_the_driver_reads_them() -> None:
         memory.close()
         os.close(fd)
     assert seen > 0 and torn == 0, f"{torn} of {seen} reads saw half an index update"
+
+
+class CountingMemory(GuestMemory):
+    """Guest memory that counts the descriptor buffers it is asked for."""
+
+    lookups = 0
+
+    def gpa(self, addr: int, length: int) -> memoryview:
+        self.lookups += 1
+        return super().gpa(addr, length)
+
+
+def test_a_chain_costs_at_most_max_chain_descriptors_however_large_the_ring() -> None:
+    """A front end may set a 32768-entry ring: a looping chain is given up after MAX_CHAIN descriptors,
+    not after walking the whole ring (128 such chains per batch held the loop for 5 s)."""
+    size = 32768
+    ram = bytearray(0x100000)  # descriptors, then the avail ring at 0x80000, the used ring at 0x98000
+    memory = CountingMemory(GuestMemory.synthetic([(MemoryRegion(0, len(ram), USER), ram)])._mapped)
+    avail, used = 16 * size, 16 * size + 0x18000
+    for i in range(size):
+        DESC.pack_into(ram, 16 * i, len(ram) - 16, 8, DESC_F_NEXT, (i + 1) % size)  # one loop over all
+    q = SplitQueue(memory, size, RingAddresses(USER, USER + avail, USER + used), event_idx=False)
+    U16.pack_into(ram, avail + 2, 1)  # head 0 is available
+    with pytest.raises(ChainFault) as fault:
+        q.pop()
+    assert fault.value.reason == "chain_too_long" and memory.lookups == MAX_CHAIN
+    DESC.pack_into(ram, 16 * (MAX_CHAIN - 1), len(ram) - 16, 8, 0, 0)  # end the chain at MAX_CHAIN
+    chain = q.walk(0)
+    assert len(chain.readable) == MAX_CHAIN
