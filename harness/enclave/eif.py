@@ -251,68 +251,17 @@ def read_eif(source: str | os.PathLike[str] | BinaryIO, *, verify_crc: bool = Tr
 
 def _read(stream: IO[bytes], path: Path | None, verify_crc: bool) -> EifImage:
     name = str(path) if path else "the image"
-    file_size = stream.seek(0, os.SEEK_END)
-    stream.seek(0)
-    raw_header = stream.read(HEADER_BYTES)
-    if len(raw_header) < HEADER_BYTES:
-        raise errors.EifTruncated(
-            f"{name} is {file_size} bytes, shorter than the {HEADER_BYTES}-byte EIF header",
-            hint="copy the image again",
-            file_size=file_size,
-        )
-    header = EifHeader.unpack(raw_header)
-    _check_header(header, file_size, name)
-
+    header, raw_header = _read_header(stream, name)
     crc = zlib.crc32(raw_header[:CRC_OFFSET])
     hasher = ImageHasher()
     sections: list[Section] = []
     kept: dict[SectionType, bytes] = {}
     buffer = bytearray(CHUNK_BYTES)
     for index in range(header.num_sections):
-        offset, size = header.section_offsets[index], header.section_sizes[index]
-        stream.seek(offset)
-        raw = stream.read(SECTION_HEADER_BYTES)
-        if len(raw) < SECTION_HEADER_BYTES:
-            raise errors.EifTruncated(
-                f"{name} ends inside the header of section {index}", hint="copy it again"
-            )
-        crc = zlib.crc32(raw, crc)
-        type_number, flags, header_size = _SECTION_HEADER.unpack(raw)
-        section_type = _section_type(type_number, index, offset, name)
-        if header_size != size:
-            raise errors.EifSectionTable(
-                f"section {index} ({section_type.name.lower()}) says it is {header_size} bytes, the header's "
-                f"table says {size}",
-                hint="the image is damaged; rebuild it",
-                section=index,
-            )
-        limit = _SIZE_LIMITS.get(section_type)
-        if limit is not None and size > limit:
-            raise errors.EifSectionTable(
-                f"the {section_type.name.lower()} section is {size} bytes, more than its limit of {limit}",
-                hint="the image is damaged; rebuild it",
-                section=index,
-            )
-        section = Section(index, section_type, flags, offset, size)
+        section, content, crc = _read_section(stream, header, index, name, crc, hasher, buffer)
         sections.append(section)
-        feeds = hasher.feeds(section_type)
-        keep = bytearray() if limit is not None else None
-        left = size
-        while left:
-            view = memoryview(buffer)[: min(CHUNK_BYTES, left)]
-            got = stream.readinto(view)
-            if not got:
-                raise errors.EifTruncated(f"{name} ends inside section {index}", hint="copy the image again")
-            chunk = view[:got]
-            crc = zlib.crc32(chunk, crc)
-            for pcr in feeds:
-                pcr.update(chunk)
-            if keep is not None:
-                keep += chunk
-            left -= got
-        if keep is not None:
-            kept[section_type] = bytes(keep)
-
+        if content is not None:
+            kept[section.type] = content
     if verify_crc and crc != header.crc32:
         raise errors.EifCrcMismatch(
             f"{name}: the header's CRC-32 is {header.crc32:#010x} but the content gives {crc:#010x}",
@@ -320,23 +269,9 @@ def _read(stream: IO[bytes], path: Path | None, verify_crc: bool) -> EifImage:
             expected=f"{header.crc32:#010x}",
             computed=f"{crc:#010x}",
         )
-    present = {s.type for s in sections}
-    for required in (SectionType.KERNEL, SectionType.CMDLINE, SectionType.RAMDISK):
-        if required not in present:
-            raise errors.EifMissingSection(
-                f"{name} has no {required.name.lower()} section",
-                hint="rebuild the image with a kernel, a cmdline and a ramdisk",
-            )
-    if header.version >= 4 and SectionType.METADATA not in present:
-        raise errors.EifMissingSection(
-            f"{name} is EIF version {header.version} but has no metadata section", hint="rebuild the image"
-        )
-    for position, section in enumerate(sections):
-        _check_section_order(section.type, sections[:position], section.index, name)
+    _check_sections(header, sections, name)
     metadata = _parse_metadata(kept[SectionType.METADATA], name) if SectionType.METADATA in kept else None
-    signature = None
-    pcr8 = None
-    problem = None
+    signature = pcr8 = problem = None
     if SectionType.SIGNATURE in kept:
         signature = parse_signature_section(kept[SectionType.SIGNATURE])
         pcr8 = pcr8_of_certificate(signature.certificate_der)
@@ -353,6 +288,91 @@ def _read(stream: IO[bytes], path: Path | None, verify_crc: bool) -> EifImage:
         crc,
         problem,
     )
+
+
+def _read_header(stream: IO[bytes], name: str) -> tuple[EifHeader, bytes]:
+    """The image's header, checked against the file's size, and its raw bytes (the CRC starts there)."""
+    file_size = stream.seek(0, os.SEEK_END)
+    stream.seek(0)
+    raw_header = stream.read(HEADER_BYTES)
+    if len(raw_header) < HEADER_BYTES:
+        raise errors.EifTruncated(
+            f"{name} is {file_size} bytes, shorter than the {HEADER_BYTES}-byte EIF header",
+            hint="copy the image again",
+            file_size=file_size,
+        )
+    header = EifHeader.unpack(raw_header)
+    _check_header(header, file_size, name)
+    return header, raw_header
+
+
+def _read_section(
+    stream: IO[bytes],
+    header: EifHeader,
+    index: int,
+    name: str,
+    crc: int,
+    hasher: ImageHasher,
+    buffer: bytearray,
+) -> tuple[Section, bytes | None, int]:
+    """Section ``index``: its header checked, its content streamed into the CRC and the PCRs that measure it;
+    the content itself only for the small sections the image's reader keeps (those with a size limit)."""
+    offset, size = header.section_offsets[index], header.section_sizes[index]
+    stream.seek(offset)
+    raw = stream.read(SECTION_HEADER_BYTES)
+    if len(raw) < SECTION_HEADER_BYTES:
+        raise errors.EifTruncated(f"{name} ends inside the header of section {index}", hint="copy it again")
+    crc = zlib.crc32(raw, crc)
+    type_number, flags, header_size = _SECTION_HEADER.unpack(raw)
+    section_type = _section_type(type_number, index, offset, name)
+    if header_size != size:
+        raise errors.EifSectionTable(
+            f"section {index} ({section_type.name.lower()}) says it is {header_size} bytes, the header's "
+            f"table says {size}",
+            hint="the image is damaged; rebuild it",
+            section=index,
+        )
+    limit = _SIZE_LIMITS.get(section_type)
+    if limit is not None and size > limit:
+        raise errors.EifSectionTable(
+            f"the {section_type.name.lower()} section is {size} bytes, more than its limit of {limit}",
+            hint="the image is damaged; rebuild it",
+            section=index,
+        )
+    feeds = hasher.feeds(section_type)
+    keep = bytearray() if limit is not None else None
+    left = size
+    while left:
+        view = memoryview(buffer)[: min(CHUNK_BYTES, left)]
+        got = stream.readinto(view)
+        if not got:
+            raise errors.EifTruncated(f"{name} ends inside section {index}", hint="copy the image again")
+        chunk = view[:got]
+        crc = zlib.crc32(chunk, crc)
+        for pcr in feeds:
+            pcr.update(chunk)
+        if keep is not None:
+            keep += chunk
+        left -= got
+    section = Section(index, section_type, flags, offset, size)
+    return section, None if keep is None else bytes(keep), crc
+
+
+def _check_sections(header: EifHeader, sections: list[Section], name: str) -> None:
+    """The sections every image needs are there, in an order the format allows."""
+    present = {s.type for s in sections}
+    for required in (SectionType.KERNEL, SectionType.CMDLINE, SectionType.RAMDISK):
+        if required not in present:
+            raise errors.EifMissingSection(
+                f"{name} has no {required.name.lower()} section",
+                hint="rebuild the image with a kernel, a cmdline and a ramdisk",
+            )
+    if header.version >= 4 and SectionType.METADATA not in present:
+        raise errors.EifMissingSection(
+            f"{name} is EIF version {header.version} but has no metadata section", hint="rebuild the image"
+        )
+    for position, section in enumerate(sections):
+        _check_section_order(section.type, sections[:position], section.index, name)
 
 
 def _check_header(header: EifHeader, file_size: int, name: str) -> None:
