@@ -213,13 +213,8 @@ class TdxQuote:
         return self.header.to_bytes() + body
 
     def signature_data(self) -> bytes:
-        qe_cert = (
-            self.qe_report.to_bytes()
-            + self.qe_report_signature
-            + struct.pack("<H", len(self.qe_auth_data))
-            + self.qe_auth_data
-            + struct.pack("<HI", CERT_DATA_PCK_CHAIN, len(self.pck_chain))
-            + self.pck_chain
+        qe_cert = qe_certification_bytes(
+            self.qe_report, self.qe_report_signature, self.qe_auth_data, self.pck_chain
         )
         return (
             self.signature
@@ -260,6 +255,45 @@ class TdxQuote:
 
 def _hexed(value: object) -> object:
     return value.hex() if isinstance(value, bytes) else value
+
+
+def qe_certification_bytes(
+    qe_report: EnclaveReport, qe_report_signature: bytes, qe_auth_data: bytes, pck_chain: bytes
+) -> bytes:
+    """The QE report certification data: QE report, its signature, QE auth data and the PCK chain as
+    certification data type 5 (inside type 6 in v4/v5 quotes; directly in the signature data of v3)."""
+    return (
+        qe_report.to_bytes()
+        + qe_report_signature
+        + struct.pack("<H", len(qe_auth_data))
+        + qe_auth_data
+        + struct.pack("<HI", CERT_DATA_PCK_CHAIN, len(pck_chain))
+        + pck_chain
+    )
+
+
+def read_qe_certification(sig: Reader) -> tuple[EnclaveReport, bytes, bytes, bytes]:
+    """(QE report, its signature, QE auth data, PCK chain) from ``sig``, which they must fill exactly."""
+    kind = sig.kind
+    qe_report = EnclaveReport.from_bytes(sig.take(QE_REPORT_SIZE, "qe_report"))
+    qe_report_signature = sig.take(64, "qe_report_signature")
+    auth_size = sig.u16("qe_auth_data.size")
+    qe_auth_data = sig.take(auth_size, "qe_auth_data", size_field="qe_auth_data.size")
+    inner_type = sig.u16("pck_chain.type")
+    if inner_type != CERT_DATA_PCK_CHAIN:
+        raise EvidenceUnsupported(
+            f"{kind}: QE certification data type {inner_type}, only 5 (PCK certificate chain) is supported",
+            field="pck_chain.type",
+            kind=kind,
+        )
+    inner_size = sig.u32("pck_chain.size")
+    if inner_size != sig.remaining:
+        raise EvidenceError(
+            f"{kind}: PCK chain says {inner_size} bytes, certification data leaves {sig.remaining}",
+            field="pck_chain.size",
+            kind=kind,
+        )
+    return qe_report, qe_report_signature, qe_auth_data, sig.take(inner_size, "pck_chain")
 
 
 def parse_tdx_quote(data: bytes) -> TdxQuote:
@@ -323,25 +357,7 @@ def parse_tdx_quote(data: bytes) -> TdxQuote:
             field="certification_data.size",
             kind="tdx",
         )
-    qe_report = EnclaveReport.from_bytes(sig.take(QE_REPORT_SIZE, "qe_report"))
-    qe_report_signature = sig.take(64, "qe_report_signature")
-    auth_size = sig.u16("qe_auth_data.size")
-    qe_auth_data = sig.take(auth_size, "qe_auth_data", size_field="qe_auth_data.size")
-    inner_type = sig.u16("pck_chain.type")
-    if inner_type != CERT_DATA_PCK_CHAIN:
-        raise EvidenceUnsupported(
-            f"tdx: QE certification data type {inner_type}, only 5 (PCK certificate chain) is supported",
-            field="pck_chain.type",
-            kind="tdx",
-        )
-    inner_size = sig.u32("pck_chain.size")
-    if inner_size != sig.remaining:
-        raise EvidenceError(
-            f"tdx: PCK chain says {inner_size} bytes, certification data leaves {sig.remaining}",
-            field="pck_chain.size",
-            kind="tdx",
-        )
-    pck_chain = sig.take(inner_size, "pck_chain")
+    qe_report, qe_report_signature, qe_auth_data, pck_chain = read_qe_certification(sig)
     return TdxQuote(
         header=header,
         body=body,
@@ -380,17 +396,31 @@ def quote_field_spans(quote: TdxQuote) -> dict[str, tuple[int, int]]:
     ):
         spans[name] = (offset, size)
         offset += size
+    spans.update(qe_certification_spans(offset, quote.qe_auth_data, quote.pck_chain))
+    return spans
+
+
+def report_spans(offset: int, prefix: str) -> dict[str, tuple[int, int]]:
+    """name -> (offset, size) of each field of a 384-byte SGX report written at ``offset``."""
+    spans = {}
     for name, code in _QE_LAYOUT:
         size = struct.calcsize("<" + code)
-        spans[f"qe_report.{name}"] = (offset, size)
+        spans[f"{prefix}{name}"] = (offset, size)
         offset += size
+    return spans
+
+
+def qe_certification_spans(offset: int, qe_auth_data: bytes, pck_chain: bytes) -> dict[str, tuple[int, int]]:
+    """name -> (offset, size) of the QE report certification data written at ``offset``."""
+    spans = report_spans(offset, "qe_report.")
+    offset += QE_REPORT_SIZE
     for name, size in (
         ("qe_report_signature", 64),
         ("qe_auth_data.size", 2),
-        ("qe_auth_data", len(quote.qe_auth_data)),
+        ("qe_auth_data", len(qe_auth_data)),
         ("pck_chain.type", 2),
         ("pck_chain.size", 4),
-        ("pck_chain", len(quote.pck_chain)),
+        ("pck_chain", len(pck_chain)),
     ):
         spans[name] = (offset, size)
         offset += size
