@@ -12,7 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from teelab_guest.enclave_app import parse_document_line
 
+from harness.attest import LAB, Policy, default_lab_dir, verify
 from harness.enclave import errors, pcr4_of_parent_instance
 from harness.enclave.carver import ParentVm
 from harness.enclave.pool import SLOTS_PER_CPU
@@ -199,6 +201,46 @@ def test_an_enclave_without_a_heartbeat_in_time_is_e947_and_everything_goes_back
     assert free_pages(PAGE_KIB) == free
     assert {(c.kind, c.value, c.owner, c.pid) for c in parent.ledger.claims()} == ledger  # handed back
     assert set(parent.vsock.attachments) == attached and parent.enclaves == {}
+
+
+# In the parent: accept one connection on vsock port 5005 and print the line it carries.
+RECEIVE_REPORT = """
+import socket, sys
+listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+listener.bind((socket.VMADDR_CID_ANY, 5005))
+listener.listen(1)
+conn, _ = listener.accept()
+data = b""
+while not data.endswith(b"\\n") and (chunk := conn.recv(65536)):
+    data += chunk
+sys.stdout.buffer.write(data)
+"""
+
+
+@pytest.fixture(scope="module")
+def report() -> BuiltEnclave:
+    return build_enclave_image("report")
+
+
+def test_a_carved_enclave_attests_to_its_parent_over_vsock_and_debug_mode_is_refused_by_policy(
+    parent: ParentVm, report: BuiltEnclave
+) -> None:
+    reported = {}
+    for debug in (False, True):
+        job = parent.boot.agent.start(["python3", "-c", RECEIVE_REPORT], timeout=180)
+        enclave = parent.carve(report.path, memory_mib=256, cpu_count=2, debug=debug)
+        app = parse_document_line(job.result(120).text)
+        assert app is not None, job.result(0).text
+        reported[debug] = (app, enclave.enclave_id)
+        parent.terminate(enclave)
+    (app, enclave_id), (debug_app, _) = reported[False], reported[True]
+    pcrs = {**report.measurements.as_pcrs(), 4: pcr4_of_parent_instance(parent.name)}
+    lab = {"roots": (LAB,), "lab_dir": default_lab_dir()}
+    bound = {"nonce": app.nonce, "public_key": app.public_key, "user_data": b"report"}
+    verdict = verify(app.document, Policy(**lab, pcrs=pcrs, **bound))
+    assert verdict.ok, verdict.reasons
+    assert verdict.claims["module_id"] == enclave_id
+    assert verify(debug_app.document, Policy(**lab)).codes == {"debug-not-allowed"}
 
 
 def enclave_cli(parent: ParentVm, *args: str, timeout: float = 180.0) -> tuple[int, str, str]:
