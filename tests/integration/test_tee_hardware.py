@@ -1,6 +1,7 @@
 """Real confidential guests on capable hosts (skipped elsewhere, with the reason): the same guest code and the
-same verifier as the emulated tests, with vendor roots. The firmware comes from the environment:
-TEELAB_SNP_OVMF (an AmdSev OVMF.fd, kernel hashes) and TEELAB_TDX_OVMF (a TDX OVMF.fd)."""
+same verifier as the emulated tests, with vendor roots. The firmware comes from teelab's configuration, as the
+Ansible role writes it ([snp] ovmf: an AmdSev OVMF.fd with kernel hashes; [tdx] ovmf: a TDVF), or from
+TEELAB_SNP_OVMF / TEELAB_TDX_OVMF."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import cbor2
 import pytest
 
+from harness import config
 from harness.attest import Policy, verify
 from harness.lab import Lab
 from harness.tee.measure import DEFAULT_GUEST_FEATURES, SnpMeasurement
@@ -27,9 +29,10 @@ sys.stdout.buffer.write(cbor2.dumps({"kind": e.kind, "blob": e.blob, "aux": e.au
 
 
 def _firmware(variable: str) -> Path:
-    value = os.environ.get(variable)
+    section = variable.split("_")[1].lower()
+    value = config.setting(section, "ovmf")
     if not value or not Path(value).is_file():
-        pytest.skip(f"set {variable} to the firmware this test boots")
+        pytest.skip(f"set {variable} or [{section}] ovmf in teelab.toml to the firmware this test boots")
     return Path(value)
 
 
