@@ -201,12 +201,15 @@ class Lab:
         group: str | None = None,
         cid: int | None = None,
         vtpm: str | None = None,
+        devices: Sequence[Device] = (),
         **tee_options: Any,
     ) -> CvmPlan:
         """A confidential VM booting ``image`` with role ``cvm``: the TEE of ``kind`` (real where the host has
         it unless ``mode`` says otherwise, emulated elsewhere), with ``vsock`` a vsock device, with ``vtpm``
-        ("ephemeral" or "persistent") a vTPM (swtpm, started now, stopped with the VM)."""
+        ("ephemeral" or "persistent") a vTPM (swtpm, started now, stopped with the VM); ``devices`` are added
+        (a data disk)."""
         attachment = self.vsock.attach(name, group=group, cid=cid) if vsock else None
+        own = tuple(attachment.devices) if attachment else ()
         tpm = None
         try:
             if vtpm is not None:
@@ -215,7 +218,7 @@ class Lab:
             spec = self.spec_for_image(
                 image, name=name, role="cvm", vcpus=vcpus, memory_mib=memory_mib, cmdline_extra=cmdline_extra,
                 memory=MemoryBackendMemfd("ram0", memory_mib, share=True) if shared else None,
-                devices=(*(attachment.devices if attachment else ()), *((tpm.device(),) if tpm else ())),
+                devices=(*own, *((tpm.device(),) if tpm else ()), *devices),
             )  # fmt: skip
             tee = choose_backend(kind, self.host, mode, **tee_options).attach(spec, self.host)  # type: ignore[arg-type]
         except BaseException:
@@ -392,14 +395,15 @@ def _has_agent(spec: VMSpec) -> bool:
     return any(isinstance(c, ChardevChannel) and c.id == AGENT_CHANNEL for c in spec.chardevs())
 
 
-def tpm_guest(boot: GuestBoot) -> Callable[[Sequence[str]], dict[str, Any]]:
-    """Runs ``teelab_guest.tpm_attest`` in a booted guest through its agent (``harness.tee.vtpm_attest``)."""
+def tpm_guest(boot: GuestBoot, module: str = "teelab_guest.tpm_attest") -> Callable[..., dict[str, Any]]:
+    """Runs ``module`` (``tpm_attest``, or ``tpm_disk``) in a booted guest through its agent, for
+    ``harness.tee.vtpm_attest`` and ``vtpm_disk``: ``call(args, stdin=b"")`` returns the JSON it printed."""
     agent = boot.agent
     if agent is None:
         raise MachineError(f"{boot.machine.spec.name} has no guest agent", hint="boot it with agent=True")
 
-    def call(args: Sequence[str]) -> dict[str, Any]:
-        done = agent.exec(["python3", "-m", "teelab_guest.tpm_attest", *args], check=True)
+    def call(args: Sequence[str], stdin: bytes = b"") -> dict[str, Any]:
+        done = agent.exec(["python3", "-m", module, *args], stdin=stdin, check=True, timeout=120)
         return json.loads(done.stdout)  # type: ignore[no-any-return]
 
     return call

@@ -71,7 +71,11 @@ def certify_ak(guest: GuestCall, authority: TpmAuthority) -> CertifiedAk:
 def quote(guest: GuestCall, ak: CertifiedAk, nonce: bytes, *, tee: bool = False) -> TpmEvidence:
     """The guest's quote of PCRs 0-9 on ``nonce``, with its event log, as evidence for ``verify``; with
     ``tee``, the CVM's SNP report binding the nonce and the AK beside it."""
-    answer = guest(["quote", nonce.hex(), *(["tee"] if tee else [])])
+    return evidence_from_answer(guest(["quote", nonce.hex(), *(["tee"] if tee else [])]), ak)
+
+
+def evidence_from_answer(answer: dict[str, Any], ak: CertifiedAk) -> TpmEvidence:
+    """Evidence of the guest's answer to ``quote`` and the certificates that make its AK trustworthy."""
     try:
         return TpmEvidence(
             ek_certificate=ak.ek_certificate.der,
