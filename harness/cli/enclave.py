@@ -67,10 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     boot.add_argument("eif", type=Path, help="the enclave image")
     boot.add_argument("--debug", action="store_true", help="debug mode: documents carry all-zero PCRs")
-    boot.add_argument("--vcpus", type=positive_int, help="vCPUs, even (default: the image's, else 2)")
-    boot.add_argument(
-        "--memory", type=positive_int, dest="memory_mib", help="MiB (default: the image's, else 512)"
-    )
+    boot.add_argument("--vcpus", type=int, help="vCPUs, even (default: the image's, else 2)")
+    boot.add_argument("--memory", type=int, dest="memory_mib", help="MiB (default: the image's, else 512)")
     boot.add_argument("--parent-role", help="what PCR3 measures (default: teelab-host)")
     boot.add_argument("--parent-instance", help="what PCR4 measures (default: this host's name)")
     boot.add_argument("--timeout", type=seconds, default=60.0, help="seconds for boot and app each (60)")

@@ -1,7 +1,8 @@
 """Enclaves: EIF images and their PCRs, and the enclave security module (NSM API) as a state machine."""
 
 from harness.enclave.describe import describe_eif, describe_image
-from harness.enclave.eif import EifImage, SectionType, build_eif, read_eif
+from harness.enclave.eif import EifImage, SectionType, read_eif
+from harness.enclave.eif_build import build_eif
 from harness.enclave.errors import EnclaveError
 from harness.enclave.nsm import SecurityModule
 from harness.enclave.pcrs import (

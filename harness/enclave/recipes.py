@@ -25,7 +25,7 @@ from typing import Any
 
 from harness import images, paths
 from harness.enclave import eif as eif_format
-from harness.enclave.eif import build_eif
+from harness.enclave.eif_build import build_eif
 from harness.enclave.errors import EnclaveAppPackFailed, EnclaveRecipeInvalid, EnclaveRecipeUnknown
 from harness.enclave.pcrs import ImageMeasurements
 from harness.enclave.run import check_memory, check_vcpus, minimum_memory_mib

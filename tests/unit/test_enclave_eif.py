@@ -20,8 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from harness.enclave import EifImage, build_eif, describe_eif, describe_image, errors, read_eif
-from harness.enclave import eif as eif_module
+from harness.enclave import EifImage, build_eif, describe_eif, describe_image, eif_build, errors, read_eif
 from harness.enclave.pcrs import pcr3_of_parent_role, pcr4_of_parent_instance
 
 GOLDEN_CMDLINE = "console=ttyS0 reboot=k panic=-1 teelab.role=enclave"
@@ -607,7 +606,7 @@ def test_a_failed_build_keeps_the_previous_output_and_no_temp_file(
     def disk_full(_out: object) -> int:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(eif_module, "_file_crc", disk_full)
+    monkeypatch.setattr(eif_build, "_file_crc", disk_full)
     with pytest.raises(errors.EifWriteFailed, match="No space left"):
         build_eif(out / "a.eif", kernel=inputs.kernel, cmdline="x", ramdisks=inputs.ramdisks)
     assert [p.name for p in out.iterdir()] == ["a.eif"]

@@ -190,7 +190,7 @@ def test_the_default_memory_is_raised_to_the_images_minimum(tmp_path: Path, auth
 def test_custom_metadata_that_is_not_an_object_gives_no_defaults(
     tmp_path: Path, authority, no_leaks, monkeypatch: pytest.MonkeyPatch, custom: str
 ) -> None:
-    from harness.enclave import eif as eif_format
+    from harness.enclave import eif_build as eif_format
 
     written = eif_format._metadata_bytes
     monkeypatch.setattr(  # an image from another tool: CustomMetadata may be any JSON
