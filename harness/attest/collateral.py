@@ -1,6 +1,6 @@
-"""Intel PCS collateral for TDX quotes: TCB info, QE identity and CRLs with their signatures and issuer
-chains, the PCK certificate's SGX extensions, and the TCB status of platform, quoting enclave and TDX module
-(the level-matching rules of Intel's quote verification library)."""
+"""Intel PCS collateral for TDX and SGX quotes: TCB info, QE identity and CRLs with their signatures and
+issuer chains, the PCK certificate's SGX extensions, and the TCB status of platform, quoting enclave and (TDX)
+module (the level-matching rules of Intel's quote verification library)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from harness.attest.certs import Anchor, Cert, Chain, build_chain, load_pem_cert
 from harness.attest.checks import Findings, ecdsa_verify, raw_rs
 from harness.attest.errors import CollateralError, EvidenceError
 from harness.attest.policy import Policy
+from harness.attest.sgx import SgxQuote
 from harness.attest.tdx import TdxQuote
 
 OID_SGX_EXTENSIONS = x509.ObjectIdentifier("1.2.840.113741.1.13.1")
@@ -176,7 +177,7 @@ def parse_collateral(data: Mapping[str, Any]) -> Collateral:
 
 def check_collateral(
     found: Findings,
-    quote: TdxQuote,
+    quote: TdxQuote | SgxQuote,
     pck_chain: Sequence[Cert],
     data: Mapping[str, Any],
     anchors: Sequence[Anchor],
@@ -197,7 +198,7 @@ def check_collateral(
 
 def _evaluate(
     found: Findings,
-    quote: TdxQuote,
+    quote: TdxQuote | SgxQuote,
     pck_chain: Sequence[Cert],
     pck: PckExtensions,
     collateral: Collateral,
@@ -253,11 +254,12 @@ def _evaluate(
     qe_identity = collateral.qe_identity
     _check_window(found, "collateral.tcb_info", tcb_info, now)
     _check_window(found, "collateral.qe_identity", qe_identity, now)
-    if tcb_info.get("id") != "TDX" or tcb_info.get("version") != 3:
+    tee = "TDX" if isinstance(quote, TdxQuote) else "SGX"
+    if tcb_info.get("id") != tee or tcb_info.get("version") != 3:
         found.fail(
             "collateral-mismatch",
             "collateral.tcb_info",
-            f"TCB info is {tcb_info.get('id')!r} v{tcb_info.get('version')!r}, TDX quotes need TDX v3",
+            f"TCB info is {tcb_info.get('id')!r} v{tcb_info.get('version')!r}, {tee} quotes need {tee} v3",
         )
     if str(tcb_info.get("fmspc", "")).lower() != pck.fmspc.hex() or str(
         tcb_info.get("pceId", "")
@@ -268,18 +270,26 @@ def _evaluate(
             f"TCB info is for FMSPC {tcb_info.get('fmspc')} / PCE {tcb_info.get('pceId')}, the PCK "
             f"certificate says {pck.fmspc.hex()} / {pck.pce_id.hex()}",
         )
-    qe_status = _qe_status(found, quote, qe_identity)
-    platform = _platform_level(tcb_info, pck, quote.body.tee_tcb_svn)
-    module_status = _module_status(found, quote, tcb_info)
-    statuses = [platform.get("tcbStatus") if platform else None, qe_status, module_status]
+    qe_status = _qe_status(found, quote, qe_identity, "TD_QE" if tee == "TDX" else "QE")
+    if isinstance(quote, TdxQuote):
+        platform = _platform_level(tcb_info, pck, quote.body.tee_tcb_svn)
+        module_status = _module_status(found, quote, tcb_info)
+        statuses = [platform.get("tcbStatus") if platform else None, qe_status, module_status]
+        facts: dict[str, Any] = {"tee_tcb_svn": quote.body.tee_tcb_svn.hex()}
+        described = f"platform {statuses[0]}, QE {qe_status}, TDX module {module_status}"
+    else:
+        platform = _platform_level(tcb_info, pck, None)
+        statuses = [platform.get("tcbStatus") if platform else None, qe_status]
+        facts = {"cpu_svn_components": list(pck.components), "pce_svn": pck.pcesvn}
+        described = f"platform {statuses[0]}, QE {qe_status}"
     advisories = _texts(platform, "advisoryIDs") if platform else []
     status = None
     if platform is None:
         found.fail(
             "tcb-status",
             "tcb",
-            "no TCB level of the TCB info matches this platform (PCK CPUSVN, PCESVN "
-            "and TEE_TCB_SVN); Intel's verifier calls this TCB_NOT_SUPPORTED",
+            "no TCB level of the TCB info matches this platform (PCK CPUSVN, PCESVN"
+            f"{' and TEE_TCB_SVN' if tee == 'TDX' else ''}); Intel's verifier calls this TCB_NOT_SUPPORTED",
         )
     elif all(s in STATUS_ORDER for s in statuses):
         status = max(statuses, key=STATUS_ORDER.index)  # type: ignore[arg-type]
@@ -287,16 +297,15 @@ def _evaluate(
             found.fail(
                 "tcb-status",
                 "tcb",
-                f"TCB status {status} (platform {statuses[0]}, QE {qe_status}, TDX "
-                f"module {module_status}; advisories {', '.join(advisories) or 'none'}) is not one of "
-                f"{', '.join(policy.tcb_statuses)}",
+                f"TCB status {status} ({described}; advisories {', '.join(advisories) or 'none'}) is not "
+                f"one of {', '.join(policy.tcb_statuses)}",
             )
     return {
-        "tee_tcb_svn": quote.body.tee_tcb_svn.hex(),
+        **facts,
         "status": status,
         "platform_status": statuses[0],
         "qe_status": qe_status,
-        "module_status": module_status,
+        **({"module_status": statuses[2]} if tee == "TDX" else {}),
         "tcb_date": platform.get("tcbDate") if platform else None,
         "advisory_ids": advisories,
         "fmspc": pck.fmspc.hex(),
@@ -434,7 +443,9 @@ def _hex(body: Mapping[str, Any], key: str) -> bytes:
         return b""
 
 
-def _qe_status(found: Findings, quote: TdxQuote, identity: Mapping[str, Any]) -> str | None:
+def _qe_status(
+    found: Findings, quote: TdxQuote | SgxQuote, identity: Mapping[str, Any], wanted_id: str
+) -> str | None:
     qe = quote.qe_report
     mismatches = []
     if _hex(identity, "mrsigner") != qe.mrsigner:
@@ -449,8 +460,8 @@ def _qe_status(found: Findings, quote: TdxQuote, identity: Mapping[str, Any]) ->
     attr_mask = _hex(identity, "attributesMask")
     if _masked(qe.attributes, attr_mask) != _masked(_hex(identity, "attributes"), attr_mask):
         mismatches.append("ATTRIBUTES")
-    if identity.get("id") != "TD_QE":
-        mismatches.append(f"id {identity.get('id')!r} (TDX quotes need TD_QE)")
+    if identity.get("id") != wanted_id:
+        mismatches.append(f"id {identity.get('id')!r} (this quote needs {wanted_id})")
     if mismatches:
         found.fail(
             "qe-identity-mismatch",
@@ -461,14 +472,16 @@ def _qe_status(found: Findings, quote: TdxQuote, identity: Mapping[str, Any]) ->
 
 
 def _platform_level(
-    tcb_info: Mapping[str, Any], pck: PckExtensions, tee_tcb_svn: bytes
+    tcb_info: Mapping[str, Any], pck: PckExtensions, tee_tcb_svn: bytes | None
 ) -> Mapping[str, Any] | None:
-    start = 2 if tee_tcb_svn[1] > 0 else 0  # components 0 and 1 belong to the TDX module identity
+    """The first TCB level the platform meets: SGX components and PCESVN, and for TDX the TEE_TCB_SVN."""
+    svn = tee_tcb_svn or bytes(16)
+    start = 2 if svn[1] > 0 else 0  # components 0 and 1 belong to the TDX module identity
     for level in _maps(tcb_info, "tcbLevels"):
         try:
             tcb = level["tcb"]
             sgx = [int(c["svn"]) for c in tcb["sgxtcbcomponents"]]
-            tdx = [int(c["svn"]) for c in tcb["tdxtcbcomponents"]]
+            tdx = [int(c["svn"]) for c in tcb["tdxtcbcomponents"]] if tee_tcb_svn is not None else [0] * 16
             pcesvn = int(tcb["pcesvn"])
         except (KeyError, TypeError, ValueError):
             continue
@@ -477,7 +490,7 @@ def _platform_level(
         if (
             all(have >= need for have, need in zip(pck.components, sgx, strict=True))
             and pck.pcesvn >= pcesvn
-            and all(tee_tcb_svn[i] >= tdx[i] for i in range(start, 16))
+            and all(svn[i] >= tdx[i] for i in range(start, 16))
         ):
             return level
     return None

@@ -1,5 +1,5 @@
 """The lab CA: persistent AMD-, Intel- and enclave-shaped certificate chains, and the issuers of lab evidence
-(SNP reports, TDX quotes, attestation documents) in the vendors' exact wire formats."""
+(SNP reports, TDX and SGX quotes, attestation documents) in the vendors' exact wire formats."""
 
 from __future__ import annotations
 
@@ -30,20 +30,24 @@ from harness.attest.errors import EvidenceError, IssueError, LabAuthorityError
 from harness.attest.lab_collateral import (
     COLLATERAL_FILE,
     LAB_CPUSVN,
+    LAB_PCESVN,
     LAB_QE_ATTRIBUTES,
     LAB_QE_ISVPRODID,
     LAB_QE_ISVSVN,
+    LAB_SGX_QE_ISVPRODID,
+    SGX_COLLATERAL_FILE,
     issue_collateral,
     sgx_extension,
 )
 from harness.attest.nitro import ALG_ES384, encode_cose_sign1, encode_payload, sig_structure
+from harness.attest.sgx import SGX_FLAG_DEBUG, SGX_FLAG_MODE64BIT
 from harness.attest.snp import SIGNED_SIZE, TcbVersion, build_snp_report, write_snp_cert_table
 from harness.attest.tdx import (
-    CERT_DATA_PCK_CHAIN,
     CERT_DATA_QE_REPORT,
     EnclaveReport,
     QuoteHeader,
     TdReportBody,
+    qe_certification_bytes,
 )
 
 LAB_FORMAT = 1
@@ -59,6 +63,10 @@ LAB_QE_MRSIGNER = hashlib.sha256(b"teelab lab quoting enclave: signer").digest()
 LAB_MRSEAM = hashlib.sha384(b"teelab lab TDX module").digest()
 LAB_TEE_TCB_SVN = bytes.fromhex("06010300000000000000000000000000")
 DEFAULT_XFAM = 0x00000000000602E7
+SGX_FLAG_INIT = 1 << 0
+DEFAULT_SGX_ATTRIBUTES = (SGX_FLAG_INIT | SGX_FLAG_MODE64BIT).to_bytes(8, "little") + (0x3).to_bytes(
+    8, "little"
+)
 QE_AUTH_DATA = bytes(range(32))
 _P384_ORDER = (
     0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973
@@ -110,16 +118,23 @@ class LabCertificates:
 
     def tdx_collateral(self) -> dict[str, Any] | None:
         """The lab's TDX collateral (PCS JSON shape) for lab quotes, once a LabAuthority has issued it."""
+        return self._collateral(COLLATERAL_FILE)
+
+    def sgx_collateral(self) -> dict[str, Any] | None:
+        """The lab's SGX collateral (SGX TCB info, the QE identity) for lab SGX quotes, once issued."""
+        return self._collateral(SGX_COLLATERAL_FILE)
+
+    def _collateral(self, file: str) -> dict[str, Any] | None:
         try:
-            text = (self.directory / COLLATERAL_FILE).read_text()
+            text = (self.directory / file).read_text()
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise _unusable(self.directory, f"{COLLATERAL_FILE} unreadable ({exc})") from None
+            raise _unusable(self.directory, f"{file} unreadable ({exc})") from None
         try:
             value = json.loads(text)
         except ValueError as exc:
-            raise _unusable(self.directory, f"{COLLATERAL_FILE} is not JSON ({exc})") from None
+            raise _unusable(self.directory, f"{file} is not JSON ({exc})") from None
         return value if isinstance(value, dict) else None
 
     def vcek(self, tcb: TcbVersion) -> Cert | None:
@@ -225,7 +240,11 @@ class LabAuthority:
         self._chip_seed = chip_seed
         self._vcek_keys: dict[TcbVersion, ec.EllipticCurvePrivateKey] = {}
         self._lock = threading.Lock()
-        self._tdx_tail = self._quote_certification_tail()
+        self._tdx_tail = self._quote_certification_tail(LAB_QE_ISVPRODID, wrapped=True)
+        self._sgx_tails = {
+            3: self._quote_certification_tail(LAB_SGX_QE_ISVPRODID, wrapped=False),
+            4: self._quote_certification_tail(LAB_SGX_QE_ISVPRODID, wrapped=True),
+        }
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -266,6 +285,10 @@ class LabAuthority:
             with paths.exclusive_lock(directory / LOCK_FILE):
                 if not (directory / COLLATERAL_FILE).exists():
                     _issue_tdx_material(directory, keys, public)
+        if not (directory / SGX_COLLATERAL_FILE).exists():
+            with paths.exclusive_lock(directory / LOCK_FILE):
+                if not (directory / SGX_COLLATERAL_FILE).exists():
+                    _issue_sgx_collateral(directory, keys, public)
         authority = cls(public, keys, seed)
         authority.vcek()  # the VCEK of the lab's own TCB always exists
         _authorities[directory] = authority
@@ -473,6 +496,71 @@ class LabAuthority:
         sig_data = signature + self._tdx_tail
         return signed + struct.pack("<I", len(sig_data)) + sig_data
 
+    def sgx_quote(
+        self,
+        report_data: bytes,
+        *,
+        mrenclave: bytes,
+        mrsigner: bytes = bytes(32),
+        isv_prod_id: int = 0,
+        isv_svn: int = 0,
+        attributes: bytes = DEFAULT_SGX_ATTRIBUTES,
+        debug: bool = False,
+        misc_select: int = 0,
+        config_id: bytes = bytes(64),
+        config_svn: int = 0,
+        isv_ext_prod_id: bytes = bytes(16),
+        isv_family_id: bytes = bytes(16),
+        version: int = 3,
+    ) -> bytes:
+        """An SGX quote (v3 or v4) as the DCAP quoting library returns it for an enclave's REPORT: ECDSA P-256
+        over header+report with the lab attestation key, then the lab SGX QE report (ISVPRODID 1) signed by
+        the lab PCK leaf and the PCK chain PEM. ``debug`` sets ATTRIBUTES.DEBUG in ``attributes``."""
+        _check_len("report_data", report_data, 64)
+        _check_len("mrenclave", mrenclave, 32)
+        _check_len("mrsigner", mrsigner, 32)
+        _check_len("attributes", attributes, 16)
+        _check_len("config_id", config_id, 64)
+        _check_len("isv_ext_prod_id", isv_ext_prod_id, 16)
+        _check_len("isv_family_id", isv_family_id, 16)
+        for name, value, high in (
+            ("isv_prod_id", isv_prod_id, 0xFFFF),
+            ("isv_svn", isv_svn, 0xFFFF),
+            ("config_svn", config_svn, 0xFFFF),
+            ("misc_select", misc_select, 0xFFFFFFFF),
+        ):
+            _check_range(name, value, 0, high)
+        if version not in self._sgx_tails:
+            raise IssueError(f"SGX quote version {version}: the lab issues 3 or 4", field="version")
+        flags = int.from_bytes(attributes[:8], "little") | (SGX_FLAG_DEBUG if debug else 0)
+        body = EnclaveReport.build(
+            cpu_svn=LAB_CPUSVN,
+            misc_select=misc_select,
+            isv_ext_prod_id=bytes(isv_ext_prod_id),
+            attributes=flags.to_bytes(8, "little") + bytes(attributes[8:]),
+            mrenclave=bytes(mrenclave),
+            mrsigner=bytes(mrsigner),
+            config_id=bytes(config_id),
+            isv_prod_id=isv_prod_id,
+            isv_svn=isv_svn,
+            config_svn=config_svn,
+            isv_family_id=bytes(isv_family_id),
+            report_data=bytes(report_data),
+        )
+        header = QuoteHeader(
+            version,
+            2,
+            0,
+            LAB_PCESVN,
+            LAB_QE_ISVSVN,
+            LAB_QE_VENDOR_ID,
+            hashlib.sha256(LAB_QE_VENDOR_ID).digest()[:20],
+        )
+        signed = header.to_bytes() + body.to_bytes()
+        signature = _raw_signature(self._keys["intel-qe-ak"].sign(signed, ec.ECDSA(hashes.SHA256())), 32)
+        sig_data = signature + self._sgx_tails[version]
+        return signed + struct.pack("<I", len(sig_data)) + sig_data
+
     def attestation_document(
         self,
         *,
@@ -522,8 +610,10 @@ class LabAuthority:
         """ECDSA P-384/SHA-384 by the enclave leaf key, as COSE's raw r||s (96 bytes)."""
         return _raw_signature(self._keys["enclave-leaf"].sign(message, ec.ECDSA(hashes.SHA384())), 48)
 
-    def _quote_certification_tail(self) -> bytes:
-        """Everything of a lab quote's signature data after the quote signature: it never changes."""
+    def _quote_certification_tail(self, qe_prod_id: int, *, wrapped: bool) -> bytes:
+        """Everything of a lab quote's signature data after the quote signature: it never changes. The QE
+        report is the TD QE's (ISVPRODID 2) or the SGX QE's (1); ``wrapped`` puts it in certification data
+        type 6 (v4 quotes)."""
         ak = (
             self._keys["intel-qe-ak"]
             .public_key()
@@ -534,20 +624,17 @@ class LabAuthority:
             attributes=LAB_QE_ATTRIBUTES,
             mrenclave=LAB_QE_MRENCLAVE,
             mrsigner=LAB_QE_MRSIGNER,
-            isv_prod_id=LAB_QE_ISVPRODID,
+            isv_prod_id=qe_prod_id,
             isv_svn=LAB_QE_ISVSVN,
             report_data=hashlib.sha256(ak + QE_AUTH_DATA).digest() + bytes(32),
-        ).to_bytes()
-        qe_signature = _raw_signature(self._keys["intel-pck"].sign(qe_report, ec.ECDSA(hashes.SHA256())), 32)
-        chain = "".join(c.pem() for c in self.intel_chain()).encode() + b"\0"
-        qe_cert = (
-            qe_report
-            + qe_signature
-            + struct.pack("<H", len(QE_AUTH_DATA))
-            + QE_AUTH_DATA
-            + struct.pack("<HI", CERT_DATA_PCK_CHAIN, len(chain))
-            + chain
         )
+        qe_signature = _raw_signature(
+            self._keys["intel-pck"].sign(qe_report.to_bytes(), ec.ECDSA(hashes.SHA256())), 32
+        )
+        chain = "".join(c.pem() for c in self.intel_chain()).encode() + b"\0"
+        qe_cert = qe_certification_bytes(qe_report, qe_signature, QE_AUTH_DATA, chain)
+        if not wrapped:
+            return ak + qe_cert
         return ak + struct.pack("<HI", CERT_DATA_QE_REPORT, len(qe_cert)) + qe_cert
 
 
@@ -712,6 +799,23 @@ def _issue_tdx_material(directory: Path, keys: Mapping[str, Any], public: LabCer
     _write(directory / f"{TCB_SIGNING}.pem", _pem(signing), 0o644)
     _write(directory / f"{PCK_SGX}.pem", _pem(pck), 0o644)
     _write(directory / COLLATERAL_FILE, json.dumps(collateral, indent=2).encode() + b"\n", 0o644)
+
+
+def _issue_sgx_collateral(directory: Path, keys: Mapping[str, Any], public: LabCertificates) -> None:
+    """The lab SGX collateral (SGX TCB info, the SGX QE identity, the CRLs), signed like the TDX one by the
+    TCB signing certificate the TDX material made."""
+    signing = _read_cert(directory, f"{TCB_SIGNING}.pem").x509
+    pck = _read_cert(directory, f"{PCK_SGX}.pem").x509
+    collateral = issue_collateral(
+        root=(public.certs["intel-root"].x509, keys["intel-root"]),
+        pck_ca=(public.certs["intel-pck-ca"].x509, keys["intel-pck-ca"]),
+        tcb_signing=(signing, _read_key(directory, TCB_SIGNING)),
+        qe_mrsigner=LAB_QE_MRSIGNER,
+        tee_tcb_svn=None,
+        issued=LAB_EPOCH,
+        until=min(pck.not_valid_after_utc, signing.not_valid_after_utc),
+    )
+    _write(directory / SGX_COLLATERAL_FILE, json.dumps(collateral, indent=2).encode() + b"\n", 0o644)
 
 
 def _create(directory: Path) -> None:

@@ -1,6 +1,6 @@
-"""Lab TDX collateral: what Intel's PCS serves for a platform (TCB info, QE identity, the PCK and root CA CRLs
-with their issuer chains), in the PCS JSON shape ``verify(collateral=...)`` reads, signed by the lab's
-Intel-shaped chain; and the SGX extension of the lab PCK certificate that the TCB info is matched against."""
+"""Lab TDX and SGX collateral: what Intel's PCS serves for a platform (TCB info, QE identity, the PCK and
+root CA CRLs with their issuer chains), in the PCS JSON shape ``verify(collateral=...)`` reads, signed by the
+lab's Intel-shaped chain; and the SGX extension of the lab PCK certificate the TCB info is matched against."""
 
 from __future__ import annotations
 
@@ -16,12 +16,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 COLLATERAL_FILE = "tdx-collateral.json"
+SGX_COLLATERAL_FILE = "sgx-collateral.json"
 LAB_FMSPC = hashlib.sha256(b"teelab lab FMSPC").digest()[:6]
 LAB_PCE_ID = bytes(2)
 LAB_CPUSVN = bytes.fromhex("03030202040100050000000000000000")
 LAB_PCESVN = 13
 LAB_QE_ISVSVN = 6
-LAB_QE_ISVPRODID = 2
+LAB_QE_ISVPRODID = 2  # Intel's TD quoting enclave
+LAB_SGX_QE_ISVPRODID = 1  # Intel's SGX quoting enclave
 LAB_QE_ATTRIBUTES = bytes.fromhex("11000000000000000000000000000000")
 _SGX = "1.2.840.113741.1.13.1"
 
@@ -65,6 +67,28 @@ def _iso(moment: dt.datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def sgx_tcb_info(*, issued: dt.datetime, until: dt.datetime) -> dict[str, Any]:
+    """SGX TCB info v3 for the lab platform: one UpToDate level at the lab's CPUSVN and PCESVN."""
+    return {
+        "id": "SGX",
+        "version": 3,
+        "issueDate": _iso(issued),
+        "nextUpdate": _iso(until),
+        "fmspc": LAB_FMSPC.hex().upper(),
+        "pceId": LAB_PCE_ID.hex().upper(),
+        "tcbType": 0,
+        "tcbEvaluationDataNumber": 1,
+        "tcbLevels": [
+            {
+                "tcb": {"sgxtcbcomponents": [{"svn": svn} for svn in LAB_CPUSVN], "pcesvn": LAB_PCESVN},
+                "tcbDate": _iso(issued),
+                "tcbStatus": "UpToDate",
+                "advisoryIDs": [],
+            }
+        ],
+    }
+
+
 def tcb_info(tee_tcb_svn: bytes, *, issued: dt.datetime, until: dt.datetime) -> dict[str, Any]:
     """TDX TCB info v3 for the lab platform: one UpToDate level at the lab's CPUSVN, PCESVN and TEE_TCB_SVN,
     and the lab TDX module (MRSIGNERSEAM zero, SEAM attributes zero) at TEE_TCB_SVN's version and SVN."""
@@ -104,10 +128,13 @@ def tcb_info(tee_tcb_svn: bytes, *, issued: dt.datetime, until: dt.datetime) -> 
     }
 
 
-def qe_identity(mrsigner: bytes, *, issued: dt.datetime, until: dt.datetime) -> dict[str, Any]:
-    """The identity of the lab quoting enclave (TD_QE): its MRSIGNER, ISVPRODID, attributes, ISVSVN level."""
+def qe_identity(
+    mrsigner: bytes, *, issued: dt.datetime, until: dt.datetime, sgx: bool = False
+) -> dict[str, Any]:
+    """The identity of the lab quoting enclave (TD_QE, or QE for SGX quotes): its MRSIGNER, ISVPRODID,
+    attributes, ISVSVN level."""
     return {
-        "id": "TD_QE",
+        "id": "QE" if sgx else "TD_QE",
         "version": 2,
         "issueDate": _iso(issued),
         "nextUpdate": _iso(until),
@@ -117,7 +144,7 @@ def qe_identity(mrsigner: bytes, *, issued: dt.datetime, until: dt.datetime) -> 
         "attributes": LAB_QE_ATTRIBUTES.hex().upper(),
         "attributesMask": "FBFFFFFFFFFFFFFF0000000000000000",
         "mrsigner": mrsigner.hex().upper(),
-        "isvprodid": LAB_QE_ISVPRODID,
+        "isvprodid": LAB_SGX_QE_ISVPRODID if sgx else LAB_QE_ISVPRODID,
         "tcbLevels": [{"tcb": {"isvsvn": LAB_QE_ISVSVN}, "tcbDate": _iso(issued), "tcbStatus": "UpToDate"}],
     }
 
@@ -150,14 +177,21 @@ def issue_collateral(
     pck_ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
     tcb_signing: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
     qe_mrsigner: bytes,
-    tee_tcb_svn: bytes,
+    tee_tcb_svn: bytes | None,
     issued: dt.datetime,
     until: dt.datetime,
 ) -> dict[str, str]:
     """Signed lab collateral (the keys of ``verify(collateral=...)``): TCB info and QE identity signed by the
-    lab TCB signing key, an empty PCK CRL from the lab PCK CA and an empty root CA CRL from the lab root."""
-    tcb_text = json.dumps(tcb_info(tee_tcb_svn, issued=issued, until=until), separators=(",", ":"))
-    qe_text = json.dumps(qe_identity(qe_mrsigner, issued=issued, until=until), separators=(",", ":"))
+    lab TCB signing key, an empty PCK CRL from the lab PCK CA and an empty root CA CRL from the lab root.
+    TDX collateral for ``tee_tcb_svn``; SGX collateral when it is None."""
+    sgx = tee_tcb_svn is None
+    info = (
+        sgx_tcb_info(issued=issued, until=until)
+        if tee_tcb_svn is None
+        else tcb_info(tee_tcb_svn, issued=issued, until=until)
+    )
+    tcb_text = json.dumps(info, separators=(",", ":"))
+    qe_text = json.dumps(qe_identity(qe_mrsigner, issued=issued, until=until, sgx=sgx), separators=(",", ":"))
     signing_chain = _pem(tcb_signing[0], root[0])
     return {
         "tcb_info": tcb_text,

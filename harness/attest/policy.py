@@ -105,6 +105,8 @@ _BYTE_FIELDS = {
     "mrconfigid": 48,
     "mrowner": 48,
     "mrownerconfig": 48,
+    "mrenclave": 32,
+    "mrsigner": 32,
     "nonce": None,
     "public_key": None,
     "user_data": None,
@@ -132,6 +134,10 @@ class Policy:
     mrconfigid: bytes | None = None
     mrowner: bytes | None = None
     mrownerconfig: bytes | None = None
+    mrenclave: bytes | None = None
+    mrsigner: bytes | None = None
+    isv_prod_id: int | None = None
+    min_isv_svn: int | None = None
     allow_debug: bool = False
     allow_migrate_ma: bool = False
     allow_smt: bool = True
@@ -175,6 +181,12 @@ class Policy:
             or not 0 <= self.max_vmpl <= 3
         ):
             raise PolicyError(f"policy max_vmpl must be 0..3, got {self.max_vmpl!r}", field="max_vmpl")
+        for name in ("isv_prod_id", "min_isv_svn"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0xFFFF
+            ):
+                raise PolicyError(f"policy {name} must be 0..65535, got {value!r}", field=name)
         if self.min_tcb is not None and not isinstance(self.min_tcb, TcbVersion):
             try:
                 object.__setattr__(self, "min_tcb", TcbVersion.from_value(self.min_tcb))

@@ -11,16 +11,18 @@ from harness.attest.checks import evidence_time, malformed_verdict
 from harness.attest.errors import EvidenceTruncated, UnknownEvidenceFormat
 from harness.attest.nitro import AttestationDocument, looks_like_nitro, parse_attestation_document
 from harness.attest.policy import Policy
+from harness.attest.sgx import SgxQuote, looks_like_sgx, parse_sgx_quote
 from harness.attest.snp import REPORT_SIZE, SnpReport, looks_like_snp, parse_snp_report
 from harness.attest.tdx import TdxQuote, looks_like_tdx, parse_tdx_quote
 from harness.attest.tpm import looks_like_tpm
 from harness.attest.verdict import Reason, Verdict
 from harness.attest.verify_nitro import verify_nitro
+from harness.attest.verify_sgx import verify_sgx
 from harness.attest.verify_snp import verify_snp
 from harness.attest.verify_tdx import verify_tdx
 from harness.attest.verify_tpm import verify_tpm
 
-KINDS = ("snp", "tdx", "nitro")
+KINDS = ("snp", "tdx", "sgx", "nitro")
 
 
 def detect_kind(evidence: bytes) -> str:
@@ -32,6 +34,8 @@ def detect_kind(evidence: bytes) -> str:
         return "nitro"
     if len(evidence) == REPORT_SIZE and looks_like_snp(data):
         return "snp"  # TDX quotes are never 1184 bytes (at least 1226)
+    if looks_like_sgx(data):
+        return "sgx"  # before TDX: a v4 quote with tee_type 0 is SGX
     if looks_like_tdx(data):
         return "tdx"
     if looks_like_snp(data):
@@ -47,13 +51,15 @@ def detect_kind(evidence: bytes) -> str:
     )
 
 
-def parse(evidence: bytes, kind: str | None = None) -> SnpReport | TdxQuote | AttestationDocument:
+def parse(evidence: bytes, kind: str | None = None) -> SnpReport | TdxQuote | SgxQuote | AttestationDocument:
     """Decode evidence of ``kind`` (detected when None); raises E8xx errors that name the field."""
     kind = kind or detect_kind(evidence)
     if kind == "snp":
         return parse_snp_report(evidence)
     if kind == "tdx":
         return parse_tdx_quote(evidence)
+    if kind == "sgx":
+        return parse_sgx_quote(evidence)
     if kind == "nitro":
         return parse_attestation_document(evidence)
     raise UnknownEvidenceFormat(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}", field="kind")
@@ -87,6 +93,8 @@ def verify(
         verdict = verify_snp(evidence, policy, now=at, certificates=certificates)
     elif kind == "tdx":
         verdict = verify_tdx(evidence, policy, now=at, collateral=collateral)
+    elif kind == "sgx":
+        verdict = verify_sgx(evidence, policy, now=at, collateral=collateral)
     elif kind == "nitro":
         verdict = verify_nitro(evidence, policy, now=at)
     elif kind == "tpm":
@@ -104,6 +112,7 @@ def verify(
 PINS_BY_KIND = {
     "snp": ("measurement", "host_data", "min_tcb", "report_data"),
     "tdx": ("mrtd", "rtmrs", "mrconfigid", "mrowner", "mrownerconfig", "report_data"),
+    "sgx": ("mrenclave", "mrsigner", "isv_prod_id", "min_isv_svn", "report_data"),
     "nitro": ("pcrs", "module_id", "user_data"),
     "tpm": ("pcrs", "measurement", "host_data", "min_tcb"),  # the SNP values of a CVM's report beside it
 }
@@ -112,7 +121,12 @@ PINS_BY_KIND = {
 def foreign_pins(policy: Policy, kind: str) -> tuple[Reason, ...]:
     """A ``policy-kind-mismatch`` reason for each pinned value that evidence of ``kind`` does not carry."""
     carried = set(PINS_BY_KIND.get(kind, ()))
-    pinned = {name for names in PINS_BY_KIND.values() for name in names if getattr(policy, name)}
+    pinned = {
+        name
+        for names in PINS_BY_KIND.values()
+        for name in names
+        if getattr(policy, name) not in (None, {}, ())  # an ISVPRODID of 0 is a pin too
+    }
     return tuple(
         Reason("policy-kind-mismatch", name, f"the policy pins {name}, which {kind} evidence does not carry")
         for name in sorted(pinned - carried)

@@ -26,12 +26,14 @@ import pytest
 from asn1crypto import x509 as asn1_x509
 
 from harness.attest import EvidenceError, LabAuthority, Policy, Verdict, parse, parse_tdx_quote, verify
+from harness.attest.sgx import parse_sgx_quote, sgx_field_spans
 from harness.attest.tdx import quote_field_spans
 
 VECTORS = Path(__file__).parents[1] / "vectors"
 SNP_AT = dt.datetime(2025, 6, 1, tzinfo=dt.UTC)  # the VLEK expired 2025-12-10
 TDX_AT = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)  # the v5 PCK certificates start 2026-01
 COLLATERAL_AT = dt.datetime(2025, 6, 20, tzinfo=dt.UTC)  # inside the primary collateral's window
+SGX_AT = dt.datetime(2025, 6, 20, tzinfo=dt.UTC)  # inside the SGX collateral's window
 WHITESPACE = frozenset(b" \t\n\r\x0b\x0c\x00")  # NUL: the padding after a PEM chain
 EXHAUSTIVE = os.environ.get("TEELAB_EXHAUSTIVE_FLIPS") == "1"
 
@@ -58,8 +60,13 @@ def _pem_whitespace(data: bytes, start: int, end: int) -> Callable[[int, int], b
     return unread
 
 
-def _tdx_unread(quote: bytes) -> Callable[[int, int], bool]:
-    start, size = quote_field_spans(parse_tdx_quote(quote))["pck_chain"]
+def _tdx_unread(quote: bytes, kind: str = "tdx") -> Callable[[int, int], bool]:
+    spans = (
+        sgx_field_spans(parse_sgx_quote(quote))
+        if kind == "sgx"
+        else quote_field_spans(parse_tdx_quote(quote))
+    )
+    start, size = spans["pck_chain"]
     pem = _pem_whitespace(quote, start, start + size)
     trailer = start + size  # the trailer follows the PCK chain, the last field of the signature data
     return lambda offset, new: offset >= trailer or pem(offset, new)
@@ -110,6 +117,16 @@ def vendor_targets() -> Iterator[Target]:
             return verify(data, policy, now=TDX_AT)
 
         yield Target(f"tdx:{folder.removeprefix('extra/')}", quote, tdx, "tdx", _tdx_unread(quote))
+    sgx_quote = (VECTORS / "sgx" / "quote.bin").read_bytes()
+    sgx_collateral = json.loads((VECTORS / "sgx" / "collateral.json").read_text())
+    sgx_policy = Policy(tcb_statuses=("UpToDate", "ConfigurationAndSWHardeningNeeded"))
+    yield Target(
+        "sgx:phala_v3+collateral",
+        sgx_quote,
+        lambda data: verify(data, sgx_policy, now=SGX_AT, collateral=sgx_collateral),
+        "sgx",
+        _tdx_unread(sgx_quote, "sgx"),
+    )
     for folder, needs in (
         ("", {}),
         ("extra/dstack-attest_prod_userdata", {}),
@@ -136,6 +153,11 @@ def lab_targets(lab: LabAuthority) -> Iterator[Target]:
     )
     quote = lab.tdx_quote(bytes(64), mrtd=b"\x02" * 48, rtmrs=[b"\x03" * 48])
     yield Target("lab:tdx+lab collateral", quote, lab_verify, "tdx", _tdx_unread(quote))
+    for version in (3, 4):
+        quote = lab.sgx_quote(bytes(64), mrenclave=b"\x06" * 32, version=version)
+        yield Target(
+            f"lab:sgx v{version}+lab collateral", quote, lab_verify, "sgx", _tdx_unread(quote, "sgx")
+        )
     document = lab.attestation_document(
         pcrs={0: b"\x04" * 48, 1: b"\x05" * 48},
         public_key=b"a recipient key",
@@ -148,7 +170,13 @@ def lab_targets(lab: LabAuthority) -> Iterator[Target]:
 
 
 VENDOR = {t.name: t for t in vendor_targets()}
-LAB_NAMES = ("lab:snp", "lab:tdx+lab collateral", "lab:nitro")
+LAB_NAMES = (
+    "lab:snp",
+    "lab:tdx+lab collateral",
+    "lab:sgx v3+lab collateral",
+    "lab:sgx v4+lab collateral",
+    "lab:nitro",
+)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +242,8 @@ def test_every_truncation_and_extension_is_refused_unless_unread(
 ) -> None:
     chosen = target(name, lab_by_name)
     original = chosen.check(chosen.data)
-    trailer = len(parse_tdx_quote(chosen.data).trailer) if chosen.kind == "tdx" else 0
+    quotes = {"tdx": parse_tdx_quote, "sgx": parse_sgx_quote}
+    trailer = len(quotes[chosen.kind](chosen.data).trailer) if chosen.kind in quotes else 0
     pem = chosen.data.startswith(b"-----BEGIN")  # a PEM file may lose or gain whitespace at its end
     end = len(chosen.data)
     cuts = [
@@ -222,7 +251,7 @@ def test_every_truncation_and_extension_is_refused_unless_unread(
         for length in range(end)
     ]
     grown = [
-        (chosen.data + extra, chosen.kind == "tdx" or (pem and set(extra) <= WHITESPACE))
+        (chosen.data + extra, chosen.kind in quotes or (pem and set(extra) <= WHITESPACE))
         for extra in (b"\0", b"\xff" * 7, bytes(range(256)) * 16)
     ]
     for changed, unread in cuts + grown:
@@ -235,7 +264,7 @@ def test_every_truncation_and_extension_is_refused_unless_unread(
         assert verdict.ok == (not verdict.reasons)
         if verdict.ok:  # a TDX trailer that shrinks or grows changes only its own count
             assert unread, f"{name}: accepted {len(changed)} of {end} bytes"
-            count = {"trailing_bytes": original.claims["trailing_bytes"]} if chosen.kind == "tdx" else {}
+            count = {"trailing_bytes": original.claims["trailing_bytes"]} if chosen.kind in quotes else {}
             assert {**verdict.claims, **count} == original.claims
 
 
