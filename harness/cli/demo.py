@@ -18,10 +18,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "demo", help="run the main job: the KMS serves the expected CVM, refuses the other"
     )
     parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument(
+        "--tpm",
+        action="store_true",
+        help="the vTPM leg: an attested CVM unlocks its LUKS2 disk, another cannot",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.tpm:
+        from harness.cli.demo_tpm import run_tpm
+
+        return run_tpm(args)
     status = console.status("teelab demo: starting", spinner="dots") if not args.json else None
 
     def show(phase: Phase) -> None:

@@ -14,6 +14,7 @@ from teelab_guest.kms_client import KmsCallError, KmsClient, Transport
 
 from harness.attest.lab import default_lab_dir
 from harness.attest.tpm_ca import TpmAuthority
+from harness.demo_tpm import disk_key_policy
 from harness.kms import KmsServer
 from harness.lab import GuestBoot, Lab, tpm_guest
 from harness.qemu import VirtioBlkPci
@@ -22,26 +23,6 @@ from harness.tee.vtpm_attest import CertifiedAk, certify_ak
 from harness.tee.vtpm_disk import new_volume_key, unlock_disk
 
 pytestmark = pytest.mark.vm
-
-OPERATOR = "arn:aws:iam::000000000000:root"
-
-
-def disk_policy(pcrs: dict[int, bytes], measurement: str) -> dict[str, Any]:
-    """Decrypt (with a Recipient) for the measured CVM only; the operator may make volume keys, never read."""
-    return {
-        "Statement": [
-            {"Sid": "attested", "Effect": "Allow", "Principal": "*", "Action": "kms:Decrypt", "Condition": {
-                "StringEqualsIgnoreCase": {
-                    "teelab:RecipientAttestation:TpmPcr8": pcrs[8].hex(),
-                    "teelab:RecipientAttestation:TpmPcr9": pcrs[9].hex(),
-                    "teelab:RecipientAttestation:SnpMeasurement": measurement,
-                },
-                "StringEquals": {"teelab:RecipientAttestation:Root": "lab"},
-            }},
-            {"Sid": "operator", "Effect": "Allow", "Principal": {"AWS": OPERATOR},
-             "Action": ["kms:GenerateDataKeyWithoutPlaintext", "kms:DescribeKey"]},
-        ]
-    }  # fmt: skip
 
 
 def test_the_attested_cvm_opens_its_disk_after_a_reboot_and_another_command_line_cannot(
@@ -67,7 +48,7 @@ def test_the_attested_cvm_opens_its_disk_after_a_reboot_and_another_command_line
 
         plan, first, ak = boot("disk-1")
         pcrs = tpm_measure.predict(plan.spec.cmdline, cvm_image.initrd).pcrs
-        key = server.create_key(disk_policy(pcrs, plan.measurement_hex())).id
+        key = server.create_key(disk_key_policy(pcrs, plan.measurement_hex())).id
         blob = new_volume_key(operator, key)
         with pytest.raises(KmsCallError) as err:  # the operator who made it cannot read the volume key
             operator.call("Decrypt", {"CiphertextBlob": base64.b64encode(blob).decode(), "KeyId": key})
@@ -96,3 +77,24 @@ def test_the_attested_cvm_opens_its_disk_after_a_reboot_and_another_command_line
         assert other.agent.exec(["test", "-e", "/dev/mapper/teelab-data"]).returncode != 0
         lab.stop(other.machine)
     assert secret not in disk.read_bytes()
+
+
+@pytest.mark.slow
+def test_teelab_demo_tpm_unlocks_for_the_expected_cvm_only() -> None:
+    """The demo leg end to end, as a user runs it: its exit status and JSON."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "demo", "--tpm", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    result = json.loads(done.stdout)
+    assert done.returncode == 0 and result["ok"], done.stderr[-2000:]
+    phases = {p["name"]: p for p in result["phases"]}
+    assert phases["unlock"]["formatted"] and not phases["unlock"]["secret_in_disk_image"]
+    assert phases["modified"]["outcome"] == "refused (AccessDeniedException)"
+    assert phases["audit"]["decisions"] == ["allow", "allow", "deny"]

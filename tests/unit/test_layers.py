@@ -16,7 +16,7 @@ LAYER = {
     "agent": 4, "vsock": 4, "tee": 4, "kms": 4,
     "enclave": 5,
     "lab": 6,
-    "bench": 7, "demo": 7,
+    "bench": 7, "demo": 7, "demo_tpm": 7,
     "cli": 8, "pytest_plugin": 8,
 }  # fmt: skip
 
