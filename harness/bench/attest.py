@@ -19,6 +19,8 @@ def _issuer(lab: LabAuthority, kind: str) -> Callable[[int], bytes]:
         return lambda i: lab.snp_report(i.to_bytes(64, "big"), measurement=MEASUREMENT)
     if kind == "tdx":
         return lambda i: lab.tdx_quote(i.to_bytes(64, "big"), mrtd=MEASUREMENT)
+    if kind == "sgx":
+        return lambda i: lab.sgx_quote(i.to_bytes(64, "big"), mrenclave=MEASUREMENT[:32])
     return lambda i: lab.attestation_document(
         pcrs={0: MEASUREMENT, 1: bytes(48), 2: bytes(48)},
         public_key=None,
@@ -33,6 +35,8 @@ def _policy(kind: str, lab_dir: Path) -> Policy:
         return Policy(roots=("lab",), lab_dir=lab_dir, measurement=MEASUREMENT)
     if kind == "tdx":
         return Policy(roots=("lab",), lab_dir=lab_dir, mrtd=MEASUREMENT)
+    if kind == "sgx":
+        return Policy(roots=("lab",), lab_dir=lab_dir, mrenclave=MEASUREMENT[:32])
     return Policy(roots=("lab",), lab_dir=lab_dir, pcrs={0: MEASUREMENT})
 
 

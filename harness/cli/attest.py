@@ -37,7 +37,7 @@ _TEXT = set(string.hexdigits + string.ascii_letters + string.digits + "+/=_-\r\n
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    attest = sub.add_parser("attest", help="verify and inspect attestation evidence (SNP, TDX, Nitro)")
+    attest = sub.add_parser("attest", help="verify and inspect attestation evidence (SNP, TDX, SGX, Nitro)")
     commands = attest.add_subparsers(dest="attest", metavar="ACTION", required=True)
 
     check = commands.add_parser("verify", help="verify evidence against a policy; exit 0 only if it holds")
@@ -77,11 +77,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     issue = commands.add_parser("issue", help="issue lab evidence (for trying policies and tools)")
     issue.add_argument("kind", choices=KINDS)
     issue.add_argument("--out", type=Path, required=True)
-    issue.add_argument("--report-data", default="", help="hex, up to 64 bytes (SNP, TDX); zero-padded")
-    issue.add_argument("--measurement", default="", help="hex: SNP measurement / TDX MRTD / Nitro PCR0")
+    issue.add_argument("--report-data", default="", help="hex, up to 64 bytes (SNP, TDX, SGX); zero-padded")
+    issue.add_argument(
+        "--measurement", default="", help="hex: SNP measurement / TDX MRTD / SGX MRENCLAVE / Nitro PCR0"
+    )
     issue.add_argument("--nonce", help="hex (Nitro)")
     issue.add_argument(
-        "--debug", action="store_true", help="a debug guest (policy bit, TD attribute, zero PCRs)"
+        "--debug", action="store_true", help="a debug guest (policy bit, TD attribute, SGX DEBUG, zero PCRs)"
     )
     issue.add_argument("--lab-dir", type=Path)
     issue.set_defaults(func=run_issue)
@@ -211,6 +213,8 @@ def _print_verdict(verdict: Verdict) -> None:
     for key in (
         "measurement",
         "mrtd",
+        "mrenclave",
+        "mrsigner",
         "module_id",
         "report_data",
         "host_data",
@@ -336,7 +340,7 @@ def run_lab(args: argparse.Namespace) -> int:
 
 
 def run_issue(args: argparse.Namespace) -> int:
-    measurement = _hex_arg(args.measurement, "measurement", 48)
+    measurement = _hex_arg(args.measurement, "measurement", 32 if args.kind == "sgx" else 48)
     report_data = _hex_arg(args.report_data, "report-data", 64)
     nonce = None if args.nonce is None else _hex_arg(args.nonce, "nonce")
     _refuse_unwritable(args.out)
@@ -346,6 +350,8 @@ def run_issue(args: argparse.Namespace) -> int:
         evidence = lab.snp_report(report_data, measurement=measurement, policy=policy)
     elif args.kind == "tdx":
         evidence = lab.tdx_quote(report_data, mrtd=measurement, td_attributes=1 if args.debug else 0)
+    elif args.kind == "sgx":
+        evidence = lab.sgx_quote(report_data, mrenclave=measurement, debug=args.debug)
     else:
         pcr0 = bytes(48) if args.debug else measurement
         evidence = lab.attestation_document(

@@ -15,6 +15,7 @@ from teelab_guest.binding import report_data
 from harness.attest import EvidenceError, LabAuthority, Policy, detect_kind, parse, verify
 from harness.attest.errors import IssueError
 from harness.attest.sgx import SgxQuote, parse_sgx_quote, sgx_field_spans
+from harness.cli import main
 
 VECTORS = Path(__file__).parents[1] / "vectors"
 QUOTE = (VECTORS / "sgx" / "quote.bin").read_bytes()
@@ -165,3 +166,26 @@ def test_bad_issue_arguments_are_e821(lab: LabAuthority) -> None:
         with pytest.raises(IssueError) as caught:
             lab.sgx_quote(bytes(64), **kwargs)  # type: ignore[arg-type]
         assert caught.value.code == "E821" and caught.value.evidence["field"] == field
+
+
+def test_the_cli_issues_an_sgx_quote_and_verifies_it_and_the_genuine_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    quote = tmp_path / "sgx.bin"
+    assert main(["attest", "issue", "sgx", "--out", str(quote), "--measurement", "ab" * 32]) == 0
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'roots = ["lab"]\nmrenclave = "{"ab" * 32}"\nisv_prod_id = 0\n')
+    capsys.readouterr()
+    assert main(["attest", "verify", str(quote), "--policy", str(policy)]) == 0
+    out = capsys.readouterr().out
+    assert "VERIFIED sgx evidence, root: lab" in out and f"mrenclave: {'ab' * 32}" in out
+    policy.write_text(f'roots = ["lab"]\nmrenclave = "{"cd" * 32}"\n')
+    assert main(["attest", "verify", str(quote), "--policy", str(policy)]) == 1
+    assert "mrenclave-mismatch" in capsys.readouterr().out
+    intel = tmp_path / "intel.toml"
+    intel.write_text(f'tcb_statuses = ["{STATUS}"]\nmrsigner = "{MRSIGNER.hex()}"\n')
+    genuine = ["attest", "verify", str(VECTORS / "sgx" / "quote.bin"), "--policy", str(intel)]
+    collateral = ["--collateral", str(VECTORS / "sgx" / "collateral.json")]
+    assert main([*genuine, *collateral, "--at", "2025-06-20T00:00:00Z"]) == 0
+    assert main([*genuine, *collateral, "--at", "2025-08-01T00:00:00Z"]) == 1
+    assert "collateral-expired" in capsys.readouterr().out
