@@ -7,6 +7,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from teelab_guest import nsm_wire
 
@@ -14,6 +15,10 @@ from harness.bench.result import Bar, BenchResult
 from harness.enclave import build_eif, read_eif
 from harness.enclave.nsm import SecurityModule
 from harness.host import runtime
+
+if TYPE_CHECKING:
+    from harness.enclave.pool import ParentLayout
+    from harness.lab import Lab
 
 EIF_DESCRIBE_BAR_S = 1.0  # describe (read, CRC, PCRs) of an image with a 40 MiB ramdisk, 2-vCPU host
 NSM_ATTESTATION_BAR_MS = 20.0  # one Attestation request signed by the lab CA
@@ -114,3 +119,74 @@ def bench_enclave(runs: int) -> BenchResult:
     for name, values in (("plan", plans), ("boot", boots), ("app", apps)):
         result.extra[f"{name}_median_s"] = round(statistics.median(values), 3)
     return result
+
+
+CARVE_RATIO_BAR = 1.25  # carved enclave to heartbeat / the same image booted standalone to readiness
+
+
+def bench_carve(runs: int) -> BenchResult:
+    """Samples: carve-to-heartbeat over standalone-boot-to-readiness of the hello image, per run, both with
+    2 vCPUs pinned to the pool's host CPUs and 256 MiB of preallocated hugepages, the parent running beside;
+    extra: the carve, heartbeat (launch to heartbeat), give-back and standalone medians."""
+    from harness.enclave.recipes import build_enclave_image
+    from harness.lab import Lab
+
+    built = build_enclave_image("hello")
+    with Lab() as lab:
+        parent = lab.boot_parent(name="bench-parent")
+        result = BenchResult(
+            "carve",
+            "ratio",
+            {"image": "hello", "runs": runs, "accel": lab.host.accel, "mapping": parent.layout.reason},
+            bars=[Bar("median", "<=", CARVE_RATIO_BAR)],
+        )
+        host_cpus = [parent.layout.vcpu_host[v] for v in parent.layout.pool_vcpus]
+        carves, beats, backs, standalone = [], [], [], []
+        for index in range(runs):
+            enclave = parent.carve(built.path, memory_mib=256, cpu_count=2)
+            carves.append(enclave.carve_seconds)
+            beats.append(enclave.heartbeat_seconds)
+            start = time.perf_counter()
+            parent.terminate(enclave)
+            backs.append(time.perf_counter() - start)
+            standalone.append(_standalone_boot(lab, built.path, host_cpus, parent.layout, index))
+            result.samples.append(carves[-1] / standalone[-1])
+    for name, values in (
+        ("carve", carves),
+        ("heartbeat", beats),
+        ("give_back", backs),
+        ("standalone", standalone),
+    ):
+        result.extra[f"{name}_median_s"] = round(statistics.median(values), 3)
+    return result
+
+
+def _standalone_boot(lab: Lab, eif: Path, host_cpus: list[int], layout: ParentLayout, index: int) -> float:
+    """Seconds from planning ``eif`` to its readiness line, booted alone on the same CPUs and page size."""
+    from dataclasses import replace
+
+    from harness.enclave.carver import enclave_spec
+    from harness.enclave.run import plan_enclave
+    from harness.host.hugepages import ensure_pool
+    from harness.host.probe import hugepage_pools
+    from harness.lab import READY_PATTERN
+    from harness.qemu.machine import Machine
+
+    page_kib = layout.pool.page_kib
+    ensure_pool(page_kib, 256 * 1024 // page_kib)
+    host = replace(lab.host, hugepages=hugepage_pools(Path("/")))
+    start = time.perf_counter()
+    with plan_enclave(
+        eif, host=host, vcpus=2, memory_mib=256, agent=False, name=f"bench-alone-{index}"
+    ) as plan:
+        spec = enclave_spec(plan.spec, 256, page_kib, (), layout.node)
+        with Machine(spec, host) as machine:
+            machine.launch()
+            plan.release_files()
+            plan.serve(machine)
+            for vcpu, tid in machine.vcpu_threads().items():
+                os.sched_setaffinity(tid, {host_cpus[vcpu % len(host_cpus)]})
+            machine.wait_for_console(READY_PATTERN, 120)
+            seconds = time.perf_counter() - start
+            machine.kill()
+    return seconds

@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from harness.bench.enclave import bench_eif, bench_enclave, bench_nsm
+from harness.bench.enclave import bench_carve, bench_eif, bench_enclave, bench_nsm
 from harness.cli.arguments import positive_int, seconds
 from harness.cli.render import console, print_json, report
 from harness.enclave import EifImage, build_eif, describe_image, read_eif
@@ -273,11 +273,24 @@ def register_bench(kinds: argparse._SubParsersAction) -> None:
     enclave.add_argument("-n", "--runs", type=positive_int, default=3, help="number of boots (default: 3)")
     enclave.add_argument("--json", action="store_true", help="print JSON")
     enclave.set_defaults(func=run_bench_enclave)
+    carve = kinds.add_parser(
+        "carve",
+        help="a carved enclave to its heartbeat against the same image booted alone, and the give-back",
+    )
+    carve.add_argument("-n", "--runs", type=positive_int, default=3, help="number of carves (default: 3)")
+    carve.add_argument("--json", action="store_true", help="print JSON")
+    carve.set_defaults(func=run_bench_carve)
 
 
 def run_bench_enclave(args: argparse.Namespace) -> int:
     with console.status("booting enclaves", spinner="dots") if not args.json else contextlib.nullcontext():
         result = bench_enclave(args.runs)
+    return report(result, args.json)
+
+
+def run_bench_carve(args: argparse.Namespace) -> int:
+    with console.status("carving enclaves", spinner="dots") if not args.json else contextlib.nullcontext():
+        result = bench_carve(args.runs)
     return report(result, args.json)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from qemu_hosts import tcg_host
 
+from harness.cli import main
 from harness.enclave import build_eif, errors, run
 from harness.enclave.carver import enclave_spec
 from harness.enclave.pool import (
@@ -160,3 +161,12 @@ def test_the_hugepage_lock_keeps_a_second_lab_waiting_until_the_first_has_its_pa
         order.append("first done")
     thread.join(5)
     assert order == ["first done", "second"]
+
+
+@pytest.mark.parametrize("runs", ["0", "-1", "x"])
+def test_bench_carve_refuses_a_run_count_below_one_before_booting_anything(
+    runs: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bench", "carve", "-n", runs]) == 2
+    captured = capsys.readouterr()
+    assert "E102" in captured.err + captured.out
