@@ -53,6 +53,18 @@ def test_genuine_tdx_quotes_are_refused_by_a_lab_only_policy(folder: str, needs:
     assert verdict.codes == {"untrusted-root"} and verdict.root == "intel-sgx"
 
 
+def test_the_genuine_sgx_quote_verifies_with_its_collateral_and_not_for_a_lab_only_policy() -> None:
+    quote = (VECTORS / "sgx" / "quote.bin").read_bytes()
+    sgx_collateral = json.loads((VECTORS / "sgx" / "collateral.json").read_text())
+    statuses = {"tcb_statuses": ("ConfigurationAndSWHardeningNeeded",)}  # Intel's verdict on this platform
+    verdict = verify(quote, Policy(**statuses), now=COLLATERAL_AT, collateral=sgx_collateral)  # type: ignore[arg-type]
+    assert verdict.ok, verdict.reasons
+    assert (verdict.kind, verdict.root, verdict.claims["debug"]) == ("sgx", "intel-sgx", False)
+    lab_only = Policy(roots=("lab",), **statuses)  # type: ignore[arg-type]
+    refused = verify(quote, lab_only, now=COLLATERAL_AT, collateral=sgx_collateral)
+    assert refused.codes == {"untrusted-root"} and refused.root == "intel-sgx"
+
+
 def test_the_debug_td_is_refused_by_default() -> None:
     verdict = verify(tdx("extra/trustee_v4_exact_length"), Policy(**NO_COLLATERAL), now=TDX_AT)
     assert verdict.codes == {"debug-not-allowed"} and verdict.fields() == {"td_attributes"}
