@@ -20,6 +20,7 @@ from harness.enclave.pool import (
     MEMHP_ONLINE,
     EnclavePool,
     book_parent,
+    cpu_release_mode,
     boot_memory,
     hugepage_lock,
     layout_parent,
@@ -170,3 +171,10 @@ def test_bench_carve_refuses_a_run_count_below_one_before_booting_anything(
     assert main(["bench", "carve", "-n", runs]) == 2
     captured = capsys.readouterr()
     assert "E102" in captured.err + captured.out
+
+
+def test_vcpus_are_unplugged_where_qemu_can_plug_them_back() -> None:
+    host = tcg_host()
+    assert cpu_release_mode(host) == "offline"  # QEMU 7.2 under TCG crashes on a CPU device_add after a del
+    assert cpu_release_mode(replace(host, qemu=replace(host.qemu, version=(8, 2, 0)))) == "unplug"
+    assert cpu_release_mode(replace(host, accel="kvm")) == "unplug"
