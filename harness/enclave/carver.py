@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -49,6 +50,7 @@ from harness.vsock import VsockHost
 log = logging.getLogger(__name__)
 
 MIB = 1 << 20
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a VM name, and its vsock socket's file name
 HEARTBEAT_BASE_SECONDS = 60.0  # under TCG; nitro-cli scales its timeout with the image size too
 HEARTBEAT_SECONDS_PER_MIB = 0.5
 MEMORY_SETTLE_SECONDS = 60.0
@@ -188,6 +190,11 @@ class ParentVm:
                 cpu_count = DEFAULT_VCPUS
             self._count += 1
             name = name or f"{self.name}-enc{self._count}"
+            if not isinstance(name, str) or not _NAME.fullmatch(name):
+                raise errors.EnclaveCidInvalid(
+                    f"enclave name {name!r} is not a plain name",
+                    hint="use up to 64 letters, digits, '.', '_' and '-', starting with a letter or digit",
+                )
             if any(e.name == name for e in self.enclaves.values()):
                 raise errors.EnclaveCidInvalid(
                     f"an enclave named {name} already runs in {self.name}", hint="give another --enclave-name"

@@ -292,10 +292,11 @@ class EnclaveMemoryAlignment(CarveRefused):
 
 class EnclaveCidInvalid(CarveRefused):
     code = "E946"
-    title = "bad enclave CID"
+    title = "bad enclave CID or name"
     explanation = (
         "An enclave's CID is 4 or more (3 is its parent in the routing group; 0-2 are reserved), below "
-        "2**32 - 1, and not used by another enclave of the same parent."
+        "2**32 - 1, and not used by another enclave of the same parent; its name is a plain name (up to 64 "
+        "letters, digits, '.', '_' and '-') that no other enclave of the parent has."
     )
 
 

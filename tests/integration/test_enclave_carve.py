@@ -156,6 +156,7 @@ def test_carve_moves_cpus_and_hugepages_to_the_enclave_and_terminate_brings_them
         ({"memory_mib": 64}, "E932"),
         ({"memory_mib": 384}, "E938"),  # the parent would keep 384 MiB
         ({"cid": 3}, "E946"),  # the parent's own CID
+        ({"name": "../../escape"}, "E946"),  # a name becomes a VM name and a socket file name
     ],
 )
 def test_each_broken_rule_is_refused_with_its_code_and_leaves_nothing(
