@@ -57,10 +57,12 @@ class AttestationKey:
 
 
 class Tpm:
-    """One open TPM: ``transact`` sends a whole command and returns the whole response."""
+    """One open TPM: ``transact`` sends a whole command and returns the whole response; ``close`` ends the
+    connection (for ``/dev/tpmrm0``: the resource manager then flushes what this connection loaded)."""
 
-    def __init__(self, transact: Callable[[bytes], bytes]) -> None:
+    def __init__(self, transact: Callable[[bytes], bytes], close: Callable[[], None] = lambda: None) -> None:
         self.transact = transact
+        self.close = close
 
     @classmethod
     def open(cls, path: str = DEVICE) -> Tpm:
@@ -70,12 +72,7 @@ class Tpm:
             os.write(fd, command)
             return os.read(fd, 4096)
 
-        tpm = cls(transact)
-        tpm.close = lambda: os.close(fd)  # type: ignore[method-assign]
-        return tpm
-
-    def close(self) -> None:
-        pass
+        return cls(transact, lambda: os.close(fd))
 
     def __enter__(self) -> Tpm:
         return self
