@@ -9,6 +9,7 @@ socket either way.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -56,6 +57,7 @@ class VsockAttachment:
     backend: str
     devices: tuple[Device, ...]
     uds: Path | None = None  # the hybrid socket (user-space backends)
+    host_ports: bool = True  # False: no host listener serves it (an enclave talks to its parent only)
 
     @property
     def needs_shared_memory(self) -> bool:
@@ -89,9 +91,12 @@ class VsockHost:
         self._owner = f"vsock:{os.getpid()}:{id(self):x}"
 
     # -- VMs ------------------------------------------------------------------------------------
-    def attach(self, name: str, *, group: str | None = None, cid: int | None = None) -> VsockAttachment:
+    def attach(
+        self, name: str, *, group: str | None = None, cid: int | None = None, host_ports: bool = True
+    ) -> VsockAttachment:
         """Give VM ``name`` a vsock device. ``group`` names the VMs it may reach by CID (the CID is then
-        scoped to the group, so a parent can be CID 3 in each); without one it reaches only the host."""
+        scoped to the group, so a parent can be CID 3 in each); without one it reaches only the host.
+        Without ``host_ports`` no host listener (``listen``) accepts its connections: they are reset."""
         if name in self.attachments:
             raise VsockConfigError(f"VM {name} already has vsock", hint="detach it first or use another name")
         if group is not None and not _GROUP.fullmatch(group):
@@ -112,7 +117,7 @@ class VsockHost:
             cid = self._claim_cid(name, cid)
         assert cid is not None
         try:
-            attachment = self._attach(kind, name, group, cid)
+            attachment = dataclasses.replace(self._attach(kind, name, group, cid), host_ports=host_ports)
         except BaseException:
             self._release_cid(name)
             raise
@@ -300,7 +305,9 @@ class VsockListener:
         self.closed = False
 
     def _add_vm(self, attachment: VsockAttachment) -> None:
-        if attachment.uds is None or (self.vm is not None and attachment.name != self.vm):
+        if attachment.uds is None or not attachment.host_ports:
+            return
+        if self.vm is not None and attachment.name != self.vm:
             return
         path = listener_path(attachment.uds, self.port)
         self._register(attachment.name, listen_unix(path, self.backlog), path, attachment.cid)

@@ -381,3 +381,19 @@ def test_listen_with_kernel_backend_uses_af_vsock(
             pytest.skip(f"host kernel has no vsock transport: {exc}")
         assert listener._sockets[""][0].family == socket.AF_VSOCK
         listener.close()
+
+
+def test_a_vm_attached_without_host_ports_is_served_by_no_host_listener(
+    tmp_path: Path, ledger: Ledger, loop: EventLoopThread
+) -> None:
+    with make_host(ledger, loop, tmp_path, backend="builtin") as vsock:
+        vsock.attach("parent", group="g", cid=3)
+        vsock.attach("enclave", group="g", host_ports=False)  # an enclave reaches its parent, not the host
+        before = vsock.listen(9000)
+        named = vsock.listen(9001, vm="enclave")
+        vsock.attach("late", group="g", host_ports=False)
+        assert (vsock.runtime_dir / "parent.vsock_9000").exists()
+        for path in ("enclave.vsock_9000", "enclave.vsock_9001", "late.vsock_9000"):
+            assert not (vsock.runtime_dir / path).exists()  # a guest connecting there gets a reset
+        before.close()
+        named.close()
