@@ -120,9 +120,7 @@ class EccPublic:
 
     @property
     def name(self) -> bytes:
-        """The TPM name: nameAlg then the digest of the TPMT_PUBLIC."""
-        if self.name_alg != ALG_SHA256:
-            raise TpmFormatError(f"name algorithm {self.name_alg:#x} is not SHA-256")
+        """The TPM name: nameAlg (SHA-256, the only one parsed) then the TPMT_PUBLIC's digest."""
         return u16(self.name_alg) + hashlib.sha256(self.raw).digest()
 
 
@@ -144,11 +142,13 @@ def ak_spki_der(ak: EccPublic) -> bytes:
 
 
 def parse_ecc_public(raw: bytes) -> EccPublic:
-    """A TPMT_PUBLIC of type ECC (the AK)."""
+    """A TPMT_PUBLIC of type ECC with a SHA-256 name (the AK); TpmFormatError for anything else."""
     r = Reader(raw)
     if r.u16() != ALG_ECC:
         raise TpmFormatError("the key is not an ECC key")
     name_alg, attributes = r.u16(), r.u32()
+    if name_alg != ALG_SHA256:
+        raise TpmFormatError(f"name algorithm {name_alg:#x} is not SHA-256")
     r.tpm2b()  # authPolicy
     if r.u16() != ALG_NULL:
         raise TpmFormatError("a signing key has no symmetric algorithm")

@@ -336,3 +336,21 @@ def test_guest_inits_lean_extend_is_the_device_modules_command() -> None:
 
     Tpm(transact).pcr_extend(16, b"\x11" * 32)
     assert sent == [tpm_boot.pcr_extend_command(16, b"\x11" * 32)]
+
+
+def test_every_flipped_or_cut_byte_of_the_quote_and_signature_is_refused_without_raising(
+    booted: tuple[Guest, Path], ak: CertifiedAk, lab: LabAuthority
+) -> None:
+    """The AK signs every byte of TPMS_ATTEST: one flipped bit anywhere, or a cut, is refused; never an
+    exception, never ok."""
+    nonce = os.urandom(32)
+    evidence = quote(booted[0], ak, nonce)
+    good = policy(lab, nonce)
+    assert verify_tpm(evidence.to_bytes(), good).ok
+    for name in ("quote", "signature", "ak_public"):
+        value: bytes = getattr(evidence, name)
+        variants = [value[:i] + bytes([value[i] ^ 1 << (i % 8)]) + value[i + 1 :] for i in range(len(value))]
+        variants += [value[:cut] for cut in range(0, len(value), 7)] + [value + b"\0"]
+        for variant in variants:
+            verdict = verify_tpm(dataclasses.replace(evidence, **{name: variant}).to_bytes(), good)
+            assert not verdict.ok, (name, variant.hex())
