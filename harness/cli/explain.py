@@ -12,6 +12,7 @@ from harness.errors import REGISTRY, UsageError, explain
 from harness.host import errors as _host  # noqa: F401
 from harness.images import errors as _images  # noqa: F401
 from harness.kms import errors as _kms  # noqa: F401
+from harness.libvirt import errors as _libvirt  # noqa: F401
 from harness.qemu import errors as _qemu  # noqa: F401
 from harness.tee import errors as _tee  # noqa: F401
 from harness.vsock import errors as _vsock  # noqa: F401

@@ -13,7 +13,7 @@ LAYER = {
     "paths": 1, "aio": 1, "config": 1, "userfiles": 1,
     "host": 2,
     "qemu": 3, "images": 3, "attest": 3,
-    "agent": 4, "vsock": 4, "tee": 4, "kms": 4,
+    "agent": 4, "vsock": 4, "tee": 4, "kms": 4, "libvirt": 4,
     "enclave": 5,
     "lab": 6,
     "bench": 7, "demo": 7, "demo_tpm": 7,
