@@ -1,4 +1,4 @@
-"""The confidential-guest kernel (images/kernel-6.12.toml, the cvm-6.12 image): its config has the SEV-SNP
+"""The confidential-guest kernel (images/kernel-6.12.toml, the cvm612 image): its config has the SEV-SNP
 and TDX guest drivers and TSM reports, and booted under TCG guest-init says configfs-tsm is there but no
 provider is bound, so the guest's evidence comes from the emulated port, with that reason."""
 
@@ -35,7 +35,7 @@ def test_the_confidential_guest_kernel_has_sev_guest_tdx_guest_and_tsm_reports()
 
 def test_under_tcg_guest_init_reports_configfs_tsm_without_provider_and_uses_the_port() -> None:
     with Lab() as lab:
-        boot = lab.boot_cvm(images.build("cvm-6.12"), name="cvm-612")
+        boot = lab.boot_cvm(images.build("cvm612"), name="cvm612")
         deadline = time.monotonic() + 30
         while "evidence source:" not in boot.machine.console_text() and time.monotonic() < deadline:
             time.sleep(0.1)
