@@ -9,34 +9,27 @@ import hashlib
 import hmac
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from harness.attest.certs import PEM_CERTIFICATES, Anchor, Cert, build_chain, load_pem_certs
-from harness.attest.checks import Findings, check_chain, ecdsa_verify, raw_rs, trust_material
+from harness.attest.checks import (
+    Findings,
+    check_chain,
+    check_claims,
+    check_report_data_binding,
+    ecdsa_verify,
+    raw_rs,
+    trust_material,
+)
 from harness.attest.collateral import check_collateral
 from harness.attest.errors import EvidenceError
 from harness.attest.lab import LabCertificates
 from harness.attest.policy import Policy
-from harness.attest.tdx import INTEL_QE_VENDOR_ID, EnclaveReport, QuoteHeader
-
-
-class DcapQuote(Protocol):
-    """What the shared checks read of a TDX or SGX quote."""
-
-    header: QuoteHeader
-    signature: bytes
-    attestation_key: bytes
-    qe_report: EnclaveReport
-    qe_report_signature: bytes
-    qe_auth_data: bytes
-
-    @property
-    def pck_chain_pem(self) -> bytes: ...
-
-    def signed_bytes(self) -> bytes: ...
+from harness.attest.sgx import SgxQuote
+from harness.attest.tdx import INTEL_QE_VENDOR_ID, SignedQuote, TdxQuote
 
 
 @dataclass(frozen=True)
@@ -51,9 +44,34 @@ class QuoteTrust:
 
 
 def check_quote(
-    found: Findings, quote: DcapQuote, data: bytes, policy: Policy, now: dt.datetime
+    found: Findings, quote: SignedQuote, data: bytes, policy: Policy, now: dt.datetime
 ) -> QuoteTrust:
     """PCK chain, QE report signature and vendor, QE binding of the attestation key, quote signature."""
+    trust = _check_pck_chain(found, quote, policy, now)
+    binding = hashlib.sha256(quote.attestation_key + quote.qe_auth_data).digest() + bytes(32)
+    if not hmac.compare_digest(binding, quote.qe_report.report_data):
+        found.fail(
+            "qe-binding-invalid",
+            "qe_report.report_data",
+            "the QE report does not bind SHA-256(attestation key || QE auth data)",
+        )
+    try:
+        key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + quote.attestation_key)
+    except ValueError:
+        found.fail("signature-invalid", "attestation_key", "the attestation key is not a P-256 point")
+    else:
+        signed = data[: len(quote.signed_bytes())]
+        if not ecdsa_verify(key, raw_rs(quote.signature), signed, hashes.SHA256()):
+            found.fail(
+                "signature-invalid",
+                "signature",
+                "the quote signature does not verify with the attestation key",
+            )
+    return trust
+
+
+def _check_pck_chain(found: Findings, quote: SignedQuote, policy: Policy, now: dt.datetime) -> QuoteTrust:
+    """The PCK chain to a root, the QE report signed by the PCK, Intel's QE vendor under Intel's root."""
     anchors, lab = trust_material(policy)
     root = anchor = None
     try:
@@ -95,31 +113,12 @@ def check_quote(
                 "qe_vendor_id",
                 f"QE vendor {quote.header.qe_vendor_id.hex()} is not Intel's quoting enclave",
             )
-    binding = hashlib.sha256(quote.attestation_key + quote.qe_auth_data).digest() + bytes(32)
-    if not hmac.compare_digest(binding, quote.qe_report.report_data):
-        found.fail(
-            "qe-binding-invalid",
-            "qe_report.report_data",
-            "the QE report does not bind SHA-256(attestation key || QE auth data)",
-        )
-    try:
-        key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + quote.attestation_key)
-    except ValueError:
-        found.fail("signature-invalid", "attestation_key", "the attestation key is not a P-256 point")
-    else:
-        signed = data[: len(quote.signed_bytes())]
-        if not ecdsa_verify(key, raw_rs(quote.signature), signed, hashes.SHA256()):
-            found.fail(
-                "signature-invalid",
-                "signature",
-                "the quote signature does not verify with the attestation key",
-            )
     return QuoteTrust(root, anchor, tuple(pck_chain), lab, anchors)
 
 
 def check_quote_collateral(
     found: Findings,
-    quote: Any,
+    quote: TdxQuote | SgxQuote,
     trust: QuoteTrust,
     policy: Policy,
     now: dt.datetime,
@@ -150,3 +149,42 @@ def check_quote_collateral(
     return check_collateral(
         found, quote, trust.pck_chain, collateral, trust.anchors, trust.anchor, policy, now
     )
+
+
+def header_claims(quote: SignedQuote, kind: str) -> dict[str, Any]:
+    """The quote header's fields as claims, after ``kind``."""
+    return {"kind": kind, **quote.header_dict()}
+
+
+def signature_claims(quote: SignedQuote) -> dict[str, Any]:
+    """The attestation key, the QE report (but its reserved fields), QE auth data and the trailer's count."""
+    return {
+        "attestation_key": quote.attestation_key.hex(),
+        "qe_report": {k: v for k, v in quote.qe_report.to_dict().items() if not k.startswith("reserved")},
+        "qe_auth_data": quote.qe_auth_data.hex(),
+        "trailing_bytes": len(quote.trailer),
+    }
+
+
+def finish_quote(
+    found: Findings,
+    quote: TdxQuote | SgxQuote,
+    trust: QuoteTrust,
+    policy: Policy,
+    now: dt.datetime,
+    collateral: Mapping[str, Any] | None,
+    lab_collateral: Callable[[LabCertificates], Mapping[str, Any] | None],
+    report_data: bytes,
+    claims: dict[str, Any],
+) -> None:
+    """Collateral (its TCB claims into ``claims["tcb"]``), then report_data against the policy's binding and
+    nonce book (after the collateral: a quote from a revoked PCK is not authentic and must not use up its
+    nonce), and the pinned claims."""
+    kind = str(claims["kind"]).upper()
+    tcb = check_quote_collateral(found, quote, trust, policy, now, collateral, lab_collateral, kind)
+    if tcb is not None:
+        claims["tcb"] = tcb
+    check_report_data_binding(found, policy, report_data, claims)
+    if policy.max_age is not None:
+        found.note(f"{kind} quotes carry no time; max_age is not applied (freshness comes from the nonce)")
+    check_claims(found, policy.claims, claims)

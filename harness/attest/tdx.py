@@ -186,8 +186,64 @@ class EnclaveReport:
         }
 
 
+class SignedQuote:
+    """What TDX and SGX quotes share after their body: the ECDSA signature data (quote signature, attestation
+    key, QE report certification data), wrapped as certification data type 6 unless ``wraps_qe_certification``
+    is false (SGX v3), and the unread trailer."""
+
+    header: QuoteHeader
+    signature: bytes
+    attestation_key: bytes
+    qe_report: EnclaveReport
+    qe_report_signature: bytes
+    qe_auth_data: bytes
+    pck_chain: bytes
+    trailer: bytes
+
+    @property
+    def version(self) -> int:
+        return self.header.version
+
+    @property
+    def wraps_qe_certification(self) -> bool:
+        return True
+
+    def signed_bytes(self) -> bytes:
+        raise NotImplementedError
+
+    def signature_data(self) -> bytes:
+        qe_cert = qe_certification_bytes(
+            self.qe_report, self.qe_report_signature, self.qe_auth_data, self.pck_chain
+        )
+        if self.wraps_qe_certification:
+            qe_cert = struct.pack("<HI", CERT_DATA_QE_REPORT, len(qe_cert)) + qe_cert
+        return self.signature + self.attestation_key + qe_cert
+
+    def to_bytes(self) -> bytes:
+        sig_data = self.signature_data()
+        return self.signed_bytes() + struct.pack("<I", len(sig_data)) + sig_data + self.trailer
+
+    @property
+    def pck_chain_pem(self) -> bytes:
+        return self.pck_chain.rstrip(b"\0")
+
+    def header_dict(self) -> dict[str, Any]:
+        return {name: _hexed(getattr(self.header, name)) for name in _HEADER_FIELDS}
+
+    def signature_dict(self) -> dict[str, Any]:
+        return {
+            "signature": self.signature.hex(),
+            "attestation_key": self.attestation_key.hex(),
+            "qe_report": self.qe_report.to_dict(),
+            "qe_report_signature": self.qe_report_signature.hex(),
+            "qe_auth_data": self.qe_auth_data.hex(),
+            "pck_chain": self.pck_chain_pem.decode("ascii", "replace"),
+            "trailing_bytes": len(self.trailer),
+        }
+
+
 @dataclass(frozen=True)
-class TdxQuote:
+class TdxQuote(SignedQuote):
     """A TDX quote with its ECDSA signature data; ``to_bytes()`` writes back the exact input."""
 
     header: QuoteHeader
@@ -201,10 +257,6 @@ class TdxQuote:
     body_type: int | None = None
     trailer: bytes = b""
 
-    @property
-    def version(self) -> int:
-        return self.header.version
-
     def signed_bytes(self) -> bytes:
         """Header and body: what the attestation key signs."""
         body = self.body.to_bytes()
@@ -212,27 +264,8 @@ class TdxQuote:
             return self.header.to_bytes() + struct.pack("<HI", self.body_type or 0, len(body)) + body
         return self.header.to_bytes() + body
 
-    def signature_data(self) -> bytes:
-        qe_cert = qe_certification_bytes(
-            self.qe_report, self.qe_report_signature, self.qe_auth_data, self.pck_chain
-        )
-        return (
-            self.signature
-            + self.attestation_key
-            + struct.pack("<HI", CERT_DATA_QE_REPORT, len(qe_cert))
-            + qe_cert
-        )
-
-    def to_bytes(self) -> bytes:
-        sig_data = self.signature_data()
-        return self.signed_bytes() + struct.pack("<I", len(sig_data)) + sig_data + self.trailer
-
-    @property
-    def pck_chain_pem(self) -> bytes:
-        return self.pck_chain.rstrip(b"\0")
-
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {name: _hexed(getattr(self.header, name)) for name in _HEADER_FIELDS}
+        out = self.header_dict()
         if self.body_type is not None:
             out["body_type"] = self.body_type
         out.update(
@@ -243,14 +276,7 @@ class TdxQuote:
             }
         )
         out["debug"] = self.body.debug
-        out["signature"] = self.signature.hex()
-        out["attestation_key"] = self.attestation_key.hex()
-        out["qe_report"] = self.qe_report.to_dict()
-        out["qe_report_signature"] = self.qe_report_signature.hex()
-        out["qe_auth_data"] = self.qe_auth_data.hex()
-        out["pck_chain"] = self.pck_chain_pem.decode("ascii", "replace")
-        out["trailing_bytes"] = len(self.trailer)
-        return out
+        return out | self.signature_dict()
 
 
 def _hexed(value: object) -> object:
@@ -296,25 +322,76 @@ def read_qe_certification(sig: Reader) -> tuple[EnclaveReport, bytes, bytes, byt
     return qe_report, qe_report_signature, qe_auth_data, sig.take(inner_size, "pck_chain")
 
 
+def read_header(reader: Reader, versions: tuple[int, int], tee_type: int) -> QuoteHeader:
+    """The 48-byte quote header; its version must be one of ``versions``, its key ECDSA P-256, its tee_type
+    ``tee_type`` (raises E803 naming the field)."""
+    kind = reader.kind
+    header = QuoteHeader(*_HEADER.unpack(reader.take(HEADER_SIZE, "header")))
+    if header.version not in versions:
+        raise EvidenceUnsupported(
+            f"{kind}: quote version {header.version}, not {versions[0]} or {versions[1]}",
+            field="version",
+            kind=kind,
+        )
+    if header.att_key_type != ATT_KEY_TYPE_ECDSA_P256:
+        raise EvidenceUnsupported(
+            f"{kind}: attestation key type {header.att_key_type}, only 2 (ECDSA P-256) is supported",
+            field="att_key_type",
+            kind=kind,
+        )
+    if header.tee_type != tee_type:
+        raise EvidenceUnsupported(
+            f"{kind}: tee_type {header.tee_type:#x} is not {kind.upper()} ({tee_type:#x})",
+            field="tee_type",
+            kind=kind,
+        )
+    return header
+
+
+def read_signature_data(reader: Reader, *, wrapped: bool) -> dict[str, Any]:
+    """The signature data length and signature data after a quote's body, and the trailer after them, as
+    the keyword arguments of the quote's signature fields (``SignedQuote``)."""
+    kind, data = reader.kind, reader.data
+    sig_size = reader.u32("signature_data_size")
+    sig_end = reader.pos + sig_size
+    if sig_end > len(data):
+        reader.take(sig_size, "signature_data", size_field="signature_data_size")  # raises: truncated
+    sig = Reader(data, kind, offset=reader.pos, end=sig_end)
+    signature = sig.take(64, "signature")
+    attestation_key = sig.take(64, "attestation_key")
+    if wrapped:
+        cert_type = sig.u16("certification_data.type")
+        if cert_type != CERT_DATA_QE_REPORT:
+            raise EvidenceUnsupported(
+                f"{kind}: certification data type {cert_type}, only 6 (QE report certification data) is "
+                "supported",
+                field="certification_data.type",
+                kind=kind,
+            )
+        cert_size = sig.u32("certification_data.size")
+        if cert_size != sig.remaining:
+            raise EvidenceError(
+                f"{kind}: certification data says {cert_size} bytes, signature data leaves {sig.remaining}",
+                field="certification_data.size",
+                kind=kind,
+            )
+    qe_report, qe_report_signature, qe_auth_data, pck_chain = read_qe_certification(sig)
+    return {
+        "signature": signature,
+        "attestation_key": attestation_key,
+        "qe_report": qe_report,
+        "qe_report_signature": qe_report_signature,
+        "qe_auth_data": qe_auth_data,
+        "pck_chain": pck_chain,
+        "trailer": data[sig_end:],
+    }
+
+
 def parse_tdx_quote(data: bytes) -> TdxQuote:
     """Decode a v4 or v5 TDX quote; raises E801-E803 naming the offending field."""
     data = bytes(data)
     reader = Reader(data, "tdx")
-    header = QuoteHeader(*_HEADER.unpack(reader.take(HEADER_SIZE, "header")))
-    if header.version not in (4, 5):
-        raise EvidenceUnsupported(
-            f"tdx: quote version {header.version}, not 4 or 5", field="version", kind="tdx"
-        )
-    if header.att_key_type != ATT_KEY_TYPE_ECDSA_P256:
-        raise EvidenceUnsupported(
-            f"tdx: attestation key type {header.att_key_type}, only 2 (ECDSA P-256) is supported",
-            field="att_key_type",
-            kind="tdx",
-        )
-    if header.tee_type != TEE_TYPE_TDX:
-        raise EvidenceUnsupported(
-            f"tdx: tee_type {header.tee_type:#x} is not TDX (0x81)", field="tee_type", kind="tdx"
-        )
+    header = read_header(reader, (4, 5), TEE_TYPE_TDX)
     body_type = None
     body_size = TD10_SIZE
     if header.version == 5:
@@ -335,51 +412,15 @@ def parse_tdx_quote(data: bytes) -> TdxQuote:
             )
     layout = _TD10_LAYOUT + (_TD15_EXTRA if body_size == TD15_SIZE else ())
     body = TdReportBody(**{name: reader.take(size, name) for name, size in layout})
-
-    sig_size = reader.u32("signature_data_size")
-    sig_end = reader.pos + sig_size
-    if sig_end > len(data):
-        reader.take(sig_size, "signature_data", size_field="signature_data_size")  # raises: truncated
-    sig = Reader(data, "tdx", offset=reader.pos, end=sig_end)
-    signature = sig.take(64, "signature")
-    attestation_key = sig.take(64, "attestation_key")
-    cert_type = sig.u16("certification_data.type")
-    if cert_type != CERT_DATA_QE_REPORT:
-        raise EvidenceUnsupported(
-            f"tdx: certification data type {cert_type}, only 6 (QE report certification data) is supported",
-            field="certification_data.type",
-            kind="tdx",
-        )
-    cert_size = sig.u32("certification_data.size")
-    if cert_size != sig.remaining:
-        raise EvidenceError(
-            f"tdx: certification data says {cert_size} bytes, signature data leaves {sig.remaining}",
-            field="certification_data.size",
-            kind="tdx",
-        )
-    qe_report, qe_report_signature, qe_auth_data, pck_chain = read_qe_certification(sig)
     return TdxQuote(
-        header=header,
-        body=body,
-        signature=signature,
-        attestation_key=attestation_key,
-        qe_report=qe_report,
-        qe_report_signature=qe_report_signature,
-        qe_auth_data=qe_auth_data,
-        pck_chain=pck_chain,
-        body_type=body_type,
-        trailer=data[sig_end:],
+        header=header, body=body, body_type=body_type, **read_signature_data(reader, wrapped=True)
     )
 
 
 def quote_field_spans(quote: TdxQuote) -> dict[str, tuple[int, int]]:
     """name -> (offset, size) of every field of ``quote`` as written by ``to_bytes()``."""
-    spans: dict[str, tuple[int, int]] = {}
-    offset = 0
-    for name, code in zip(_HEADER_FIELDS, ("H", "H", "I", "H", "H", "16s", "20s"), strict=True):
-        size = struct.calcsize("<" + code)
-        spans[name] = (offset, size)
-        offset += size
+    spans = header_spans()
+    offset = HEADER_SIZE
     if quote.version == 5:
         spans["body_type"] = (offset, 2)
         spans["body_size"] = (offset + 2, 4)
@@ -387,16 +428,29 @@ def quote_field_spans(quote: TdxQuote) -> dict[str, tuple[int, int]]:
     for name, size in _TD10_LAYOUT + (_TD15_EXTRA if quote.body.is_td15 else ()):
         spans[name] = (offset, size)
         offset += size
-    for name, size in (
-        ("signature_data_size", 4),
-        ("signature", 64),
-        ("attestation_key", 64),
-        ("certification_data.type", 2),
-        ("certification_data.size", 4),
-    ):
+    return spans | signature_data_spans(offset, quote)
+
+
+def signature_data_spans(offset: int, quote: SignedQuote) -> dict[str, tuple[int, int]]:
+    """name -> (offset, size) of the signature data length and signature data written at ``offset``."""
+    layout = [("signature_data_size", 4), ("signature", 64), ("attestation_key", 64)]
+    if quote.wraps_qe_certification:
+        layout += [("certification_data.type", 2), ("certification_data.size", 4)]
+    spans = {}
+    for name, size in layout:
         spans[name] = (offset, size)
         offset += size
-    spans.update(qe_certification_spans(offset, quote.qe_auth_data, quote.pck_chain))
+    return spans | qe_certification_spans(offset, quote.qe_auth_data, quote.pck_chain)
+
+
+def header_spans() -> dict[str, tuple[int, int]]:
+    """name -> (offset, size) of each field of the quote header."""
+    spans = {}
+    offset = 0
+    for name, code in zip(_HEADER_FIELDS, ("H", "H", "I", "H", "H", "16s", "20s"), strict=True):
+        size = struct.calcsize("<" + code)
+        spans[name] = (offset, size)
+        offset += size
     return spans
 
 

@@ -10,12 +10,10 @@ from typing import Any
 
 from harness.attest.checks import (
     Findings,
-    check_claims,
-    check_report_data_binding,
     check_value,
     malformed_verdict,
 )
-from harness.attest.dcap import check_quote, check_quote_collateral
+from harness.attest.dcap import check_quote, finish_quote, header_claims, signature_claims
 from harness.attest.errors import EvidenceError
 from harness.attest.lab import LabCertificates
 from harness.attest.policy import Policy
@@ -25,17 +23,8 @@ from harness.attest.verdict import Verdict
 
 def sgx_claims(quote: SgxQuote) -> dict[str, Any]:
     """The quote's facts as JSON-ready claims under the report's field names (docs/attestation.md)."""
-    header, body = quote.header, quote.body
-    claims: dict[str, Any] = {
-        "kind": "sgx",
-        "version": header.version,
-        "att_key_type": header.att_key_type,
-        "tee_type": header.tee_type,
-        "pce_svn": header.pce_svn,
-        "qe_svn": header.qe_svn,
-        "qe_vendor_id": header.qe_vendor_id.hex(),
-        "user_data": header.user_data.hex(),
-    }
+    body = quote.body
+    claims = header_claims(quote, "sgx")
     claims.update(
         {
             f.name: value.hex() if isinstance(value, bytes) else value
@@ -48,12 +37,8 @@ def sgx_claims(quote: SgxQuote) -> dict[str, Any]:
         debug=quote.debug,
         flags=flags(body),
         tcb={"cpu_svn": body.cpu_svn.hex(), "status": None},
-        attestation_key=quote.attestation_key.hex(),
-        qe_report={k: v for k, v in quote.qe_report.to_dict().items() if not k.startswith("reserved")},
-        qe_auth_data=quote.qe_auth_data.hex(),
-        trailing_bytes=len(quote.trailer),
     )
-    return claims
+    return claims | signature_claims(quote)
 
 
 def verify_sgx(
@@ -83,14 +68,7 @@ def verify_sgx(
             "isv_svn",
             f"ISVSVN is {body.isv_svn}, the policy needs at least {policy.min_isv_svn}",
         )
-    tcb = check_quote_collateral(
-        found, quote, trust, policy, now, collateral, LabCertificates.sgx_collateral, "SGX"
+    finish_quote(
+        found, quote, trust, policy, now, collateral, LabCertificates.sgx_collateral, body.report_data, claims
     )
-    if tcb is not None:
-        claims["tcb"] = tcb
-    # after the collateral: a quote from a revoked PCK is not authentic and must not use up its nonce
-    check_report_data_binding(found, policy, body.report_data, claims)
-    if policy.max_age is not None:
-        found.note("SGX quotes carry no time; max_age is not applied (freshness comes from the nonce)")
-    check_claims(found, policy.claims, claims)
     return found.verdict("sgx", trust.root, claims)

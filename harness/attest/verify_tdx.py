@@ -10,12 +10,10 @@ from typing import Any
 
 from harness.attest.checks import (
     Findings,
-    check_claims,
-    check_report_data_binding,
     check_value,
     malformed_verdict,
 )
-from harness.attest.dcap import check_quote, check_quote_collateral
+from harness.attest.dcap import check_quote, finish_quote, header_claims, signature_claims
 from harness.attest.errors import EvidenceError
 from harness.attest.lab import LabCertificates
 from harness.attest.policy import Policy
@@ -28,17 +26,8 @@ _RTMR_FIELDS = ("rtmr0", "rtmr1", "rtmr2", "rtmr3")
 def tdx_claims(quote: TdxQuote) -> dict[str, Any]:
     """The quote's facts as JSON-ready claims under the quote's field names, plus derived ones
     (documented in docs/attestation.md)."""
-    header, body = quote.header, quote.body
-    claims: dict[str, Any] = {
-        "kind": "tdx",
-        "version": header.version,
-        "att_key_type": header.att_key_type,
-        "tee_type": header.tee_type,
-        "pce_svn": header.pce_svn,
-        "qe_svn": header.qe_svn,
-        "qe_vendor_id": header.qe_vendor_id.hex(),
-        "user_data": header.user_data.hex(),
-    }
+    body = quote.body
+    claims = header_claims(quote, "tdx")
     if quote.body_type is not None:
         claims["body_type"] = quote.body_type
     claims.update(
@@ -48,12 +37,8 @@ def tdx_claims(quote: TdxQuote) -> dict[str, Any]:
         rtmrs=[r.hex() for r in body.rtmrs],
         debug=body.debug,
         tcb={"tee_tcb_svn": body.tee_tcb_svn.hex(), "status": None},
-        attestation_key=quote.attestation_key.hex(),
-        qe_report={k: v for k, v in quote.qe_report.to_dict().items() if not k.startswith("reserved")},
-        qe_auth_data=quote.qe_auth_data.hex(),
-        trailing_bytes=len(quote.trailer),
     )
-    return claims
+    return claims | signature_claims(quote)
 
 
 def verify_tdx(
@@ -76,14 +61,15 @@ def verify_tdx(
     check_value(
         found, "mrownerconfig-mismatch", "mrownerconfig", policy.mrownerconfig, quote.body.mrownerconfig
     )
-    tcb = check_quote_collateral(
-        found, quote, trust, policy, now, collateral, LabCertificates.tdx_collateral, "TDX"
+    finish_quote(
+        found,
+        quote,
+        trust,
+        policy,
+        now,
+        collateral,
+        LabCertificates.tdx_collateral,
+        quote.body.report_data,
+        claims,
     )
-    if tcb is not None:
-        claims["tcb"] = tcb
-    # after the collateral: a quote from a revoked PCK is not authentic and must not use up its nonce
-    check_report_data_binding(found, policy, quote.body.report_data, claims)
-    if policy.max_age is not None:
-        found.note("TDX quotes carry no time; max_age is not applied (freshness comes from the nonce)")
-    check_claims(found, policy.claims, claims)
     return found.verdict("tdx", trust.root, claims)
