@@ -33,6 +33,7 @@ from harness.enclave.service import EnclaveApi
 from harness.host.hugepages import ensure_pool
 from harness.host.model import HostInfo
 from harness.host.probe import hugepage_pools, probe
+from harness.libvirt.backend import new_machine, vm_backend
 from harness.qemu.errors import MachineError
 from harness.qemu.machine import Machine
 from harness.qemu.spec import ChardevChannel, Device, MemoryBackend, MemoryBackendMemfd, VMSpec
@@ -82,8 +83,9 @@ class CvmPlan:
 class Lab:
     """One lab session: the host probe, the machines it launched and their teardown."""
 
-    def __init__(self, host: HostInfo | None = None) -> None:
+    def __init__(self, host: HostInfo | None = None, *, backend: str | None = None) -> None:
         self.host = host or probe()
+        self.backend = vm_backend(backend)  # qemu (forked here) or libvirt (docs/libvirt.md)
         self._machines: list[Machine] = []
         self._agents: dict[Machine, GuestAgent] = {}
         self._closers: dict[Machine, list[Callable[[], None]]] = {}  # run once the machine has stopped
@@ -131,7 +133,7 @@ class Lab:
     # -- machines -------------------------------------------------------------------------------
     def launch(self, spec: VMSpec, *, artifacts: Path | None = None) -> Machine:
         """Validate, launch and track a machine; ``close()`` stops it if the caller does not."""
-        machine = Machine(spec, self.host, artifacts=artifacts)
+        machine = new_machine(self.backend, spec, self.host, artifacts=artifacts)
         self.launched.append(machine)
         machine.launch()
         self._machines.append(machine)
