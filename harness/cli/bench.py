@@ -31,6 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     boot.add_argument("-n", "--runs", type=int, default=5, help="number of boots (default: 5)")
     boot.add_argument("--vcpus", type=int, default=2)
     boot.add_argument("--memory", type=int, default=512, help="guest memory in MiB")
+    boot.add_argument(
+        "--backend",
+        choices=("qemu", "libvirt", "both"),
+        help="VM backend (default: teelab --backend, TEELAB_BACKEND, teelab.toml, qemu); both: side by side",
+    )
     boot.add_argument("--json", action="store_true", help="print JSON")
     boot.set_defaults(func=run_boot)
     image = kinds.add_parser("image", help="seconds to build a guest image, cold (empty cache) and warm")
@@ -55,7 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_boot(args: argparse.Namespace) -> int:
     if args.runs < 1:
         raise UsageError("--runs must be at least 1")
-    with Lab() as lab:
+    if args.backend == "both":
+        return run_boot_backends(args)
+    with Lab(backend=args.backend) as lab:
 
         def progress(index: int, seconds: float) -> None:
             if not args.json:
@@ -64,6 +71,24 @@ def run_boot(args: argparse.Namespace) -> int:
         result = bench_boot(
             lab, args.image, args.runs, vcpus=args.vcpus, memory_mib=args.memory, on_sample=progress
         )
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        print_bench(result)
+    return 0 if result.ok else 1
+
+
+def run_boot_backends(args: argparse.Namespace) -> int:
+    from harness.bench.backends import bench_backends
+    from harness.host.probe import probe
+
+    def progress(index: int, backend: str, seconds: float) -> None:
+        if not args.json:
+            console.print(f"boot {index + 1}/{args.runs} {backend}: {seconds:.2f} s")
+
+    result = bench_backends(
+        probe(), args.image, args.runs, vcpus=args.vcpus, memory_mib=args.memory, on_sample=progress
+    )
     if args.json:
         print_json(result.to_dict())
     else:
