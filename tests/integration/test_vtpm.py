@@ -149,3 +149,18 @@ def _gone(qemu: int, swtpm: int, folder: Path, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_a_persistent_vtpm_keeps_its_ek_and_ak_across_boots(cvm_image) -> None:
+    authority = TpmAuthority.load_or_create()
+    seen = []
+    with Lab() as lab:
+        for _ in range(2):
+            plan = lab.plan_cvm(cvm_image, name="vtpm-persist", vsock=False, vtpm="persistent")
+            boot = lab.boot_planned(plan, timeout=120)
+            ak = vtpm_attest.certify_ak(tpm_guest(boot), authority)
+            seen.append((ak.ek_certificate.fingerprint, ak.ak_public))
+            folder = plan.vtpm.folder  # type: ignore[union-attr]
+            lab.stop(boot.machine)
+            assert not folder.exists() and (persistent_state_dir("vtpm-persist") / "tpm2-00.permall").exists()
+    assert seen[0] == seen[1]
