@@ -67,10 +67,13 @@ def _iso(moment: dt.datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def sgx_tcb_info(*, issued: dt.datetime, until: dt.datetime) -> dict[str, Any]:
-    """SGX TCB info v3 for the lab platform: one UpToDate level at the lab's CPUSVN and PCESVN."""
-    return {
-        "id": "SGX",
+def tcb_info(tee_tcb_svn: bytes | None, *, issued: dt.datetime, until: dt.datetime) -> dict[str, Any]:
+    """TCB info v3 for the lab platform: one UpToDate level at the lab's CPUSVN and PCESVN. For TDX (a
+    ``tee_tcb_svn``) the level also needs that TEE_TCB_SVN, and the lab TDX module (MRSIGNERSEAM zero, SEAM
+    attributes zero) is listed at its version and SVN; SGX TCB info (None) has neither."""
+    tcb: dict[str, Any] = {"sgxtcbcomponents": [{"svn": svn} for svn in LAB_CPUSVN], "pcesvn": LAB_PCESVN}
+    info: dict[str, Any] = {
+        "id": "SGX" if tee_tcb_svn is None else "TDX",
         "version": 3,
         "issueDate": _iso(issued),
         "nextUpdate": _iso(until),
@@ -78,54 +81,17 @@ def sgx_tcb_info(*, issued: dt.datetime, until: dt.datetime) -> dict[str, Any]:
         "pceId": LAB_PCE_ID.hex().upper(),
         "tcbType": 0,
         "tcbEvaluationDataNumber": 1,
-        "tcbLevels": [
-            {
-                "tcb": {"sgxtcbcomponents": [{"svn": svn} for svn in LAB_CPUSVN], "pcesvn": LAB_PCESVN},
-                "tcbDate": _iso(issued),
-                "tcbStatus": "UpToDate",
-                "advisoryIDs": [],
-            }
-        ],
     }
-
-
-def tcb_info(tee_tcb_svn: bytes, *, issued: dt.datetime, until: dt.datetime) -> dict[str, Any]:
-    """TDX TCB info v3 for the lab platform: one UpToDate level at the lab's CPUSVN, PCESVN and TEE_TCB_SVN,
-    and the lab TDX module (MRSIGNERSEAM zero, SEAM attributes zero) at TEE_TCB_SVN's version and SVN."""
-    module = {"mrsigner": "00" * 48, "attributes": "00" * 8, "attributesMask": "FF" * 8}
-    level_date = _iso(issued)
-    return {
-        "id": "TDX",
-        "version": 3,
-        "issueDate": _iso(issued),
-        "nextUpdate": _iso(until),
-        "fmspc": LAB_FMSPC.hex().upper(),
-        "pceId": LAB_PCE_ID.hex().upper(),
-        "tcbType": 0,
-        "tcbEvaluationDataNumber": 1,
-        "tdxModule": module,
-        "tdxModuleIdentities": [
-            {
-                "id": f"TDX_{tee_tcb_svn[1]:02X}",
-                **module,
-                "tcbLevels": [
-                    {"tcb": {"isvsvn": tee_tcb_svn[0]}, "tcbDate": level_date, "tcbStatus": "UpToDate"}
-                ],
-            }
-        ],
-        "tcbLevels": [
-            {
-                "tcb": {
-                    "sgxtcbcomponents": [{"svn": svn} for svn in LAB_CPUSVN],
-                    "pcesvn": LAB_PCESVN,
-                    "tdxtcbcomponents": [{"svn": svn} for svn in tee_tcb_svn],
-                },
-                "tcbDate": level_date,
-                "tcbStatus": "UpToDate",
-                "advisoryIDs": [],
-            }
-        ],
-    }
+    if tee_tcb_svn is not None:
+        module = {"mrsigner": "00" * 48, "attributes": "00" * 8, "attributesMask": "FF" * 8}
+        module_level = {"tcb": {"isvsvn": tee_tcb_svn[0]}, "tcbDate": _iso(issued), "tcbStatus": "UpToDate"}
+        info["tdxModule"] = module
+        info["tdxModuleIdentities"] = [
+            {"id": f"TDX_{tee_tcb_svn[1]:02X}", **module, "tcbLevels": [module_level]}
+        ]
+        tcb["tdxtcbcomponents"] = [{"svn": svn} for svn in tee_tcb_svn]
+    info["tcbLevels"] = [{"tcb": tcb, "tcbDate": _iso(issued), "tcbStatus": "UpToDate", "advisoryIDs": []}]
+    return info
 
 
 def qe_identity(
@@ -185,12 +151,7 @@ def issue_collateral(
     lab TCB signing key, an empty PCK CRL from the lab PCK CA and an empty root CA CRL from the lab root.
     TDX collateral for ``tee_tcb_svn``; SGX collateral when it is None."""
     sgx = tee_tcb_svn is None
-    info = (
-        sgx_tcb_info(issued=issued, until=until)
-        if tee_tcb_svn is None
-        else tcb_info(tee_tcb_svn, issued=issued, until=until)
-    )
-    tcb_text = json.dumps(info, separators=(",", ":"))
+    tcb_text = json.dumps(tcb_info(tee_tcb_svn, issued=issued, until=until), separators=(",", ":"))
     qe_text = json.dumps(qe_identity(qe_mrsigner, issued=issued, until=until, sgx=sgx), separators=(",", ":"))
     signing_chain = _pem(tcb_signing[0], root[0])
     return {
