@@ -32,6 +32,12 @@ class CommandParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="teelab", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"teelab {__version__}")
+    parser.add_argument(
+        "--backend",
+        dest="vm_backend",  # subcommands have --backend options of their own
+        choices=("qemu", "libvirt"),
+        help="run VMs with QEMU directly or through libvirtd (default: TEELAB_BACKEND, teelab.toml, qemu)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMAND_MODULES:
         module.register(sub)
@@ -61,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 0
         args = parser.parse_args(argv)
+        if args.vm_backend:  # every Lab of this command (and of its child processes) takes it
+            os.environ["TEELAB_BACKEND"] = args.vm_backend
         return int(args.func(args) or 0)
     except LabError as err:
         if getattr(args, "json", False):
