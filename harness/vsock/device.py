@@ -167,32 +167,42 @@ class VsockDevice:
             return
         done = 0  # chains taken, bad ones too: a guest cannot hold the loop with a stream of bad chains
         while done < BATCH:
-            try:
-                chain = tx.pop()
-            except ChainFault as fault:
-                self.fault(fault.reason, fault.detail)
-                if fault.head is not None:
-                    tx.push(fault.head, 0)
-                done += 1
-                continue
-            except GuestFault as fault:
-                self.break_device(fault.reason, fault.detail)
+            taken = self._take_tx(tx)
+            if taken is None:  # the guest broke the device
                 return
-            if chain is None:
-                if tx.arm_kick():
-                    continue
+            if not taken:
                 break
-            try:
-                self._handle_tx(chain)
-            except GuestFault as fault:
-                self.fault(fault.reason, fault.detail)
-            tx.push(chain.head, 0)
             done += 1
         if tx.publish():
             self._signal(TX_QUEUE)
         if done >= BATCH and not self._tx_scheduled:
             self._tx_scheduled = True
             self.loop.call_soon(self.process_tx)
+
+    def _take_tx(self, tx: SplitQueue) -> bool | None:
+        """Handle the next tx chain: True when one was taken (a bad one too), False when the ring is empty,
+        None when the guest broke the device."""
+        while True:
+            try:
+                chain = tx.pop()
+            except ChainFault as fault:
+                self.fault(fault.reason, fault.detail)
+                if fault.head is not None:
+                    tx.push(fault.head, 0)
+                return True
+            except GuestFault as fault:
+                self.break_device(fault.reason, fault.detail)
+                return None
+            if chain is not None:
+                break
+            if not tx.arm_kick():
+                return False
+        try:
+            self._handle_tx(chain)
+        except GuestFault as fault:
+            self.fault(fault.reason, fault.detail)
+        tx.push(chain.head, 0)
+        return True
 
     def _handle_tx(self, chain: Chain) -> None:
         if chain.readable_len < HEADER_SIZE:

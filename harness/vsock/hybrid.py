@@ -226,9 +226,8 @@ class HostConnection:
             raise GuestFault("rw_after_shutdown", hdr.describe())
         self.rx_cnt = (self.rx_cnt + hdr.len) & U32
         self.vm.stats["guest_to_host_bytes"] += hdr.len
-        if self.out:
-            sent = 0
-        else:
+        sent = 0
+        if not self.out:  # nothing queued ahead of it: straight to the host socket
             try:
                 sent = self.sock.sendmsg(payload) if len(payload) > 1 else self.sock.send(payload[0])
             except BlockingIOError:
@@ -238,20 +237,24 @@ class HostConnection:
                 return
             self._forwarded(sent)
         if sent < hdr.len:
-            if self.side.buffered + hdr.len - sent > MAX_HOST_BUFFER:
-                raise GuestFault(
-                    "host_buffer_full",
-                    f"{hdr.describe()}: the VM's host sockets already hold {self.side.buffered} unread bytes",
-                )
-            skip = sent
-            for view in payload:
-                if skip >= len(view):
-                    skip -= len(view)
-                    continue
-                self.out += view[skip:]
-                skip = 0
-            self.side.buffered += hdr.len - sent
-            self._arm_writer()
+            self._queue_for_host(hdr, payload, sent)
+
+    def _queue_for_host(self, hdr: Header, payload: list[memoryview], sent: int) -> None:
+        """Keep what the host socket did not take, within the VM's bound on unread host bytes."""
+        if self.side.buffered + hdr.len - sent > MAX_HOST_BUFFER:
+            raise GuestFault(
+                "host_buffer_full",
+                f"{hdr.describe()}: the VM's host sockets already hold {self.side.buffered} unread bytes",
+            )
+        skip = sent
+        for view in payload:
+            if skip >= len(view):
+                skip -= len(view)
+                continue
+            self.out += view[skip:]
+            skip = 0
+        self.side.buffered += hdr.len - sent
+        self._arm_writer()
 
     def _forwarded(self, n: int) -> None:
         self.fwd_cnt = (self.fwd_cnt + n) & U32

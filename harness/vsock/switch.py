@@ -176,53 +176,74 @@ class Switch:
         self, grp: Group, vm: VsockDevice, peer: VsockDevice, hdr: Header, payload: list[memoryview]
     ) -> None:
         key = (hdr.src_cid, hdr.src_port, hdr.dst_cid, hdr.dst_port)
-        flow = grp.flows.get(key)
-        op = hdr.op
-        if op == OP_REQUEST:
-            if flow is not None:
-                vm.fault("duplicate_request", hdr.describe())
-                self._reset_flow(grp, key, vm, peer)
-                return
-            if grp.flow_counts[vm.cid] >= MAX_FLOWS_PER_VM:
-                vm.fault("too_many_flows", hdr.describe())
-                vm.enqueue(hdr.reply(OP_RST))
-                return
-            flow = Flow(FlowEnd(hdr.src_cid, hdr.src_port), FlowEnd(hdr.dst_cid, hdr.dst_port))
-            grp.add_flow(key, flow)
-        elif flow is None:
-            if op != OP_RST:
-                vm.stats["no_flow"] += 1
-                vm.enqueue(hdr.reply(OP_RST))
+        flow = self._flow_for(grp, key, vm, peer, hdr)
+        if flow is None:
             return
         sender, receiver = flow.ends(hdr.src_cid, hdr.src_port)
         sender.buf_alloc = hdr.buf_alloc
         sender.fwd_cnt = hdr.fwd_cnt
         sender.grant(receiver)  # as a receiver, the sender of this packet may grant its peer more credit
-        if op == OP_RW:
-            credit = receiver.credit(sender)
-            if not flow.established or hdr.len > credit:
-                reason = "credit_violation" if flow.established else "rw_not_established"
-                vm.fault(reason, f"{hdr.describe()} with {credit} bytes of credit")
-                self._reset_flow(grp, key, vm, peer)
-                return
-            sender.tx_cnt = (sender.tx_cnt + hdr.len) & U32
-            vm.stats["sibling_bytes"] += hdr.len
-        elif op == OP_RESPONSE:
-            if flow.established or sender is not flow.responder:
-                vm.fault("unexpected_response", hdr.describe())
-                self._reset_flow(grp, key, vm, peer)
-                return
-            flow.established = True
-        elif op == OP_RST:
-            grp.drop_flow(key)
-        elif op not in (OP_REQUEST, OP_SHUTDOWN, OP_CREDIT_UPDATE, OP_CREDIT_REQUEST):
-            vm.fault("unknown_op", hdr.describe())
+        problem = self._account(grp, key, flow, sender, receiver, vm, hdr)
+        if problem is not None:
+            vm.fault(*problem)
             self._reset_flow(grp, key, vm, peer)
             return
         if hdr.buf_alloc > SIBLING_BUF_CAP:
             hdr = hdr._replace(buf_alloc=SIBLING_BUF_CAP)
-        if not peer.deliver(hdr, payload) and op == OP_RW:
+        if not peer.deliver(hdr, payload) and hdr.op == OP_RW:
             self._reset_flow(grp, key, vm, peer)  # data the peer cannot take ends the flow: never a gap
+
+    def _flow_for(
+        self, grp: Group, key: FlowKey, vm: VsockDevice, peer: VsockDevice, hdr: Header
+    ) -> Flow | None:
+        """The packet's flow (a REQUEST opens one, within the sender's quota), or None: it ends here."""
+        flow = grp.flows.get(key)
+        if hdr.op == OP_REQUEST:
+            if flow is not None:
+                vm.fault("duplicate_request", hdr.describe())
+                self._reset_flow(grp, key, vm, peer)
+                return None
+            if grp.flow_counts[vm.cid] >= MAX_FLOWS_PER_VM:
+                vm.fault("too_many_flows", hdr.describe())
+                vm.enqueue(hdr.reply(OP_RST))
+                return None
+            flow = Flow(FlowEnd(hdr.src_cid, hdr.src_port), FlowEnd(hdr.dst_cid, hdr.dst_port))
+            grp.add_flow(key, flow)
+        elif flow is None:
+            if hdr.op != OP_RST:
+                vm.stats["no_flow"] += 1
+                vm.enqueue(hdr.reply(OP_RST))
+            return None
+        return flow
+
+    def _account(
+        self,
+        grp: Group,
+        key: FlowKey,
+        flow: Flow,
+        sender: FlowEnd,
+        receiver: FlowEnd,
+        vm: VsockDevice,
+        hdr: Header,
+    ) -> tuple[str, str] | None:
+        """Account one packet of a flow by its op; (reason, detail) when it breaks the protocol."""
+        op = hdr.op
+        if op == OP_RW:
+            credit = receiver.credit(sender)
+            if not flow.established or hdr.len > credit:
+                reason = "credit_violation" if flow.established else "rw_not_established"
+                return reason, f"{hdr.describe()} with {credit} bytes of credit"
+            sender.tx_cnt = (sender.tx_cnt + hdr.len) & U32
+            vm.stats["sibling_bytes"] += hdr.len
+        elif op == OP_RESPONSE:
+            if flow.established or sender is not flow.responder:
+                return "unexpected_response", hdr.describe()
+            flow.established = True
+        elif op == OP_RST:
+            grp.drop_flow(key)
+        elif op not in (OP_REQUEST, OP_SHUTDOWN, OP_CREDIT_UPDATE, OP_CREDIT_REQUEST):
+            return "unknown_op", hdr.describe()
+        return None
 
     def _reset_flow(self, grp: Group, key: FlowKey, vm: VsockDevice, peer: VsockDevice) -> None:
         """End one flow on both sides with RST."""

@@ -149,47 +149,44 @@ class VhostUserSession:
 
     def _read_some(self) -> bool:
         """Read what is there; dispatch a message when complete. False when the socket has no more now."""
-        if len(self._head) < HEADER.size:
-            try:
-                data, ancdata, _flags, _addr = self.sock.recvmsg(
-                    HEADER.size - len(self._head), socket.CMSG_SPACE(MAX_FDS * 4)
-                )
-            except BlockingIOError:
-                return False
-            self._take_fds(ancdata)
-            if not data:
-                raise ConnectionResetError("front-end closed the connection")
-            self._head += data
-            if len(self._head) < HEADER.size:
-                return True
+        head = self._fill(self._head, HEADER.size, "front-end closed the connection")
+        if not head:
+            return head is not None  # a part read: go on; nothing there: stop for now
         request, flags, size = HEADER.unpack(self._head)
         if size > MAX_PAYLOAD:
             raise ProtocolError(f"request {request} announces a {size}-byte payload")
-        if len(self._body) < size:
-            try:
-                data, ancdata, _flags, _addr = self.sock.recvmsg(
-                    size - len(self._body), socket.CMSG_SPACE(MAX_FDS * 4)
-                )
-            except BlockingIOError:
-                return False
-            self._take_fds(ancdata)
-            if not data:
-                raise ConnectionResetError("front-end closed the connection mid-message")
-            self._body += data
-            if len(self._body) < size:
-                return True
-        body, fds = bytes(self._body), self._fds
+        body = self._fill(self._body, size, "front-end closed the connection mid-message")
+        if not body:
+            return body is not None
+        body_bytes, fds = bytes(self._body), self._fds
         self._head.clear()
         self._body.clear()
         self._fds = []
         try:
-            self._dispatch(request, flags, body, fds)
+            self._dispatch(request, flags, body_bytes, fds)
         finally:
             for fd in fds:  # handlers take the fds they keep out of the list
                 if fd is not None:
                     with contextlib.suppress(OSError):
                         os.close(fd)
         return True
+
+    def _fill(self, buffer: bytearray, size: int, closed: str) -> bool | None:
+        """Read toward ``size`` bytes in ``buffer`` (and the fds that come with them): True when it holds
+        them, False when more is to come, None when the socket has nothing now."""
+        if len(buffer) >= size:
+            return True
+        try:
+            data, ancdata, _flags, _addr = self.sock.recvmsg(
+                size - len(buffer), socket.CMSG_SPACE(MAX_FDS * 4)
+            )
+        except BlockingIOError:
+            return None
+        self._take_fds(ancdata)
+        if not data:
+            raise ConnectionResetError(closed)
+        buffer += data
+        return len(buffer) >= size
 
     def _take_fds(self, ancdata: list[tuple[int, int, bytes]]) -> None:
         for level, kind, data in ancdata:
