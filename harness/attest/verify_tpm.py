@@ -35,6 +35,7 @@ from harness.attest.errors import EvidenceError
 from harness.attest.policy import Policy
 from harness.attest.tpm import TpmEvidence, parse_tpm_evidence
 from harness.attest.tpm_ca import AK_CA, MANUFACTURER, ak_binding, default_tpm_dir, load_tpm_certificates
+from harness.attest.verdict import Verdict
 from harness.attest.verify_snp import verify_snp
 
 KIND = "tpm"
@@ -55,16 +56,19 @@ def tpm_trust(policy: Policy) -> tuple[tuple[Anchor, ...], tuple[Cert, ...]]:
     return (Anchor("lab", KIND, certs["tpm-root"]),), (certs[MANUFACTURER], certs[AK_CA])
 
 
-def verify_tpm(evidence: bytes, policy: Policy, *, now: dt.datetime | None = None) -> Any:
+def verify_tpm(evidence: bytes, policy: Policy, *, now: dt.datetime | None = None) -> Verdict:
     """Verify a vTPM evidence document against ``policy`` (roots, nonce/nonce_book, pcrs of 32 bytes)."""
+    field = "evidence"
     try:
         doc = parse_tpm_evidence(evidence)
+        field = "quote"
         quote = tpm_wire.parse_quote(doc.quote)
+        field = "ak_public"
         ak = tpm_wire.parse_ecc_public(doc.ak_public)
         ek_cert = load_cert(doc.ek_certificate, field="ek_certificate")
         ak_cert = load_cert(doc.ak_certificate, field="ak_certificate")
     except tpm_wire.TpmFormatError as exc:
-        return malformed_verdict(KIND, EvidenceError(str(exc), field="quote"))
+        return malformed_verdict(KIND, EvidenceError(f"{field}: {exc}", field=field))
     except EvidenceError as exc:
         return malformed_verdict(KIND, exc)
     at = now or dt.datetime.now(dt.UTC)
@@ -115,35 +119,13 @@ def _check_certificates(
     found: Findings, doc: TpmEvidence, ek_cert: Cert, ak_cert: Cert, ak: tpm_wire.EccPublic, policy: Policy,
     at: dt.datetime,
 ) -> str | None:  # fmt: skip
+    """The EK and AK chains, then what the AK certificate binds; the name of the EK's root."""
     anchors, pool = tpm_trust(policy)
-    root = None
-    for cert, code, name in (
-        (ek_cert, "ek-untrusted", "ek_certificate"),
-        (ak_cert, "ak-not-certified", "ak_certificate"),
-    ):
-        # An EK certificate's key encrypts (keyEncipherment), it never signs: its own key usage is not a
-        # chain problem, only its issuers' constraints are.
-        chain = build_chain(cert, pool, anchors, field=name, leaf_field=f"{name}.leaf")
-        problems = [
-            p for p in chain.problems if not (p.field == f"{name}.leaf" and p.code == "ca-constraints")
-        ]
-        problems += chain.validity_problems(at, name)
-        if chain.anchor is None or chain.anchor.name not in policy.roots:
-            where = "no TPM root" if chain.anchor is None else f"the {chain.anchor.name} root, not trusted"
-            found.fail(
-                code, name, f"{cert.subject_text} chains to {where} (policy roots: {', '.join(policy.roots)})"
-            )
-        for problem in problems:
-            found.fail(code, name, f"{problem.code}: {problem.message}")
-        expected_issuer = pool[0 if name == "ek_certificate" else 1] if pool else None
-        if (
-            chain.anchor is not None
-            and expected_issuer is not None
-            and expected_issuer.fingerprint not in {c.fingerprint for c in chain.certs}
-        ):
-            found.fail(code, name, f"{cert.subject_text} is not issued by {expected_issuer.subject_text}")
-        if name == "ek_certificate":
-            root = chain.anchor.name if chain.anchor is not None else None
+    manufacturer, ak_ca = pool if pool else (None, None)
+    root = _check_chain(
+        found, ek_cert, "ek-untrusted", "ek_certificate", manufacturer, anchors, pool, policy, at
+    )
+    _check_chain(found, ak_cert, "ak-not-certified", "ak_certificate", ak_ca, anchors, pool, policy, at)
     binding = ak_binding(ak_cert)
     if binding is None:
         found.fail("ak-not-certified", "ak_certificate", "the AK certificate names no EK and no AK")
@@ -159,6 +141,30 @@ def _check_certificates(
     if ak.attributes & tpm_wire.AK_ATTRIBUTES != tpm_wire.AK_ATTRIBUTES:
         found.fail("ak-not-certified", "ak_public", "the AK is not a restricted signing key fixed to its TPM")
     return root
+
+
+def _check_chain(
+    found: Findings, cert: Cert, code: str, name: str, issuer: Cert | None, anchors: tuple[Anchor, ...],
+    pool: tuple[Cert, ...], policy: Policy, at: dt.datetime,
+) -> str | None:  # fmt: skip
+    """``cert`` must chain through ``issuer`` to a TPM root the policy trusts; every problem is ``code``."""
+    chain = build_chain(cert, pool, anchors, field=name, leaf_field=f"{name}.leaf")
+    problems = list(chain.problems)
+    if name == "ek_certificate":
+        # An EK's key encrypts (keyEncipherment), it never signs: only its leaf key usage is no problem.
+        problems = [p for p in problems if not (p.field == f"{name}.leaf" and p.code == "ca-constraints")]
+    problems += chain.validity_problems(at, name)
+    if chain.anchor is None or chain.anchor.name not in policy.roots:
+        where = "no TPM root" if chain.anchor is None else f"the {chain.anchor.name} root, not trusted"
+        found.fail(
+            code, name, f"{cert.subject_text} chains to {where} (policy roots: {', '.join(policy.roots)})"
+        )
+    for problem in problems:
+        found.fail(code, name, f"{problem.code}: {problem.message}")
+    through = {c.fingerprint for c in chain.certs}
+    if chain.anchor is not None and issuer is not None and issuer.fingerprint not in through:
+        found.fail(code, name, f"{cert.subject_text} is not issued by {issuer.subject_text}")
+    return chain.anchor.name if chain.anchor is not None else None
 
 
 def ak_public_key(ak: tpm_wire.EccPublic) -> ec.EllipticCurvePublicKey | None:
@@ -190,38 +196,18 @@ def _check_signature(found: Findings, ak: tpm_wire.EccPublic, doc: TpmEvidence) 
 def _check_pcrs(
     found: Findings, quote: tpm_wire.Quote, doc: TpmEvidence, policy: Policy, claims: dict[str, Any]
 ) -> None:
+    """The PCR values against the quote's digest, the event log's replay and the policy."""
     selected = quote.selection.get(tpm_wire.ALG_SHA256, ())
     if set(quote.selection) != {tpm_wire.ALG_SHA256} or tuple(sorted(doc.pcrs)) != selected:
-        found.fail(
-            "pcr-digest-mismatch",
-            "pcrs",
-            f"the quote covers SHA-256 PCRs {list(selected)}, not {sorted(doc.pcrs)}",
-        )
+        message = f"the quote covers SHA-256 PCRs {list(selected)}, not {sorted(doc.pcrs)}"
+        found.fail("pcr-digest-mismatch", "pcrs", message)
     elif tpm_wire.pcr_digest([doc.pcrs[i] for i in selected]) != quote.pcr_digest:
         found.fail("pcr-digest-mismatch", "pcrs", "the PCR values are not the ones the quote's digest covers")
-    replayed = {i: bytes(32) for i in range(tpm_wire.PCR_COUNT)}
-    for number, item in enumerate(doc.event_log):
-        try:
-            pcr, digest = int(item["pcr"]), bytes.fromhex(str(item["digest"]))
-            if not 0 <= pcr < tpm_wire.PCR_COUNT or len(digest) != 32:
-                raise ValueError
-        except (KeyError, ValueError, TypeError):
-            found.fail(
-                "event-log-mismatch", f"event_log[{number}]", "the event has no PCR 0..23 and SHA-256 digest"
-            )
-            continue
-        if "data" in item and hashlib.sha256(str(item["data"]).encode()).digest() != digest:
-            found.fail(
-                "event-log-mismatch", f"event_log[{number}]", "the event's digest is not its data's SHA-256"
-            )
-        replayed[pcr] = tpm_wire.extend(replayed[pcr], digest)
-        if item.get("type") == "kernel-cmdline":
-            claims["cmdline"] = str(item.get("data"))
+    replayed = _replay(found, doc.event_log, claims)
     for index, value in sorted(doc.pcrs.items()):
         if replayed[index] != value:
-            found.fail(
-                "event-log-mismatch", f"pcr{index}", f"replaying the event log does not give PCR {index}"
-            )
+            message = f"replaying the event log does not give PCR {index}"
+            found.fail("event-log-mismatch", f"pcr{index}", message)
     for index, expected in sorted(policy.pcrs.items()):
         actual = doc.pcrs.get(index)
         if len(expected) != 32:
@@ -229,11 +215,28 @@ def _check_pcrs(
         elif actual is None:
             found.fail("pcr-mismatch", f"pcr{index}", f"the quote does not cover PCR {index}")
         elif not hmac.compare_digest(actual, expected):
-            found.fail(
-                "pcr-mismatch",
-                f"pcr{index}",
-                f"PCR {index} is {actual.hex()[:16]}..., the policy wants {expected.hex()[:16]}...",
-            )
+            message = f"PCR {index} is {actual.hex()[:16]}..., the policy wants {expected.hex()[:16]}..."
+            found.fail("pcr-mismatch", f"pcr{index}", message)
+
+
+def _replay(found: Findings, events: Any, claims: dict[str, Any]) -> dict[int, bytes]:
+    """The PCRs the event log leads to from zero; an event whose digest is not its data's is named."""
+    replayed = {i: bytes(32) for i in range(tpm_wire.PCR_COUNT)}
+    for number, item in enumerate(events):
+        where = f"event_log[{number}]"
+        try:
+            pcr, digest = int(item["pcr"]), bytes.fromhex(str(item["digest"]))
+            if not 0 <= pcr < tpm_wire.PCR_COUNT or len(digest) != 32:
+                raise ValueError
+        except (KeyError, ValueError, TypeError):
+            found.fail("event-log-mismatch", where, "the event has no PCR 0..23 and SHA-256 digest")
+            continue
+        if "data" in item and hashlib.sha256(str(item["data"]).encode()).digest() != digest:
+            found.fail("event-log-mismatch", where, "the event's digest is not its data's SHA-256")
+        replayed[pcr] = tpm_wire.extend(replayed[pcr], digest)
+        if item.get("type") == "kernel-cmdline":
+            claims["cmdline"] = str(item.get("data"))
+    return replayed
 
 
 def _check_nonce(

@@ -354,3 +354,17 @@ def test_every_flipped_or_cut_byte_of_the_quote_and_signature_is_refused_without
         for variant in variants:
             verdict = verify_tpm(dataclasses.replace(evidence, **{name: variant}).to_bytes(), good)
             assert not verdict.ok, (name, variant.hex())
+
+
+def test_an_ek_certificate_with_a_broken_signature_is_untrusted(
+    booted: tuple[Guest, Path], ak: CertifiedAk, lab: LabAuthority
+) -> None:
+    """The EK's own key usage (encryption only) is the one leaf problem tolerated; its signature is not."""
+    nonce = os.urandom(32)
+    evidence = quote(booted[0], ak, nonce)
+    der = bytearray(evidence.ek_certificate)
+    der[-3] ^= 0x01  # inside the ECDSA signature value, the last field of the certificate
+    verdict = verify_tpm(
+        dataclasses.replace(evidence, ek_certificate=bytes(der)).to_bytes(), policy(lab, nonce)
+    )
+    assert "ek-untrusted" in verdict.codes and any("chain-invalid" in r.message for r in verdict.reasons)
