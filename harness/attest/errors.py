@@ -44,8 +44,8 @@ class EvidenceUnsupported(EvidenceError):
     title = "unsupported evidence version or variant"
     explanation = (
         "The evidence is well formed up to a version, key type or certification-data type this verifier "
-        "does not handle (SNP report versions 2-5, TDX quote v4/v5 with ECDSA P-256 and certification "
-        "data type 6 -> 5, COSE_Sign1 ES384)."
+        "does not handle (SNP report versions 2-5, TDX quote v4/v5 and SGX quote v3/v4 with ECDSA P-256 and "
+        "certification data type 6 -> 5, COSE_Sign1 ES384)."
     )
     reason = "unsupported"
 
@@ -54,8 +54,8 @@ class UnknownEvidenceFormat(EvidenceError):
     code = "E804"
     title = "unknown evidence format"
     explanation = (
-        "The bytes are neither an SEV-SNP attestation report, a TDX quote nor a COSE_Sign1 attestation "
-        "document; name the format with kind= (or --kind) if detection is wrong."
+        "The bytes are neither an SEV-SNP attestation report, a TDX or SGX quote nor a COSE_Sign1 "
+        "attestation document; name the format with kind= (or --kind) if detection is wrong."
     )
     reason = "unknown-format"
 
