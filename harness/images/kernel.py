@@ -195,6 +195,26 @@ def module_bytes(path: Path) -> bytes:
     return lzma.decompress(data) if path.suffix == ".xz" else data
 
 
+def unpack_file(deb: Path, member: str, cache: Path) -> Path:
+    """One file of a package (``usr/share/ovmf/OVMF.fd``), unpacked once into ``cache`` beside the .deb."""
+    target = cache / f"{deb.stem}-{Path(member).name}"
+    if target.exists():
+        return target
+    staging = Path(tempfile.mkdtemp(dir=cache, prefix=".unpack-"))
+    try:
+        done = subprocess.run(["dpkg-deb", "-x", str(deb), str(staging)], capture_output=True, text=True)
+        if done.returncode != 0 or not (staging / member).is_file():
+            raise KernelFetchFailed(
+                f"{deb.name} has no {member}: {done.stderr.strip()}",
+                hint="check the package pin",
+                member=member,
+            )
+        (staging / member).rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def kernel_tree(root: Path) -> KernelTree:
     vmlinuz = next(root.glob("boot/vmlinuz-*"))
     release_dir = next(

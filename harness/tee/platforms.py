@@ -45,6 +45,7 @@ from harness.tee.measure import (
     snp_firmware_measures,
 )
 from harness.tee.processor import DeviceService, NsmHandler, SecurityProcessor
+from harness.tee.tdvf import tdvf_mrtd
 
 Mode = Literal["auto", "real", "emulated"]
 Kind = Literal["snp", "tdx", "nsm"]
@@ -210,7 +211,8 @@ class TdxBackend(TeeBackend):
     """A real TDX guest: ``tdx-guest`` (raw TD attributes, MRCONFIGID/MROWNER/MROWNERCONFIG, quote generation
     over vsock ``(cid, port)`` or a Unix socket path to the QGS) + a TDX OVMF (TDVF).
 
-    ``expected`` is None: the lab's TDX derivation does not model TDVF, so real MRTD/RTMRs are not predicted.
+    ``expected`` is None: RTMR0-2 come from TDVF's event log, which teelab does not model; ``expected_mrtd``
+    gives the MRTD (from the TDVF's metadata, as the TDX module measures it).
     """
 
     attributes: int = TDX_DEFAULT_ATTRIBUTES
@@ -241,6 +243,13 @@ class TdxBackend(TeeBackend):
             mrownerconfig=self.mrownerconfig,
         )
         return replace(spec, memory=memory, confidential=guest, firmware=firmware)
+
+    def expected_mrtd(self, spec: VMSpec) -> bytes:
+        """The MRTD a TD launched from this backend's (or the spec's) TDVF carries."""
+        firmware = self.firmware or spec.firmware
+        if firmware is None:
+            raise MeasureInputInvalid(f"{spec.name}: no TDVF to measure", hint="pass firmware= the TDVF")
+        return tdvf_mrtd(Path(firmware))
 
     def after_launch(self, attachment: TeeAttachment, machine: Launched, timeout: float) -> dict[str, Any]:
         guest = attachment.spec.confidential
