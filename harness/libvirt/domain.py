@@ -43,6 +43,7 @@ from harness.qemu.spec import VMSpec
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 CONSOLE_SOCKET = "console.sock"
+COMMANDLINE_SLOT = 0x10  # the first pcie.0 slot of devices given on qemu:commandline
 _NUMA_MODE = {"bind": "strict", "preferred": "preferred", "interleave": "interleave"}
 ET.register_namespace("qemu", QEMU_NS)
 
@@ -182,6 +183,7 @@ def _devices(
     ET.SubElement(devices, "controller", type="usb", model="none")
     ET.SubElement(devices, "memballoon", model="none")
     extra: list[str] = []
+    root_bus = "pcie.0" if "q35" in spec.machine else "pci.0"
     disks = 0
     for device in spec.devices:
         if isinstance(device, VirtioSerialPort):
@@ -193,8 +195,14 @@ def _devices(
             ET.SubElement(vsock, "cid", auto="no", address=str(device.guest_cid))
             _alias(vsock, device)
         elif isinstance(device, VhostUserVsockPci) and isinstance(device.chardev, ChardevSocket):
-            # libvirt's <vsock> is the kernel's vhost-vsock only: vhost-user vsock has no element.
-            extra += [*device.chardev.args(), *device.args()]
+            # libvirt's <vsock> is the kernel's vhost-vsock only: vhost-user vsock has no element. Its PCI
+            # slot is fixed, away from the slots libvirt hands out, which knows nothing of this device.
+            flag, value = device.args()
+            extra += [
+                *device.chardev.args(),
+                flag,
+                f"{value},bus={root_bus},addr={COMMANDLINE_SLOT + len(extra) // 4:#x}",
+            ]
         elif isinstance(device, VirtioRngPci):
             rng = ET.SubElement(devices, "rng", model="virtio")
             ET.SubElement(rng, "backend", model="builtin")
