@@ -71,8 +71,9 @@ class Evidence:
     """What the platform returned for one report_data.
 
     ``kind``: ``snp`` (1184-byte ATTESTATION_REPORT; ``aux`` is the certificate table when the source
-    gives one), ``tdx`` (a TDX quote), ``tdx-report`` (a TD report, not a quote: see ``note``), ``nsm``
-    (a COSE_Sign1 attestation document with report_data as user_data). ``source`` names the interface.
+    gives one), ``tdx`` (a TDX quote), ``sgx`` (an SGX quote of the VM's enclave), ``tdx-report`` (a TD
+    report, not a quote: see ``note``), ``nsm`` (a COSE_Sign1 attestation document with report_data as
+    user_data). ``source`` names the interface.
     """
 
     kind: str
@@ -409,9 +410,9 @@ def emulated_evidence(platform: Platform, report_data: bytes, vmpl: int) -> Evid
         if kind == "snp":
             answer = _expect(port, tee_wire.Request(new_id, "snp-report", report_data=report_data, vmpl=vmpl))
             return Evidence("snp", _field(answer, "report"), _field(answer, "certs"), source)
-        if kind == "tdx":
-            answer = _expect(port, tee_wire.Request(new_id, "tdx-quote", report_data=report_data))
-            return Evidence("tdx", _field(answer, "quote"), b"", source)
+        if kind in ("tdx", "sgx"):
+            answer = _expect(port, tee_wire.Request(new_id, f"{kind}-quote", report_data=report_data))
+            return Evidence(kind, _field(answer, "quote"), b"", source)
         if kind == "nsm":
             request = tee_wire.Request(new_id, "nsm", nsm_request=nsm_wire.attestation(user_data=report_data))
             document = nsm_document(_field(_expect(port, request), "response"), source)

@@ -5,10 +5,12 @@ Stdlib + cbor2 only; the harness's device service imports this module too, so th
 A frame is ``MAGIC (4 bytes) | body length (u32, big-endian) | body``; the body is one CBOR map with text
 keys. Requests (guest -> host), at most ``MAX_REQUEST_BODY`` bytes::
 
-    {"v": 1, "id": uint, "op": "describe"}                    -> {"kind": "snp" | "tdx" | "nsm"}
+    {"v": 1, "id": uint, "op": "describe"}                    -> {"kind": "snp" | "tdx" | "sgx" | "nsm"}
     {"v": 1, "id": uint, "op": "snp-report", "report_data": bstr .size 64, "vmpl": 0..3}
                                                                -> {"report": bstr .size 1184, "certs": bstr}
     {"v": 1, "id": uint, "op": "tdx-quote", "report_data": bstr .size 64}
+                                                               -> {"quote": bstr}
+    {"v": 1, "id": uint, "op": "sgx-quote", "report_data": bstr .size 64}
                                                                -> {"quote": bstr}
     {"v": 1, "id": uint, "op": "nsm", "request": bstr}        -> {"response": bstr}
 
@@ -39,8 +41,9 @@ MAX_VMPL = 3
 MAX_NSM_REQUEST = 0x1000  # the NSM driver's request limit
 MAX_ID = 2**64 - 1
 
-KINDS = ("snp", "tdx", "nsm")
-OPS = ("describe", "snp-report", "tdx-quote", "nsm")
+KINDS = ("snp", "tdx", "sgx", "nsm")
+OPS = ("describe", "snp-report", "tdx-quote", "sgx-quote", "nsm")
+QUOTE_OPS = ("tdx-quote", "sgx-quote")  # report_data in, a quote out
 # Error codes of refused requests: the frame could not be read (bad-frame: no magic; too-large: the length
 # exceeds the limit; bad-cbor), the request is malformed (bad-request), this device does not serve the op
 # (unsupported), or the device failed (internal).
@@ -68,7 +71,7 @@ class Request:
 
     def to_message(self) -> dict[str, Any]:
         message: dict[str, Any] = {"v": VERSION, "id": self.id, "op": self.op}
-        if self.op in ("snp-report", "tdx-quote"):
+        if self.op == "snp-report" or self.op in QUOTE_OPS:
             message["report_data"] = self.report_data
         if self.op == "snp-report":
             message["vmpl"] = self.vmpl
@@ -126,6 +129,7 @@ def parse_request(message: dict[str, Any]) -> Request:
         "describe": set(),
         "snp-report": {"report_data", "vmpl"},
         "tdx-quote": {"report_data"},
+        "sgx-quote": {"report_data"},
         "nsm": {"request"},
     }[op]
     unknown = set(message) - expected
@@ -138,10 +142,15 @@ def parse_request(message: dict[str, Any]) -> Request:
         if type(nsm) is not bytes or not 0 < len(nsm) <= MAX_NSM_REQUEST:
             raise WireError("bad-request", f"request must be 1 to {MAX_NSM_REQUEST} bytes")
         return Request(ident, op, nsm_request=nsm)
+    return _report_request(ident, op, message)
+
+
+def _report_request(ident: int, op: str, message: dict[str, Any]) -> Request:
+    """An snp-report or quote request: report_data, and the VMPL of an SNP report."""
     report_data = message.get("report_data")
     if type(report_data) is not bytes or len(report_data) != REPORT_DATA_BYTES:
         raise WireError("bad-request", f"report_data must be exactly {REPORT_DATA_BYTES} bytes")
-    if op == "tdx-quote":
+    if op in QUOTE_OPS:
         return Request(ident, op, report_data=report_data)
     vmpl = message.get("vmpl")
     if type(vmpl) is not int or not 0 <= vmpl <= MAX_VMPL:

@@ -1,4 +1,5 @@
-"""``teelab measure``: the expected SEV-SNP launch measurement or TDX MRTD/RTMRs of a guest."""
+"""``teelab measure``: the expected SEV-SNP launch measurement, TDX MRTD/RTMRs, vTPM PCRs of a guest, or an
+SGX enclave's MRENCLAVE."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from harness.errors import UsageError
 from harness.lab import Lab
 from harness.tee import tpm_measure
 from harness.tee.measure import DEFAULT_GUEST_FEATURES, DEFAULT_VCPU_TYPE, LaunchInputs, measure
+from harness.tee.sgx import PAGE, load_enclave_description
 
 
 def _integer(text: str) -> int:
@@ -29,7 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Print the values the (real or emulated) security processor puts in the evidence "
         "of a guest launched from these inputs.",
     )
-    parser.add_argument("--kind", choices=("snp", "tdx", "tpm"), required=True)
+    parser.add_argument("--kind", choices=("snp", "tdx", "tpm", "sgx"), required=True)
+    parser.add_argument(
+        "--enclave", type=Path, help="sgx: an enclave description (TOML; docs/attestation.md) to hash"
+    )
+    parser.add_argument("--mrenclave", help="sgx: the MRENCLAVE (hex), when there is no description")
     parser.add_argument(
         "--image",
         help="a lab image (images/NAME.toml): measure the launch a lab CVM of it gets (its kernel, initrd, "
@@ -64,22 +70,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.kind == "tpm":
         return _print_tpm(_measure_tpm(args), args.json)
-    if args.image is not None:
-        result = _measure_image(args)
-    else:
-        if args.cmdline_extra:
-            raise UsageError("--cmdline-extra goes with --image", hint="put it in --cmdline instead")
-        inputs = LaunchInputs(
-            kernel=args.kernel,
-            initrd=args.initrd,
-            cmdline=args.cmdline,
-            vcpus=args.vcpus or 1,
-            vcpu_type=args.vcpu_type,
-            firmware=args.firmware,
-            policy=args.policy,
-            guest_features=args.guest_features,
-        )
-        result = measure(args.kind, inputs).to_dict()
+    if args.kind == "sgx":
+        result = _measure_sgx(args)
+        if args.json:
+            print_json(result)
+        else:
+            print(f"{'mrenclave':<14} {result['mrenclave']}")
+        return 0
+    result = _measure_launch(args)
     if args.json:
         print_json(result)
         return 0
@@ -93,6 +91,27 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"{key:<14} {value}")
     return 0
+
+
+def _measure_launch(args: argparse.Namespace) -> dict[str, Any]:
+    """SNP or TDX: from --image as the lab launches it, or from the launch inputs given."""
+    if args.enclave is not None or args.mrenclave is not None:
+        raise UsageError("--enclave and --mrenclave go with --kind sgx")
+    if args.image is not None:
+        return _measure_image(args)
+    if args.cmdline_extra:
+        raise UsageError("--cmdline-extra goes with --image", hint="put it in --cmdline instead")
+    inputs = LaunchInputs(
+        kernel=args.kernel,
+        initrd=args.initrd,
+        cmdline=args.cmdline,
+        vcpus=args.vcpus or 1,
+        vcpu_type=args.vcpu_type,
+        firmware=args.firmware,
+        policy=args.policy,
+        guest_features=args.guest_features,
+    )
+    return measure(args.kind, inputs).to_dict()
 
 
 def _measure_image(args: argparse.Namespace) -> dict[str, object]:
@@ -148,3 +167,20 @@ def _print_tpm(result: dict[str, Any], as_json: bool) -> int:
     for event in result["events"]:
         print(f"event          PCR{event['pcr']} {event['type']:<15} {event['digest']}")
     return 0
+
+
+def _measure_sgx(args: argparse.Namespace) -> dict[str, object]:
+    """MRENCLAVE from --enclave (the ECREATE/EADD/EEXTEND hash of its pages), or --mrenclave as given."""
+    if (args.enclave is None) == (args.mrenclave is None):
+        raise UsageError("--kind sgx needs --enclave DESCRIPTION or --mrenclave HEX (one of them)")
+    if args.enclave is not None:
+        layout = load_enclave_description(args.enclave)
+        pages = sum(len(region.content) // PAGE for region in layout.regions)
+        return {"kind": "sgx", "mrenclave": layout.mrenclave().hex(), "size": layout.size, "pages": pages}
+    try:
+        mrenclave = bytes.fromhex(args.mrenclave.removeprefix("0x"))
+    except ValueError:
+        mrenclave = b""
+    if len(mrenclave) != 32:
+        raise UsageError("--mrenclave must be 32 bytes of hex", hint="64 hex digits")
+    return {"kind": "sgx", "mrenclave": mrenclave.hex()}

@@ -81,6 +81,17 @@ class DeviceConfigError(TeeError):
     exit_status = 2
 
 
+class EnclaveDescriptionInvalid(TeeError):
+    code = "E958"
+    title = "bad SGX enclave description"
+    explanation = (
+        "An SGX enclave description (the pages MRENCLAVE is computed from) is not usable: the enclave size "
+        "is not a power of two of at least two pages, a region is not page-aligned, lies outside the enclave "
+        "or overlaps another, a permission or page type is unknown, or a content file cannot be read."
+    )
+    exit_status = 2
+
+
 class VtpmError(TeeError):
     code = "E960"
     title = "vTPM failed"

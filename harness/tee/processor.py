@@ -40,6 +40,12 @@ class TdxIssuer(Protocol):
     def __call__(self, *, report_data: bytes) -> bytes: ...
 
 
+class SgxIssuer(Protocol):
+    """Makes a signed SGX quote of this VM's enclave for report_data (what a quoting library returns)."""
+
+    def __call__(self, *, report_data: bytes) -> bytes: ...
+
+
 class NsmHandler(Protocol):
     """An enclave security module: ``handle(cbor_request) -> cbor_response``, never raising."""
 
@@ -59,8 +65,9 @@ class SecurityProcessor:
         snp: SnpIssuer | None = None,
         tdx: TdxIssuer | None = None,
         nsm: NsmHandler | None = None,
+        sgx: SgxIssuer | None = None,
     ) -> None:
-        needed = {"snp": snp, "tdx": tdx, "nsm": nsm}
+        needed = {"snp": snp, "tdx": tdx, "sgx": sgx, "nsm": nsm}
         if kind not in needed:
             raise DeviceConfigError(
                 f"unknown security processor kind {kind!r}", hint=f"use one of {', '.join(tee_wire.KINDS)}"
@@ -71,7 +78,7 @@ class SecurityProcessor:
                 hint=f"pass {kind}= (the lab authority's issuer, or a SecurityModule for nsm)",
             )
         self.kind = kind
-        self._snp, self._tdx, self._nsm = snp, tdx, nsm
+        self._snp, self._tdx, self._sgx, self._nsm = snp, tdx, sgx, nsm
 
     def answer(self, message: dict[str, Any]) -> dict[str, Any]:
         ident = tee_wire.request_id(message)
@@ -92,6 +99,8 @@ class SecurityProcessor:
             return tee_wire.ok_response(request.id, report=report, certs=certs)
         if request.op == "tdx-quote" and self._tdx is not None:
             return tee_wire.ok_response(request.id, quote=self._tdx(report_data=request.report_data))
+        if request.op == "sgx-quote" and self._sgx is not None:
+            return tee_wire.ok_response(request.id, quote=self._sgx(report_data=request.report_data))
         if request.op == "nsm" and self._nsm is not None:
             return tee_wire.ok_response(request.id, response=self._nsm.handle(request.nsm_request))
         raise WireError(
