@@ -105,28 +105,7 @@ def seal(plaintext: bytes, public_key_der: bytes) -> bytes:
 def open_envelope(envelope: bytes, private_key: rsa.RSAPrivateKey) -> bytes:
     """The plaintext inside a CiphertextForRecipient; EnvelopeError if it is malformed or not for this key."""
     try:
-        info = cms.ContentInfo.load(envelope)
-        if info["content_type"].native != "enveloped_data":
-            raise EnvelopeError(f"content type is {info['content_type'].native}, not enveloped_data")
-        enveloped = info["content"]
-        content = enveloped["encrypted_content_info"]
-        algorithm = content["content_encryption_algorithm"]
-        if algorithm["algorithm"].native != "aes256_cbc":
-            raise EnvelopeError(f"content encryption is {algorithm['algorithm'].native}, not aes256_cbc")
-        iv = algorithm["parameters"].native
-        encrypted = content["encrypted_content"].native
-        own_ski = _ski(private_key.public_key())
-        encrypted_key = None
-        for choice in enveloped["recipient_infos"]:
-            if choice.name != "ktri":
-                continue
-            ktri = choice.chosen
-            rid = ktri["rid"]
-            if rid.name == "subject_key_identifier" and rid.chosen.native != own_ski:
-                continue
-            _check_oaep_sha256(ktri["key_encryption_algorithm"])
-            encrypted_key = ktri["encrypted_key"].native
-            break
+        iv, encrypted, encrypted_key = _parse_envelope(envelope, _ski(private_key.public_key()))
     except (ValueError, KeyError, TypeError) as exc:
         if isinstance(exc, EnvelopeError):
             raise
@@ -148,6 +127,34 @@ def open_envelope(envelope: bytes, private_key: rsa.RSAPrivateKey) -> bytes:
         return unpadder.update(padded) + unpadder.finalize()
     except ValueError:
         raise EnvelopeError("bad padding after AES-256-CBC decryption") from None
+
+
+def _parse_envelope(envelope: bytes, own_ski: bytes) -> tuple[object, bytes, bytes | None]:
+    """(IV, encrypted content, the content key encrypted to ``own_ski`` or None) of an AES-256-CBC
+    EnvelopedData; EnvelopeError (or what asn1crypto raises) when it is not one."""
+    info = cms.ContentInfo.load(envelope)
+    if info["content_type"].native != "enveloped_data":
+        raise EnvelopeError(f"content type is {info['content_type'].native}, not enveloped_data")
+    enveloped = info["content"]
+    content = enveloped["encrypted_content_info"]
+    algorithm = content["content_encryption_algorithm"]
+    if algorithm["algorithm"].native != "aes256_cbc":
+        raise EnvelopeError(f"content encryption is {algorithm['algorithm'].native}, not aes256_cbc")
+    return algorithm["parameters"].native, content["encrypted_content"].native, _key_for(enveloped, own_ski)
+
+
+def _key_for(enveloped: cms.EnvelopedData, own_ski: bytes) -> bytes | None:
+    """The encrypted content key of the first key-transport recipient that is (or may be) this key."""
+    for choice in enveloped["recipient_infos"]:
+        if choice.name != "ktri":
+            continue
+        ktri = choice.chosen
+        rid = ktri["rid"]
+        if rid.name == "subject_key_identifier" and rid.chosen.native != own_ski:
+            continue
+        _check_oaep_sha256(ktri["key_encryption_algorithm"])
+        return ktri["encrypted_key"].native
+    return None
 
 
 def _check_oaep_sha256(algorithm: cms.KeyEncryptionAlgorithm) -> None:

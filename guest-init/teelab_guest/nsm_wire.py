@@ -193,6 +193,21 @@ def parse_request(data: bytes) -> Request:
     """Decode a request. Undecodable or unknown requests raise NsmError(InvalidOperation); a known request
     with missing or mistyped fields raises NsmError(InvalidArgument). Size limits are the module's to
     check."""
+    operation, body, bare = _split_request(data)
+    name = operation.value
+    if operation in UNIT_REQUESTS:
+        if not bare and body is not None:
+            raise NsmError(ErrorCode.INVALID_ARGUMENT, f"{name} takes no arguments")
+        return DescribeNsmRequest() if operation is Operation.DESCRIBE_NSM else GetRandomRequest()
+    if bare:
+        raise NsmError(ErrorCode.INVALID_OPERATION, f"{name} needs a map of arguments")
+    if not isinstance(body, dict):
+        raise NsmError(ErrorCode.INVALID_ARGUMENT, f"the arguments of {name} are not a map")
+    return _request_with_arguments(operation, body)
+
+
+def _split_request(data: bytes) -> tuple[Operation, object, bool]:
+    """(operation, its arguments, whether it came bare as a name) of an encoded request."""
     try:
         item = loads_exactly(data)
     except ValueError as err:
@@ -205,17 +220,12 @@ def parse_request(data: bytes) -> Request:
     else:
         raise NsmError(ErrorCode.INVALID_OPERATION, "a request is a name or a one-entry map keyed by a name")
     try:
-        operation = Operation(name)
+        return Operation(name), body, bare
     except ValueError:
         raise NsmError(ErrorCode.INVALID_OPERATION, f"unknown request {name[:40]!r}") from None
-    if operation in UNIT_REQUESTS:
-        if not bare and body is not None:
-            raise NsmError(ErrorCode.INVALID_ARGUMENT, f"{name} takes no arguments")
-        return DescribeNsmRequest() if operation is Operation.DESCRIBE_NSM else GetRandomRequest()
-    if bare:
-        raise NsmError(ErrorCode.INVALID_OPERATION, f"{name} needs a map of arguments")
-    if not isinstance(body, dict):
-        raise NsmError(ErrorCode.INVALID_ARGUMENT, f"the arguments of {name} are not a map")
+
+
+def _request_with_arguments(operation: Operation, body: dict[Any, Any]) -> Request:
     if operation is Operation.DESCRIBE_PCR:
         return DescribePcrRequest(_u16_field(body, "index"))
     if operation is Operation.EXTEND_PCR:

@@ -145,56 +145,68 @@ def _flow_mapping(text: str, where: str) -> dict[str, object]:
 
 
 def _yaml_items(text: str) -> list[tuple[dict[str, object], str]]:
-    lines = [(n + 1, _strip_comment(raw)) for n, raw in enumerate(text.splitlines())]
-    lines = [(n, line) for n, line in lines if line.strip() and line.strip() not in ("---", "...")]
-    items: list[tuple[dict[str, object], str]] = []
-    seen_key = False
-    current: dict[str, object] | None = None
-    item_indent = -1
-    for number, line in lines:
-        where = f"line {number}"
+    reader = _YamlAllowlist()
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = _strip_comment(raw)
+        if line.strip() and line.strip() not in ("---", "..."):
+            reader.line(line, f"line {number}")
+    if not reader.seen_key:
+        raise AllowlistError("no 'allowlist:' key")
+    return reader.items
+
+
+class _YamlAllowlist:
+    """The YAML subset an allowlist file is written in, read line by line into (entry, where) items."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[dict[str, object], str]] = []
+        self.seen_key = False
+        self.current: dict[str, object] | None = None  # the block entry lines may still add to
+        self.item_indent = -1
+
+    def line(self, line: str, where: str) -> None:
         indent = len(line) - len(line.lstrip())
         body = line.strip()
         if indent == 0 and not body.startswith("-"):
-            key, sep, rest = body.partition(":")
-            if key.strip() != "allowlist" or not sep:
-                raise AllowlistError(f"{where}: only an 'allowlist:' key is allowed at the top level")
-            if seen_key:
-                raise AllowlistError(f"{where}: 'allowlist' given twice")
-            seen_key = True
-            rest = rest.strip()
-            if rest.startswith("[") and rest.endswith("]"):
-                inner = rest[1:-1].strip()
-                chunks = _split_flow_items(inner, where)
-                items.extend((_flow_mapping(chunk, where), where) for chunk in chunks)
-            elif rest:
-                raise AllowlistError(f"{where}: 'allowlist:' must be followed by a list")
-            continue
-        if not seen_key:
+            self._top_level(body, where)
+        elif not self.seen_key:
             raise AllowlistError(f"{where}: list items before 'allowlist:'")
-        if body.startswith("-"):
-            rest = body[1:].strip()
-            item_indent = indent
-            if rest.startswith("{"):
-                current = None
-                items.append((_flow_mapping(rest, where), where))
-            elif rest:
-                key, value = _pair(rest, where)
-                current = {key: value}
-                items.append((current, where))
-            else:
-                current = {}
-                items.append((current, where))
-        elif current is not None and indent > item_indent:
+        elif body.startswith("-"):
+            self.item_indent = indent
+            self._item(body[1:].strip(), where)
+        elif self.current is not None and indent > self.item_indent:
             key, value = _pair(body, where)
-            if key in current:
+            if key in self.current:
                 raise AllowlistError(f"{where}: {key!r} given twice in one entry")
-            current[key] = value
+            self.current[key] = value
         else:
             raise AllowlistError(f"{where}: cannot read {body!r}")
-    if not seen_key:
-        raise AllowlistError("no 'allowlist:' key")
-    return items
+
+    def _top_level(self, body: str, where: str) -> None:
+        key, sep, rest = body.partition(":")
+        if key.strip() != "allowlist" or not sep:
+            raise AllowlistError(f"{where}: only an 'allowlist:' key is allowed at the top level")
+        if self.seen_key:
+            raise AllowlistError(f"{where}: 'allowlist' given twice")
+        self.seen_key = True
+        rest = rest.strip()
+        if rest.startswith("[") and rest.endswith("]"):
+            chunks = _split_flow_items(rest[1:-1].strip(), where)
+            self.items.extend((_flow_mapping(chunk, where), where) for chunk in chunks)
+        elif rest:
+            raise AllowlistError(f"{where}: 'allowlist:' must be followed by a list")
+
+    def _item(self, rest: str, where: str) -> None:
+        if rest.startswith("{"):
+            self.current = None
+            self.items.append((_flow_mapping(rest, where), where))
+            return
+        if rest:
+            key, value = _pair(rest, where)
+            self.current = {key: value}
+        else:
+            self.current = {}
+        self.items.append((self.current, where))
 
 
 def _split_flow_items(text: str, where: str) -> list[str]:

@@ -124,11 +124,11 @@ def run_proxy(args: argparse.Namespace) -> int:
 
     allowlist = load_allowlist(args.config)
     remote = (args.remote_addr, args.remote_port)
+    stop = threading.Event()  # set by SIGTERM/SIGINT from before the listener exists: its socket always goes
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     with VsockProxy(open_listener(args.local_port, args.uds), remote, allowlist):
         print(json.dumps({"proxy": args.local_port, "to": f"{remote[0]}:{remote[1]}"}), flush=True)
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
         while not stop.wait(0.5):
             pass
     return 0

@@ -252,6 +252,22 @@ def test_host_proxy_forwards_guest_connections_to_an_allowed_address(tmp_path: P
     assert not (tmp_path / "vm.vsock_8000").exists()
 
 
+def test_a_proxy_stopped_as_soon_as_it_is_ready_removes_its_socket(tmp_path: Path) -> None:
+    """SIGTERM right after the readiness line: the handler was in place before the listener existed."""
+    config = tmp_path / "allow.yaml"
+    config.write_text("allowlist:\n- {address: 127.0.0.1, port: 9}\n")
+    for _ in range(3):
+        proxy = subprocess.Popen(
+            [sys.executable, "-m", "harness.cli", "vsock", "proxy", "--config", str(config),
+             "--uds", str(tmp_path / "vm.vsock"), "8000", "127.0.0.1", "9"],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert proxy.stdout is not None and '"proxy": 8000' in proxy.stdout.readline()
+        proxy.terminate()
+        assert proxy.wait(10) == 0
+        assert not (tmp_path / "vm.vsock_8000").exists()
+
+
 def test_proxy_refuses_a_target_outside_the_allowlist(tmp_path: Path) -> None:
     config = tmp_path / "allow.yaml"
     config.write_text(NITRO_STYLE)
