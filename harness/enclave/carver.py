@@ -245,7 +245,7 @@ class ParentVm:
         timeout: float | None,
         undo: list[Any],
     ) -> Enclave:
-        attachment = self.vsock.attach(name, group=self.group, cid=cid)
+        attachment = self.vsock.attach(name, group=self.group, cid=cid, host_ports=False)  # parent only
         undo.append(lambda: self.vsock.detach(name))
         heartbeat = self._arm_heartbeat(attachment.cid, timeout or _heartbeat_timeout(launch, memory_mib))
         undo.append(heartbeat.close)

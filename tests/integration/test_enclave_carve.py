@@ -95,8 +95,13 @@ def test_carve_moves_cpus_and_hugepages_to_the_enclave_and_terminate_brings_them
         f"{parent.layout.page_kind}:parent": (512 + 256) // 2,
     }
 
+    lab_wide = parent.vsock.listen(7777)  # a host port every VM of the lab may reach (a vsock-proxy's)
     enclave = parent.carve(hello.path, memory_mib=256, cpu_count=2)
     after = parent.order({"op": "status"})
+    uds = {name: a.uds for name, a in parent.vsock.attachments.items()}
+    assert Path(f"{uds[parent.name]}_7777").exists()
+    assert not Path(f"{uds[enclave.name]}_7777").exists()  # the enclave reaches its parent, never the host
+    lab_wide.close()
     assert online_count(before["online"]) - online_count(after["online"]) == 2
     assert before["mem_total_kib"] - after["mem_total_kib"] >= 256 * 1024
     assert parent_before - hugetlb_kib(parent.machine.pid) == 256 * 1024
