@@ -9,7 +9,6 @@ from harness.bench.boot import bench_boot
 from harness.bench.image import bench_image
 from harness.cli.arguments import non_negative_int, positive_int
 from harness.cli.render import console, print_bench, print_json
-from harness.errors import UsageError
 from harness.lab import Lab
 
 # CLI modules that add their own ``teelab bench <name>`` through ``register_bench(subparsers)``.
@@ -28,9 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     kinds = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
     boot = kinds.add_parser("boot", help="seconds from launch to guest-init ready, over N boots")
     boot.add_argument("--image", default="enclave", help="image recipe to boot (default: enclave)")
-    boot.add_argument("-n", "--runs", type=int, default=5, help="number of boots (default: 5)")
-    boot.add_argument("--vcpus", type=int, default=2)
-    boot.add_argument("--memory", type=int, default=512, help="guest memory in MiB")
+    boot.add_argument("-n", "--runs", type=positive_int, default=5, help="number of boots (default: 5)")
+    boot.add_argument("--vcpus", type=positive_int, default=2)
+    boot.add_argument("--memory", type=positive_int, default=512, help="guest memory in MiB")
     boot.add_argument(
         "--backend",
         choices=("qemu", "libvirt", "both"),
@@ -40,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     boot.set_defaults(func=run_boot)
     image = kinds.add_parser("image", help="seconds to build a guest image, cold (empty cache) and warm")
     image.add_argument("--image", default="enclave", help="image recipe (default: enclave)")
-    image.add_argument("-n", "--runs", type=int, default=5, help="warm builds (default: 5)")
+    image.add_argument("-n", "--runs", type=positive_int, default=5, help="warm builds (default: 5)")
     image.add_argument("--no-cold", action="store_true", help="skip the cold build")
     image.add_argument("--json", action="store_true", help="print JSON")
     image.set_defaults(func=run_image)
@@ -58,8 +57,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_boot(args: argparse.Namespace) -> int:
-    if args.runs < 1:
-        raise UsageError("--runs must be at least 1")
     if args.backend == "both":
         return run_boot_backends(args)
     with Lab(backend=args.backend) as lab:
@@ -97,9 +94,6 @@ def run_boot_backends(args: argparse.Namespace) -> int:
 
 
 def run_image(args: argparse.Namespace) -> int:
-    if args.runs < 1:
-        raise UsageError("--runs must be at least 1")
-
     def progress(kind: str, seconds: float) -> None:
         if not args.json:
             console.print(f"{kind} build: {seconds:.2f} s")
