@@ -45,6 +45,45 @@ async def _call(session: aiohttp.ClientSession, creds: tuple[str, str], op: str,
         return data
 
 
+def _next_request(
+    index: int, rng: random.Random, own: list[str], ack: Acknowledged
+) -> tuple[str, dict, bytes]:
+    """A client's next operation, its body and (for Encrypt and Decrypt) the plaintext it stands for."""
+    choice = rng.random() if own else 0.0
+    plaintext = b""
+    if choice < 0.15:
+        return "CreateKey", {"Description": f"client {index}"}, plaintext
+    if choice < 0.55:
+        plaintext = os.urandom(rng.randint(1, 512))
+        return (
+            "Encrypt",
+            {"KeyId": rng.choice(own), "Plaintext": base64.b64encode(plaintext).decode()},
+            plaintext,
+        )
+    if choice < 0.75 and ack.ciphertexts:
+        _key, blob, plaintext = rng.choice(ack.ciphertexts)
+        return "Decrypt", {"CiphertextBlob": base64.b64encode(blob).decode()}, plaintext
+    if choice < 0.9:
+        return "GenerateDataKey", {"KeyId": rng.choice(own), "KeySpec": "AES_256"}, plaintext
+    return "DescribeKey", {"KeyId": rng.choice(own)}, plaintext
+
+
+def _acknowledge(
+    op: str, body: dict, plaintext: bytes, answer: dict, own: list[str], ack: Acknowledged
+) -> None:
+    """Record what an answered request made durable (and check a Decrypt's plaintext)."""
+    if op == "CreateKey":
+        own.append(answer["KeyMetadata"]["KeyId"])
+        ack.keys.add(own[-1])
+    elif op == "Encrypt":
+        ack.ciphertexts.append((body["KeyId"], base64.b64decode(answer["CiphertextBlob"]), plaintext))
+    elif op == "Decrypt":
+        assert base64.b64decode(answer["Plaintext"]) == plaintext
+    elif op == "GenerateDataKey":
+        blob, key = base64.b64decode(answer["CiphertextBlob"]), base64.b64decode(answer["Plaintext"])
+        ack.ciphertexts.append((body["KeyId"], blob, key))
+
+
 async def _client(
     index: int, sock: Path, creds: tuple[str, str], ack: Acknowledged, halfway: asyncio.Event
 ) -> None:
@@ -52,25 +91,7 @@ async def _client(
     own: list[str] = []
     done = 0
     while done < REQUESTS_EACH:
-        if not own:
-            op, body = "CreateKey", {"Description": f"client {index}"}
-        else:
-            choice = rng.random()
-            if choice < 0.15:
-                op, body = "CreateKey", {"Description": f"client {index}"}
-            elif choice < 0.55:
-                plaintext = os.urandom(rng.randint(1, 512))
-                op, body = (
-                    "Encrypt",
-                    {"KeyId": rng.choice(own), "Plaintext": base64.b64encode(plaintext).decode()},
-                )
-            elif choice < 0.75 and ack.ciphertexts:
-                _key, blob, plaintext = rng.choice(ack.ciphertexts)
-                op, body = "Decrypt", {"CiphertextBlob": base64.b64encode(blob).decode()}
-            elif choice < 0.9:
-                op, body = "GenerateDataKey", {"KeyId": rng.choice(own), "KeySpec": "AES_256"}
-            else:
-                op, body = "DescribeKey", {"KeyId": rng.choice(own)}
+        op, body, plaintext = _next_request(index, rng, own, ack)
         try:
             async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock))) as session:
                 answer = await _call(session, creds, op, body)
@@ -84,21 +105,7 @@ async def _client(
         done += 1
         if ack.count == CLIENTS * REQUESTS_EACH // 2:
             halfway.set()
-        if op == "CreateKey":
-            own.append(answer["KeyMetadata"]["KeyId"])
-            ack.keys.add(own[-1])
-        elif op == "Encrypt":
-            ack.ciphertexts.append((body["KeyId"], base64.b64decode(answer["CiphertextBlob"]), plaintext))
-        elif op == "Decrypt":
-            assert base64.b64decode(answer["Plaintext"]) == plaintext
-        elif op == "GenerateDataKey":
-            ack.ciphertexts.append(
-                (
-                    body["KeyId"],
-                    base64.b64decode(answer["CiphertextBlob"]),
-                    base64.b64decode(answer["Plaintext"]),
-                )
-            )
+        _acknowledge(op, body, plaintext, answer, own, ack)
 
 
 async def _load(kms_dir: Path, sock: Path, creds: tuple[str, str]) -> tuple[Acknowledged, int]:
