@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 # Reasons that say the bytes are not evidence at all (ValidationException) rather than evidence that fails.
 _MALFORMED = {"malformed", "truncated", "unsupported", "unknown-format"}
 _PREFIX = "teelab:recipientattestation:"
+_QUOTES = ("tdx", "sgx")  # Intel DCAP quotes: collateral from the cache
 log = logging.getLogger("teelab.kms")
 
 
@@ -51,7 +52,7 @@ def verify_recipient(
         kind = attest.detect_kind(recipient.evidence)
     except attest.AttestError as err:
         raise EvidenceMalformed(f"Recipient.AttestationDocument: {err.message}") from None
-    bound = kind in ("snp", "tdx", "tpm")
+    bound = kind in ("snp", "tdx", "sgx", "tpm")
     if bound and (recipient.public_key is None or recipient.nonce is None):
         raise EvidenceMalformed(f"{kind} evidence needs Recipient.PublicKey and Recipient.Nonce beside it")
     if not bound and (recipient.public_key is not None or recipient.certificates):
@@ -71,7 +72,7 @@ def verify_recipient(
             policy,
             now=dt.datetime.fromtimestamp(now, dt.UTC),
             certificates=recipient.certificates,
-            collateral=collateral.for_quote(recipient.evidence) if collateral and kind == "tdx" else None,
+            collateral=collateral.for_quote(recipient.evidence) if collateral and kind in _QUOTES else None,
         )
     except Exception as exc:  # attacker-controlled bytes at a trust boundary: never a 5xx
         # the verifier promises Reasons, not exceptions; if one slips through it is still the evidence's fault
@@ -108,7 +109,7 @@ def verify_recipient(
     else:
         public_key, nonce, timestamp = recipient.public_key, recipient.nonce, None
         debug = bool(claims.get("debug"))
-        conditions.update(_snp_conditions(claims) if kind == "snp" else _tdx_conditions(claims))
+        conditions.update(_CONDITIONS[kind](claims))
     attested = Attested(
         kind=kind,
         root=str(verdict.root),
@@ -150,6 +151,15 @@ def _tpm_conditions(claims: Any) -> dict[str, Any]:
     return out
 
 
+def _sgx_conditions(claims: Any) -> dict[str, Any]:
+    return {
+        _PREFIX + "sgxmrenclave": claims.get("mrenclave"),
+        _PREFIX + "sgxmrsigner": claims.get("mrsigner"),
+        _PREFIX + "sgxisvprodid": claims.get("isv_prod_id"),
+        _PREFIX + "sgxisvsvn": claims.get("isv_svn"),
+    }
+
+
 def _tdx_conditions(claims: Any) -> dict[str, Any]:
     out: dict[str, Any] = {
         _PREFIX + "tdxmrtd": claims.get("mrtd"),
@@ -162,3 +172,6 @@ def _tdx_conditions(claims: Any) -> dict[str, Any]:
     for index, value in enumerate(rtmrs):
         out[_PREFIX + f"tdxrtmr{index}"] = value
     return out
+
+
+_CONDITIONS = {"snp": _snp_conditions, "tdx": _tdx_conditions, "sgx": _sgx_conditions}

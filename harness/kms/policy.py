@@ -63,6 +63,10 @@ _LAB_KEYS = {
     "teelab:RecipientAttestation:TdxRtmr3": "hex",
     "teelab:RecipientAttestation:TdxMrConfigId": "hex",
     "teelab:RecipientAttestation:TdxAttributes": "number",
+    "teelab:RecipientAttestation:SgxMrEnclave": "hex",
+    "teelab:RecipientAttestation:SgxMrSigner": "hex",
+    "teelab:RecipientAttestation:SgxIsvProdId": "number",
+    "teelab:RecipientAttestation:SgxIsvSvn": "number",
     "teelab:RecipientAttestation:TpmEkFingerprint": "hex",
 }
 for _n in range(24):  # a vTPM's SHA-256 PCRs (docs/tpm.md)
