@@ -127,47 +127,62 @@ class SecurityModule:
             return wire.error_response(err.code)
 
     def _dispatch(self, request: wire.Request) -> bytes:
-        if isinstance(request, wire.DescribePcrRequest):
-            index = self._index(request.index)
-            with self._state:
-                return wire.describe_pcr_response(lock=self._locked[index], data=self._pcrs[index])
-        if isinstance(request, wire.ExtendPcrRequest):
-            index = self._index(request.index)
-            with self._state:
-                if self._locked[index]:
-                    raise NsmError(ErrorCode.READ_ONLY_INDEX, f"PCR{index} is locked")
-                self._pcrs[index] = extend(self._pcrs[index], request.data)
-                return wire.extend_pcr_response(data=self._pcrs[index])
-        if isinstance(request, wire.LockPcrRequest):
-            index = self._index(request.index)
-            with self._state:
-                if self._locked[index]:
-                    raise NsmError(ErrorCode.READ_ONLY_INDEX, f"PCR{index} is already locked")
+        handler = {
+            wire.DescribePcrRequest: self._describe_pcr,
+            wire.ExtendPcrRequest: self._extend_pcr,
+            wire.LockPcrRequest: self._lock_pcr,
+            wire.LockPcrsRequest: self._lock_pcrs,
+            wire.DescribeNsmRequest: self._describe_nsm,
+            wire.AttestationRequest: self._attest,
+            wire.GetRandomRequest: self._get_random,
+        }.get(type(request))
+        if handler is None:
+            raise NsmError(ErrorCode.INVALID_OPERATION, type(request).__name__)
+        return handler(request)  # type: ignore[operator]
+
+    def _describe_pcr(self, request: wire.DescribePcrRequest) -> bytes:
+        index = self._index(request.index)
+        with self._state:
+            return wire.describe_pcr_response(lock=self._locked[index], data=self._pcrs[index])
+
+    def _extend_pcr(self, request: wire.ExtendPcrRequest) -> bytes:
+        index = self._index(request.index)
+        with self._state:
+            if self._locked[index]:
+                raise NsmError(ErrorCode.READ_ONLY_INDEX, f"PCR{index} is locked")
+            self._pcrs[index] = extend(self._pcrs[index], request.data)
+            return wire.extend_pcr_response(data=self._pcrs[index])
+
+    def _lock_pcr(self, request: wire.LockPcrRequest) -> bytes:
+        index = self._index(request.index)
+        with self._state:
+            if self._locked[index]:
+                raise NsmError(ErrorCode.READ_ONLY_INDEX, f"PCR{index} is already locked")
+            self._locked[index] = True
+        return wire.lock_pcr_response()
+
+    def _lock_pcrs(self, request: wire.LockPcrsRequest) -> bytes:
+        if request.range > MAX_PCRS:
+            raise NsmError(ErrorCode.INVALID_INDEX, f"range {request.range} > {MAX_PCRS}")
+        with self._state:
+            for index in range(request.range):
                 self._locked[index] = True
-            return wire.lock_pcr_response()
-        if isinstance(request, wire.LockPcrsRequest):
-            if request.range > MAX_PCRS:
-                raise NsmError(ErrorCode.INVALID_INDEX, f"range {request.range} > {MAX_PCRS}")
-            with self._state:
-                for index in range(request.range):
-                    self._locked[index] = True
-            return wire.lock_pcrs_response()
-        if isinstance(request, wire.DescribeNsmRequest):
-            return wire.describe_nsm_response(
-                version=MODULE_VERSION,
-                module_id=self.module_id,
-                max_pcrs=MAX_PCRS,
-                locked_pcrs=sorted(self.locked_pcrs),
-                digest=DIGEST,
-            )
-        if isinstance(request, wire.AttestationRequest):
-            return self._attest(request)
-        if isinstance(request, wire.GetRandomRequest):
-            random = self._random(RANDOM_BYTES)
-            if not isinstance(random, bytes) or len(random) != RANDOM_BYTES:
-                raise NsmError(ErrorCode.INTERNAL_ERROR, "the entropy source failed")
-            return wire.get_random_response(random=random)
-        raise NsmError(ErrorCode.INVALID_OPERATION, type(request).__name__)
+        return wire.lock_pcrs_response()
+
+    def _describe_nsm(self, _request: wire.DescribeNsmRequest) -> bytes:
+        return wire.describe_nsm_response(
+            version=MODULE_VERSION,
+            module_id=self.module_id,
+            max_pcrs=MAX_PCRS,
+            locked_pcrs=sorted(self.locked_pcrs),
+            digest=DIGEST,
+        )
+
+    def _get_random(self, _request: wire.GetRandomRequest) -> bytes:
+        random = self._random(RANDOM_BYTES)
+        if not isinstance(random, bytes) or len(random) != RANDOM_BYTES:
+            raise NsmError(ErrorCode.INTERNAL_ERROR, "the entropy source failed")
+        return wire.get_random_response(random=random)
 
     @staticmethod
     def _index(index: int) -> int:
