@@ -20,3 +20,19 @@ def parent_image() -> images.BuiltImage:
 @pytest.fixture(scope="session")
 def cvm_image() -> images.BuiltImage:
     return images.build("cvm")
+
+
+@pytest.fixture(scope="session")
+def libvirt_daemons() -> None:
+    """libvirtd and virtlogd, started here (``-d``) when nothing runs them yet: a fresh machine, CI."""
+    from harness.libvirt.daemon import ensure_daemons
+
+    ensure_daemons()
+
+
+@pytest.fixture(scope="module", params=["qemu", "libvirt"])
+def vm_backend(request: pytest.FixtureRequest) -> str:
+    """Each backend in turn (docs/libvirt.md): the representative guest tests run under both."""
+    if request.param == "libvirt":
+        request.getfixturevalue("libvirt_daemons")
+    return str(request.param)

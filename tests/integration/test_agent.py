@@ -16,8 +16,8 @@ pytestmark = pytest.mark.vm
 
 
 @pytest.fixture(scope="module")
-def guest(enclave_image) -> GuestBoot:
-    with Lab() as lab:
+def guest(enclave_image, vm_backend: str) -> GuestBoot:
+    with Lab(backend=vm_backend) as lab:
         yield lab.boot(lab.spec_for_image(enclave_image, name="agent"))
 
 

@@ -37,8 +37,8 @@ def tcp_upper() -> Iterator[tuple[str, int]]:
     server.server_close()
 
 
-def test_a_cvm_reaches_a_host_service_through_the_vsock_proxy(cvm_image, tcp_upper) -> None:
-    with Lab() as lab:
+def test_a_cvm_reaches_a_host_service_through_the_vsock_proxy(cvm_image, tcp_upper, vm_backend: str) -> None:
+    with Lab(backend=vm_backend) as lab:
         boot = lab.boot_cvm(cvm_image, name="cvm-proxy", vcpus=1)
         assert boot.role == "cvm"
         runtime = lab.vsock.runtime_dir

@@ -23,13 +23,13 @@ from harness.qemu.spec import VMSpec
 pytestmark = pytest.mark.vm
 
 
-def test_guest_boots_to_ready_and_powers_off_cleanly(lab: Lab, enclave_image) -> None:
-    spec = lab.spec_for_image(enclave_image, name="ready-and-off")
-    boot = lab.boot(spec)
-    assert boot.role == "enclave"
-    assert 0 < boot.guest_uptime < boot.seconds + 1
-    assert boot.machine.qmp("query-status")["status"] == "running"
-    info = boot.machine.shutdown()
+def test_guest_boots_to_ready_and_powers_off_cleanly(lab_host, enclave_image, vm_backend: str) -> None:
+    with Lab(lab_host, backend=vm_backend) as lab:
+        boot = lab.boot(lab.spec_for_image(enclave_image, name="ready-and-off"))
+        assert boot.role == "enclave"
+        assert 0 < boot.guest_uptime < boot.seconds + 1
+        assert boot.machine.qmp("query-status")["status"] == "running"
+        info = boot.machine.shutdown()
     assert info.stage == "powerdown", boot.machine.console_text()[-500:]
     assert info.returncode == 0
     assert "TEELAB-POWEROFF" in boot.machine.console_log.read_text()

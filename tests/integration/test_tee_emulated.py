@@ -52,8 +52,8 @@ def teelab_measure(kind: str, spec: VMSpec) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def snp_guest(enclave_image) -> Iterator[TeeGuest]:
-    with Lab() as lab:
+def snp_guest(enclave_image, vm_backend: str) -> Iterator[TeeGuest]:
+    with Lab(backend=vm_backend) as lab:
         spec = lab.spec_for_image(enclave_image, name="tee-snp", role="cvm", vcpus=2)
         with EmulatedSnpBackend(host_data=HOST_DATA).attach(spec, lab.host) as attachment:
             boot = lab.boot(attachment.spec)
