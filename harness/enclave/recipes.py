@@ -119,24 +119,8 @@ def enclave_recipe_names() -> list[str]:
     return sorted(p.parent.name for p in enclave_recipes_dir().glob(f"*/{RECIPE_FILE}"))
 
 
-def load_enclave_recipe(name: str) -> EnclaveRecipe:
-    """``images/enclaves/<name>/enclave.toml``, checked: E930 when missing, E931 when malformed, E932/E933
-    when its defaults break the sizing rules."""
-    directory = enclave_recipes_dir() / name
-    path = directory / RECIPE_FILE
-    if not _NAME.fullmatch(name) or not path.is_file():
-        raise EnclaveRecipeUnknown(
-            f"no enclave recipe {name!r}",
-            hint=f"known enclave recipes: {', '.join(enclave_recipe_names()) or 'none'} "
-            f"(in {enclave_recipes_dir()})",
-            name=name,
-        )
-    where = f"images/enclaves/{name}/{RECIPE_FILE}"
-    try:
-        with open(path, "rb") as handle:
-            data = tomllib.load(handle)
-    except tomllib.TOMLDecodeError as exc:
-        raise EnclaveRecipeInvalid(f"{where} is not valid TOML: {exc}", hint=f"fix {where}") from None
+def _check_recipe_fields(data: dict[str, Any], name: str, where: str) -> None:
+    """E931 for a recipe key that is unknown, missing or of the wrong type."""
     unknown = sorted(set(data) - RECIPE_KEYS)
     if unknown:
         raise EnclaveRecipeInvalid(
@@ -163,6 +147,28 @@ def load_enclave_recipe(name: str) -> EnclaveRecipe:
             f"{where}: cmdline must be a list of words (no spaces, quotes or control characters)",
             hint='write cmdline = ["key=value", ...]',
         )
+
+
+def load_enclave_recipe(name: str) -> EnclaveRecipe:
+    """``images/enclaves/<name>/enclave.toml``, checked: E930 when missing, E931 when malformed, E932/E933
+    when its defaults break the sizing rules."""
+    directory = enclave_recipes_dir() / name
+    path = directory / RECIPE_FILE
+    if not _NAME.fullmatch(name) or not path.is_file():
+        raise EnclaveRecipeUnknown(
+            f"no enclave recipe {name!r}",
+            hint=f"known enclave recipes: {', '.join(enclave_recipe_names()) or 'none'} "
+            f"(in {enclave_recipes_dir()})",
+            name=name,
+        )
+    where = f"images/enclaves/{name}/{RECIPE_FILE}"
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise EnclaveRecipeInvalid(f"{where} is not valid TOML: {exc}", hint=f"fix {where}") from None
+    _check_recipe_fields(data, name, where)
+    words = data.get("cmdline", [])
     check_vcpus(data["vcpus"], where=where)
     check_memory(data["memory_mib"], None, where=where)
     recipe = EnclaveRecipe(
