@@ -74,29 +74,43 @@ def verify_nitro(data: bytes, policy: Policy, *, now: dt.datetime) -> Verdict:
     except (ValueError, OverflowError, OSError):
         bad = EvidenceError(f"timestamp {doc.timestamp} ms is not a date", field="timestamp")
         return malformed_verdict("nitro", bad)
+    root = _check_signed(found, doc, policy, issued)
+    _check_contents(found, doc, policy, claims)
+    _check_age(found, policy, issued, now)
+    check_claims(found, policy.claims, claims)
+    return found.verdict("nitro", root, claims)
+
+
+def _check_signed(
+    found: Findings, doc: AttestationDocument, policy: Policy, issued: dt.datetime
+) -> str | None:
+    """The certificate's chain to a root the policy trusts (at the document's time) and the COSE signature;
+    the root's name, or None."""
     anchors, _ = trust_material(policy)
-    root = None
     leaf = _load(found, doc.certificate, "certificate")
-    pool: list[Cert] = []
-    for index, der in enumerate(doc.cabundle):
-        cert = _load(found, der, f"cabundle.{index}")
-        if cert is not None:
-            pool.append(cert)
-    if leaf is not None:
-        chain = build_chain(leaf, pool, anchors, field="cabundle", leaf_field="certificate")
-        root = check_chain(found, chain, "nitro", policy, at=issued, field="cabundle")
-        if chain.anchor is not None and doc.cabundle[0] != chain.anchor.cert.der:
-            found.fail(
-                "chain-invalid", "cabundle.0", "cabundle[0] is not the root certificate the chain ends at"
-            )
-        if len(doc.signature) != ES384_SIGNATURE_SIZE or not ecdsa_verify(
-            leaf, raw_rs(doc.signature), doc.sig_structure(), hashes.SHA384()
-        ):
-            found.fail(
-                "signature-invalid",
-                "signature",
-                "the COSE_Sign1 signature does not verify with the certificate's key (ES384)",
-            )
+    loaded = (_load(found, der, f"cabundle.{index}") for index, der in enumerate(doc.cabundle))
+    pool = [cert for cert in loaded if cert is not None]
+    if leaf is None:
+        return None
+    chain = build_chain(leaf, pool, anchors, field="cabundle", leaf_field="certificate")
+    root = check_chain(found, chain, "nitro", policy, at=issued, field="cabundle")
+    if chain.anchor is not None and doc.cabundle[0] != chain.anchor.cert.der:
+        found.fail("chain-invalid", "cabundle.0", "cabundle[0] is not the root certificate the chain ends at")
+    if len(doc.signature) != ES384_SIGNATURE_SIZE or not ecdsa_verify(
+        leaf, raw_rs(doc.signature), doc.sig_structure(), hashes.SHA384()
+    ):
+        found.fail(
+            "signature-invalid",
+            "signature",
+            "the COSE_Sign1 signature does not verify with the certificate's key (ES384)",
+        )
+    return root
+
+
+def _check_contents(
+    found: Findings, doc: AttestationDocument, policy: Policy, claims: dict[str, Any]
+) -> None:
+    """Digest, PCR lengths, debug mode, and each value the policy pins (PCRs, module, key, data, nonce)."""
     if doc.digest != "SHA384":
         found.fail("digest-unsupported", "digest", f"digest is {doc.digest!r}; documents use SHA384")
     for index, value in sorted(doc.pcrs.items()):
@@ -118,18 +132,20 @@ def verify_nitro(data: bytes, policy: Policy, *, now: dt.datetime) -> Verdict:
     check_value(found, "user-data-mismatch", "user_data", policy.user_data, doc.user_data)
     check_value(found, "nonce-mismatch", "nonce", policy.nonce, doc.nonce)
     check_nonce_book(found, policy, doc.nonce)
-    if policy.max_age is not None:
-        if now - issued > policy.max_age:
-            found.fail(
-                "evidence-stale",
-                "timestamp",
-                f"the document is from {issued.isoformat()}, over {policy.max_age} before {now.isoformat()}",
-            )
-        elif issued - now > CLOCK_SKEW:
-            found.fail(
-                "timestamp-in-future",
-                "timestamp",
-                f"the document is from {issued.isoformat()}, after {now.isoformat()}",
-            )
-    check_claims(found, policy.claims, claims)
-    return found.verdict("nitro", root, claims)
+
+
+def _check_age(found: Findings, policy: Policy, issued: dt.datetime, now: dt.datetime) -> None:
+    if policy.max_age is None:
+        return
+    if now - issued > policy.max_age:
+        found.fail(
+            "evidence-stale",
+            "timestamp",
+            f"the document is from {issued.isoformat()}, over {policy.max_age} before {now.isoformat()}",
+        )
+    elif issued - now > CLOCK_SKEW:
+        found.fail(
+            "timestamp-in-future",
+            "timestamp",
+            f"the document is from {issued.isoformat()}, after {now.isoformat()}",
+        )

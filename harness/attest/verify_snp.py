@@ -120,13 +120,41 @@ def verify_snp(
         return malformed_verdict("snp", err)
     found = Findings()
     claims = snp_claims(report)
-
     if report.signature_algo != SIGNATURE_ALGO_ECDSA_P384_SHA384:
         found.fail(
             "signature-algo-unsupported",
             "signature_algo",
             f"signature_algo {report.signature_algo}; only 1 (ECDSA P-384 with SHA-384) is defined",
         )
+    root = _check_signed(found, report, data, policy, now, certificates, claims)
+    _check_guest_policy(found, report, policy)
+    if policy.min_tcb is not None and not report.reported_tcb.at_least(policy.min_tcb):
+        found.fail(
+            "tcb-too-low",
+            "reported_tcb",
+            f"reported TCB {report.reported_tcb.components()} is below the minimum "
+            f"{policy.min_tcb.components()}",
+        )
+    check_value(found, "measurement-mismatch", "measurement", policy.measurement, report.measurement)
+    check_value(found, "host-data-mismatch", "host_data", policy.host_data, report.host_data)
+    check_report_data_binding(found, policy, report.report_data, claims)
+    if policy.max_age is not None:
+        found.note("SNP reports carry no time; max_age is not applied (freshness comes from the nonce)")
+    check_claims(found, policy.claims, claims)
+    return found.verdict("snp", root, claims)
+
+
+def _check_signed(
+    found: Findings,
+    report: SnpReport,
+    data: bytes,
+    policy: Policy,
+    now: dt.datetime,
+    certificates: Sequence[bytes],
+    claims: dict[str, Any],
+) -> str | None:
+    """The report's endorsement (VCEK or VLEK, supplied or the lab's), its chain and the signature; the root's
+    name, or None."""
     signer = report.signing_key
     anchors, lab = trust_material(policy)
     supplied: list[Cert] = []
@@ -135,36 +163,38 @@ def verify_snp(
             supplied += load_any(blob, field=f"certificates[{index}]")
         except EvidenceError as err:
             found.fail("malformed", err.field, err.message)
-    root = None
     if signer not in ("vcek", "vlek"):
         found.fail(
             "signing-key-unsupported",
             "key_info",
             f"the report names signing key {signer!r}; only VCEK and VLEK signed reports can be verified",
         )
-    else:
-        candidates = [c for c in supplied if c.amd is not None and c.amd.signing_key == signer]
-        if lab is not None and signer == "vcek":
-            lab_vcek = lab.vcek(report.reported_tcb)
-            # only for the lab's chip: another chip's report is not the lab's to endorse (nor to fail)
-            if lab_vcek is not None and lab_vcek.amd is not None and lab_vcek.amd.hwid == report.chip_id:
-                candidates.append(lab_vcek)
-        endorsement = _endorsement(candidates, report)
-        if endorsement is None:
-            found.fail(
-                "certificate-missing",
-                signer,
-                f"no {signer.upper()} certificate for this report (chip_id {report.chip_id.hex()[:16]}..., "
-                f"TCB {report.reported_tcb.to_bytes().hex()}); pass it in certificates= "
-                "(from the guest's certificate table or AMD's KDS)",
-            )
-        else:
-            root = _check_endorsement(
-                found, endorsement, report, data, policy, anchors, lab, supplied, now, signer
-            )
-            if endorsement.amd is not None and endorsement.amd.product:
-                claims["product"] = endorsement.amd.product
+        return None
+    candidates = [c for c in supplied if c.amd is not None and c.amd.signing_key == signer]
+    if lab is not None and signer == "vcek":
+        lab_vcek = lab.vcek(report.reported_tcb)
+        # only for the lab's chip: another chip's report is not the lab's to endorse (nor to fail)
+        if lab_vcek is not None and lab_vcek.amd is not None and lab_vcek.amd.hwid == report.chip_id:
+            candidates.append(lab_vcek)
+    endorsement = _endorsement(candidates, report)
+    if endorsement is None:
+        found.fail(
+            "certificate-missing",
+            signer,
+            f"no {signer.upper()} certificate for this report (chip_id {report.chip_id.hex()[:16]}..., "
+            f"TCB {report.reported_tcb.to_bytes().hex()}); pass it in certificates= "
+            "(from the guest's certificate table or AMD's KDS)",
+        )
+        return None
+    root = _check_endorsement(found, endorsement, report, data, policy, anchors, lab, supplied, now, signer)
+    if endorsement.amd is not None and endorsement.amd.product:
+        claims["product"] = endorsement.amd.product
+    return root
 
+
+def _check_guest_policy(found: Findings, report: SnpReport, policy: Policy) -> None:
+    """What the guest's launch policy and the platform allow (debug, migration agent, SMT) and the VMPL the
+    report was asked at, against what the verifier's policy accepts."""
     if report.debug and not policy.allow_debug:
         found.fail(
             "debug-not-allowed", "policy", "the guest policy allows debugging (bit 19); the policy refuses it"
@@ -190,20 +220,6 @@ def verify_snp(
             "vmpl",
             f"the report was requested at VMPL {report.vmpl}, the policy allows at most {policy.max_vmpl}",
         )
-    if policy.min_tcb is not None and not report.reported_tcb.at_least(policy.min_tcb):
-        found.fail(
-            "tcb-too-low",
-            "reported_tcb",
-            f"reported TCB {report.reported_tcb.components()} is below the minimum "
-            f"{policy.min_tcb.components()}",
-        )
-    check_value(found, "measurement-mismatch", "measurement", policy.measurement, report.measurement)
-    check_value(found, "host-data-mismatch", "host_data", policy.host_data, report.host_data)
-    check_report_data_binding(found, policy, report.report_data, claims)
-    if policy.max_age is not None:
-        found.note("SNP reports carry no time; max_age is not applied (freshness comes from the nonce)")
-    check_claims(found, policy.claims, claims)
-    return found.verdict("snp", root, claims)
 
 
 def _check_endorsement(
