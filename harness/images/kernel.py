@@ -92,10 +92,10 @@ def fetch_deb(pin: KernelPin, cache: Path) -> Path:
         with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as temp:
             failure = _download(pin, Path(temp), cache)
             found = list(Path(temp).glob("*.deb"))
-            fallback = artifact_cache() / pin.deb_name
+            fallback = None if found else artifact_cache() / pin.deb_name
             if found:
                 found[0].rename(deb)
-            elif fallback.is_file():
+            elif fallback is not None and fallback.is_file():
                 shutil.copyfile(fallback, Path(temp) / pin.deb_name)
                 (Path(temp) / pin.deb_name).rename(deb)
             else:
@@ -103,7 +103,7 @@ def fetch_deb(pin: KernelPin, cache: Path) -> Path:
                     f"apt-get download {pin.package}={pin.version} failed ({failure}) and the artifact cache "
                     f"has no {pin.deb_name}",
                     hint=f"pin a kernel the archive still has (apt-cache policy), or put {pin.deb_name} in "
-                    f"{fallback.parent} (the Ansible role fills it)",
+                    f"{artifact_cache()} (the Ansible role fills it)",
                     package=f"{pin.package}={pin.version}",
                 )
     actual = sha256_file(deb)
