@@ -130,7 +130,7 @@ def test_twenty_launch_kill_cycles_leave_no_swtpm_socket_or_state(cvm_image) -> 
             else:
                 closers = [plan.tee.close, plan.vtpm.close]
                 kill = lambda machine: os.kill(machine.pid, signal.SIGKILL)  # noqa: E731
-                with pytest.raises(Exception):  # noqa: B017 - QEMU died before guest-init was ready
+                with pytest.raises(MachineError):  # QEMU died before guest-init was ready
                     lab.boot(plan.spec, timeout=30, on_launch=kill, closers=closers)
             assert not plan.vtpm.folder.exists() and plan.vtpm.pid not in swtpm_pids(), (
                 f"cycle {cycle}: {how}"
