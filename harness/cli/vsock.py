@@ -15,7 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
-from harness.vsock import backends
+from harness.vsock import backend_choice
 from harness.vsock.errors import VsockConfigError
 from harness.vsock.server import SwitchServer, VmEndpoint
 
@@ -138,15 +138,15 @@ def run_backend(args: argparse.Namespace) -> int:
     from harness.host.probe import probe
 
     host = probe()
-    chosen = backends.configured_backend()
-    plain = backends.resolve(host, chosen, grouped=False)
-    grouped = backends.resolve(host, chosen, grouped=True) if chosen != backends.KERNEL else None
+    chosen = backend_choice.configured_backend()
+    plain = backend_choice.resolve(host, chosen, grouped=False)
+    grouped = backend_choice.resolve(host, chosen, grouped=True) if chosen != backend_choice.KERNEL else None
     data = {
         "configured": chosen,
         "vm_without_group": plain,
         "vm_in_group": grouped,
         "vhost_vsock_device": host.vhost_vsock,
-        "vhost_device_vsock_binary": backends.external_binary(),
+        "vhost_device_vsock_binary": backend_choice.external_binary(),
     }
     if args.json:
         print(json.dumps(data, indent=2))

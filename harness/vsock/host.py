@@ -26,7 +26,7 @@ from harness.host.ledger import Ledger
 from harness.host.model import HostInfo
 from harness.qemu.chardevs import ChardevSocket
 from harness.qemu.devices import Device, VhostUserVsockPci, VhostVsockPci
-from harness.vsock import backends
+from harness.vsock import backend_choice
 from harness.vsock.errors import (
     CidUnavailable,
     VsockConfigError,
@@ -78,7 +78,7 @@ class VsockHost:
         runtime_dir: Path | None = None,
     ) -> None:
         self.host = host
-        self.backend = backends.configured_backend(backend)
+        self.backend = backend_choice.configured_backend(backend)
         self.ledger = ledger or Ledger()
         self._loop = loop or shared_loop()
         self._own_dir = runtime_dir is None
@@ -111,8 +111,8 @@ class VsockHost:
                 hint=f"use a CID from 3 to {MAX_CID} (0, 1, 2 and 2**32-1 are reserved)",
                 cid=cid,
             )
-        kind = backends.resolve(self.host, self.backend, grouped=group is not None)
-        scoped = kind != backends.KERNEL and cid is not None  # group-scoped CIDs skip the host ledger
+        kind = backend_choice.resolve(self.host, self.backend, grouped=group is not None)
+        scoped = kind != backend_choice.KERNEL and cid is not None  # group-scoped CIDs skip the host ledger
         if not scoped:
             cid = self._claim_cid(name, cid)
         assert cid is not None
@@ -132,7 +132,7 @@ class VsockHost:
         return attachment
 
     def _attach(self, kind: str, name: str, group: str | None, cid: int) -> VsockAttachment:
-        if kind == backends.KERNEL:
+        if kind == backend_choice.KERNEL:
             return VsockAttachment(name, cid, None, kind, (VhostVsockPci(DEVICE_ID, guest_cid=cid),))
         endpoint = VmEndpoint(
             name=name,
@@ -142,7 +142,7 @@ class VsockHost:
             uds=self.runtime_dir / f"{name}.vsock",
         )
         endpoint.validate()
-        if kind == backends.BUILTIN:
+        if kind == backend_choice.BUILTIN:
             self._loop.call(self._switch().add_vm, endpoint)
         else:
             self._restart_group(endpoint.group, extra=endpoint)
@@ -160,7 +160,9 @@ class VsockHost:
         return [
             VmEndpoint(a.name, a.cid, group, self.runtime_dir / f"{a.name}.vhost", a.uds)
             for a in self.attachments.values()
-            if a.backend == backends.EXTERNAL and (a.group or f"solo-{a.name}") == group and a.uds is not None
+            if a.backend == backend_choice.EXTERNAL
+            and (a.group or f"solo-{a.name}") == group
+            and a.uds is not None
         ]
 
     def _restart_group(self, group: str, extra: VmEndpoint | None = None) -> None:
@@ -169,7 +171,7 @@ class VsockHost:
             raise CidUnavailable(f"CID {extra.cid} is already used in group {group}", hint="pick another CID")
         daemon = self._daemons.get(group)
         if daemon is None:
-            binary = backends.external_binary() or backends.EXTERNAL_BINARY
+            binary = backend_choice.external_binary() or backend_choice.EXTERNAL_BINARY
             daemon = GroupDaemon(binary, group, self.runtime_dir / f"{group}.log", self._loop)
             self._daemons[group] = daemon
         daemon.restart(endpoints)
@@ -181,9 +183,9 @@ class VsockHost:
             return
         for listener in self._listeners:
             listener._remove_vm(attachment)
-        if attachment.backend == backends.BUILTIN and self._server is not None:
+        if attachment.backend == backend_choice.BUILTIN and self._server is not None:
             self._loop.call(self._server.remove_vm, name)
-        elif attachment.backend == backends.EXTERNAL:
+        elif attachment.backend == backend_choice.EXTERNAL:
             self._restart_group(attachment.group or f"solo-{name}")
         self._release_cid(name)
 
@@ -234,7 +236,7 @@ class VsockHost:
         deadline = time.monotonic() + wait
         while True:
             try:
-                if attachment.backend == backends.KERNEL:
+                if attachment.backend == backend_choice.KERNEL:
                     return _connect_kernel(cid, port, timeout)
                 assert attachment.uds is not None
                 return connect_hybrid(attachment.uds, port, timeout, what=f"{attachment.name} (CID {cid})")
@@ -252,7 +254,9 @@ class VsockHost:
         try:
             for attachment in self.attachments.values():
                 listener._add_vm(attachment)
-            if self.backend == backends.KERNEL or (self.backend == backends.AUTO and self.host.vhost_vsock):
+            if self.backend == backend_choice.KERNEL or (
+                self.backend == backend_choice.AUTO and self.host.vhost_vsock
+            ):
                 listener._add_kernel()
         except BaseException:
             listener.close()

@@ -19,7 +19,7 @@ from harness.cli.vsock import parse_vm
 from harness.errors import ConfigError
 from harness.host.ledger import Ledger
 from harness.qemu import ChardevSocket, MemoryBackendMemfd, VMSpec, build_argv
-from harness.vsock import backends, external
+from harness.vsock import backend_choice, external
 from harness.vsock.errors import (
     CidUnavailable,
     VsockBackendUnavailable,
@@ -57,37 +57,37 @@ def make_host(ledger: Ledger, loop: EventLoopThread, tmp_path: Path, **options: 
 
 # -- backend choice -------------------------------------------------------------------------------
 def test_backend_comes_from_argument_then_environment_then_toml(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.delenv(backends.ENV_BACKEND, raising=False)
+    monkeypatch.delenv(backend_choice.ENV_BACKEND, raising=False)
     toml = tmp_path / "teelab.toml"
     toml.write_text('[vsock]\nbackend = "builtin"\n')
     monkeypatch.setenv("TEELAB_CONFIG", str(toml))
-    assert backends.configured_backend() == "builtin"
-    monkeypatch.setenv(backends.ENV_BACKEND, "kernel")
-    assert backends.configured_backend() == "kernel"
-    assert backends.configured_backend("auto") == "auto"
-    monkeypatch.delenv(backends.ENV_BACKEND)
+    assert backend_choice.configured_backend() == "builtin"
+    monkeypatch.setenv(backend_choice.ENV_BACKEND, "kernel")
+    assert backend_choice.configured_backend() == "kernel"
+    assert backend_choice.configured_backend("auto") == "auto"
+    monkeypatch.delenv(backend_choice.ENV_BACKEND)
     toml.write_text("")
-    assert backends.configured_backend() == "auto"
+    assert backend_choice.configured_backend() == "auto"
     with pytest.raises(ConfigError) as err:
-        backends.configured_backend("vmci")
+        backend_choice.configured_backend("vmci")
     assert err.value.code == "E101"
 
 
 def test_auto_takes_the_kernel_only_where_it_exists_and_only_for_vms_without_a_group() -> None:
-    assert backends.resolve(tcg_host(vhost_vsock=True), "auto", grouped=False) == "kernel"
-    assert backends.resolve(tcg_host(vhost_vsock=True), "auto", grouped=True) == "builtin"
-    assert backends.resolve(tcg_host(), "auto", grouped=False) == "builtin"
+    assert backend_choice.resolve(tcg_host(vhost_vsock=True), "auto", grouped=False) == "kernel"
+    assert backend_choice.resolve(tcg_host(vhost_vsock=True), "auto", grouped=True) == "builtin"
+    assert backend_choice.resolve(tcg_host(), "auto", grouped=False) == "builtin"
 
 
 def test_impossible_backends_are_refused_with_codes(monkeypatch) -> None:
     with pytest.raises(VsockBackendUnavailable) as err:
-        backends.resolve(tcg_host(), "kernel", grouped=False)
+        backend_choice.resolve(tcg_host(), "kernel", grouped=False)
     assert err.value.code == "E701" and "vhost-vsock" in err.value.message
     with pytest.raises(VsockConfigError):
-        backends.resolve(tcg_host(vhost_vsock=True), "kernel", grouped=True)
+        backend_choice.resolve(tcg_host(vhost_vsock=True), "kernel", grouped=True)
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(VsockBackendUnavailable):
-        backends.resolve(tcg_host(), "vhost-device-vsock", grouped=False)
+        backend_choice.resolve(tcg_host(), "vhost-device-vsock", grouped=False)
 
 
 # -- devices in the VM's command line (golden) ---------------------------------------------------

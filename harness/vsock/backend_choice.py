@@ -1,4 +1,4 @@
-"""Which vsock backend serves a VM: the probe's choice, overridable by argument, environment or teelab.toml.
+"""Which vsock backend serves a VM (the choice, not a backend): the probe's choice, overridable by argument,
 
 ``kernel`` is ``vhost-vsock-pci`` on /dev/vhost-vsock (guest <-> host only, host-wide CIDs); ``builtin`` is
 this package's user-space switch; ``vhost-device-vsock`` is rust-vmm's binary. ``auto`` takes the kernel
