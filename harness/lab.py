@@ -34,9 +34,12 @@ from harness.host.hugepages import ensure_pool
 from harness.host.model import HostInfo
 from harness.host.probe import hugepage_pools, probe
 from harness.libvirt.backend import new_machine, vm_backend
+from harness.qemu.chardevs import ChardevChannel
+from harness.qemu.devices import Device
 from harness.qemu.errors import MachineError
 from harness.qemu.machine import Machine
-from harness.qemu.spec import ChardevChannel, Device, MemoryBackend, MemoryBackendMemfd, VMSpec
+from harness.qemu.objects import MemoryBackend, MemoryBackendMemfd
+from harness.qemu.spec import VMSpec
 from harness.tee.measure import SnpMeasurement, TdxMeasurement
 from harness.tee.platforms import TeeAttachment, choose_backend
 from harness.tee.vtpm import Vtpm, vtpm_is_ephemeral

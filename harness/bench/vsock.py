@@ -19,7 +19,9 @@ from teelab_guest.vsock_peer import Pattern, drain, round_trips
 from harness import images
 from harness.bench.result import Bar, BenchResult
 from harness.lab import GuestBoot, Lab
-from harness.qemu.spec import ChardevChannel, MemoryBackendMemfd, VirtioSerialPort
+from harness.qemu.chardevs import ChardevChannel
+from harness.qemu.devices import VirtioSerialPort
+from harness.qemu.objects import MemoryBackendMemfd
 from harness.vsock.host import VsockHost
 
 SERIAL_PORT = "org.teelab.bench.0"

@@ -43,8 +43,9 @@ from harness.host.errors import LedgerExhausted
 from harness.host.ledger import Ledger
 from harness.host.model import HostInfo
 from harness.host.probe import hugepage_pools
+from harness.qemu.devices import Device
 from harness.qemu.machine import Machine
-from harness.qemu.spec import Device, VMSpec
+from harness.qemu.spec import VMSpec
 from harness.vsock import VsockHost
 
 log = logging.getLogger(__name__)

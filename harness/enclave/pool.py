@@ -18,7 +18,8 @@ from harness import paths
 from harness.enclave import errors
 from harness.host.ledger import Ledger
 from harness.host.model import HostInfo
-from harness.qemu.spec import Device, MemoryBackendMemfd, VirtioMemPci, X86Cpu
+from harness.qemu.devices import Device, VirtioMemPci, X86Cpu
+from harness.qemu.objects import MemoryBackendMemfd
 
 PARENT_KEPT_VCPUS = 2
 PARENT_BOOT_MEMORY_MIB = 512

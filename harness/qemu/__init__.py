@@ -1,21 +1,9 @@
 """QEMU layer: typed VM specs, objects and devices, argv assembly (``build_argv``) and ``Machine``."""
 
 from harness.qemu.argv import build_argv
-from harness.qemu.errors import SpecError
-from harness.qemu.spec import (
-    Chardev,
-    ChardevChannel,
-    ChardevFile,
-    ChardevSocket,
-    ChardevStdio,
-    ConfidentialGuest,
+from harness.qemu.chardevs import Chardev, ChardevChannel, ChardevFile, ChardevSocket, ChardevStdio
+from harness.qemu.devices import (
     Device,
-    MemoryBackend,
-    MemoryBackendFile,
-    MemoryBackendMemfd,
-    MemoryBackendRam,
-    SevSnpGuest,
-    TdxGuest,
     TpmCrb,
     VhostUserVsockPci,
     VhostVsockPci,
@@ -23,9 +11,19 @@ from harness.qemu.spec import (
     VirtioMemPci,
     VirtioRngPci,
     VirtioSerialPort,
-    VMSpec,
     X86Cpu,
 )
+from harness.qemu.errors import SpecError
+from harness.qemu.objects import (
+    ConfidentialGuest,
+    MemoryBackend,
+    MemoryBackendFile,
+    MemoryBackendMemfd,
+    MemoryBackendRam,
+    SevSnpGuest,
+    TdxGuest,
+)
+from harness.qemu.spec import VMSpec
 
 __all__ = [
     "Chardev",

@@ -10,18 +10,8 @@ from pathlib import Path
 from typing import Literal
 
 from harness.host.model import Accel, HostInfo
-from harness.qemu.chardevs import Chardev, ChardevChannel, ChardevFile, ChardevSocket, ChardevStdio
-from harness.qemu.devices import (
-    Device,
-    TpmCrb,
-    VhostUserVsockPci,
-    VhostVsockPci,
-    VirtioBlkPci,
-    VirtioMemPci,
-    VirtioRngPci,
-    VirtioSerialPort,
-    X86Cpu,
-)
+from harness.qemu.chardevs import Chardev
+from harness.qemu.devices import Device
 from harness.qemu.errors import (
     AccelUnavailable,
     CmdlineError,
@@ -37,38 +27,8 @@ from harness.qemu.objects import (
     ConfidentialGuest,
     HugepageDemand,
     MemoryBackend,
-    MemoryBackendFile,
-    MemoryBackendMemfd,
-    MemoryBackendRam,
-    SevSnpGuest,
-    TdxGuest,
     check_hugepages,
 )
-
-__all__ = [
-    "Chardev",
-    "ChardevChannel",
-    "ChardevFile",
-    "ChardevSocket",
-    "ChardevStdio",
-    "ConfidentialGuest",
-    "Device",
-    "MemoryBackend",
-    "MemoryBackendFile",
-    "MemoryBackendMemfd",
-    "MemoryBackendRam",
-    "SevSnpGuest",
-    "TdxGuest",
-    "TpmCrb",
-    "VMSpec",
-    "VhostUserVsockPci",
-    "VhostVsockPci",
-    "VirtioBlkPci",
-    "VirtioMemPci",
-    "VirtioRngPci",
-    "VirtioSerialPort",
-    "X86Cpu",
-]
 
 MAX_VCPUS = 255
 MIN_MEMORY_MIB = 64

@@ -14,16 +14,17 @@ from teelab_guest.tee_wire import TEE_PORT
 from harness.aio import EventLoopThread
 from harness.host import capability
 from harness.host.model import HostInfo
-from harness.qemu.objects import TD_SEPT_VE_DISABLE, QuoteSocket
-from harness.qemu.spec import (
-    ChardevChannel,
+from harness.qemu.chardevs import ChardevChannel
+from harness.qemu.devices import VirtioSerialPort
+from harness.qemu.objects import (
+    TD_SEPT_VE_DISABLE,
     MemoryBackendMemfd,
     MemoryBackendRam,
+    QuoteSocket,
     SevSnpGuest,
     TdxGuest,
-    VirtioSerialPort,
-    VMSpec,
 )
+from harness.qemu.spec import VMSpec
 from harness.tee.errors import (
     DeviceConfigError,
     FirmwareCannotMeasureKernel,

@@ -17,7 +17,8 @@ from teelab_guest.vsock_peer import pattern_sha256
 
 from harness import images
 from harness.lab import Lab
-from harness.qemu.spec import MemoryBackendMemfd, VMSpec
+from harness.qemu.objects import MemoryBackendMemfd
+from harness.qemu.spec import VMSpec
 
 pytestmark = [pytest.mark.vm, pytest.mark.kvm]
 PEER = ["python3", "-m", "teelab_guest.vsock_peer"]

@@ -19,7 +19,7 @@ from processes import qemu_pids
 from harness.host import hugepages
 from harness.host.probe import probe
 from harness.lab import Lab
-from harness.qemu.spec import MemoryBackendFile
+from harness.qemu.objects import MemoryBackendFile
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.slow]
 

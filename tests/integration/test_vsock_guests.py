@@ -20,7 +20,7 @@ from harness import images
 from harness.agent import GuestAgent, GuestJob
 from harness.host.model import HostInfo
 from harness.lab import GuestBoot, Lab
-from harness.qemu.spec import MemoryBackendMemfd
+from harness.qemu.objects import MemoryBackendMemfd
 from harness.vsock.errors import VsockConnectionRefused
 from harness.vsock.host import VsockHost
 

@@ -19,16 +19,19 @@ from test_qemu_argv import CONSOLE, QMP, assert_golden, boot, plain
 from harness.host.model import HostInfo, HugepagePool, HugetlbfsMount
 from harness.qemu import build_argv
 from harness.qemu.errors import OptionInvalid
-from harness.qemu.objects import TD_DEBUG, TD_PERFMON, TD_PKS, TD_SEPT_VE_DISABLE
-from harness.qemu.spec import (
+from harness.qemu.objects import (
+    TD_DEBUG,
+    TD_PERFMON,
+    TD_PKS,
+    TD_SEPT_VE_DISABLE,
     MemoryBackend,
     MemoryBackendFile,
     MemoryBackendMemfd,
     MemoryBackendRam,
     SevSnpGuest,
     TdxGuest,
-    VMSpec,
 )
+from harness.qemu.spec import VMSpec
 
 __all__ = ["boot"]  # the fixture, shared with test_qemu_argv
 
