@@ -27,7 +27,7 @@ from teelab_guest import protocol
 from teelab_guest.kms_client import KmsClient, Transport
 
 from harness import images
-from harness.attest.checks import default_lab_dir
+from harness.attest import default_lab_dir
 from harness.bench.result import Bar, BenchResult
 from harness.host import runtime
 from harness.kms import KmsServer, Listen

@@ -12,7 +12,7 @@ from contextlib import ExitStack
 import pytest
 from teelab_guest import protocol
 
-from harness.attest.checks import default_lab_dir
+from harness.attest import default_lab_dir
 from harness.bench.unseal import seal_secret
 from harness.kms import KmsServer, Listen
 from harness.kms.tls import ca_certificate_pem, ca_pin
