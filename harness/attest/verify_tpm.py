@@ -75,6 +75,7 @@ def verify_tpm(evidence: bytes, policy: Policy, *, now: dt.datetime | None = Non
     found = Findings()
     claims: dict[str, Any] = {
         "kind": KIND,
+        "debug": False,  # a vTPM has no debug mode; a CVM's SNP report beside the quote may set it
         "ek_fingerprint": ek_cert.fingerprint,
         "ak_name": ak.name.hex(),
         "pcrs": {str(i): v.hex() for i, v in sorted(doc.pcrs.items())},
@@ -113,6 +114,7 @@ def _check_tee(
     for reason in verdict.reasons:
         found.fail(reason.code, f"tee.{reason.field}", reason.message)
     claims["tee"] = dict(verdict.claims)
+    claims["debug"] = bool(verdict.claims.get("debug"))
 
 
 def _check_certificates(

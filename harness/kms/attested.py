@@ -100,12 +100,6 @@ def verify_recipient(
         # a debug-mode enclave attests with all-zero PCRs
         debug = all(set(pcrs.get(i, "0")) == {"0"} for i in (0, 1, 2))
         timestamp = claims.get("timestamp")
-    elif kind == "tpm":  # a vTPM quote; with a CVM's SNP report binding its AK, that report's keys too
-        public_key, nonce, timestamp = recipient.public_key, recipient.nonce, None
-        tee = claims.get("tee") or {}
-        debug = bool(tee.get("debug"))
-        conditions.update(_tpm_conditions(claims))
-        conditions.update(_snp_conditions(tee) if tee else {})
     else:
         public_key, nonce, timestamp = recipient.public_key, recipient.nonce, None
         debug = bool(claims.get("debug"))
@@ -146,9 +140,11 @@ def _snp_conditions(claims: Any) -> dict[str, Any]:
 
 
 def _tpm_conditions(claims: Any) -> dict[str, Any]:
+    """A vTPM quote's PCRs and EK; with a CVM's SNP report binding its AK (claims["tee"]), its keys too."""
     out = {_PREFIX + f"tpmpcr{index}": value for index, value in (claims.get("pcrs") or {}).items()}
     out[_PREFIX + "tpmekfingerprint"] = claims.get("ek_fingerprint")
-    return out
+    tee = claims.get("tee")
+    return {**(_snp_conditions(tee) if tee else {}), **out}
 
 
 def _sgx_conditions(claims: Any) -> dict[str, Any]:
@@ -174,4 +170,4 @@ def _tdx_conditions(claims: Any) -> dict[str, Any]:
     return out
 
 
-_CONDITIONS = {"snp": _snp_conditions, "tdx": _tdx_conditions, "sgx": _sgx_conditions}
+_CONDITIONS = {"snp": _snp_conditions, "tdx": _tdx_conditions, "sgx": _sgx_conditions, "tpm": _tpm_conditions}

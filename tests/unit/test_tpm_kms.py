@@ -146,10 +146,13 @@ def test_a_cvm_key_needs_the_snp_report_that_binds_the_ak(
         == "AccessDeniedException"
     )
 
+    snp_policy = 0x30000
+
     def cvm(args: Sequence[str]) -> dict[str, Any]:  # the guest's `quote X tee`, its report from the lab CA
         answer = guest([a for a in args if a != "tee"])
         spki = tpm_wire.ak_spki_der(tpm_wire.parse_ecc_public(ak.ak_public))
-        report = lab.snp_report(report_data(bytes.fromhex(args[1]), spki), measurement=MEASUREMENT)
+        bound = report_data(bytes.fromhex(args[1]), spki)
+        report = lab.snp_report(bound, measurement=MEASUREMENT, policy=snp_policy)
         return answer | {
             "tee_evidence": tpm_attest.b64(report),
             "tee_certificates": tpm_attest.b64(lab.snp_cert_table()),
@@ -158,3 +161,10 @@ def test_a_cvm_key_needs_the_snp_report_that_binds_the_ak(
     nonce = os.urandom(32)
     both = vtpm_attest.quote(cvm, ak, report_data(nonce, recipient.public_key_der), tee=True).to_bytes()
     assert client.decrypt(blob, recipient=recipient, evidence=both, nonce=nonce) == SECRET
+    snp_policy |= 1 << 19  # a debug CVM: the key policy does not allow Debug
+    nonce = os.urandom(32)
+    debug = vtpm_attest.quote(cvm, ak, report_data(nonce, recipient.public_key_der), tee=True).to_bytes()
+    assert (
+        refused(lambda: client.decrypt(blob, recipient=recipient, evidence=debug, nonce=nonce))
+        == "AccessDeniedException"
+    )
