@@ -300,26 +300,33 @@ def qe_certification_bytes(
 
 def read_qe_certification(sig: Reader) -> tuple[EnclaveReport, bytes, bytes, bytes]:
     """(QE report, its signature, QE auth data, PCK chain) from ``sig``, which they must fill exactly."""
-    kind = sig.kind
     qe_report = EnclaveReport.from_bytes(sig.take(QE_REPORT_SIZE, "qe_report"))
     qe_report_signature = sig.take(64, "qe_report_signature")
     auth_size = sig.u16("qe_auth_data.size")
     qe_auth_data = sig.take(auth_size, "qe_auth_data", size_field="qe_auth_data.size")
-    inner_type = sig.u16("pck_chain.type")
-    if inner_type != CERT_DATA_PCK_CHAIN:
+    size = read_certification_header(sig, "pck_chain", CERT_DATA_PCK_CHAIN, "PCK certificate chain")
+    return qe_report, qe_report_signature, qe_auth_data, sig.take(size, "pck_chain")
+
+
+def read_certification_header(sig: Reader, field: str, expected: int, meaning: str) -> int:
+    """A certification data type (u16), which must be ``expected``, and its size (u32), which must be what
+    is left of ``sig``; raises E803/E801 naming ``field``.type/.size."""
+    kind = sig.kind
+    cert_type = sig.u16(f"{field}.type")
+    if cert_type != expected:
         raise EvidenceUnsupported(
-            f"{kind}: QE certification data type {inner_type}, only 5 (PCK certificate chain) is supported",
-            field="pck_chain.type",
+            f"{kind}: certification data type {cert_type}, only {expected} ({meaning}) is supported",
+            field=f"{field}.type",
             kind=kind,
         )
-    inner_size = sig.u32("pck_chain.size")
-    if inner_size != sig.remaining:
+    size = sig.u32(f"{field}.size")
+    if size != sig.remaining:
         raise EvidenceError(
-            f"{kind}: PCK chain says {inner_size} bytes, certification data leaves {sig.remaining}",
-            field="pck_chain.size",
+            f"{kind}: {field} says {size} bytes, its container leaves {sig.remaining}",
+            field=f"{field}.size",
             kind=kind,
         )
-    return qe_report, qe_report_signature, qe_auth_data, sig.take(inner_size, "pck_chain")
+    return size
 
 
 def read_header(reader: Reader, versions: tuple[int, int], tee_type: int) -> QuoteHeader:
@@ -360,21 +367,7 @@ def read_signature_data(reader: Reader, *, wrapped: bool) -> dict[str, Any]:
     signature = sig.take(64, "signature")
     attestation_key = sig.take(64, "attestation_key")
     if wrapped:
-        cert_type = sig.u16("certification_data.type")
-        if cert_type != CERT_DATA_QE_REPORT:
-            raise EvidenceUnsupported(
-                f"{kind}: certification data type {cert_type}, only 6 (QE report certification data) is "
-                "supported",
-                field="certification_data.type",
-                kind=kind,
-            )
-        cert_size = sig.u32("certification_data.size")
-        if cert_size != sig.remaining:
-            raise EvidenceError(
-                f"{kind}: certification data says {cert_size} bytes, signature data leaves {sig.remaining}",
-                field="certification_data.size",
-                kind=kind,
-            )
+        read_certification_header(sig, "certification_data", CERT_DATA_QE_REPORT, "QE report certification")
     qe_report, qe_report_signature, qe_auth_data, pck_chain = read_qe_certification(sig)
     return {
         "signature": signature,
