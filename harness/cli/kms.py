@@ -17,7 +17,7 @@ from harness.cli.render import console, print_json
 from harness.errors import UsageError
 
 if TYPE_CHECKING:
-    from harness.kms.store import Store
+    from harness.kms.store import AuditRow, Store
 
 MAX_AUDIT_ROWS = 100_000
 
@@ -318,6 +318,41 @@ def run_credentials(args: argparse.Namespace) -> int:
     return 0
 
 
+AUDIT_TABLE_WIDTH = 140  # below this (or through a pipe) each record is a block of lines
+
+
+def _audit_table(rows: list[AuditRow]) -> Table:
+    table = Table(title="KMS audit log")
+    for column in ("time", "operation", "key", "principal", "evidence", "decision", "status", "reasons"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        # every field but the decision's colour comes from requests: Text, never markup
+        colour = {"allow": "green", "deny": "red"}.get(r.decision, "yellow")
+        table.add_row(
+            _when(r.time),
+            Text(r.operation),
+            Text((r.key_id or "-")[:8]),
+            Text((r.principal or "anonymous").split(":")[-1]),
+            Text((r.evidence_digest or "-")[:12]),
+            Text(r.decision, style=colour),
+            str(r.status),
+            Text("; ".join(r.reasons)),
+        )
+    return table
+
+
+def _print_audit_block(r: AuditRow) -> None:
+    """One record as a few labelled lines (request fields printed as text, never as markup)."""
+    lines = [
+        f"{_when(r.time)}  {r.operation}  {r.decision} {r.status}",
+        f"  key {r.key_id or '-'}  principal {r.principal or 'anonymous'}",
+        f"  evidence {r.evidence_digest or '-'}",
+        *(f"  reason: {reason}" for reason in r.reasons),
+    ]
+    for line in lines:
+        console.print(Text(line), soft_wrap=False, overflow="fold")
+
+
 def run_audit(args: argparse.Namespace) -> int:
     if not 1 <= args.limit <= MAX_AUDIT_ROWS:
         raise UsageError(f"--limit must be 1..{MAX_AUDIT_ROWS}", hint="page with --since ROW_ID")
@@ -339,23 +374,11 @@ def run_audit(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
         return 0
-    table = Table(title="KMS audit log")
-    for column in ("time", "operation", "key", "principal", "evidence", "decision", "status", "reasons"):
-        table.add_column(column, overflow="fold")
-    for r in rows:
-        # every field but the decision's colour comes from requests: Text, never markup
-        colour = {"allow": "green", "deny": "red"}.get(r.decision, "yellow")
-        table.add_row(
-            _when(r.time),
-            Text(r.operation),
-            Text((r.key_id or "-")[:8]),
-            Text((r.principal or "anonymous").split(":")[-1]),
-            Text((r.evidence_digest or "-")[:12]),
-            Text(r.decision, style=colour),
-            str(r.status),
-            Text("; ".join(r.reasons)),
-        )
-    console.print(table)
+    if console.is_terminal and console.width >= AUDIT_TABLE_WIDTH:
+        console.print(_audit_table(rows))
+    else:  # piped or narrow: one block per record, nothing cut mid-value
+        for r in rows:
+            _print_audit_block(r)
     for source, kind, since, counted in pending:
         console.print(
             f"counted, not yet logged: {counted} anonymous {kind} refusals from {source}"

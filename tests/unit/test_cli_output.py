@@ -69,3 +69,23 @@ def test_bare_teelab_lists_the_commands_and_version_answers(capsys: pytest.Captu
         cli.main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith("teelab ")
+
+
+def test_kms_audit_through_a_pipe_is_a_block_per_record(tmp_path) -> None:
+    """Piped at 80 columns, each audit record is a few lines with its values whole (a table folded them)."""
+    from teelab_guest.kms_client import KmsCallError, KmsClient, Transport
+
+    from harness.kms import KmsServer
+
+    with KmsServer.start(tmp_path / "kms") as server:
+        creds = server.credentials("ops")
+        port = int(server.endpoint.rsplit(":", 1)[1])
+        transport = Transport.tcp("127.0.0.1", port)
+        with KmsClient(transport, access_key=creds.access_key, secret=creds.secret) as client:
+            key_id = client.call("CreateKey", {"Description": "audit"})["KeyMetadata"]["KeyId"]
+            with pytest.raises(KmsCallError):
+                client.call("DescribeKey", {"KeyId": "no-such-key"})
+    text = piped("kms", "--kms-dir", str(tmp_path / "kms"), "audit")
+    assert [line for line in text.splitlines() if len(line) > COLUMNS] == []
+    assert key_id in text and "CreateKey" in text and "DescribeKey" in text
+    assert "NotFoundException: key 'no-such-key' does not exist" in text
