@@ -71,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ["TEELAB_BACKEND"] = args.vm_backend
         return int(args.func(args) or 0)
     except LabError as err:
-        if getattr(args, "json", False):
+        # --json asked for JSON, also when the arguments themselves were refused (args is None then)
+        if getattr(args, "json", False) or (args is None and "--json" in argv):
             print(json.dumps({"error": err.to_dict()}, indent=2))
         else:
             print(str(err), file=sys.stderr)
