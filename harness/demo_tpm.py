@@ -15,15 +15,16 @@ from typing import Any
 from teelab_guest.kms_client import KmsCallError, KmsClient, Transport
 
 from harness import images
+from harness.agent import GuestAgent
 from harness.attest.lab import default_lab_dir
 from harness.attest.tpm_ca import TpmAuthority
 from harness.host import runtime
 from harness.kms import KmsServer
-from harness.lab import Lab, tpm_guest
+from harness.lab import GuestBoot, Lab, tpm_guest
 from harness.qemu import VirtioBlkPci
 from harness.tee import tpm_measure
-from harness.tee.vtpm_attest import certify_ak
-from harness.tee.vtpm_disk import new_volume_key, unlock_disk
+from harness.tee.vtpm_attest import CertifiedAk, certify_ak
+from harness.tee.vtpm_disk import Unlocked, new_volume_key, unlock_disk
 
 DISK_MIB = 64
 MODIFIED_CMDLINE = "teelab.variant=modified"
@@ -85,69 +86,96 @@ def run_tpm_demo(on_phase: Callable[[TpmPhase], None] | None = None) -> TpmDemoR
         if on_phase:
             on_phase(done)
 
-    secret = b"teelab demo disk secret " + os.urandom(8).hex().encode()
-    checks: dict[str, bool] = {}
     with ExitStack() as stack:
-        lab = stack.enter_context(Lab())
-        scratch = stack.enter_context(runtime.scratch_dir("demo-tpm"))
-        disk = scratch / "data.img"
-        with open(disk, "wb") as handle:
-            handle.truncate(DISK_MIB << 20)
-        image = images.build("cvm")
-        authority = TpmAuthority.load_or_create()
-        kms = stack.enter_context(KmsServer.start(scratch / "kms", lab_dir=default_lab_dir()))
-        creds = kms.credentials("admin")
-        operator = KmsClient(
-            Transport.endpoint(kms.endpoint), access_key=creds.access_key, secret=creds.secret
-        )
-        anyone = KmsClient(Transport.endpoint(kms.endpoint))
-
-        def boot(name: str, extra: str = "") -> tuple[Any, Any, Any]:
-            plan = lab.plan_cvm(image, name=name, vsock=False, vtpm="ephemeral", cmdline_extra=extra,
-                                devices=(VirtioBlkPci("disk0", disk),))  # fmt: skip
-            booted = lab.boot_planned(plan, timeout=180)
-            return plan, booted, certify_ak(tpm_guest(booted), authority)
-
+        demo = _DiskDemo(stack)
         with phase("boot") as detail:
-            plan, first, ak = boot("demo-tpm-expected")
+            plan, first, ak = demo.boot("demo-tpm-expected")
             detail.update(cvm="expected", seconds_to_ready=round(first.seconds, 2), vtpm="ephemeral")
         with phase("kms-key") as detail:
-            pcrs = tpm_measure.predict(plan.spec.cmdline, image.initrd).pcrs
-            key = kms.create_key(disk_key_policy(pcrs, plan.measurement_hex() or ""), description="disk").id
-            blob = new_volume_key(operator, key)
-            detail.update(key=key, pcr8=pcrs[8].hex()[:16] + "...", pcr9=pcrs[9].hex()[:16] + "...")
+            detail.update(demo.make_key(plan))
         with phase("unlock") as detail:
-            opened = unlock_disk(tpm_guest(first, "teelab_guest.tpm_disk"), anyone, ak, blob)
-            write = f"printf %s '{secret.decode()}' | dd of={opened.device} bs=512 count=1 conv=sync && sync"
-            first.agent.exec(["sh", "-c", write], check=True)  # type: ignore[union-attr]
-            lab.stop(first.machine)
-            checks["formatted"] = opened.formatted
-            checks["not-in-image"] = secret not in disk.read_bytes()
-            detail.update(formatted=opened.formatted, secret_in_disk_image=not checks["not-in-image"])
+            detail.update(demo.format_and_write(first, ak))
         with phase("reboot") as detail:
-            _, second, ak = boot("demo-tpm-expected")
-            opened = unlock_disk(tpm_guest(second, "teelab_guest.tpm_disk"), anyone, ak, blob)
-            read = second.agent.exec(["dd", f"if={opened.device}", "bs=512", "count=1"], check=True).stdout  # type: ignore[union-attr]
-            lab.stop(second.machine)
-            checks["read-back"] = read.startswith(secret)
-            detail.update(
-                opened=True, secret_sha256=hashlib.sha256(read[: len(secret)]).hexdigest()[:16] + "..."
-            )
+            detail.update(demo.reboot_and_read())
         with phase("modified") as detail:
-            _, other, ak = boot("demo-tpm-modified", MODIFIED_CMDLINE)
-            try:
-                unlock_disk(tpm_guest(other, "teelab_guest.tpm_disk"), anyone, ak, blob)
-                outcome = "served"
-            except KmsCallError as err:
-                outcome = f"refused ({err.aws_type})"
-                checks["modified-refused"] = err.aws_type == "AccessDeniedException"
-            lab.stop(other.machine)
-            detail.update(cmdline_extra=MODIFIED_CMDLINE, outcome=outcome)
+            detail.update(demo.modified())
         with phase("audit") as detail:
-            rows = [r for r in kms.store.audit(key_id=key) if r.operation == "Decrypt"]
+            rows = [r for r in demo.kms.store.audit(key_id=demo.key) if r.operation == "Decrypt"]
             detail["decisions"] = [r.decision for r in rows]
-    result.ok = all(
-        checks.get(name) for name in ("formatted", "not-in-image", "read-back", "modified-refused")
-    )
+    names = ("formatted", "not-in-image", "read-back", "modified-refused")
+    result.ok = all(demo.checks.get(name) for name in names)
     result.seconds = time.monotonic() - started
     return result
+
+
+class _DiskDemo:
+    """The demo's lab, KMS, disk image and checks; one method per phase."""
+
+    def __init__(self, stack: ExitStack) -> None:
+        self.lab = stack.enter_context(Lab())
+        scratch = stack.enter_context(runtime.scratch_dir("demo-tpm"))
+        self.disk = scratch / "data.img"
+        with open(self.disk, "wb") as handle:
+            handle.truncate(DISK_MIB << 20)
+        self.image = images.build("cvm")
+        self.authority = TpmAuthority.load_or_create()
+        self.kms = stack.enter_context(KmsServer.start(scratch / "kms", lab_dir=default_lab_dir()))
+        creds = self.kms.credentials("admin")
+        endpoint = Transport.endpoint(self.kms.endpoint)
+        self.operator = KmsClient(endpoint, access_key=creds.access_key, secret=creds.secret)
+        self.anyone = KmsClient(Transport.endpoint(self.kms.endpoint))
+        self.secret = b"teelab demo disk secret " + os.urandom(8).hex().encode()
+        self.checks: dict[str, bool] = {}
+        self.key = ""
+        self.blob = b""
+
+    def boot(self, name: str, extra: str = "") -> tuple[Any, GuestBoot, CertifiedAk]:
+        plan = self.lab.plan_cvm(self.image, name=name, vsock=False, vtpm="ephemeral", cmdline_extra=extra,
+                                 devices=(VirtioBlkPci("disk0", self.disk),))  # fmt: skip
+        booted = self.lab.boot_planned(plan, timeout=180)
+        return plan, booted, certify_ak(tpm_guest(booted), self.authority)
+
+    def make_key(self, plan: Any) -> dict[str, Any]:
+        pcrs = tpm_measure.predict(plan.spec.cmdline, self.image.initrd).pcrs
+        policy = disk_key_policy(pcrs, plan.measurement_hex() or "")
+        self.key = self.kms.create_key(policy, description="teelab demo disk").id
+        self.blob = new_volume_key(self.operator, self.key)
+        return {"key": self.key, "pcr8": pcrs[8].hex()[:16] + "...", "pcr9": pcrs[9].hex()[:16] + "..."}
+
+    def unlock(self, boot: GuestBoot, ak: CertifiedAk) -> Unlocked:
+        return unlock_disk(tpm_guest(boot, "teelab_guest.tpm_disk"), self.anyone, ak, self.blob)
+
+    def format_and_write(self, boot: GuestBoot, ak: CertifiedAk) -> dict[str, Any]:
+        opened = self.unlock(boot, ak)
+        write = f"printf %s '{self.secret.decode()}' | dd of={opened.device} bs=512 count=1 conv=sync && sync"
+        _agent(boot).exec(["sh", "-c", write], check=True)
+        self.lab.stop(boot.machine)
+        self.checks["formatted"] = opened.formatted
+        self.checks["not-in-image"] = self.secret not in self.disk.read_bytes()
+        return {"formatted": opened.formatted, "secret_in_disk_image": not self.checks["not-in-image"]}
+
+    def reboot_and_read(self) -> dict[str, Any]:
+        _, boot, ak = self.boot("demo-tpm-expected")
+        opened = self.unlock(boot, ak)
+        read = _agent(boot).exec(["dd", f"if={opened.device}", "bs=512", "count=1"], check=True).stdout
+        self.lab.stop(boot.machine)
+        self.checks["read-back"] = read.startswith(self.secret)
+        digest = hashlib.sha256(read[: len(self.secret)]).hexdigest()
+        return {"opened": True, "secret_sha256": digest[:16] + "..."}
+
+    def modified(self) -> dict[str, Any]:
+        _, boot, ak = self.boot("demo-tpm-modified", MODIFIED_CMDLINE)
+        try:
+            self.unlock(boot, ak)
+            outcome = "served"
+        except KmsCallError as err:
+            outcome = f"refused ({err.aws_type})"
+            self.checks["modified-refused"] = err.aws_type == "AccessDeniedException"
+        self.lab.stop(boot.machine)
+        return {"cmdline_extra": MODIFIED_CMDLINE, "outcome": outcome}
+
+
+def _agent(boot: GuestBoot) -> GuestAgent:
+    if boot.agent is None:
+        raise RuntimeError(f"{boot.machine.spec.name} has no guest agent")
+    return boot.agent
