@@ -4,6 +4,7 @@ process, socket or state folder behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -28,6 +29,7 @@ from harness.tee.vtpm import persistent_state_dir
 pytestmark = pytest.mark.vm
 
 TAG = "vtpm-check"
+TEELAB = str(Path(sys.executable).with_name("teelab"))
 CYCLES = 20
 HARNESS_SCRIPT = textwrap.dedent(
     """
@@ -74,6 +76,9 @@ def test_a_booted_guests_quote_verifies_and_another_command_line_is_refused_nami
         nonce = book.issue()
         evidence = vtpm_attest.quote(guest, ak, nonce)
         assert dict(evidence.pcrs) == predicted.pcrs
+        argv = [TEELAB, "measure", "--kind", "tpm", "--image", "cvm", "--json"]
+        measured = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
+        assert measured["pcrs"] == {str(i): v.hex() for i, v in evidence.pcrs.items()}
         assert [e["digest"] for e in evidence.event_log] == [e["digest"] for e in predicted.events]
         policy = Policy(roots=("lab",), nonce=nonce, nonce_book=book, pcrs=predicted.pcrs)
         verdict = verify_tpm(evidence.to_bytes(), policy)
