@@ -5,7 +5,9 @@
 As AWS's vsock-proxy: the allowlist is YAML ``allowlist: [{address: HOST, port: N}, ...]``; the port must
 match, then the host name or one of the addresses it resolves to. The target is resolved once, when it is
 checked, and every connection goes to the addresses that passed, never to the name again (a name that later
-resolves elsewhere cannot lead off the list). Guests have no PyYAML, so this module
+resolves elsewhere cannot lead off the list). A target ``vsock:CID`` forwards to that CID over vsock instead
+of TCP (a parent passing its enclaves on to the host, CID 2); it passes only when the allowlist names it
+exactly (``address: "vsock:2"``). Guests have no PyYAML, so this module
 parses the small subset the format needs by hand (block or flow list items, flow or block mappings, quoted
 or plain scalars, comments) and also takes JSON; the harness uses this same parser, so the two cannot drift.
 Stdlib only.
@@ -250,7 +252,19 @@ def system_addresses(host: str) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
+def vsock_cid(address: str) -> int | None:
+    """The CID of a ``vsock:CID`` target, None for a host name or an IP address."""
+    kind, _, cid = address.partition(":")
+    if kind != "vsock":
+        return None
+    if not (cid.isascii() and cid.isdigit()) or not 0 < int(cid) < 2**32 - 1:
+        raise TargetRefused(f"{address!r} is not vsock:CID")
+    return int(cid)
+
+
 def _addresses(host: str, resolve: Resolver) -> list[str]:
+    if host.startswith("vsock:"):
+        return [f"vsock:{vsock_cid(host)}"]  # a vsock target is its own address: no lookup
     try:
         return [str(ipaddress.ip_address(host))]  # a literal is its own address: no lookup
     except ValueError:
@@ -294,9 +308,21 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
 
 
 def connect(addresses: Sequence[str], port: int, timeout: float) -> socket.socket:
-    """A TCP connection to the first of ``addresses`` (IP addresses, not names) that answers on ``port``."""
+    """A connection to the first of ``addresses`` (IP addresses or ``vsock:CID``, not names) that answers on
+    ``port``: TCP, or vsock for a ``vsock:CID``."""
     error: OSError = OSError(f"no address to connect to for port {port}")
     for address in addresses:
+        cid = vsock_cid(address)
+        if cid is not None:
+            upstream = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+            upstream.settimeout(timeout)
+            try:
+                upstream.connect((cid, port))
+            except OSError as exc:
+                upstream.close()
+                error = exc
+                continue
+            return upstream
         try:
             upstream = socket.create_connection((address, port), timeout=timeout)
         except OSError as exc:
@@ -349,8 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vsock-proxy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"allowlist file (default {DEFAULT_CONFIG})")
     parser.add_argument("local_port", type=int, help="vsock port to listen on")
-    parser.add_argument("remote_addr", help="host name or IP address to forward to")
-    parser.add_argument("remote_port", type=int, help="TCP port to forward to")
+    parser.add_argument("remote_addr", help="host name, IP address or vsock:CID to forward to")
+    parser.add_argument("remote_port", type=int, help="TCP (or vsock) port to forward to")
     args = parser.parse_args(argv)
     try:
         allowlist = load_allowlist(args.config)

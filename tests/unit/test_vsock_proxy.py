@@ -160,6 +160,22 @@ def test_port_must_match_then_name_or_resolved_address() -> None:
             checked_addresses(allowlist, host, port, resolve)
 
 
+def test_a_vsock_target_passes_only_when_the_allowlist_names_it() -> None:
+    """A parent passes its enclaves' KMS connections on to the host as ``vsock:2``: no lookup, exact entry."""
+    nothing: Resolver = lambda host: []  # noqa: E731
+    assert checked_addresses([("vsock:2", 8000)], "vsock:2", 8000, nothing) == ["vsock:2"]
+    assert checked_addresses([("vsock:2", 8000)], "vsock:02", 8000, nothing) == ["vsock:2"]
+    for allowlist, host, reason in [
+        ([("vsock:2", 8000)], "vsock:3", "not on the allowlist"),
+        ([("kms.lab", 8000)], "vsock:2", "not on the allowlist"),
+        ([("vsock:2", 8000)], "10.0.0.5", "not on the allowlist"),
+        ([("vsock:2", 8000)], "vsock:two", "is not vsock:CID"),
+        ([("vsock:2", 8000)], "vsock:-1", "is not vsock:CID"),
+    ]:
+        with pytest.raises(TargetRefused, match=reason):
+            checked_addresses(allowlist, host, 8000, nothing)
+
+
 def test_a_name_is_checked_through_a_real_dns_server(rebinding_dns: LoopbackDns) -> None:
     resolve = rebinding_dns.resolver()
     assert checked_addresses([("127.0.0.1", 443)], "kms.rebind.test", 443, resolve) == ["127.0.0.1"]
