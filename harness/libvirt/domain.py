@@ -72,7 +72,7 @@ def domain_xml(
     vcpu_pins: dict[int, int] | None = None,
     emulator: str | None = None,
 ) -> str:
-    """The domain XML for ``spec`` on ``host``; raises a SpecError (E3xx, E316) before anything runs.
+    """The domain XML for ``spec`` on ``host``; raises a SpecError (E3xx, E360) before anything runs.
     ``owner`` is the (uid, gid) QEMU runs as; ``vcpu_pins`` maps vCPU index to host CPU."""
     spec.validate(host)
     sockets = domain_sockets(spec, run_dir, serial=serial)

@@ -1,4 +1,4 @@
-"""Coded errors of the libvirt backend: a spec part it cannot express (E316), and domains it drives (E46x)."""
+"""Coded errors of the libvirt backend: a spec part it cannot express (E360), and domains it drives (E46x)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from harness.qemu.errors import MachineError, SpecError
 
 
 class LibvirtUnsupported(SpecError):
-    code = "E316"
+    code = "E360"
     title = "not expressible in the libvirt backend"
     explanation = (
         "The VMSpec holds a part the libvirt backend does not render (a vCPU or virtio-mem device for the "

@@ -34,6 +34,7 @@ from harness.qemu.machine import ExitInfo, Machine
 from harness.qemu.spec import VMSpec
 
 log = logging.getLogger(__name__)
+EVENT_GRACE = 2.0  # seconds a STOPPED event may trail the domain's end
 QEMU_LOGS = Path("/var/log/libvirt/qemu")  # where libvirtd (virtlogd) writes each domain's QEMU stderr
 _serial = itertools.count()
 
@@ -52,6 +53,8 @@ class LibvirtMachine(Machine):
         serial: bool = True,
         vcpu_pins: dict[int, int] | None = None,
     ) -> None:
+        # a part libvirt cannot express is refused (E360) before anything exists, artifact folder included
+        domain_xml(spec, host, name="check", run_dir=Path("/"), owner=(0, 0), serial=serial)
         super().__init__(spec, host, artifacts=artifacts, loop=loop, serial=serial)
         self.uri = uri or host.libvirt.uri or None
         self.vcpu_pins = vcpu_pins
@@ -133,9 +136,8 @@ class LibvirtMachine(Machine):
             self._loop.run(self._start_console(self._console_sock), timeout)
         for chardev_id, path in sockets.channels.items():
             self.channels[chardev_id] = _connect_unix(path)
-        for path in (sockets.console, *sockets.channels.values()):
-            if path is not None:
-                path.unlink(missing_ok=True)  # connected: as private as a socketpair from now on
+        # connected: as private as a socketpair from now on, and nothing on disk for a killed harness to leave
+        shutil.rmtree(self._run_dir, ignore_errors=True)
 
     def _qemu_pid(self) -> int | None:
         """QEMU's pid: the thread group of a vCPU thread (libvirt has no call for it)."""
@@ -244,6 +246,7 @@ class LibvirtMachine(Machine):
             if time.monotonic() >= deadline:
                 return False
             self._stopped.wait(0.05)
+        self._stopped.wait(EVENT_GRACE)  # inactive: its STOPPED event (the reason) follows at once
         return True
 
     def _finish(self, stage: str, start: float) -> ExitInfo:

@@ -53,6 +53,6 @@ def test_each_backend_makes_its_machine(tmp_path: Path) -> None:
 
 def test_teelab_backend_flag_reaches_every_lab_of_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TEELAB_BACKEND", "qemu")  # recorded, so the test's end restores the environment
-    assert main(["--backend", "libvirt", "explain", "E316"]) == 0
+    assert main(["--backend", "libvirt", "explain", "E360"]) == 0
     assert os.environ["TEELAB_BACKEND"] == "libvirt"
-    assert main(["--backend", "xen", "explain", "E316"]) == 2
+    assert main(["--backend", "xen", "explain", "E360"]) == 2

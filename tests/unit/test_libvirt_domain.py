@@ -178,7 +178,7 @@ def test_parts_libvirt_cannot_express_are_refused_with_e316(
     spec = plain(boot, memory=memory, max_vcpus=4, devices=(REFUSED[what](boot, tmp_path),))
     with pytest.raises(LibvirtUnsupported) as caught:
         domain_xml(spec, tcg_host(), name="x", run_dir=tmp_path, owner=OWNER)
-    assert caught.value.code == "E316" and caught.value.hint
+    assert caught.value.code == "E360" and caught.value.hint
 
 
 def test_tdx_quote_service_over_vsock_is_refused(boot: dict[str, Path], tmp_path: Path) -> None:
