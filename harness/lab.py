@@ -19,6 +19,7 @@ from teelab_guest import protocol
 from harness import images
 from harness.agent import AGENT_CHANNEL, GuestAgent, agent_port
 from harness.enclave.carver import ParentVm
+from harness.enclave.plan import DEFAULT_PARENT_ROLE, plan_enclave
 from harness.enclave.pool import (
     MEMHP_ONLINE,
     EnclavePool,
@@ -28,7 +29,6 @@ from harness.enclave.pool import (
     layout_parent,
     rebook,
 )
-from harness.enclave.run import DEFAULT_PARENT_ROLE, plan_enclave
 from harness.enclave.service import EnclaveApi
 from harness.host.hugepages import ensure_pool
 from harness.host.model import HostInfo

@@ -90,8 +90,8 @@ def bench_nsm(requests: int) -> BenchResult:
 def bench_enclave(runs: int) -> BenchResult:
     """Samples: seconds from ``Lab.boot_enclave`` of the hello image to its boot-time attestation document;
     extra: the plan (read, copy into memfds, measure), boot-to-readiness and app medians."""
+    from harness.enclave.plan import plan_enclave, wait_for_app
     from harness.enclave.recipes import build_enclave_image
-    from harness.enclave.run import plan_enclave, wait_for_app
     from harness.lab import Lab
 
     built = build_enclave_image("hello")
@@ -166,7 +166,7 @@ def _standalone_boot(lab: Lab, eif: Path, host_cpus: list[int], layout: ParentLa
     from dataclasses import replace
 
     from harness.enclave.carver import enclave_spec
-    from harness.enclave.run import plan_enclave
+    from harness.enclave.plan import plan_enclave
     from harness.host.hugepages import ensure_pool
     from harness.host.probe import hugepage_pools
     from harness.lab import READY_PATTERN

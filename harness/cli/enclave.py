@@ -154,7 +154,7 @@ def run_build_image(args: argparse.Namespace) -> int:
 
 def run_boot(args: argparse.Namespace) -> int:
     from harness.attest import LAB, Policy, default_lab_dir, verify
-    from harness.enclave.run import launch_of, wait_for_app
+    from harness.enclave.plan import launch_of, wait_for_app
     from harness.lab import Lab
 
     status = console.status(f"booting {args.eif}", spinner="dots") if not args.json else None

@@ -26,6 +26,7 @@ from typing import Any
 from teelab_guest import pool_wire
 
 from harness.enclave import errors
+from harness.enclave.plan import DEFAULT_VCPUS, EnclaveLaunch, plan_enclave
 from harness.enclave.pool import (
     PAGE_TOKENS,
     VIRTIO_MEM_ID,
@@ -38,7 +39,6 @@ from harness.enclave.pool import (
     vcpu_owner,
 )
 from harness.enclave.rules import CarveRequest, PoolCpu, PoolView, check_carve
-from harness.enclave.run import DEFAULT_VCPUS, EnclaveLaunch, plan_enclave
 from harness.host.errors import LedgerExhausted
 from harness.host.ledger import Ledger
 from harness.host.model import HostInfo

@@ -28,7 +28,7 @@ from harness.enclave import eif as eif_format
 from harness.enclave.eif_build import build_eif
 from harness.enclave.errors import EnclaveAppPackFailed, EnclaveRecipeInvalid, EnclaveRecipeUnknown
 from harness.enclave.pcrs import ImageMeasurements
-from harness.enclave.run import check_memory, check_vcpus, minimum_memory_mib
+from harness.enclave.plan import check_memory, check_vcpus, minimum_memory_mib
 from harness.images import cache, rootfs
 from harness.images.errors import PackFailed
 from harness.images.recipe import recipes_dir

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.enclave import errors
-from harness.enclave.run import MAX_VCPUS, check_memory, check_vcpus
+from harness.enclave.plan import MAX_VCPUS, check_memory, check_vcpus
 from harness.host.model import HostCpu
 
 PARENT_MIN_VCPUS = 2

@@ -19,8 +19,8 @@ from teelab_guest.enclave_app import AppDocument, parse_document_line
 
 from harness.attest import LAB, NonceBook, Policy, default_lab_dir, verify
 from harness.enclave import pcr3_of_parent_role, pcr4_of_parent_instance
+from harness.enclave.plan import launch_of, wait_for_app
 from harness.enclave.recipes import BuiltEnclave, build_enclave_image
-from harness.enclave.run import launch_of, wait_for_app
 from harness.lab import GuestBoot, Lab
 
 pytestmark = pytest.mark.vm

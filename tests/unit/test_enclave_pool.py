@@ -14,7 +14,7 @@ import pytest
 from qemu_hosts import tcg_host
 
 from harness.cli import main
-from harness.enclave import build_eif, errors, run
+from harness.enclave import build_eif, errors, plan
 from harness.enclave.carver import enclave_spec
 from harness.enclave.pool import (
     MEMHP_ONLINE,
@@ -111,7 +111,7 @@ def test_carved_enclave_command_line(tmp_path: Path) -> None:
     build_eif(eif, kernel=tmp_path / "bzImage", cmdline="console=ttyS0 teelab.role=enclave",
               ramdisks=[tmp_path / "init.cpio"], name="app")  # fmt: skip
     vsock = VhostUserVsockPci("vsock0", chardev=ChardevSocket("vsock0-chr", path=tmp_path / "enc.vhost"))
-    with run.plan_enclave(eif, host=host, vcpus=2, memory_mib=256, agent=False, name="enc") as launch:
+    with plan.plan_enclave(eif, host=host, vcpus=2, memory_mib=256, agent=False, name="enc") as launch:
         spec = enclave_spec(launch.spec, 256, 2048, (vsock,))
         argv = build_argv(spec, host, qmp=QMP, console=CONSOLE, channels={"tee": 5}, serial=False)
         debug = build_argv(spec, host, qmp=QMP, console=CONSOLE, channels={"tee": 5})

@@ -107,7 +107,7 @@ class FakeMachine:
 
 def test_wait_for_app_returns_the_reported_document_or_says_why_not() -> None:
     from harness.enclave.errors import EnclaveAppFailed
-    from harness.enclave.run import wait_for_app
+    from harness.enclave.plan import wait_for_app
 
     line = enclave_app.document_line(b"doc", nonce=b"\x01", public_key=b"key")
     ok = FakeMachine(f"TEELAB-READY role=enclave uptime=1.0\r\n{line}\r\nTEELAB-APP-EXIT status=0\r\n")

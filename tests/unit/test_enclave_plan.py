@@ -18,8 +18,9 @@ from teelab_guest.protocol import AGENT_PORT
 from teelab_guest.tee_wire import TEE_PORT
 
 from harness.attest import LAB, LabAuthority, Policy, verify
-from harness.enclave import build_eif, pcr3_of_parent_role, pcr4_of_parent_instance, read_eif, run
+from harness.enclave import build_eif, pcr3_of_parent_role, pcr4_of_parent_instance, read_eif
 from harness.enclave import errors as codes
+from harness.enclave import plan as launch_plan
 from harness.qemu.devices import VirtioSerialPort
 
 MIB = 1 << 20
@@ -64,46 +65,48 @@ def no_leaks() -> Iterator[None]:
     assert {fd for fd in open_fds() - before if "memfd:" in fd} == set()
 
 
-def plan(eif: Path, authority: LabAuthority, **options: Any) -> run.EnclaveLaunch:
-    return run.plan_enclave(eif, host=tcg_host(), authority=authority, parent_instance="i-parent", **options)
+def plan(eif: Path, authority: LabAuthority, **options: Any) -> launch_plan.EnclaveLaunch:
+    return launch_plan.plan_enclave(
+        eif, host=tcg_host(), authority=authority, parent_instance="i-parent", **options
+    )
 
 
 # ---------------------------------------------------------------------------------------------- sizing rules
 
 
 def test_the_minimum_is_128_mib_or_four_times_the_image() -> None:
-    assert run.minimum_memory_mib(0) == 128
-    assert run.minimum_memory_mib(32 * MIB) == 128
-    assert run.minimum_memory_mib(32 * MIB + 1) == 129  # rounded up to a whole MiB
-    assert run.minimum_memory_mib(50_000_545) == 191  # the hello image
-    run.check_memory(191, 50_000_545)
+    assert launch_plan.minimum_memory_mib(0) == 128
+    assert launch_plan.minimum_memory_mib(32 * MIB) == 128
+    assert launch_plan.minimum_memory_mib(32 * MIB + 1) == 129  # rounded up to a whole MiB
+    assert launch_plan.minimum_memory_mib(50_000_545) == 191  # the hello image
+    launch_plan.check_memory(191, 50_000_545)
     with pytest.raises(codes.EnclaveMemoryTooSmall, match="at least 191 MiB") as caught:
-        run.check_memory(190, 50_000_545)
+        launch_plan.check_memory(190, 50_000_545)
     assert (caught.value.code, caught.value.exit_status) == ("E932", 2)
     assert caught.value.evidence["minimum_mib"] == 191 and "191" in (caught.value.hint or "")
     with pytest.raises(codes.EnclaveMemoryTooSmall, match="at least 128 MiB"):
-        run.check_memory(127, None)
+        launch_plan.check_memory(127, None)
     for bad in (True, 512.0, "512", None):
         with pytest.raises(codes.EnclaveMemoryTooSmall):
-            run.check_memory(bad, None)
+            launch_plan.check_memory(bad, None)
 
 
 @pytest.mark.parametrize("vcpus", [2, 4, 8, 62])
 def test_even_vcpu_counts_from_2_to_62_are_accepted(vcpus: int) -> None:
-    run.check_vcpus(vcpus)
+    launch_plan.check_vcpus(vcpus)
 
 
 @pytest.mark.parametrize(("vcpus", "hint"), [(1, 2), (3, 4), (0, 2), (-2, 2), (5, 6), (64, 62), (63, 62)])
 def test_odd_and_out_of_range_vcpu_counts_are_refused_with_a_count_that_works(vcpus: int, hint: int) -> None:
     with pytest.raises(codes.EnclaveVcpuCount, match="even number from 2 to 62") as caught:
-        run.check_vcpus(vcpus)
+        launch_plan.check_vcpus(vcpus)
     assert caught.value.code == "E933" and caught.value.hint == f"give vcpus = {hint}"
 
 
 @pytest.mark.parametrize("vcpus", [True, 2.0, "2", None])
 def test_a_vcpu_count_must_be_an_integer(vcpus: object) -> None:
     with pytest.raises(codes.EnclaveVcpuCount):
-        run.check_vcpus(vcpus)
+        launch_plan.check_vcpus(vcpus)
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -202,7 +205,10 @@ def test_custom_metadata_that_is_not_an_object_gives_no_defaults(
     (tmp_path / "r").write_bytes(b"r" * 1024)
     build_eif(tmp_path / "other.eif", kernel=tmp_path / "k", cmdline="x", ramdisks=[tmp_path / "r"])
     with plan(tmp_path / "other.eif", authority) as launch:
-        assert (launch.spec.vcpus, launch.spec.memory_mib) == (run.DEFAULT_VCPUS, run.DEFAULT_MEMORY_MIB)
+        assert (launch.spec.vcpus, launch.spec.memory_mib) == (
+            launch_plan.DEFAULT_VCPUS,
+            launch_plan.DEFAULT_MEMORY_MIB,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- refusals
@@ -223,7 +229,7 @@ def test_bad_options_are_refused_before_anything_is_made(
 ) -> None:
     options = {"parent_instance": "i-parent", **options}
     with pytest.raises(error):
-        run.plan_enclave(eif, host=tcg_host(), authority=authority, **options)
+        launch_plan.plan_enclave(eif, host=tcg_host(), authority=authority, **options)
 
 
 def test_odd_vcpus_are_refused_before_the_image_is_even_read(tmp_path: Path, authority) -> None:
@@ -263,13 +269,13 @@ def test_a_missing_image_is_e913(tmp_path: Path, authority) -> None:
 
 
 def test_an_image_changed_while_copied_is_refused(eif: Path, authority, no_leaks, monkeypatch) -> None:
-    original = run.EifImage.section_chunks
+    original = launch_plan.EifImage.section_chunks
 
     def tampered(self, section):  # the file changes between reading and copying
         for chunk in original(self, section):
             yield bytes(b ^ 1 for b in chunk) if section.index == len(self.sections) - 1 else chunk
 
-    monkeypatch.setattr(run.EifImage, "section_chunks", tampered)
+    monkeypatch.setattr(launch_plan.EifImage, "section_chunks", tampered)
     with pytest.raises(codes.EnclaveImageChanged, match="changed while it was being launched"):
         plan(eif, authority)
 
