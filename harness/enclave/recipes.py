@@ -142,7 +142,7 @@ def _check_recipe_fields(data: dict[str, Any], name: str, where: str) -> None:
         if not isinstance(data.get(key), int) or isinstance(data.get(key), bool):
             raise EnclaveRecipeInvalid(f"{where}: {key} must be an integer", hint=f"set {key} = N")
     words = data.get("cmdline", [])
-    if not isinstance(words, list) or not all(_is_word(w) for w in words):
+    if not isinstance(words, list) or not all(is_cmdline_word(w) for w in words):
         raise EnclaveRecipeInvalid(
             f"{where}: cmdline must be a list of words (no spaces, quotes or control characters)",
             hint='write cmdline = ["key=value", ...]',
@@ -368,7 +368,8 @@ def _mode(path: Path, is_file: bool) -> int:
     return 0o644
 
 
-def _is_word(word: object) -> bool:
+def is_cmdline_word(word: object) -> bool:
+    """A kernel command line word: non-empty, no spaces, quotes, backslashes or control characters."""
     return (
         isinstance(word, str)
         and bool(word)
