@@ -7,11 +7,12 @@ from typing import Literal, get_args
 
 from harness.host.model import HostInfo
 
-Group = Literal["tcg", "kvm", "snp", "tdx", "vhost-vsock"]
+Group = Literal["tcg", "kvm", "snp", "tdx", "sgx", "vhost-vsock"]
 GROUPS: tuple[Group, ...] = get_args(Group)
 # The first QEMU release with each confidential-guest object (QEMU's docs/system/i386/*.rst).
 SNP_QEMU = (9, 1, 0)
 TDX_QEMU = (10, 1, 0)
+SGX_QEMU = (6, 2, 0)
 
 
 def _qemu_missing(host: HostInfo, *types: str, since: tuple[int, int, int] | None = None) -> list[str]:
@@ -35,7 +36,9 @@ def missing(group: Group, host: HostInfo) -> list[str]:
 
     tcg: a QEMU with the memfd backend and the user-space vsock device; kvm: that and usable KVM; snp:
     ``kvm_amd sev_snp=Y``, /dev/sev and QEMU >= 9.1 with ``sev-snp-guest``; tdx: ``kvm_intel tdx=Y`` and QEMU
-    >= 10.1 with ``tdx-guest``; vhost-vsock: /dev/vhost-vsock and QEMU's ``vhost-vsock-pci``.
+    >= 10.1 with ``tdx-guest``; sgx: the CPU's SGX with flexible launch control, /dev/sgx_vepc, EPC on some
+    node and QEMU >= 6.2 with ``memory-backend-epc``; vhost-vsock: /dev/vhost-vsock and QEMU's
+    ``vhost-vsock-pci``.
     """
     if group not in GROUPS:
         raise ValueError(f"unknown capability group {group!r}")
@@ -53,5 +56,21 @@ def missing(group: Group, host: HostInfo) -> list[str]:
             else ["the host kernel does not offer SEV-SNP (kvm_amd sev_snp=Y, /dev/sev)"]
         )
         return found + _qemu_missing(host, "sev-snp-guest", since=SNP_QEMU) + _kvm_missing(host)
+    if group == "sgx":
+        return (
+            sgx_missing(host) + _qemu_missing(host, "memory-backend-epc", since=SGX_QEMU) + _kvm_missing(host)
+        )
     found = [] if host.tee.tdx else ["the host kernel does not offer TDX (kvm_intel tdx=Y)"]
     return found + _qemu_missing(host, "tdx-guest", since=TDX_QEMU) + _kvm_missing(host)
+
+
+def sgx_missing(host: HostInfo) -> list[str]:
+    """What the host kernel and CPU lack for SGX guests (empty when nothing)."""
+    tee = host.tee
+    checks = (
+        (tee.sgx, "the CPU does not offer SGX (no sgx in /proc/cpuinfo; enable it in the firmware)"),
+        (tee.sgx_flc, "no flexible launch control (sgx_lc), which KVM needs to run guest enclaves"),
+        (tee.sgx_vepc, "no /dev/sgx_vepc: the kernel's SGX driver cannot give EPC to guests"),
+        (bool(tee.sgx_epc), "no EPC on any NUMA node (nodeN/x86/sgx_total_bytes)"),
+    )
+    return [reason for ok, reason in checks if not ok]

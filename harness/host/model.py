@@ -45,8 +45,17 @@ class HostCpu:
 
 
 @dataclass(frozen=True)
+class EpcSection:
+    """SGX enclave page cache on one NUMA node (the kernel's nodeN/x86/sgx_total_bytes)."""
+
+    node: int
+    size_kib: int
+
+
+@dataclass(frozen=True)
 class TeeSupport:
-    """Confidential-computing support of the host kernel and firmware."""
+    """Confidential-computing support of the host kernel and firmware. SGX: the CPU flag, flexible launch
+    control (``sgx_lc``), /dev/sgx_vepc (EPC for guests) and the EPC sections per node."""
 
     sev: bool = False
     sev_es: bool = False
@@ -54,6 +63,14 @@ class TeeSupport:
     tdx: bool = False
     cbitpos: int | None = None
     reduced_phys_bits: int | None = None
+    sgx: bool = False
+    sgx_flc: bool = False
+    sgx_vepc: bool = False
+    sgx_epc: tuple[EpcSection, ...] = ()
+
+    def epc_kib(self, node: int) -> int:
+        """The EPC on ``node`` in KiB (0 when it has none)."""
+        return sum(section.size_kib for section in self.sgx_epc if section.node == node)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from harness.host.model import (
     Accel,
+    EpcSection,
     HostCpu,
     HostInfo,
     HugepagePool,
@@ -189,7 +190,24 @@ def tee_support(root: Path, flags: frozenset[str]) -> TeeSupport:
         tdx=_yes(intel / "tdx"),
         cbitpos=encryption[1] & 0x3F if sev and encryption else None,
         reduced_phys_bits=(encryption[1] >> 6) & 0x3F if sev and encryption else None,
+        sgx="sgx" in flags,
+        sgx_flc="sgx_lc" in flags,
+        sgx_vepc=(root / "dev/sgx_vepc").exists(),
+        sgx_epc=epc_sections(root),
     )
+
+
+def epc_sections(root: Path) -> tuple[EpcSection, ...]:
+    """The SGX EPC of each NUMA node that has some (Linux >= 6.2: nodeN/x86/sgx_total_bytes)."""
+    sections = []
+    for path in sorted((root / "sys/devices/system/node").glob("node[0-9]*/x86/sgx_total_bytes")):
+        try:
+            size = int(_read(path).strip() or 0)
+        except ValueError:
+            continue
+        if size > 0:
+            sections.append(EpcSection(int(path.parent.parent.name.removeprefix("node")), size // 1024))
+    return tuple(sorted(sections, key=lambda section: section.node))
 
 
 def cpuid(root: Path, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int] | None:

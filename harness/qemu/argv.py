@@ -1,14 +1,15 @@
 """``build_argv``: a validated ``VMSpec`` as a QEMU command line, always in this order.
 
 binary; ``-name N,debug-threads=on``; ``-machine TYPE[,confidential-guest-support=ID][,memory-backend=ID]
-[,kernel-irqchip=split,hpet=off (TDX)]``; ``-accel tcg,thread=multi`` or ``-accel kvm``; ``-cpu``;
+[,kernel-irqchip=split,hpet=off (TDX)][,sgx-epc.N.memdev=ID,sgx-epc.N.node=NODE (SGX EPC)]``;
+``-accel tcg,thread=multi`` or ``-accel kvm``; ``-cpu`` (``,+sgx,+sgxlc,+sgx-provisionkey`` with EPC);
 ``-smp N[,maxcpus=M]``; ``-m NM[,maxmem=XM (virtio-mem)]``; ``-object`` for the boot memory backend, then the
-devices' backends in device order, then the confidential guest; ``-kernel``, ``-initrd``, ``-append`` (when
-non-empty), ``-bios``; ``-nodefaults -no-user-config -nographic -no-reboot``; the QMP chardev and
-``-mon chardev=ID,mode=control``; the console chardev and ``-serial chardev:ID``; then per device, in device
-order: its shared controller (first time only), its chardevs, its ``-device``. A ``ChardevChannel`` is
-rendered as ``fd=N`` when ``channels`` maps its id to an inherited descriptor, else as a listening socket (for
-run.sh).
+devices' backends in device order, then the EPC sections, then the confidential guest; ``-kernel``,
+``-initrd``, ``-append`` (when non-empty), ``-bios``; ``-nodefaults -no-user-config -nographic -no-reboot``;
+the QMP chardev and ``-mon chardev=ID,mode=control``; the console chardev and ``-serial chardev:ID``; then
+per device, in device order: its shared controller (first time only), its chardevs, its ``-device``. A
+``ChardevChannel`` is rendered as ``fd=N`` when ``channels`` maps its id to an inherited descriptor, else as a
+listening socket (for run.sh).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def build_argv(
     argv += ["-m", f"{spec.memory_mib}M" + (f",maxmem={spec.memory_mib + hotplug}M" if hotplug else "")]
     for backend in spec.memory_backends():
         argv += backend.args()
+    for section in spec.epc:
+        argv += section.args()
     if spec.confidential is not None:
         argv += spec.confidential.args()
     argv += ["-kernel", str(spec.kernel)]
@@ -75,6 +78,8 @@ def _machine_options(spec: VMSpec) -> list[str]:
         options.append(f"memory-backend={spec.memory.id}")
     if spec.confidential is not None:
         options += spec.confidential.machine_options()
+    for index, section in enumerate(spec.epc):
+        options += section.machine_options(index)
     return options
 
 

@@ -109,6 +109,16 @@ class VhostVsockUnavailable(SpecError):
     explanation = "vhost-vsock-pci needs /dev/vhost-vsock on the host; without it use vhost-user vsock."
 
 
+class SgxUnavailable(SpecError):
+    code = "E319"
+    title = "SGX EPC not available on this host"
+    explanation = (
+        "A guest with SGX EPC sections needs the CPU's SGX with flexible launch control, /dev/sgx_vepc, "
+        "enough EPC on each node a section names (nodeN/x86/sgx_total_bytes), QEMU >= 6.2 "
+        "(memory-backend-epc) and KVM; `teelab doctor --require sgx` lists what is missing."
+    )
+
+
 class OptionInvalid(SpecError):
     code = "E315"
     title = "bad option value"

@@ -12,6 +12,8 @@ from typing import Literal
 from harness.host.model import Accel, HostInfo
 from harness.qemu.chardevs import Chardev
 from harness.qemu.devices import Device
+from harness.qemu.epc import CPU_FEATURES as EPC_CPU_FEATURES
+from harness.qemu.epc import EpcSection, validate_epc
 from harness.qemu.errors import (
     AccelUnavailable,
     CmdlineError,
@@ -54,12 +56,14 @@ class VMSpec:
     devices: tuple[Device, ...] = ()
     confidential: ConfidentialGuest | None = None
     firmware: Path | None = None
+    epc: tuple[EpcSection, ...] = ()  # SGX EPC sections (SGX hosts)
 
     def resolved_accel(self, host: HostInfo) -> Accel:
         return self.accel or host.accel
 
     def resolved_cpu_model(self, host: HostInfo) -> str:
-        return self.cpu_model or ("host" if self.resolved_accel(host) == "kvm" else "max")
+        model = self.cpu_model or ("host" if self.resolved_accel(host) == "kvm" else "max")
+        return ",".join((model, *EPC_CPU_FEATURES)) if self.epc else model
 
     def memory_backends(self) -> tuple[MemoryBackend, ...]:
         """The boot RAM backend (if any), then the devices' backends, in device order."""
@@ -92,6 +96,8 @@ class VMSpec:
         self._check_ids()
         if self.confidential is not None:
             self.confidential.validate(host, accel)
+        if self.epc:
+            validate_epc(self.name, self.epc, host, accel)
         for part in (*self.chardevs(), *self.memory_backends(), *self.devices):
             part.validate(host)
         self._check_hugepage_total(host)

@@ -107,5 +107,5 @@ def test_an_snp_object_in_a_qemu_too_old_for_it_is_still_refused(tmp_path: Path)
 
 
 def test_an_unknown_group_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["doctor", "--require", "sgx"]) == 2
+    assert main(["doctor", "--require", "cca"]) == 2
     assert "E102" in capsys.readouterr().err

@@ -118,6 +118,6 @@ def test_the_script_exits_1_with_reasons_0_when_proven_2_for_bad_input(tmp_path:
     ran = pytest_run(tmp_path, MARKED_TESTS, "kvm", plugin=False)
     done = subprocess.run([*command, str(ran), "--json"], capture_output=True, text=True)
     assert done.returncode == 0 and json.loads(done.stdout)["run"]["ran"] == 2
-    done = subprocess.run([sys.executable, str(GUARD), "--marker", "sgx", "--junit", str(ran)],
+    done = subprocess.run([sys.executable, str(GUARD), "--marker", "cca", "--junit", str(ran)],
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 2 and "invalid choice" in done.stderr

@@ -1,0 +1,155 @@
+"""Real SGX hosts: the probe reports SGX, flexible launch control, /dev/sgx_vepc and the EPC of each NUMA
+node; `teelab doctor --require sgx` names what a host lacks (everything, on this TCG machine); a VMSpec's EPC
+sections (memory-backend-epc + sgx-epc on the machine, the CPU's SGX features) are checked against the host
+and rendered as QEMU's docs/system/i386/sgx.rst writes them (golden argv, two sections on two nodes)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from host_trees import PVM_HOST, HostTree, put
+from qemu_hosts import tcg_host
+from test_qemu_argv import CONSOLE, QMP, assert_golden, boot, plain
+
+from harness.cli import main
+from harness.host import capability
+from harness.host.model import EpcSection as HostEpc
+from harness.host.model import HostCpu, HostInfo, TeeSupport
+from harness.host.probe import probe
+from harness.qemu import build_argv
+from harness.qemu.epc import EpcSection
+from harness.qemu.errors import MemorySizeError, SgxUnavailable
+
+__all__ = ["boot"]  # the fixture, shared with test_qemu_argv
+SGX_TREE = HostTree(nodes=2, flags=("fpu", "vmx", "sgx", "sgx_lc"), kvm=True, qemu_version="8.2.2",
+                    extra_objects=("memory-backend-epc",))  # fmt: skip
+EPC_BYTES = {0: 64 << 20, 1: 128 << 20}
+
+
+def sgx_tree(tmp_path: Path, tree: HostTree = SGX_TREE, *, vepc: bool = True) -> Path:
+    """``tree`` written under tmp_path with /dev/sgx_vepc and the kernel's per-node EPC sizes."""
+    root = tree.write(tmp_path / "host")
+    if vepc:
+        put(root / "dev/sgx_vepc", "")
+    for node, size in EPC_BYTES.items():
+        put(root / f"sys/devices/system/node/node{node}/x86/sgx_total_bytes", f"{size}\n")
+    return root
+
+
+def sgx_host() -> HostInfo:
+    """A two-node KVM host with SGX (FLC, vepc), 64 MiB of EPC on node 0 and 128 MiB on node 1, QEMU 8.2."""
+    host = tcg_host()
+    epc = tuple(HostEpc(node, size // 1024) for node, size in EPC_BYTES.items())
+    return replace(
+        host,
+        accel="kvm",
+        accel_reason="vmx in /proc/cpuinfo and /dev/kvm is read-write",
+        cpus=(*host.cpus, HostCpu(cpu=2, core=2, package=1, node=1, siblings=(2,))),
+        numa_nodes=(0, 1),
+        tee=TeeSupport(sgx=True, sgx_flc=True, sgx_vepc=True, sgx_epc=epc),
+        qemu=replace(
+            host.qemu, version=(8, 2, 2), object_types=host.qemu.object_types | {"memory-backend-epc"}
+        ),
+        cpu_flags=frozenset({"vmx", "sgx", "sgx_lc"}),
+    )
+
+
+def test_the_probe_reports_sgx_flc_vepc_and_the_epc_of_each_node(tmp_path: Path) -> None:
+    host = probe(sgx_tree(tmp_path))
+    assert (host.tee.sgx, host.tee.sgx_flc, host.tee.sgx_vepc) == (True, True, True)
+    assert host.tee.sgx_epc == (HostEpc(0, 65536), HostEpc(1, 131072))
+    assert (host.tee.epc_kib(1), host.tee.epc_kib(2)) == (131072, 0)
+    assert capability.missing("sgx", host) == []
+    assert list(host.to_dict()["tee"]["sgx_epc"]) == [
+        {"node": 0, "size_kib": 65536},
+        {"node": 1, "size_kib": 131072},
+    ]
+
+
+def test_doctor_require_sgx_refuses_here_and_names_every_missing_piece(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["doctor", "--require", "sgx"]) == 2
+    err = capsys.readouterr().err
+    assert "[ E206 ] this host lacks what the sgx group promises" in err
+    for reason in (
+        "does not offer SGX",
+        "flexible launch control",
+        "/dev/sgx_vepc",
+        "no EPC",
+        "memory-backend-epc",
+    ):
+        assert reason in err
+
+
+@pytest.mark.parametrize(
+    ("tree", "vepc", "reasons"),
+    [
+        (SGX_TREE, True, []),
+        (SGX_TREE, False, ["/dev/sgx_vepc"]),
+        (replace(SGX_TREE, flags=("fpu", "vmx", "sgx")), True, ["flexible launch control"]),
+        (replace(SGX_TREE, qemu_version="6.1.0"), True, ["older than 6.2"]),
+        (replace(SGX_TREE, extra_objects=()), True, ["no memory-backend-epc"]),
+        (PVM_HOST, True, ["does not offer SGX", "no usable KVM"]),
+    ],
+)
+def test_doctor_require_sgx_on_fixture_hosts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tree: HostTree, vepc: bool, reasons: list[str]
+) -> None:
+    status = main(["doctor", "--require", "sgx", "--root", str(sgx_tree(tmp_path, tree, vepc=vepc))])
+    output = "".join(capsys.readouterr())
+    assert status == (2 if reasons else 0), output
+    for reason in reasons:
+        assert reason in output
+
+
+TWO_SECTIONS = (EpcSection("epc0", 32, node=0), EpcSection("epc1", 96, node=1))
+
+
+def test_two_epc_sections_on_two_nodes_match_golden(boot: dict[str, Path], tmp_path: Path) -> None:
+    spec = plain(boot, vcpus=2, memory_mib=1024, epc=TWO_SECTIONS)
+    argv = build_argv(spec, sgx_host(), qmp=QMP, console=CONSOLE)
+    assert_golden("sgx_epc_two_nodes", argv, tmp_path)
+    machine = argv[argv.index("-machine") + 1].split(",")
+    assert machine[1:] == [
+        "sgx-epc.0.memdev=epc0",
+        "sgx-epc.0.node=0",
+        "sgx-epc.1.memdev=epc1",
+        "sgx-epc.1.node=1",
+    ]
+    assert argv[argv.index("-cpu") + 1] == "host,+sgx,+sgxlc,+sgx-provisionkey"
+    objects = [argv[i + 1] for i, a in enumerate(argv) if a == "-object"]
+    assert objects == [
+        "memory-backend-epc,id=epc0,size=32M,prealloc=on",
+        "memory-backend-epc,id=epc1,size=96M,prealloc=on",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("sections", "host", "needle"),
+    [
+        (TWO_SECTIONS, tcg_host(), "does not offer SGX"),
+        (TWO_SECTIONS, tcg_host(), "runs under tcg"),
+        ((EpcSection("epc0", 65, node=0),), sgx_host(), "65 MiB of EPC asked on node 0, which has 64"),
+        (
+            (EpcSection("a", 40, node=1), EpcSection("b", 90, node=1)),
+            sgx_host(),
+            "130 MiB of EPC asked on node 1",
+        ),
+        ((EpcSection("epc0", 8, node=2),), sgx_host(), "node 2, which the host does not have"),
+        (TWO_SECTIONS, replace(sgx_host(), tee=replace(sgx_host().tee, sgx_vepc=False)), "/dev/sgx_vepc"),
+    ],
+)
+def test_epc_the_host_cannot_give_is_refused_before_anything_runs(
+    boot: dict[str, Path], sections: tuple[EpcSection, ...], host: HostInfo, needle: str
+) -> None:
+    with pytest.raises(SgxUnavailable) as caught:
+        build_argv(plain(boot, epc=sections), host, qmp=QMP, console=CONSOLE)
+    assert caught.value.code == "E319" and needle in caught.value.message
+
+
+def test_an_empty_epc_section_is_a_size_error(boot: dict[str, Path]) -> None:
+    with pytest.raises(MemorySizeError):
+        build_argv(plain(boot, epc=(EpcSection("epc0", 0),)), sgx_host(), qmp=QMP, console=CONSOLE)
