@@ -9,7 +9,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cbor2
 import pytest
@@ -18,7 +18,8 @@ from teelab_guest.kms_client import KmsClient, Transport
 from harness.attest import LAB, Policy, default_lab_dir, verify
 from harness.kms import KmsServer, Listen
 from harness.lab import GuestBoot, Lab
-from harness.qemu.spec import MemoryBackendMemfd
+from harness.qemu.epc import EpcSection
+from harness.qemu.objects import MemoryBackendMemfd
 from harness.tee.sgx import EmulatedSgxBackend, SgxIdentity
 
 pytestmark = pytest.mark.vm
@@ -102,3 +103,20 @@ def test_the_kms_releases_only_under_a_policy_naming_the_guests_mrenclave(sgx_gu
     assert served["sha256"] == hashlib.sha256(SECRET).hexdigest()
     other = unseal(_sealed_for(sgx_guest.kms, hashlib.sha256(b"another enclave").digest()))
     assert (other["outcome"], other["error"]) == ("refused", "AccessDeniedException"), other
+
+
+@pytest.mark.sgx
+def test_an_sgx_guest_sees_the_epc_its_spec_gives_it(cvm_image) -> None:
+    """On an SGX host: two EPC sections (one from each host node where there are two) reach the guest, whose
+    kernel counts their sum on its node 0."""
+    with Lab() as lab:
+        nodes = [section.node for section in lab.host.tee.sgx_epc]
+        host_nodes = (nodes[0], nodes[-1])  # two nodes where the host has two, else both from one
+        sections = tuple(EpcSection(f"epc{i}", 16, host_node=node) for i, node in enumerate(host_nodes))
+        spec = replace(lab.spec_for_image(cvm_image, name="sgx-epc", role="cvm", vcpus=2), epc=sections)
+        boot = lab.boot(spec)
+        assert boot.agent is not None
+        script = "grep -c -w sgx /proc/cpuinfo; cat /sys/devices/system/node/node0/x86/sgx_total_bytes"
+        out = boot.agent.exec(["sh", "-c", script], check=True, timeout=60).stdout.decode().split()
+        lab.stop(boot.machine)
+    assert int(out[0]) >= 1 and int(out[1]) == 32 << 20

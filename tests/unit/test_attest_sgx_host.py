@@ -20,7 +20,7 @@ from harness.host.model import HostCpu, HostInfo, TeeSupport
 from harness.host.probe import probe
 from harness.qemu import build_argv
 from harness.qemu.epc import EpcSection
-from harness.qemu.errors import MemorySizeError, SgxUnavailable
+from harness.qemu.errors import MemorySizeError, OptionInvalid, SgxUnavailable
 
 __all__ = ["boot"]  # the fixture, shared with test_qemu_argv
 SGX_TREE = HostTree(nodes=2, flags=("fpu", "vmx", "sgx", "sgx_lc"), kvm=True, qemu_version="8.2.2",
@@ -105,7 +105,7 @@ def test_doctor_require_sgx_on_fixture_hosts(
         assert reason in output
 
 
-TWO_SECTIONS = (EpcSection("epc0", 32, node=0), EpcSection("epc1", 96, node=1))
+TWO_SECTIONS = (EpcSection("epc0", 32, host_node=0), EpcSection("epc1", 96, host_node=1))
 
 
 def test_two_epc_sections_on_two_nodes_match_golden(boot: dict[str, Path], tmp_path: Path) -> None:
@@ -117,13 +117,13 @@ def test_two_epc_sections_on_two_nodes_match_golden(boot: dict[str, Path], tmp_p
         "sgx-epc.0.memdev=epc0",
         "sgx-epc.0.node=0",
         "sgx-epc.1.memdev=epc1",
-        "sgx-epc.1.node=1",
+        "sgx-epc.1.node=0",
     ]
     assert argv[argv.index("-cpu") + 1] == "host,+sgx,+sgxlc,+sgx-provisionkey"
     objects = [argv[i + 1] for i, a in enumerate(argv) if a == "-object"]
     assert objects == [
-        "memory-backend-epc,id=epc0,size=32M,prealloc=on",
-        "memory-backend-epc,id=epc1,size=96M,prealloc=on",
+        "memory-backend-epc,id=epc0,size=32M,prealloc=on,host-nodes=0,policy=bind",
+        "memory-backend-epc,id=epc1,size=96M,prealloc=on,host-nodes=1,policy=bind",
     ]
 
 
@@ -132,13 +132,13 @@ def test_two_epc_sections_on_two_nodes_match_golden(boot: dict[str, Path], tmp_p
     [
         (TWO_SECTIONS, tcg_host(), "does not offer SGX"),
         (TWO_SECTIONS, tcg_host(), "runs under tcg"),
-        ((EpcSection("epc0", 65, node=0),), sgx_host(), "65 MiB of EPC asked on node 0, which has 64"),
+        ((EpcSection("epc0", 65, host_node=0),), sgx_host(), "65 MiB of EPC asked on node 0, which has 64"),
         (
-            (EpcSection("a", 40, node=1), EpcSection("b", 90, node=1)),
+            (EpcSection("a", 40, host_node=1), EpcSection("b", 90, host_node=1)),
             sgx_host(),
             "130 MiB of EPC asked on node 1",
         ),
-        ((EpcSection("epc0", 8, node=2),), sgx_host(), "node 2, which the host does not have"),
+        ((EpcSection("epc0", 8, host_node=2),), sgx_host(), "node 2, which the host does not have"),
         (TWO_SECTIONS, replace(sgx_host(), tee=replace(sgx_host().tee, sgx_vepc=False)), "/dev/sgx_vepc"),
     ],
 )
@@ -150,6 +150,10 @@ def test_epc_the_host_cannot_give_is_refused_before_anything_runs(
     assert caught.value.code == "E319" and needle in caught.value.message
 
 
-def test_an_empty_epc_section_is_a_size_error(boot: dict[str, Path]) -> None:
+def test_an_empty_section_or_one_for_a_guest_node_a_spec_lacks_is_refused(boot: dict[str, Path]) -> None:
     with pytest.raises(MemorySizeError):
         build_argv(plain(boot, epc=(EpcSection("epc0", 0),)), sgx_host(), qmp=QMP, console=CONSOLE)
+    with pytest.raises(OptionInvalid):
+        build_argv(
+            plain(boot, epc=(EpcSection("epc0", 8, guest_node=1),)), sgx_host(), qmp=QMP, console=CONSOLE
+        )
