@@ -246,6 +246,27 @@ def measured_snp_policy(operator_arn: str, measurement: str) -> dict[str, Any]:
     }
 
 
+def measured_enclave_policy(operator_arn: str, pcr0: str) -> dict[str, Any]:
+    """The operator may encrypt; anyone may decrypt who proves, with a lab-root attestation document of a
+    non-debug enclave, the image measurement ``pcr0`` (kms:RecipientAttestation:PCR0, as for Nitro)."""
+    policy = measured_snp_policy(operator_arn, "")
+    policy["Statement"][1] = {
+        "Sid": "measured-enclave",
+        "Effect": "Allow",
+        "Principal": "*",
+        "Action": "kms:Decrypt",
+        "Resource": "*",
+        "Condition": {
+            "StringEqualsIgnoreCase": {
+                "kms:RecipientAttestation:PCR0": pcr0,
+                "teelab:RecipientAttestation:Root": "lab",
+            },
+            "Bool": {"teelab:RecipientAttestation:Debug": "false"},
+        },
+    }
+    return policy
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object whose keys are all different: json would keep the last of two ``Effect``s silently."""
     out = dict(pairs)
