@@ -11,7 +11,18 @@
    KMS trusting only the pinned CA, and asks the KMS to Decrypt with that key as the Recipient. The KMS
    verifies the report against the key policy.
 4. The expected CVM is served (it reports the secret's SHA-256, never the secret); the other is refused, and
-   the KMS's audit log says why. Everything is torn down.
+   the KMS's audit log says why.
+
+The enclave leg, after it (docs/enclave.md, "The KMS round trip"):
+
+5. The ``unseal`` enclave image gets the same KMS CA pin on its kernel command line (measured: PCR0, PCR1),
+   and a modified copy one word more; a second key's policy names the expected image's PCR0.
+6. A parent (emulated SNP, like the CVMs) boots with an enclave pool and runs guest-init's vsock-proxy,
+   passing its enclaves' port 8000 on to the host (CID 2), as a Nitro parent instance does.
+7. An enclave carved from the parent asks it for its job, makes an RSA key, gets an attestation document bound
+   to it from its security module, calls KMS Decrypt with it as the Recipient in TLS through both proxies, and
+   reports the secret's SHA-256 to the parent; it is terminated, and one from the modified image is refused
+   (PCR0). Everything is torn down.
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,15 +43,28 @@ from teelab_guest.kms_client import KmsClient, Transport
 
 from harness import images
 from harness.attest import default_lab_dir
+from harness.enclave.carver import ParentVm
+from harness.enclave.parent_side import serve_unseal_job, start_kms_proxy, unseal_outcome
+from harness.enclave.pool import EnclavePool
+from harness.enclave.recipes import build_enclave_image
+from harness.enclave.variant import with_cmdline_words
 from harness.host import runtime
 from harness.kms import KmsServer, Listen
-from harness.kms.policy import measured_snp_policy
+from harness.kms.policy import measured_enclave_policy, measured_snp_policy
 from harness.kms.tls import ca_certificate_pem, ca_pin, client_context
 from harness.lab import CvmPlan, GuestBoot, Lab
 
 KMS_VSOCK_PORT = 8000
 DEMO_IMAGE = "cvm"
 MODIFIED_CMDLINE = "teelab.variant=modified"
+ENCLAVE_RECIPE = "unseal"
+ENCLAVE_MEMORY_MIB = 256
+ENCLAVE_VCPUS = 2
+# Which leg each phase belongs to; the others (host, kms, audit, teardown) serve both.
+LEGS = {
+    "cvm": ("image", "plan", "boot", "unseal"),
+    "enclave": ("enclave-image", "parent", "enclave", "enclave-modified"),
+}
 
 
 @dataclass
@@ -54,32 +78,43 @@ class Phase:
 class DemoResult:
     phases: list[Phase] = field(default_factory=list)
     cvms: dict[str, dict[str, Any]] = field(default_factory=dict)
+    enclaves: dict[str, dict[str, Any]] = field(default_factory=dict)
     ok: bool = False
     seconds: float = 0.0
 
+    def legs(self) -> dict[str, float]:
+        """Each leg's seconds (the sum of its phases), and the enclave leg over the CVM leg."""
+        legs = {
+            leg: round(sum(p.seconds for p in self.phases if p.name in names), 2)
+            for leg, names in LEGS.items()
+        }
+        if legs["cvm"] > 0:
+            legs["enclave_over_cvm"] = round(legs["enclave"] / legs["cvm"], 2)
+        return legs
+
     def to_dict(self) -> dict[str, Any]:
+        def leg_of(name: str) -> str:
+            return next((leg for leg, names in LEGS.items() if name in names), "both")
+
         return {
             "ok": self.ok,
             "seconds": round(self.seconds, 2),
-            "phases": [{"name": p.name, "seconds": round(p.seconds, 2), **p.detail} for p in self.phases],
+            "legs": self.legs(),
+            "phases": [
+                {"name": p.name, "leg": leg_of(p.name), "seconds": round(p.seconds, 2), **p.detail}
+                for p in self.phases
+            ],
             "cvms": self.cvms,
+            "enclaves": self.enclaves,
         }
 
 
 def run_demo(on_phase: Callable[[Phase], None] | None = None) -> DemoResult:
-    """Run the main job; ``ok`` only when the expected CVM is served and the modified one refused."""
+    """Run the main job; ``ok`` only when the expected CVM and enclave are served and the modified ones
+    refused."""
     result = DemoResult()
     started = time.monotonic()
-
-    @contextmanager
-    def phase(name: str) -> Iterator[dict[str, Any]]:
-        begun = time.monotonic()
-        detail: dict[str, Any] = {}
-        yield detail
-        done = Phase(name, time.monotonic() - begun, detail)
-        result.phases.append(done)
-        if on_phase:
-            on_phase(done)
+    phase = _phases(result, on_phase)
 
     secret = os.urandom(32)
     with ExitStack() as stack:
@@ -133,21 +168,98 @@ def run_demo(on_phase: Callable[[Phase], None] | None = None) -> DemoResult:
             for name, plan in plans.items():
                 result.cvms[name]["measurement"] = plan.measurement_hex()
             detail.update({name: cvm["outcome"] for name, cvm in result.cvms.items()})
+        enclave_key = _enclave_leg(lab, kms, kms_dir, stack, secret, result, phase)
         with phase("audit") as detail:
-            rows = [r for r in kms.store.audit(key_id=key.id) if r.operation == "Decrypt"]
-            detail["decisions"] = [{"decision": r.decision, "reasons": list(r.reasons)} for r in rows]
+            detail["decisions"] = _decisions(kms, key.id)
+            detail["enclave_decisions"] = _decisions(kms, enclave_key)
         with phase("teardown"):
             stack.close()
-    expected, modified = result.cvms.get("expected", {}), result.cvms.get("modified", {})
-    result.ok = (
+    result.ok = _served_and_refused(result.cvms, secret) and _served_and_refused(result.enclaves, secret)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _phases(
+    result: DemoResult, on_phase: Callable[[Phase], None] | None
+) -> Callable[[str], AbstractContextManager[dict[str, Any]]]:
+    """``with phase(name) as detail:`` times a phase, records it in ``result`` and tells ``on_phase``."""
+
+    @contextmanager
+    def phase(name: str) -> Iterator[dict[str, Any]]:
+        begun = time.monotonic()
+        detail: dict[str, Any] = {}
+        yield detail
+        done = Phase(name, time.monotonic() - begun, detail)
+        result.phases.append(done)
+        if on_phase:
+            on_phase(done)
+
+    return phase
+
+
+def _decisions(kms: KmsServer, key_id: str) -> list[dict[str, Any]]:
+    """The KMS's Decrypt decisions on ``key_id`` and their reasons, from its audit log."""
+    rows = [r for r in kms.store.audit(key_id=key_id) if r.operation == "Decrypt"]
+    return [{"decision": r.decision, "reasons": list(r.reasons)} for r in rows]
+
+
+def _served_and_refused(outcomes: dict[str, dict[str, Any]], secret: bytes) -> bool:
+    expected, modified = outcomes.get("expected", {}), outcomes.get("modified", {})
+    return (
         expected.get("outcome") == "served"
         and expected.get("tls") is True
         and expected.get("sha256") == hashlib.sha256(secret).hexdigest()
         and modified.get("outcome") == "refused"
         and modified.get("error") == "AccessDeniedException"
     )
-    result.seconds = time.monotonic() - started
-    return result
+
+
+def _enclave_leg(
+    lab: Lab,
+    kms: KmsServer,
+    kms_dir: Any,
+    stack: ExitStack,
+    secret: bytes,
+    result: DemoResult,
+    phase: Callable[[str], AbstractContextManager[dict[str, Any]]],
+) -> str:
+    """The enclave leg (steps 5-7 above); returns its key's id. Its outcomes land in ``result.enclaves``."""
+    with phase("enclave-image") as detail:
+        built = build_enclave_image(ENCLAVE_RECIPE)
+        work = stack.enter_context(runtime.scratch_dir("demo-enclave"))
+        pinned = f"{protocol.KMS_CA_KEY}={ca_pin(kms_dir)}"
+        words = {"expected": [pinned], "modified": [pinned, MODIFIED_CMDLINE]}
+        eifs = {name: with_cmdline_words(built.path, w, work / f"{name}.eif") for name, w in words.items()}
+        pcr0 = eifs["expected"].measurements.pcr0.hex()
+        operator = kms.credentials("operator")
+        key = kms.create_key(measured_enclave_policy(operator.arn, pcr0), description="teelab demo enclave")
+        endpoint = Transport.endpoint(kms.endpoint, tls=client_context(kms_dir))
+        with KmsClient(endpoint, access_key=operator.access_key, secret=operator.secret) as client:
+            blob = client.encrypt(key.id, secret)
+        detail.update(recipe=built.name, cached=not built.built, key=key.id, pcr0=pcr0[:24] + "...")
+    with phase("parent") as detail:
+        pool = EnclavePool(memory_mib=ENCLAVE_MEMORY_MIB, cpu_count=ENCLAVE_VCPUS)
+        parent: ParentVm = lab.boot_parent(name="demo-parent", pool=pool)
+        start_kms_proxy(parent)
+        detail.update(boot=round(parent.boot.seconds, 2), cpu_mapping=parent.layout.reason)
+    ca_pem = ca_certificate_pem(kms_dir)  # handed over untrusted: checked against the pin in the enclave
+    for name, image in eifs.items():
+        with phase("enclave" if name == "expected" else "enclave-modified") as detail:
+            job = serve_unseal_job(parent, blob, ca_pem)
+            enclave = parent.carve(
+                image.path,
+                memory_mib=ENCLAVE_MEMORY_MIB,
+                cpu_count=ENCLAVE_VCPUS,
+                name=f"demo-enclave-{name}",
+            )
+            outcome = unseal_outcome(job)
+            parent.terminate(enclave)
+            outcome.update(pcr0=image.measurements.pcr0.hex(), enclave_id=enclave.enclave_id, cid=enclave.cid)
+            result.enclaves[name] = outcome
+            detail.update(
+                carve=enclave.carve_seconds, heartbeat=enclave.heartbeat_seconds, outcome=outcome["outcome"]
+            )
+    return key.id
 
 
 def measure_argv(plan: CvmPlan) -> list[str]:
