@@ -269,12 +269,14 @@ class Lab:
         vcpus: int = 2,
         memory_mib: int = 512,
         group: str | None = None,
+        tee: str | None = None,
         timeout: float = 120.0,
     ) -> ParentVm:
         """Boot a parent with an enclave pool (``pool``, default 2 vCPUs and 256 MiB): ``memory_mib`` of
         boot RAM and the pool on hugepages (reserved in the host's pool when short: needs root), the pool's
-        vCPUs as devices, every vCPU pinned as the ledger booked it, vsock at CID 3 of its routing group. Its
-        enclaves (``ParentVm.carve``) end with it."""
+        vCPUs as devices, every vCPU pinned as the ledger booked it, vsock at CID 3 of its routing group;
+        with ``tee`` ("snp", "tdx") a confidential parent, real where the host has it, emulated elsewhere.
+        Its enclaves (``ParentVm.carve``) end with it."""
         built = images.build(image) if isinstance(image, str) else image
         layout = layout_parent(
             self.host, name, pool or EnclavePool(), kept_vcpus=vcpus, boot_memory_mib=memory_mib
@@ -296,6 +298,10 @@ class Lab:
                 devices=(*layout.devices, *attachment.devices),
             )  # fmt: skip
             spec = replace(spec, max_vcpus=vcpus + len(layout.pool_vcpus))
+            attached = choose_backend(tee, self.host).attach(spec, self.host) if tee else None  # type: ignore[arg-type]
+            if attached is not None:
+                closers.append(attached.close)
+                spec = attached.spec
         except BaseException:
             pages.close()
             _run_all(closers)
@@ -303,7 +309,13 @@ class Lab:
         parents: list[ParentVm] = []
         closers.insert(0, lambda: [p.close() for p in parents])
         try:
-            boot = self.boot(spec, timeout=timeout, closers=closers, on_launch=lambda _: pages.close())
+
+            def launched(machine: Machine) -> None:
+                pages.close()
+                if attached is not None:
+                    attached.after_launch(machine)
+
+            boot = self.boot(spec, timeout=timeout, closers=closers, on_launch=launched)
         finally:
             pages.close()
         try:
