@@ -17,12 +17,14 @@ The enclave leg, after it (docs/enclave.md, "The KMS round trip"):
 
 5. The ``unseal`` enclave image gets the same KMS CA pin on its kernel command line (measured: PCR0, PCR1),
    and a modified copy one word more; a second key's policy names the expected image's PCR0.
-6. A parent (emulated SNP, like the CVMs) boots with an enclave pool and runs guest-init's vsock-proxy,
-   passing its enclaves' port 8000 on to the host (CID 2), as a Nitro parent instance does.
-7. An enclave carved from the parent asks it for its job, makes an RSA key, gets an attestation document bound
-   to it from its security module, calls KMS Decrypt with it as the Recipient in TLS through both proxies, and
-   reports the secret's SHA-256 to the parent; it is terminated, and one from the modified image is refused
-   (PCR0). Everything is torn down.
+6. A parent (SEV-SNP, emulated here, like the CVMs) boots with an enclave pool for two enclaves and runs
+   guest-init's vsock-proxy, passing its enclaves' port 8000 on to the host (CID 2), as a Nitro parent
+   instance does.
+7. Two enclaves are carved from it, the expected image's and the modified one's (the second while the first
+   unseals). Each asks the parent for its job, makes an RSA key, gets an attestation document bound to it
+   from its security module, calls KMS Decrypt with it as the Recipient in TLS through both proxies, and
+   answers the parent; the expected one reports the secret's SHA-256, the modified one is refused (PCR0).
+   Both are terminated, and everything is torn down.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from teelab_guest.kms_client import KmsClient, Transport
 from harness import images
 from harness.attest import default_lab_dir
 from harness.enclave.carver import ParentVm
-from harness.enclave.parent_side import serve_unseal_job, start_kms_proxy, unseal_outcome
+from harness.enclave.parent_side import serve_unseal_jobs, start_kms_proxy, unseal_outcomes
 from harness.enclave.pool import EnclavePool
 from harness.enclave.recipes import build_enclave_image
 from harness.enclave.variant import with_cmdline_words
@@ -63,7 +65,7 @@ ENCLAVE_VCPUS = 2
 # Which leg each phase belongs to; the others (host, kms, audit, teardown) serve both.
 LEGS = {
     "cvm": ("image", "plan", "boot", "unseal"),
-    "enclave": ("enclave-image", "parent", "enclave", "enclave-modified"),
+    "enclave": ("enclave-image", "parent", "carve", "enclave-unseal"),
 }
 
 
@@ -238,27 +240,35 @@ def _enclave_leg(
             blob = client.encrypt(key.id, secret)
         detail.update(recipe=built.name, cached=not built.built, key=key.id, pcr0=pcr0[:24] + "...")
     with phase("parent") as detail:
-        pool = EnclavePool(memory_mib=ENCLAVE_MEMORY_MIB, cpu_count=ENCLAVE_VCPUS)
-        parent: ParentVm = lab.boot_parent(name="demo-parent", pool=pool)
+        # room for both enclaves at once: the modified one is carved while the expected one unseals
+        pool = EnclavePool(memory_mib=2 * ENCLAVE_MEMORY_MIB, cpu_count=2 * ENCLAVE_VCPUS)
+        parent: ParentVm = lab.boot_parent(name="demo-parent", pool=pool, tee="snp")
         start_kms_proxy(parent)
-        detail.update(boot=round(parent.boot.seconds, 2), cpu_mapping=parent.layout.reason)
+        detail.update(
+            boot=round(parent.boot.seconds, 2), tee=lab.tee_mode("snp"), cpu_mapping=parent.layout.reason
+        )
     ca_pem = ca_certificate_pem(kms_dir)  # handed over untrusted: checked against the pin in the enclave
-    for name, image in eifs.items():
-        with phase("enclave" if name == "expected" else "enclave-modified") as detail:
-            job = serve_unseal_job(parent, blob, ca_pem)
-            enclave = parent.carve(
+    with phase("carve") as detail:
+        job = serve_unseal_jobs(parent, blob, ca_pem, count=len(eifs))
+        enclaves = {
+            name: parent.carve(
                 image.path,
                 memory_mib=ENCLAVE_MEMORY_MIB,
                 cpu_count=ENCLAVE_VCPUS,
                 name=f"demo-enclave-{name}",
             )
-            outcome = unseal_outcome(job)
+            for name, image in eifs.items()
+        }
+        detail.update({name: enclave.carve_seconds for name, enclave in enclaves.items()})
+    with phase("enclave-unseal") as detail:
+        answers = unseal_outcomes(job)
+        for name, enclave in enclaves.items():
             parent.terminate(enclave)
-            outcome.update(pcr0=image.measurements.pcr0.hex(), enclave_id=enclave.enclave_id, cid=enclave.cid)
+            outcome = answers.get(enclave.cid, {"outcome": "broken", "output": "no answer from its CID"})
+            outcome.update(pcr0=eifs[name].measurements.pcr0.hex(), enclave_id=enclave.enclave_id)
+            outcome.update(cid=enclave.cid, carve=enclave.carve_seconds, heartbeat=enclave.heartbeat_seconds)
             result.enclaves[name] = outcome
-            detail.update(
-                carve=enclave.carve_seconds, heartbeat=enclave.heartbeat_seconds, outcome=outcome["outcome"]
-            )
+            detail[name] = outcome["outcome"]
     return key.id
 
 

@@ -4,8 +4,8 @@
 passing each connection on to the host (CID 2) port 8000 over the parent's own vsock, where the host's
 vsock-proxy reaches the KMS. Its allowlist names only that target. TLS runs end to end, enclave to KMS.
 
-``serve_unseal_job``: a one-shot server in the parent (vsock port 5006) that hands the ``unseal`` enclave
-its job (the ciphertext, the KMS CA certificate) and prints the enclave's answer; ``unseal_outcome`` reads it.
+``serve_unseal_jobs``: a server in the parent (vsock port 5006) that hands each ``unseal`` enclave its job
+(the ciphertext, the KMS CA certificate) and prints its answer with its CID; ``unseal_outcomes`` reads them.
 """
 
 from __future__ import annotations
@@ -23,19 +23,31 @@ KMS_PORT = 8000  # the enclave's KMS port on its parent, and the host's on CID 2
 JOB_PORT = 5006  # the unseal enclave asks its parent for its job here
 PROXY_DIR = "/run/teelab-kms-proxy"
 
-# In the parent: accept the enclave's connection on JOB_PORT, send the job (stdin), print its answer line.
-_SERVE_JOB = f"""
-import socket, sys
-job = sys.stdin.buffer.read()
+# In the parent: accept COUNT (argv[1]) enclaves' connections on JOB_PORT, send each the job (stdin), and
+# print one line per enclave: its CID and its answer.
+_SERVE_JOBS = f"""
+import json, socket, sys, threading
+count, job, lock = int(sys.argv[1]), sys.stdin.buffer.read(), threading.Lock()
 listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
 listener.bind((socket.VMADDR_CID_ANY, {JOB_PORT}))
-listener.listen(1)
-conn, _ = listener.accept()
-conn.sendall(job)
-data = b""
-while not data.endswith(b"\\n") and (chunk := conn.recv(65536)):
-    data += chunk
-sys.stdout.buffer.write(data)
+listener.listen(count)
+
+def serve(conn, cid):
+    with conn:
+        conn.sendall(job)
+        data = b""
+        while not data.endswith(b"\\n") and (chunk := conn.recv(65536)):
+            data += chunk
+    with lock:
+        print(json.dumps({{"cid": cid, "answer": data.decode(errors="replace")}}), flush=True)
+
+threads = []
+for _ in range(count):
+    conn, (cid, _) = listener.accept()
+    threads.append(threading.Thread(target=serve, args=(conn, cid)))
+    threads[-1].start()
+for thread in threads:
+    thread.join()
 """
 
 
@@ -69,21 +81,26 @@ def start_kms_proxy(parent: ParentVm, port: int = KMS_PORT, timeout: float = 30.
     )
 
 
-def serve_unseal_job(
-    parent: ParentVm, ciphertext: bytes, kms_ca_pem: str, timeout: float = 180.0
+def serve_unseal_jobs(
+    parent: ParentVm, ciphertext: bytes, kms_ca_pem: str, count: int = 1, timeout: float = 180.0
 ) -> GuestJob:
-    """Listen in the parent for one ``unseal`` enclave and hand it its job; start this before the carve."""
+    """Listen in the parent for ``count`` ``unseal`` enclaves and hand each the same job; start this before
+    the carves. ``unseal_outcomes`` reads their answers."""
     job = {"ciphertext": base64.b64encode(ciphertext).decode(), "kms_ca": kms_ca_pem}
     line = json.dumps(job).encode() + b"\n"
-    return parent.boot.agent.start(["python3", "-c", _SERVE_JOB], stdin=line, timeout=timeout)
+    return parent.boot.agent.start(["python3", "-c", _SERVE_JOBS, str(count)], stdin=line, timeout=timeout)
 
 
-def unseal_outcome(job: GuestJob, timeout: float = 180.0) -> dict[str, Any]:
-    """The enclave's answer: ``{"outcome": "served", "sha256": ...}`` or ``refused``/``untrusted``/...,
-    ``{"outcome": "broken", ...}`` when it sent none."""
-    text = job.result(timeout).text.strip()
-    try:
-        answer = json.loads(text.splitlines()[-1])
-    except (IndexError, ValueError):
-        return {"outcome": "broken", "output": text[-500:]}
-    return answer if isinstance(answer, dict) else {"outcome": "broken", "output": text[-500:]}
+def unseal_outcomes(job: GuestJob, timeout: float = 180.0) -> dict[int, dict[str, Any]]:
+    """Each enclave's answer by its CID: ``{"outcome": "served", "sha256": ...}`` or ``refused``/
+    ``untrusted``/..., ``{"outcome": "broken", ...}`` for an answer that is not JSON."""
+    answers: dict[int, dict[str, Any]] = {}
+    for line in job.result(timeout).text.splitlines():
+        reply = json.loads(line)
+        try:
+            answer = json.loads(reply["answer"])
+        except ValueError:
+            answer = None
+        ok = isinstance(answer, dict)
+        answers[int(reply["cid"])] = answer if ok else {"outcome": "broken", "output": reply["answer"][-500:]}
+    return answers
