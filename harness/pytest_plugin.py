@@ -3,11 +3,12 @@ guests and always tear them down.
 
 Markers: ``kvm``, ``snp``, ``tdx``, ``vhost_vsock`` (skip unless the host has it), ``root`` (skip unless
 root), ``vm`` (boots guests), ``slow``. Fixtures: ``lab_host``, ``lab``, ``lab_image``, ``boot_guest``,
-``cvm``, ``parent`` and ``enclave``; docs/testing.md shows them at work.
+``kms``, ``cvm``, ``parent`` and ``enclave``; docs/testing.md shows them at work.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Callable, Iterator
@@ -92,6 +93,30 @@ def boot_guest(lab: object) -> Callable[..., object]:
         return lab.boot_image(image, **options)  # type: ignore[attr-defined]
 
     return boot
+
+
+@pytest.fixture
+def kms(lab: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., object]]:
+    """Start a lab KMS: ``server = kms()`` gives a running ``KmsServer`` (``.endpoint``, ``.kms_dir``,
+    ``.credentials("operator")``, ``.create_key(policy)``) in TLS with a CA of its own (``harness.kms.tls``:
+    ``ca_pin``, ``ca_certificate_pem``, ``client_context``), trusting the lab root; with ``vsock_port`` (8000
+    by default) the lab's guests reach it at CID 2 on that port through the host's vsock-proxy. Stopped
+    after the test."""
+    from harness.attest import default_lab_dir
+    from harness.kms import KmsServer, Listen
+
+    with contextlib.ExitStack() as stack:
+
+        def start(*, vsock_port: int | None = 8000, tls: bool = True) -> object:
+            kms_dir = tmp_path_factory.mktemp("kms")
+            listen = Listen(port=0, tls=tls)
+            server = stack.enter_context(KmsServer.start(kms_dir, listen, lab_dir=default_lab_dir()))
+            if vsock_port is not None:
+                host, port = server.endpoint.split("://", 1)[1].rsplit(":", 1)
+                stack.enter_context(lab.vsock_proxy(vsock_port, (host, int(port))))  # type: ignore[attr-defined]
+            return server
+
+        yield start
 
 
 @pytest.fixture
