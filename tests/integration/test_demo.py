@@ -21,9 +21,9 @@ from harness.lab import Lab
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 
-def test_demo_serves_the_expected_cvm_and_refuses_the_modified_one() -> None:
+def test_demo_serves_the_expected_cvm_and_enclave_and_refuses_the_modified_ones() -> None:
     argv = [sys.executable, "-m", "harness.cli", "demo", "--json"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=400, check=False)
     result = json.loads(done.stdout)
     assert done.returncode == 0 and result["ok"], done.stdout[-3000:] + done.stderr[-2000:]
     expected, modified = result["cvms"]["expected"], result["cvms"]["modified"]
@@ -33,7 +33,31 @@ def test_demo_serves_the_expected_cvm_and_refuses_the_modified_one() -> None:
     assert expected["measurement"] != modified["measurement"]
     phases = {p["name"]: p for p in result["phases"]}
     assert set(phases) >= {"host", "image", "kms", "plan", "boot", "unseal", "audit", "teardown"}
+    assert set(phases) >= {"enclave-image", "parent", "carve", "enclave-unseal"}
+    assert phases["parent"]["tee"] == phases["host"]["tee"]  # the parent is an SEV-SNP guest like the CVMs
     assert all(p["seconds"] >= 0 for p in phases.values())
+    legs = result["legs"]
+    assert legs["cvm"] == pytest.approx(
+        sum(p["seconds"] for p in phases.values() if p["leg"] == "cvm"), abs=0.05
+    )
+    assert legs["enclave"] > 0 and legs["enclave_over_cvm"] == pytest.approx(
+        legs["enclave"] / legs["cvm"], 0.02
+    )
+    # The enclave leg: an enclave carved from the parent is served its key in TLS through the parent's and
+    # the host's vsock-proxies (its pin matched); one from a modified image (another PCR0) is refused.
+    enclave, tampered = result["enclaves"]["expected"], result["enclaves"]["modified"]
+    assert enclave["outcome"] == "served" and enclave["evidence"] == "nitro" and enclave["tls"] is True
+    assert enclave["sha256"] == expected["sha256"]  # the same secret, sealed under the enclave's own key
+    assert tampered["outcome"] == "refused" and tampered["error"] == "AccessDeniedException"
+    assert enclave["pcr0"] != tampered["pcr0"] and enclave["enclave_id"] != tampered["enclave_id"]
+    assert enclave["carve"] > 0 and tampered["carve"] > 0 and enclave["cid"] != tampered["cid"]
+    assert (
+        phases["enclave-unseal"]["expected"] == "served" and phases["enclave-unseal"]["modified"] == "refused"
+    )
+    enclave_decisions = phases["audit"]["enclave_decisions"]
+    assert sorted(d["decision"] for d in enclave_decisions) == ["allow", "deny"]
+    refused = next(d for d in enclave_decisions if d["decision"] == "deny")
+    assert any("recipientattestation:pcr0" in reason.lower() for reason in refused["reasons"])
     decisions = [d["decision"] for d in phases["audit"]["decisions"]]
     assert sorted(decisions) == ["allow", "deny"]
     denied = next(d for d in phases["audit"]["decisions"] if d["decision"] == "deny")
