@@ -96,6 +96,7 @@ class LibvirtMachine(Machine):
         if self._domain is not None or self._run_dir is not None:
             raise MachineStateError(f"{self.spec.name} is already launched", hint="launch a new Machine")
         libvirt = libvirt_module()
+        sweep_orphan_logs()
         self._run_dir = Path(tempfile.mkdtemp(prefix="teelab-libvirt-"))
         try:
             self.xml = self._render(self._run_dir)
@@ -282,6 +283,7 @@ class LibvirtMachine(Machine):
         qemu_log = QEMU_LOGS / f"{self.domain_name}.log"
         with contextlib.suppress(OSError):
             shutil.move(qemu_log, self.artifacts / "qemu.log")  # libvirtd keeps one per domain otherwise
+        sweep_orphan_logs()
         returncode = self.exit_info.returncode if self.exit_info else None
         exit_record = {"stage": stage, "returncode": returncode, "reason": self.stop_reason}
         (self.artifacts / "exit.json").write_text(json.dumps(exit_record) + "\n")
@@ -293,6 +295,19 @@ class LibvirtMachine(Machine):
     def __exit__(self, *exc: object) -> None:
         if self._domain is not None and self.exit_info is None:
             self.shutdown(powerdown_timeout=5.0)
+
+
+def sweep_orphan_logs(logs: Path = QEMU_LOGS) -> list[Path]:
+    """Remove the QEMU logs libvirtd kept for domains of harnesses that died (``teelab-<name>-<pid>-<n>.log``
+    whose pid is gone); returns what was removed."""
+    removed = []
+    for path in logs.glob("teelab-*-*-*.log") if logs.is_dir() else ():
+        owner = path.stem.rsplit("-", 2)[-2]
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def _connect_unix(path: Path) -> socket.socket:

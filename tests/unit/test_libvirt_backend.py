@@ -4,6 +4,7 @@ E101 before anything starts."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,15 @@ def test_teelab_backend_flag_reaches_every_lab_of_the_command(monkeypatch: pytes
     assert main(["--backend", "libvirt", "explain", "E360"]) == 0
     assert os.environ["TEELAB_BACKEND"] == "libvirt"
     assert main(["--backend", "xen", "explain", "E360"]) == 2
+
+
+def test_only_logs_of_dead_harnesses_are_swept(tmp_path: Path) -> None:
+    from harness.libvirt.machine import sweep_orphan_logs
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    names = [f"teelab-guest-{os.getpid()}-0.log", f"teelab-guest-{dead.pid}-3.log", "other-vm.log"]
+    for name in names:
+        (tmp_path / name).write_text("log")
+    assert sweep_orphan_logs(tmp_path) == [tmp_path / names[1]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names[0], names[2]])
