@@ -296,3 +296,31 @@ class VirtioBlkPci(Device):
             f"driver=file,node-name={node},filename={escape(self.path)},read-only={onoff(self.read_only)}"
         )
         return ["-blockdev", blockdev, "-device", f"{self.qemu_type},id={self.id},drive={node}"]
+
+
+@dataclass(frozen=True)
+class VirtioNetUser(Device):
+    """A virtio-net NIC on QEMU's user-mode network (``-netdev user``, guest 10.0.2.15, host 10.0.2.2) with
+    ``host_port`` on the host's loopback forwarded to the guest's ``guest_port`` (SSH). The backend's id is
+    ``<id>-net``."""
+
+    id: str
+    host_port: int
+    guest_port: int = 22
+    qemu_type: ClassVar[str] = "virtio-net-pci"
+
+    def validate(self, host: HostInfo) -> None:
+        super().validate(host)
+        if not (1 <= self.host_port <= 65535 and 1 <= self.guest_port <= 65535):
+            raise OptionInvalid(
+                f"device {self.id}: ports {self.host_port} -> {self.guest_port} are not TCP ports",
+                hint="use ports from 1 to 65535",
+                id=self.id,
+            )
+
+    def netdev(self) -> str:
+        """The ``-netdev`` option string."""
+        return f"user,id={self.id}-net,hostfwd=tcp:127.0.0.1:{self.host_port}-:{self.guest_port}"
+
+    def args(self) -> list[str]:
+        return ["-netdev", self.netdev(), "-device", f"{self.qemu_type},id={self.id},netdev={self.id}-net"]

@@ -29,6 +29,7 @@ DEVICES_7_2 = frozenset(
         "max-x86_64-cpu",
         "tpm-crb",
         "virtio-blk-pci",
+        "virtio-net-pci",
     }
 )
 MACHINES = frozenset({"q35", "pc", "microvm", "none"})
