@@ -5,7 +5,8 @@ access, hugepages, immediate allocation), vcpu, cputune (vcpupin), numatune, os 
 firmware as a ROM), features (ACPI for the power button; the split irqchip for TDX), cpu, clock, lifecycle
 actions (every stop destroys: QEMU's ``-no-reboot``), devices (the emulator, the console, no USB, no balloon,
 then per device in device order), launchSecurity, the DAC label (QEMU runs as the harness's user, and libvirt
-relabels nothing), then ``qemu:commandline`` for what libvirt has no element for: only vhost-user vsock.
+relabels nothing), then ``qemu:commandline`` for what libvirt has no element for: vhost-user vsock, and a
+user-network NIC with a host port forward.
 
 Harness-served ports (``ChardevChannel``, socketpairs under the QEMU backend) become Unix sockets that QEMU
 binds in a private per-run directory (``run_dir``); the harness connects to each while the domain is still
@@ -29,6 +30,7 @@ from harness.qemu.devices import (
     VhostUserVsockPci,
     VhostVsockPci,
     VirtioBlkPci,
+    VirtioNetUser,
     VirtioRngPci,
     VirtioSerialPort,
 )
@@ -186,7 +188,9 @@ def _devices(
     root_bus = "pcie.0" if "q35" in spec.machine else "pci.0"
     disks = 0
     for device in spec.devices:
-        if isinstance(device, VirtioSerialPort):
+        if (args := _commandline(device, root_bus, COMMANDLINE_SLOT + len(extra) // 4)) is not None:
+            extra += args
+        elif isinstance(device, VirtioSerialPort):
             channel = _chardev(devices, "channel", device.chardev, sockets)
             ET.SubElement(channel, "target", type="virtio", name=device.name)
             _alias(channel, device)
@@ -194,15 +198,6 @@ def _devices(
             vsock = ET.SubElement(devices, "vsock", model="virtio")
             ET.SubElement(vsock, "cid", auto="no", address=str(device.guest_cid))
             _alias(vsock, device)
-        elif isinstance(device, VhostUserVsockPci) and isinstance(device.chardev, ChardevSocket):
-            # libvirt's <vsock> is the kernel's vhost-vsock only: vhost-user vsock has no element. Its PCI
-            # slot is fixed, away from the slots libvirt hands out, which knows nothing of this device.
-            flag, value = device.args()
-            extra += [
-                *device.chardev.args(),
-                flag,
-                f"{value},bus={root_bus},addr={COMMANDLINE_SLOT + len(extra) // 4:#x}",
-            ]
         elif isinstance(device, VirtioRngPci):
             rng = ET.SubElement(devices, "rng", model="virtio")
             ET.SubElement(rng, "backend", model="builtin")
@@ -224,6 +219,19 @@ def _devices(
         else:
             raise _unsupported(spec, device)
     return extra
+
+
+def _commandline(device: Device, bus: str, slot: int) -> list[str] | None:
+    """The ``qemu:commandline`` arguments of a device libvirt has no element for, at a fixed PCI slot that
+    libvirt, knowing nothing of the device, does not hand out; None for every other device."""
+    if isinstance(device, VhostUserVsockPci) and isinstance(device.chardev, ChardevSocket):
+        # libvirt's <vsock> is the kernel's vhost-vsock only: vhost-user vsock has no element.
+        flag, value = device.args()
+        return [*device.chardev.args(), flag, f"{value},bus={bus},addr={slot:#x}"]
+    if isinstance(device, VirtioNetUser):
+        # <interface type='user'> forwards host ports only with the passt backend, not QEMU's user network.
+        return ["-netdev", device.netdev(), "-device", f"{device.args()[-1]},bus={bus},addr={slot:#x}"]
+    return None
 
 
 def _chardev(devices: ET.Element, tag: str, chardev: Chardev, sockets: DomainSockets) -> ET.Element:

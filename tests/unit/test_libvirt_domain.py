@@ -12,6 +12,7 @@ from qemu_hosts import snp_host, tcg_host, tdx_host
 
 from harness.host.model import HostInfo
 from harness.libvirt import LibvirtUnsupported, domain_xml
+from harness.qemu.devices import VirtioNetUser
 from harness.qemu import (
     ChardevChannel,
     ChardevFile,
@@ -96,6 +97,17 @@ CASES: dict[str, Case] = {
             ),
         ),
         tcg_host(vhost_vsock=True),
+    ),
+    "ssh_nic": lambda b, t: (
+        plain(
+            b,
+            memory=MemoryBackendMemfd("ram0", 256),
+            devices=(
+                VhostUserVsockPci("vsock0", ChardevSocket("vsock0-chr", path=t / "vsock.sock")),
+                VirtioNetUser("net0", host_port=2222),
+            ),
+        ),
+        tcg_host(),
     ),
     "sev_snp": lambda b, t: (
         plain(
