@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
+from rich.text import Text
 
 from harness import userfiles
 from harness.attest import (
@@ -30,6 +31,7 @@ from harness.attest import (
 )
 from harness.attest.errors import EvidenceFileError
 from harness.attest.roots import VENDOR_ROOTS, vendor_anchors
+from harness.attest.tpm_ca import TPM_DIR, tpm_anchor
 from harness.cli.render import console, print_bench, print_json
 from harness.errors import UsageError
 
@@ -262,29 +264,30 @@ def run_roots(args: argparse.Namespace) -> int:
         }
         for r, a in zip(VENDOR_ROOTS, vendor_anchors(), strict=True)
     ]
-    lab = load_lab_certificates(_lab_dir(args.lab_dir))
-    if lab is not None:
-        rows += [
-            {
-                "name": "lab",
-                "kind": a.kind,
-                "subject": a.cert.subject_text,
-                "sha256": a.cert.fingerprint,
-                "description": f"lab CA in {lab.directory} (trusted only when a policy names it)",
-            }
-            for a in lab.anchors()
-        ]
+    lab_dir = _lab_dir(args.lab_dir)
+    lab = load_lab_certificates(lab_dir)
+    lab_anchors = [*lab.anchors()] if lab is not None else []
+    tpm = tpm_anchor(lab_dir / TPM_DIR)
+    if tpm is not None:
+        lab_anchors.append(tpm)
+    rows += [
+        {
+            "name": "lab",
+            "kind": a.kind,
+            "subject": a.cert.subject_text,
+            "sha256": a.cert.fingerprint,
+            "description": f"lab CA in {lab_dir} (trusted only when a policy names it)",
+        }
+        for a in lab_anchors
+    ]
     if args.json:
         print_json(rows)
-    else:
-        for row in rows:
-            console.print(
-                f"{row['name']:<10} {row['kind']:<6} {row['sha256']}  {escape(row['description'])}",
-                highlight=False,
-                soft_wrap=True,
-            )
-        if lab is None:
-            console.print("lab        (no lab CA yet: `teelab attest lab` creates one)")
+        return 0
+    for row in rows:  # two lines a root: nothing wider than 80 columns is cut or wrapped mid-value
+        console.print(Text(f"{row['name']} ({row['kind']}): {row['description']}"))
+        console.print(Text(f"  sha256 {row['sha256']}"), soft_wrap=True)
+    if lab is None:
+        console.print("lab (no lab CA yet: `teelab attest lab` creates one)", markup=False)
     return 0
 
 

@@ -95,7 +95,7 @@ def test_roots_lists_the_vendor_roots_and_the_lab(capsys: pytest.CaptureFixture[
     capsys.readouterr()
     assert main(["attest", "roots", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["name"] for r in rows] == [
+    assert [r["name"] for r in rows if r["kind"] != "tpm"] == [  # the TPM root comes with the first vTPM
         "amd-milan",
         "amd-genoa",
         "intel-sgx",
@@ -164,3 +164,14 @@ def test_issue_writes_the_report_and_its_certificates_or_neither(
     assert "E830" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["report.bin.certs"]
     assert list((tmp_path / "report.bin.certs").iterdir()) == []
+
+
+def test_roots_lists_the_lab_tpm_root_once_there_is_one(capsys: pytest.CaptureFixture[str]) -> None:
+    from harness.attest.tpm_ca import TpmAuthority, default_tpm_dir
+
+    authority = TpmAuthority.load_or_create(default_tpm_dir())
+    assert main(["attest", "roots", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {"name": "lab", "kind": "tpm", "sha256": authority.anchor().cert.fingerprint}.items() <= next(
+        r for r in rows if r["kind"] == "tpm"
+    ).items()

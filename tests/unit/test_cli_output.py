@@ -52,7 +52,9 @@ def piped(*args: str) -> str:
     return done.stdout
 
 
-@pytest.mark.parametrize("args", [("doctor",), ("image", "ls"), ("tee", "status"), ("explain",)])
+@pytest.mark.parametrize(
+    "args", [("doctor",), ("image", "ls"), ("tee", "status"), ("explain",), ("attest", "roots")]
+)
 def test_outputs_fit_a_pipe_at_80_columns(args: tuple[str, ...]) -> None:
     text = piped(*args)
     assert text.strip()
