@@ -19,7 +19,14 @@ from harness.host.probe import probe
 from harness.tee.measure import snp_firmware_measures
 
 INTERESTING_TYPES = (
-    *("sev-guest", "sev-snp-guest", "tdx-guest", "memory-backend-memfd", "memory-backend-file"),
+    *(
+        "sev-guest",
+        "sev-snp-guest",
+        "tdx-guest",
+        "memory-backend-epc",
+        "memory-backend-memfd",
+        "memory-backend-file",
+    ),
     *("vhost-vsock-pci", "vhost-user-vsock-pci", "virtio-mem-pci", "virtserialport"),
 )
 
@@ -119,6 +126,8 @@ def host_table(host: HostInfo) -> Table:
     table.add_row("SEV / SEV-ES / SNP", f"{yes(tee.sev)} / {yes(tee.sev_es)} / {yes(tee.sev_snp)}"
                   + (f", cbitpos {tee.cbitpos}" if tee.cbitpos is not None else ""))  # fmt: skip
     table.add_row("TDX", yes(tee.tdx))
+    epc = ", ".join(f"node {e.node} {e.size_kib // 1024} MiB" for e in tee.sgx_epc) or "none"
+    table.add_row("SGX / FLC / vepc", f"{yes(tee.sgx)} / {yes(tee.sgx_flc)} / {yes(tee.sgx_vepc)}, EPC {epc}")
     qemu = host.qemu
     version = ".".join(map(str, qemu.version)) if qemu.version else "?"
     table.add_row("QEMU", f"{qemu.binary or '[red]not found[/]'} {version if qemu.binary else ''}")

@@ -103,6 +103,8 @@ def test_doctor_require_sgx_on_fixture_hosts(
     assert status == (2 if reasons else 0), output
     for reason in reasons:
         assert reason in output
+    if not reasons:  # the host table shows SGX and the EPC of each node
+        assert "yes / yes / yes, EPC node 0 64 MiB, node 1 128 MiB" in output
 
 
 TWO_SECTIONS = (EpcSection("epc0", 32, host_node=0), EpcSection("epc1", 96, host_node=1))
