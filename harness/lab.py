@@ -35,11 +35,12 @@ from harness.host.model import HostInfo
 from harness.host.probe import hugepage_pools, probe
 from harness.libvirt.backend import new_machine, vm_backend
 from harness.qemu.chardevs import ChardevChannel
-from harness.qemu.devices import Device
+from harness.qemu.devices import Device, VirtioNetUser
 from harness.qemu.errors import MachineError
 from harness.qemu.machine import Machine
 from harness.qemu.objects import MemoryBackend, MemoryBackendMemfd
 from harness.qemu.spec import VMSpec
+from harness.ssh import NIC_ID, GuestSsh, SshUnavailable, free_port, open_ssh
 from harness.tee.measure import SnpMeasurement, TdxMeasurement
 from harness.tee.platforms import TeeAttachment, choose_backend
 from harness.tee.vtpm import Vtpm, vtpm_is_ephemeral
@@ -91,6 +92,7 @@ class Lab:
         self.backend = vm_backend(backend)  # qemu (forked here) or libvirt (docs/libvirt.md)
         self._machines: list[Machine] = []
         self._agents: dict[Machine, GuestAgent] = {}
+        self._ssh: dict[Machine, GuestSsh] = {}
         self._closers: dict[Machine, list[Callable[[], None]]] = {}  # run once the machine has stopped
         self._vsock: VsockHost | None = None
         self.launched: list[Machine] = []  # every machine of this session, for artifact reports
@@ -108,9 +110,14 @@ class Lab:
         memory: MemoryBackend | None = None,
         devices: Sequence[Device] = (),
         agent: bool = True,
+        ssh: bool = False,
     ) -> VMSpec:
         """A ``VMSpec`` that boots ``image``; ``role`` overrides the recipe's ``teelab.role=``; ``agent`` adds
-        the guest agent's port."""
+        the guest agent's port; ``ssh`` a NIC with a loopback port forwarded to its SSH port (``Lab.ssh``)."""
+        if ssh and (role or image.role) == "enclave":
+            raise SshUnavailable(f"{name or image.name} is an enclave", hint="enclaves never get a NIC")
+        if ssh:
+            devices = (*devices, VirtioNetUser(NIC_ID, host_port=free_port()))
         cmdline = image.cmdline
         if role is not None:
             cmdline = with_role(cmdline, role)
@@ -249,6 +256,15 @@ class Lab:
         options.setdefault("name", built.name)
         return self.boot_planned(self.plan_cvm(built, **options), timeout=timeout)
 
+    def ssh(self, machine: Machine) -> GuestSsh:
+        """An SSH session (paramiko) to a machine booted with ``ssh=True``, its host key pinned from what the
+        guest reports over its agent; one per machine, closed when it stops."""
+        if machine not in self._ssh:
+            session = open_ssh(self.agent(machine), machine.spec)
+            self._ssh[machine] = session
+            self._closers.setdefault(machine, []).insert(0, session.close)
+        return self._ssh[machine]
+
     def agent(self, machine: Machine) -> GuestAgent:
         """The guest agent of a machine this lab launched (one per machine)."""
         if machine not in self._agents:
@@ -366,6 +382,7 @@ class Lab:
     def stop(self, machine: Machine, powerdown_timeout: float = 10.0) -> None:
         if machine in self._machines:
             self._machines.remove(machine)
+        self._ssh.pop(machine, None)
         agent = self._agents.pop(machine, None)
         if agent is not None:
             agent.close()

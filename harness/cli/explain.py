@@ -6,6 +6,7 @@ import argparse
 
 # Every module that defines coded errors, imported for what it registers in REGISTRY.
 from harness import agent  # noqa: F401  (E6xx)
+from harness import ssh as _ssh  # noqa: F401  (E64x)
 from harness.attest import errors as _attest  # noqa: F401
 from harness.enclave import errors as _enclave  # noqa: F401
 from harness.errors import REGISTRY, UsageError, explain

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 HARNESS = Path(__file__).resolve().parents[2] / "harness"
@@ -14,7 +15,7 @@ LAYER = {
     "host": 2,
     "qemu": 3, "images": 3, "attest": 3,
     "agent": 4, "vsock": 4, "tee": 4, "kms": 4, "libvirt": 4,
-    "enclave": 5,
+    "enclave": 5, "ssh": 5,
     "lab": 6,
     "bench": 7, "demo": 7, "demo_tpm": 7,
     "cli": 8, "pytest_plugin": 8,
@@ -93,3 +94,43 @@ def _top_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
     return names
+
+
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_LINES = 80
+
+
+def test_modules_and_functions_stay_small() -> None:
+    """No module in harness/ over 600 lines and no function over 80: past that, split along the meaning."""
+    modules, functions = [], []
+    for path in HARNESS.rglob("*.py"):
+        text = path.read_text()
+        name = str(path.relative_to(HARNESS))
+        modules.append((len(text.splitlines()), name))
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                functions.append((node.end_lineno - node.lineno + 1, f"{name}:{node.lineno} {node.name}"))  # type: ignore[operator]
+    modules.sort(reverse=True)
+    functions.sort(reverse=True)
+    print(f"longest module: {modules[0][1]} ({modules[0][0]} lines)")
+    print(f"longest function: {functions[0][1]} ({functions[0][0]} lines)")
+    assert [m for m in modules if m[0] > MAX_MODULE_LINES] == []
+    assert [f for f in functions if f[0] > MAX_FUNCTION_LINES] == []
+
+
+def test_every_name_is_imported_from_its_home() -> None:
+    """A name is imported from the module that defines it, or from its package (the public API), never
+    through another module that happens to import it."""
+    detours = []
+    for path in [*HARNESS.rglob("*.py"), *(HARNESS.parent / "tests").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("harness.")):
+                continue
+            module = importlib.import_module(node.module)
+            if Path(module.__file__ or "").name == "__init__.py":
+                continue
+            for alias in node.names:
+                home = getattr(getattr(module, alias.name, None), "__module__", None)
+                if home and home.startswith("harness") and home != node.module:
+                    detours.append(f"{path.name}: {alias.name} from {node.module}, defined in {home}")
+    assert detours == []
