@@ -99,6 +99,7 @@ def test_a_carve_parent_is_refused_before_anything_exists(lab: Lab, enclave_imag
     assert set(paths.runs_dir().glob("*lv-refused*")) == runs
 
 
+@pytest.mark.slow
 def test_fifty_cycles_leave_nothing_behind(lab_host, enclave_image, conn, tmp_path: Path) -> None:
     """Ended every way: powerdown, graceful destroy, QEMU SIGKILLed, the harness SIGKILLed (AUTODESTROY),
     and a domain QEMU refuses (its vhost-user backend is missing)."""
