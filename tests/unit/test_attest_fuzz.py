@@ -1,4 +1,4 @@
-"""Hypothesis fuzzing: the three parsers (and verify) meet mutated and random bytes with coded E8xx errors
+"""Hypothesis fuzzing: the four parsers (and verify) meet mutated and random bytes with coded E8xx errors
 only; no IndexError, struct.error, ValueError or CBOR error escapes."""
 
 from __future__ import annotations
@@ -22,14 +22,21 @@ from harness.attest import (
     parse_tdx_quote,
     verify,
 )
+from harness.attest.sgx import parse_sgx_quote
 
 VECTORS = Path(__file__).parents[1] / "vectors"
 SAMPLES = {
     "snp": [p.read_bytes() for p in sorted((VECTORS / "snp").rglob("report.bin"))],
     "tdx": [p.read_bytes() for p in sorted((VECTORS / "tdx").rglob("quote.bin"))],
+    "sgx": [p.read_bytes() for p in sorted((VECTORS / "sgx").rglob("quote.bin"))],
     "nitro": [p.read_bytes() for p in sorted((VECTORS / "nitro").rglob("attestation_doc.bin"))],
 }
-PARSERS = {"snp": parse_snp_report, "tdx": parse_tdx_quote, "nitro": parse_attestation_document}
+PARSERS = {
+    "snp": parse_snp_report,
+    "tdx": parse_tdx_quote,
+    "sgx": parse_sgx_quote,
+    "nitro": parse_attestation_document,
+}
 FUZZ = settings(
     max_examples=5000,
     deadline=None,
@@ -61,7 +68,12 @@ def mutated(kind: str) -> st.SearchStrategy[bytes]:
 
 
 def arbitrary(kind: str) -> st.SearchStrategy[bytes]:
-    prefix = {"snp": b"\x02\x00\x00\x00", "tdx": b"\x04\x00\x02\x00\x81\x00\x00\x00", "nitro": b"\x84"}[kind]
+    prefix = {
+        "snp": b"\x02\x00\x00\x00",
+        "tdx": b"\x04\x00\x02\x00\x81\x00\x00\x00",
+        "sgx": b"\x03\x00\x02\x00\x00\x00\x00\x00",
+        "nitro": b"\x84",
+    }[kind]
     return st.one_of(st.binary(max_size=1500), st.binary(max_size=1500).map(lambda b: prefix + b))
 
 
@@ -87,6 +99,12 @@ def test_tdx_parser_raises_only_coded_errors(data: bytes) -> None:
 
 
 @FUZZ
+@given(st.one_of(mutated("sgx"), arbitrary("sgx")))
+def test_sgx_parser_raises_only_coded_errors(data: bytes) -> None:
+    parse_or_coded_error("sgx", data)
+
+
+@FUZZ
 @given(st.one_of(mutated("nitro"), arbitrary("nitro")))
 def test_nitro_parser_raises_only_coded_errors(data: bytes) -> None:
     try:
@@ -96,7 +114,7 @@ def test_nitro_parser_raises_only_coded_errors(data: bytes) -> None:
 
 
 @settings(max_examples=600, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(mutated("snp"), mutated("tdx"), mutated("nitro"), st.binary(max_size=600)))
+@given(st.one_of(mutated("snp"), mutated("tdx"), mutated("sgx"), mutated("nitro"), st.binary(max_size=600)))
 def test_verify_never_raises_for_hostile_bytes(data: bytes) -> None:
     verdict = verify(data, Policy(roots=("lab", "amd-milan", "intel-sgx", "aws-nitro")))
     assert isinstance(verdict, Verdict)
