@@ -91,7 +91,13 @@ def sgx_field_spans(quote: SgxQuote) -> dict[str, tuple[int, int]]:
 
 
 def looks_like_sgx(data: bytes) -> bool:
-    """Version 3 with attestation key type 2 (v3 quotes are SGX only), or version 4 with key type 2 and
-    tee_type 0 (a TDX quote's 0x81 is never one bit away from 0)."""
+    """An SGX quote header, or one with a single field wrong (so the parser names it): version 3 or 4,
+    attestation key type 2, tee_type 0. An SNP report's first 8 bytes (a small u32 version, then guest_svn)
+    never have a nonzero key type; a TDX quote's tee_type 0x81 is never one bit away from 0."""
     head = bytes(data[:8])
-    return head[:4] == b"\x03\x00\x02\x00" or head == b"\x04\x00\x02\x00" + bytes(4)
+    version, key, tee = head[:2], head[2:4], head[4:8]
+    if len(head) < 8:
+        return head[:4] == b"\x03\x00\x02\x00"
+    if tee != bytes(4):
+        return version == b"\x03\x00" and key == b"\x02\x00"  # v3 is SGX only: its tee_type is wrong
+    return key == b"\x02\x00" or (version == b"\x03\x00" and key != bytes(2))

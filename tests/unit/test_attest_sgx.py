@@ -8,9 +8,11 @@ import dataclasses
 import datetime as dt
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from teelab_guest.binding import report_data
+from test_attest_mutations import named, pinned, tdx_mutation
 
 from harness.attest import EvidenceError, LabAuthority, Policy, detect_kind, parse, verify
 from harness.attest.errors import IssueError
@@ -189,3 +191,25 @@ def test_the_cli_issues_an_sgx_quote_and_verifies_it_and_the_genuine_one(
     assert main([*genuine, *collateral, "--at", "2025-06-20T00:00:00Z"]) == 0
     assert main([*genuine, *collateral, "--at", "2025-08-01T00:00:00Z"]) == 1
     assert "collateral-expired" in capsys.readouterr().out
+
+
+def sgx_field_cases() -> list[Any]:
+    cases = []
+    for name in sgx_field_spans(parse_sgx_quote(QUOTE)):
+        expect = {"reserved": "signature", "qe_report.reserved": "qe_report_signature"}.get(
+            name.rstrip("1234"), name
+        )
+        cases.append(pytest.param(name, expect, id=name))
+    return cases
+
+
+@pytest.mark.parametrize(("field", "expect"), sgx_field_cases())
+def test_every_field_of_the_genuine_quote_changed_is_refused_naming_it(field: str, expect: str) -> None:
+    """The policy pins every claim of the untouched quote; each field changed alone is refused, and a reason
+    names the field (reserved bytes: the signature that covers them)."""
+    original = verify(QUOTE, GENUINE, now=AT, collateral=collateral())
+    policy = pinned(original, tcb_statuses=GENUINE.tcb_statuses)
+    assert verify(QUOTE, policy, now=AT, collateral=collateral()).ok
+    offset, size = sgx_field_spans(parse_sgx_quote(QUOTE))[field]
+    verdict = verify(tdx_mutation(QUOTE, field, offset, size), policy, now=AT, collateral=collateral())
+    assert not verdict.ok and named(expect, verdict), (field, verdict.reasons)
