@@ -52,7 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--tdx-collateral",
         type=Path,
-        help="Intel PCS collateral for TDX quotes: a JSON file (one object or a list) or a directory of them",
+        help="Intel PCS collateral for TDX and SGX quotes: a JSON file (one object or a list) or a directory "
+        "of them",
     )
     serve.set_defaults(func=run_serve)
 

@@ -23,9 +23,9 @@ log = logging.getLogger("teelab.kms")
 
 class AttestVerifier:
     """Verifies Recipient evidence with harness.attest; ``lab_dir``: the lab CA that policies may name;
-    ``tdx_collateral``: a file or directory of Intel PCS collateral for TDX quotes (read now: E805/E830 if
-    it is unusable). Without collateral for its platform a vendor TDX quote is refused (collateral-missing);
-    a lab quote gets the lab CA's collateral where the key policy names the lab root."""
+    ``tdx_collateral``: a file or directory of Intel PCS collateral for TDX and SGX quotes (read now:
+    E805/E830 if it is unusable). Without collateral for its platform a vendor quote is refused
+    (collateral-missing); a lab quote gets the lab CA's collateral where the key policy names the lab root."""
 
     def __init__(self, lab_dir: Path | None = None, tdx_collateral: Path | None = None) -> None:
         from harness.attest.collateral_cache import CollateralCache
