@@ -52,11 +52,7 @@ def verify_recipient(
         kind = attest.detect_kind(recipient.evidence)
     except attest.AttestError as err:
         raise EvidenceMalformed(f"Recipient.AttestationDocument: {err.message}") from None
-    bound = kind in ("snp", "tdx", "sgx", "tpm")
-    if bound and (recipient.public_key is None or recipient.nonce is None):
-        raise EvidenceMalformed(f"{kind} evidence needs Recipient.PublicKey and Recipient.Nonce beside it")
-    if not bound and (recipient.public_key is not None or recipient.certificates):
-        raise EvidenceMalformed("an attestation document carries its own public key and certificates")
+    bound = _bound(kind, recipient)
     trusted = tuple(r for r in (*attest.VENDOR_ROOT_NAMES, *sorted(roots)) if r in attest.ROOT_NAMES)
     policy = attest.Policy(
         roots=tuple(dict.fromkeys(trusted)),
@@ -117,6 +113,17 @@ def verify_recipient(
     return Attested(
         **{**attested.__dict__, "conditions": {k: v for k, v in conditions.items() if v is not None}}
     )
+
+
+def _bound(kind: str, recipient: Recipient) -> bool:
+    """Whether ``kind`` evidence binds the Recipient's key and nonce in report_data (SNP, TDX, SGX, vTPM)
+    rather than carrying them (enclave documents); EvidenceMalformed when the Recipient's fields misfit."""
+    bound = kind in ("snp", "tdx", "sgx", "tpm")
+    if bound and (recipient.public_key is None or recipient.nonce is None):
+        raise EvidenceMalformed(f"{kind} evidence needs Recipient.PublicKey and Recipient.Nonce beside it")
+    if not bound and (recipient.public_key is not None or recipient.certificates):
+        raise EvidenceMalformed("an attestation document carries its own public key and certificates")
+    return bound
 
 
 def _bytes(value: Any) -> bytes | None:
