@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from harness import __version__
-from harness.cli import attest, bench, demo, doctor, enclave, explain, image, kms, measure, tee, vsock
+from harness.cli import attest, bench, demo, doctor, enclave, explain, fleet, image, kms, measure, tee, vsock
 from harness.errors import LabError, UsageError
 
 DESCRIPTION = (
@@ -19,7 +19,7 @@ DESCRIPTION = (
 )
 
 # Each defines ``register(subparsers)`` and adds its own subcommands, in this order.
-COMMAND_MODULES = (doctor, image, bench, demo, explain, kms, measure, tee, enclave, attest, vsock)
+COMMAND_MODULES = (doctor, image, bench, demo, explain, kms, measure, tee, enclave, attest, vsock, fleet)
 
 
 class CommandParser(argparse.ArgumentParser):

@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         data = host.to_dict()
         data["enclave_pool"] = pool_summary(host)
+        data["groups"] = {group: capability.missing(group, host) for group in capability.GROUPS}  # []: has it
         data["ledger"] = [{"kind": c.kind, "value": c.value, "owner": c.owner, "pid": c.pid} for c in claims]
         print_json(data)
         return 0

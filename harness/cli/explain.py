@@ -11,6 +11,7 @@ from harness.attest import errors as _attest  # noqa: F401
 from harness.enclave import errors as _enclave  # noqa: F401
 from harness.errors import REGISTRY, UsageError, explain
 from harness.host import errors as _host  # noqa: F401
+from harness.host import remote as _remote  # noqa: F401  (E22x)
 from harness.images import errors as _images  # noqa: F401
 from harness.kms import errors as _kms  # noqa: F401
 from harness.libvirt import errors as _libvirt  # noqa: F401

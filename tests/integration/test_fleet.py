@@ -1,0 +1,172 @@
+"""teelab fleet over SSH against two stand-in lab hosts: sshd instances on this machine, each in its own mount
+namespace where the same probe-root path holds a different fixture tree (an SEV-SNP host, a TCG host). Outside
+those namespaces the path is empty, so only the remote side can report what the tests assert."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.host.probe import probe
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+from host_trees import SNP_HOST, HostTree
+
+pytestmark = pytest.mark.root
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+REMOTE_TEST = textwrap.dedent(
+    """
+    import os
+    from pathlib import Path
+
+    def test_this_host_offers_snp():
+        root = Path(os.environ["STAND_IN_ROOT"])
+        assert (root / "sys/module/kvm_amd/parameters/sev_snp").read_text() == "Y\\n"
+        artifacts = Path(os.environ["TEELAB_FLEET_ARTIFACTS"])
+        (artifacts / "evidence.txt").write_text(f"snp seen on {os.getpid()}")
+    """
+)
+
+
+@dataclass
+class Fleet:
+    inventory: Path
+    known_hosts: Path
+    probe_root: Path
+    remote_test: Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def keygen(path: Path) -> str:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    return Path(f"{path}.pub").read_text()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    keygen(tmp_path / "client_key")
+    (tmp_path / "authorized_keys").write_text((tmp_path / "client_key.pub").read_text())
+    probe_root = tmp_path / "probe-root"  # empty here; each stand-in's namespace mounts its tree on it
+    probe_root.mkdir()
+    made_privsep = not Path("/run/sshd").exists()
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+    daemons, known, inventory = [], [], ["[lab]"]
+    try:
+        for name, tree in (("snp-host", SNP_HOST), ("tcg-host", HostTree())):
+            tree.write(tmp_path / f"{name}-tree")
+            keygen(tmp_path / f"{name}_key")
+            port = free_port()
+            config = tmp_path / f"{name}.conf"
+            config.write_text(textwrap.dedent(f"""\
+                Port {port}
+                ListenAddress 127.0.0.1
+                HostKey {tmp_path}/{name}_key
+                PidFile {tmp_path}/{name}.pid
+                AuthorizedKeysFile {tmp_path}/authorized_keys
+                PermitRootLogin prohibit-password
+                PasswordAuthentication no
+                KbdInteractiveAuthentication no
+                UsePAM no
+                StrictModes no
+                Subsystem sftp internal-sftp
+                SetEnv STAND_IN_ROOT={probe_root}
+                """))  # fmt: skip
+            mount = (
+                f"mount --bind {tmp_path}/{name}-tree {probe_root} && exec /usr/sbin/sshd -D -e -f {config}"
+            )
+            with open(tmp_path / f"{name}.log", "wb") as log:
+                daemons.append(subprocess.Popen(
+                    ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount], stderr=log,
+                    stdout=subprocess.DEVNULL,
+                ))  # fmt: skip
+            known.append(f"[127.0.0.1]:{port} {(tmp_path / f'{name}_key.pub').read_text().strip()}\n")
+            inventory.append(f"{name} ansible_host=127.0.0.1 ansible_port={port}")
+            wait_listening(port)
+        (tmp_path / "known_hosts").write_text("".join(known))
+        inventory += ["", "[all:vars]", "ansible_user=root",
+                      f"ansible_ssh_private_key_file={tmp_path}/client_key",
+                      f"teelab_command={VENV_BIN}/teelab", f"teelab_probe_root={probe_root}",
+                      f"teelab_pytest='{VENV_BIN}/python -m pytest -p no:cacheprovider -q'",
+                      f"teelab_repo_dir={REPO}"]  # fmt: skip
+        (tmp_path / "inventory.ini").write_text("\n".join(inventory) + "\n")
+        (tmp_path / "remote_test.py").write_text(REMOTE_TEST)
+        yield Fleet(
+            tmp_path / "inventory.ini", tmp_path / "known_hosts", probe_root, tmp_path / "remote_test.py"
+        )
+    finally:
+        for daemon in daemons:
+            daemon.terminate()
+            daemon.wait(10)
+        if made_privsep:
+            Path("/run/sshd").rmdir()
+
+
+def wait_listening(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"sshd on {port} did not listen")
+
+
+def run_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, object]:
+    status = main(argv)
+    return status, json.loads(capsys.readouterr().out)
+
+
+def test_fleet_doctor_reports_each_hosts_own_capabilities(fleet: Fleet, capsys) -> None:
+    assert not probe(fleet.probe_root).tee.sev_snp  # here the path is empty: only the remote side sees a tree
+    status, rows = run_json(capsys, ["fleet", "doctor", "-i", str(fleet.inventory), "--known-hosts",
+                                     str(fleet.known_hosts), "--json"])  # fmt: skip
+    assert status == 0, rows
+    by_host = {row["host"]: row for row in rows}  # type: ignore[attr-defined]
+    assert "snp" in by_host["snp-host"]["capable"] and by_host["snp-host"]["accel"] == "kvm"
+    assert by_host["tcg-host"]["capable"] == ["tcg"] and by_host["tcg-host"]["missing"]["snp"]
+    assert by_host["snp-host"]["inventory_groups"] == by_host["tcg-host"]["inventory_groups"] == ["lab"]
+
+
+def test_fleet_test_runs_only_where_the_capability_is_and_brings_results_back(
+    fleet: Fleet, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "results"
+    status, report = run_json(capsys, ["fleet", "test", "-i", str(fleet.inventory), "--known-hosts",
+                                       str(fleet.known_hosts), "-m", "snp", "--out", str(out), "--json", "--",
+                                       str(fleet.remote_test)])  # fmt: skip
+    assert status == 0, report
+    assert [r["host"] for r in report["ran"]] == ["snp-host"] and report["skipped"] == ["tcg-host"]  # type: ignore[index]
+    suite = ET.parse(out / "snp-host" / "junit.xml").getroot().find("testsuite")
+    assert suite is not None and (suite.get("tests"), suite.get("failures"), suite.get("errors")) == (
+        "1",
+        "0",
+        "0",
+    )
+    assert (out / "snp-host" / "evidence.txt").read_text().startswith("snp seen on ")
+    assert not (out / "tcg-host").exists()
+
+
+def test_a_host_key_missing_from_known_hosts_is_refused_as_e221(fleet: Fleet, tmp_path: Path, capsys) -> None:
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    argv = ["fleet", "doctor", "-i", str(fleet.inventory), "--known-hosts", str(empty), "--json"]
+    status, rows = run_json(capsys, argv)
+    assert status == 1
+    assert {row["error"]["code"] for row in rows} == {"E221"}  # type: ignore[index,union-attr]
