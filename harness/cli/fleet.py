@@ -28,7 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         parser.add_argument("--json", action="store_true", help="print JSON")
     doctor.set_defaults(func=run_doctor)
     test.add_argument(
-        "-m", "--capability", required=True, choices=GROUPS, help="capability group hosts must have"
+        "-m",
+        "--capability",
+        required=True,
+        choices=GROUPS,
+        metavar="GROUP",
+        help=f"the capability group hosts must have: {', '.join(GROUPS)}",
     )
     test.add_argument("--out", type=Path, default=Path("fleet-results"), help="where results come back to")
     test.add_argument("pytest_args", nargs="*", help="pytest arguments (after --)")
