@@ -16,7 +16,7 @@ from teelab_guest.kms_client import KmsCallError, KmsClient, Transport
 
 from harness import images
 from harness.agent import GuestAgent
-from harness.attest.lab import default_lab_dir
+from harness.attest import default_lab_dir
 from harness.attest.tpm_ca import TpmAuthority
 from harness.host import runtime
 from harness.kms import KmsServer

@@ -3,6 +3,7 @@ as data, a persistent lab CA with issuers), and ``verify(evidence, policy) -> Ve
 
 from __future__ import annotations
 
+from harness.attest.authority import LabAuthority
 from harness.attest.errors import (
     AttestError,
     EvidenceError,
@@ -12,7 +13,7 @@ from harness.attest.errors import (
     PolicyError,
     UnknownEvidenceFormat,
 )
-from harness.attest.lab import LabAuthority, LabCertificates, default_lab_dir, load_lab_certificates
+from harness.attest.lab_certificates import LabCertificates, default_lab_dir, load_lab_certificates
 from harness.attest.nitro import AttestationDocument, parse_attestation_document
 from harness.attest.policy import NonceBook, Policy
 from harness.attest.roots import LAB, ROOT_NAMES, VENDOR_ROOT_NAMES, VENDOR_ROOTS

@@ -16,7 +16,7 @@ from teelab_guest import binding
 
 from harness.attest.certs import Anchor, Cert, Chain
 from harness.attest.errors import EvidenceError
-from harness.attest.lab import LabCertificates, default_lab_dir, load_lab_certificates
+from harness.attest.lab_certificates import LabCertificates, default_lab_dir, load_lab_certificates
 from harness.attest.policy import Policy
 from harness.attest.roots import vendor_anchors
 from harness.attest.verdict import Reason, Verdict

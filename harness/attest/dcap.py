@@ -26,7 +26,7 @@ from harness.attest.checks import (
 )
 from harness.attest.collateral import check_collateral
 from harness.attest.errors import EvidenceError
-from harness.attest.lab import LabCertificates
+from harness.attest.lab_certificates import LabCertificates
 from harness.attest.policy import Policy
 from harness.attest.sgx import SgxQuote
 from harness.attest.tdx import INTEL_QE_VENDOR_ID, SignedQuote, TdxQuote

@@ -15,7 +15,7 @@ from harness.attest.checks import (
 )
 from harness.attest.dcap import check_quote, finish_quote, header_claims, signature_claims
 from harness.attest.errors import EvidenceError
-from harness.attest.lab import LabCertificates
+from harness.attest.lab_certificates import LabCertificates
 from harness.attest.policy import Policy
 from harness.attest.sgx import SgxQuote, flags, parse_sgx_quote
 from harness.attest.verdict import Verdict

@@ -21,7 +21,7 @@ from harness.attest.checks import (
     trust_material,
 )
 from harness.attest.errors import EvidenceError
-from harness.attest.lab import LabCertificates
+from harness.attest.lab_certificates import LabCertificates
 from harness.attest.policy import Policy
 from harness.attest.roots import vendor_intermediates
 from harness.attest.snp import (

@@ -99,7 +99,7 @@ def _enclave_policy() -> dict[str, Any]:
 
 def prepare(kms_dir: Path, lab_dir: Path, mode: str, pool: int = 16) -> Prepared:
     """Make the key, a ciphertext, credentials and ``pool`` distinct requests for ``mode``."""
-    from harness.attest.lab import LabAuthority
+    from harness.attest.authority import LabAuthority
     from harness.kms.material import encrypt_blob
 
     store = Store.open(kms_dir)

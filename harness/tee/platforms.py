@@ -82,7 +82,7 @@ def launch_inputs(spec: VMSpec, *, vcpu_type: str, policy: int, guest_features: 
 def lab_authority() -> Any:
     """The persistent lab CA the verifier trusts by default (under the state dir; created on first use)."""
     from harness.attest import default_lab_dir
-    from harness.attest.lab import LabAuthority
+    from harness.attest.authority import LabAuthority
 
     return LabAuthority.load_or_create(default_lab_dir())
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from teelab_guest.kms_client import KmsCallError, KmsClient, Transport
 
-from harness.attest.lab import default_lab_dir
+from harness.attest import default_lab_dir
 from harness.attest.tpm_ca import TpmAuthority
 from harness.demo_tpm import disk_key_policy
 from harness.kms import KmsServer

@@ -28,7 +28,7 @@ from harness.attest import (
     verify,
 )
 from harness.attest.errors import IssueError, LabAuthorityError
-from harness.attest.lab import CERT_NAMES, KEY_NAMES, load_lab_certificates
+from harness.attest.lab_certificates import CERT_NAMES, KEY_NAMES, load_lab_certificates
 
 PRINT_CA = (
     "import sys, json; from harness.attest import LabAuthority; "
