@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +206,32 @@ def issue_sgx_collateral(directory: Path, keys: Mapping[str, Any], public: LabCe
     write_file(directory / SGX_COLLATERAL_FILE, json.dumps(collateral, indent=2).encode() + b"\n", 0o644)
 
 
+@dataclass(frozen=True)
+class _Issue:
+    """One certificate of the lab CA: its subject, who signs it (None: itself), and its shape."""
+
+    subject: str
+    issuer: str | None
+    ca: bool
+    path_length: int | None
+    years: int
+    digest: type[hashes.HashAlgorithm]
+    pss: bool = False  # RSA-PSS signatures, as AMD's ARK and ASK carry
+
+
+# In issuing order (an issuer comes before what it signs), keyed by the name of the key and certificate.
+_CERTIFICATES = {
+    "amd-ark": _Issue("ARK-Lab", None, True, None, 25, hashes.SHA384, pss=True),
+    "amd-ask": _Issue("SEV-Lab", "amd-ark", True, 0, 25, hashes.SHA384, pss=True),
+    "intel-root": _Issue("teelab lab SGX Root CA", None, True, 1, 25, hashes.SHA256),
+    "intel-pck-ca": _Issue("teelab lab SGX PCK Platform CA", "intel-root", True, 0, 15, hashes.SHA256),
+    "intel-pck": _Issue("teelab lab SGX PCK Certificate", "intel-pck-ca", False, None, 7, hashes.SHA256),
+    "enclave-root": _Issue("teelab lab enclave root", None, True, None, 25, hashes.SHA384),
+    "enclave-ca": _Issue("teelab lab enclave intermediate", "enclave-root", True, 0, 15, hashes.SHA384),
+    "enclave-leaf": _Issue("teelab lab enclave leaf", "enclave-ca", False, None, 10, hashes.SHA384),
+}
+
+
 def create_authority(directory: Path) -> None:
     """Generate every key and certificate; the manifest is written last, so a crash leaves no half CA."""
     keys: dict[str, Any] = {
@@ -218,76 +245,19 @@ def create_authority(directory: Path) -> None:
         "enclave-ca": ec.generate_private_key(ec.SECP384R1()),
         "enclave-leaf": ec.generate_private_key(ec.SECP384R1()),
     }
-    pub = {name: key.public_key() for name, key in keys.items()}
     made: dict[str, x509.Certificate] = {}
+    for name, cert in _CERTIFICATES.items():
+        issuer_name = _name(cert.subject) if cert.issuer is None else made[cert.issuer].subject
+        builder = _build(
+            cert.subject, issuer_name, keys[name].public_key(), ca=cert.ca, path_length=cert.path_length,
+            years=cert.years,
+        )  # fmt: skip
+        signer = keys[name if cert.issuer is None else cert.issuer]
+        made[name] = builder.sign(signer, cert.digest(), rsa_padding=_PSS if cert.pss else None)
+    _write_authority(directory, keys, made)
 
-    def issue(
-        name: str,
-        subject: str,
-        issuer: str | None,
-        *,
-        ca: bool,
-        path_length: int | None,
-        years: int,
-        digest: hashes.HashAlgorithm,
-        pss: bool = False,
-    ) -> None:
-        issuer_name = _name(subject) if issuer is None else made[issuer].subject
-        builder = _build(subject, issuer_name, pub[name], ca=ca, path_length=path_length, years=years)
-        signer = keys[name if issuer is None else issuer]
-        made[name] = builder.sign(signer, digest, rsa_padding=_PSS if pss else None)
 
-    issue("amd-ark", "ARK-Lab", None, ca=True, path_length=None, years=25, digest=hashes.SHA384(), pss=True)
-    issue("amd-ask", "SEV-Lab", "amd-ark", ca=True, path_length=0, years=25, digest=hashes.SHA384(), pss=True)
-    issue(
-        "intel-root", "teelab lab SGX Root CA", None, ca=True, path_length=1, years=25, digest=hashes.SHA256()
-    )
-    issue(
-        "intel-pck-ca",
-        "teelab lab SGX PCK Platform CA",
-        "intel-root",
-        ca=True,
-        path_length=0,
-        years=15,
-        digest=hashes.SHA256(),
-    )
-    issue(
-        "intel-pck",
-        "teelab lab SGX PCK Certificate",
-        "intel-pck-ca",
-        ca=False,
-        path_length=None,
-        years=7,
-        digest=hashes.SHA256(),
-    )
-    issue(
-        "enclave-root",
-        "teelab lab enclave root",
-        None,
-        ca=True,
-        path_length=None,
-        years=25,
-        digest=hashes.SHA384(),
-    )
-    issue(
-        "enclave-ca",
-        "teelab lab enclave intermediate",
-        "enclave-root",
-        ca=True,
-        path_length=0,
-        years=15,
-        digest=hashes.SHA384(),
-    )
-    issue(
-        "enclave-leaf",
-        "teelab lab enclave leaf",
-        "enclave-ca",
-        ca=False,
-        path_length=None,
-        years=10,
-        digest=hashes.SHA384(),
-    )
-
+def _write_authority(directory: Path, keys: dict[str, Any], made: dict[str, x509.Certificate]) -> None:
     chip_seed = os.urandom(32)
     chip_id = hashlib.sha512(b"teelab lab chip id" + chip_seed).digest()
     for name, key in keys.items():
