@@ -116,63 +116,63 @@ def parse_collateral(data: Mapping[str, Any]) -> Collateral:
     for key in REQUIRED:
         if not isinstance(data.get(key), str) or not data[key]:
             raise CollateralError(f"collateral.{key} is missing or not a string", field=f"collateral.{key}")
-
-    def body(key: str) -> tuple[dict[str, Any], bytes]:
-        text = data[key]
-        try:
-            value = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            raise CollateralError(
-                f"collateral.{key} is not JSON ({exc})", field=f"collateral.{key}"
-            ) from None
-        if not isinstance(value, dict):
-            raise CollateralError(f"collateral.{key} is not a JSON object", field=f"collateral.{key}")
-        return value, text.encode()
-
-    def signature(key: str) -> bytes:
-        try:
-            raw = bytes.fromhex(data[key])
-        except ValueError:
-            raise CollateralError(f"collateral.{key} is not hex", field=f"collateral.{key}") from None
-        if len(raw) != 64:
-            raise CollateralError(f"collateral.{key} must be 64 bytes (r||s)", field=f"collateral.{key}")
-        return raw
-
-    def chain(key: str) -> tuple[Cert, ...]:
-        try:
-            certs = load_pem_certs(data[key].encode(), field=f"collateral.{key}")
-        except EvidenceError as err:
-            raise CollateralError(err.message, field=f"collateral.{key}") from None
-        if not certs:
-            raise CollateralError(f"collateral.{key} holds no certificate", field=f"collateral.{key}")
-        return certs
-
-    def crl(key: str) -> x509.CertificateRevocationList:
-        text = data[key]
-        try:
-            if "-----BEGIN" in text:
-                return x509.load_pem_x509_crl(text.encode())
-            return x509.load_der_x509_crl(bytes.fromhex(text))
-        except ValueError as exc:
-            raise CollateralError(
-                f"collateral.{key} is not a CRL ({exc})", field=f"collateral.{key}"
-            ) from None
-
-    tcb_info, tcb_body = body("tcb_info")
-    qe_identity, qe_body = body("qe_identity")
+    tcb_info, tcb_body = _body(data, "tcb_info")
+    qe_identity, qe_body = _body(data, "qe_identity")
     return Collateral(
         tcb_info=tcb_info,
         tcb_info_body=tcb_body,
-        tcb_info_signature=signature("tcb_info_signature"),
-        tcb_info_chain=chain("tcb_info_issuer_chain"),
+        tcb_info_signature=_signature(data, "tcb_info_signature"),
+        tcb_info_chain=_chain(data, "tcb_info_issuer_chain"),
         qe_identity=qe_identity,
         qe_identity_body=qe_body,
-        qe_identity_signature=signature("qe_identity_signature"),
-        qe_identity_chain=chain("qe_identity_issuer_chain"),
-        pck_crl=crl("pck_crl"),
-        pck_crl_chain=chain("pck_crl_issuer_chain"),
-        root_ca_crl=crl("root_ca_crl"),
+        qe_identity_signature=_signature(data, "qe_identity_signature"),
+        qe_identity_chain=_chain(data, "qe_identity_issuer_chain"),
+        pck_crl=_crl(data, "pck_crl"),
+        pck_crl_chain=_chain(data, "pck_crl_issuer_chain"),
+        root_ca_crl=_crl(data, "root_ca_crl"),
     )
+
+
+def _body(data: Mapping[str, Any], key: str) -> tuple[dict[str, Any], bytes]:
+    """A signed JSON body: the object and the exact bytes its signature covers."""
+    text = data[key]
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise CollateralError(f"collateral.{key} is not JSON ({exc})", field=f"collateral.{key}") from None
+    if not isinstance(value, dict):
+        raise CollateralError(f"collateral.{key} is not a JSON object", field=f"collateral.{key}")
+    return value, text.encode()
+
+
+def _signature(data: Mapping[str, Any], key: str) -> bytes:
+    try:
+        raw = bytes.fromhex(data[key])
+    except ValueError:
+        raise CollateralError(f"collateral.{key} is not hex", field=f"collateral.{key}") from None
+    if len(raw) != 64:
+        raise CollateralError(f"collateral.{key} must be 64 bytes (r||s)", field=f"collateral.{key}")
+    return raw
+
+
+def _chain(data: Mapping[str, Any], key: str) -> tuple[Cert, ...]:
+    try:
+        certs = load_pem_certs(data[key].encode(), field=f"collateral.{key}")
+    except EvidenceError as err:
+        raise CollateralError(err.message, field=f"collateral.{key}") from None
+    if not certs:
+        raise CollateralError(f"collateral.{key} holds no certificate", field=f"collateral.{key}")
+    return certs
+
+
+def _crl(data: Mapping[str, Any], key: str) -> x509.CertificateRevocationList:
+    text = data[key]
+    try:
+        if "-----BEGIN" in text:
+            return x509.load_pem_x509_crl(text.encode())
+        return x509.load_der_x509_crl(bytes.fromhex(text))
+    except ValueError as exc:
+        raise CollateralError(f"collateral.{key} is not a CRL ({exc})", field=f"collateral.{key}") from None
 
 
 def check_collateral(
@@ -207,22 +207,27 @@ def _evaluate(
     policy: Policy,
     now: dt.datetime,
 ) -> dict[str, Any]:
+    _check_collateral_signed(found, collateral, pck_chain, anchors, quote_root, now)
+    tee = "TDX" if isinstance(quote, TdxQuote) else "SGX"
+    _check_tcb_info_fits(found, collateral, pck, tee, now)
+    return _tcb_claims(found, quote, collateral, pck, tee, policy)
+
+
+def _check_collateral_signed(
+    found: Findings,
+    collateral: Collateral,
+    pck_chain: Sequence[Cert],
+    anchors: Sequence[Anchor],
+    quote_root: Anchor | None,
+    now: dt.datetime,
+) -> None:
+    """The TCB info and QE identity signatures and their issuer chains, and the CRLs with theirs."""
     for key, chain_certs, message, body, sig in (
-        (
-            "tcb_info",
-            collateral.tcb_info_chain,
-            "TCB info",
-            collateral.tcb_info_body,
-            collateral.tcb_info_signature,
-        ),
-        (
-            "qe_identity",
-            collateral.qe_identity_chain,
-            "QE identity",
-            collateral.qe_identity_body,
-            collateral.qe_identity_signature,
-        ),
-    ):
+        ("tcb_info", collateral.tcb_info_chain, "TCB info", collateral.tcb_info_body,
+         collateral.tcb_info_signature),
+        ("qe_identity", collateral.qe_identity_chain, "QE identity", collateral.qe_identity_body,
+         collateral.qe_identity_signature),
+    ):  # fmt: skip
         chain = build_chain(chain_certs[0], chain_certs[1:], anchors, field=f"collateral.{key}_issuer_chain")
         _check_issuer_chain(found, chain, quote_root, now, f"collateral.{key}_issuer_chain")
         if chain.anchor is not None and len(chain.certs) != 2:
@@ -250,27 +255,41 @@ def _evaluate(
     _check_issuer_chain(found, crl_chain, quote_root, now, "collateral.pck_crl_issuer_chain")
     _check_crls(found, collateral, pck_chain, crl_chain.certs[-1], now)
 
+
+def _check_tcb_info_fits(
+    found: Findings, collateral: Collateral, pck: PckExtensions, tee: str, now: dt.datetime
+) -> None:
+    """Both bodies within their issue/next-update window, and the TCB info for this TEE and platform."""
     tcb_info = collateral.tcb_info
-    qe_identity = collateral.qe_identity
     _check_window(found, "collateral.tcb_info", tcb_info, now)
-    _check_window(found, "collateral.qe_identity", qe_identity, now)
-    tee = "TDX" if isinstance(quote, TdxQuote) else "SGX"
+    _check_window(found, "collateral.qe_identity", collateral.qe_identity, now)
     if tcb_info.get("id") != tee or tcb_info.get("version") != 3:
         found.fail(
             "collateral-mismatch",
             "collateral.tcb_info",
             f"TCB info is {tcb_info.get('id')!r} v{tcb_info.get('version')!r}, {tee} quotes need {tee} v3",
         )
-    if str(tcb_info.get("fmspc", "")).lower() != pck.fmspc.hex() or str(
-        tcb_info.get("pceId", "")
-    ).lower() != (pck.pce_id.hex()):
+    fmspc, pce_id = str(tcb_info.get("fmspc", "")).lower(), str(tcb_info.get("pceId", "")).lower()
+    if fmspc != pck.fmspc.hex() or pce_id != pck.pce_id.hex():
         found.fail(
             "collateral-mismatch",
             "collateral.tcb_info",
             f"TCB info is for FMSPC {tcb_info.get('fmspc')} / PCE {tcb_info.get('pceId')}, the PCK "
             f"certificate says {pck.fmspc.hex()} / {pck.pce_id.hex()}",
         )
-    qe_status = _qe_status(found, quote, qe_identity, "TD_QE" if tee == "TDX" else "QE")
+
+
+def _tcb_claims(
+    found: Findings,
+    quote: TdxQuote | SgxQuote,
+    collateral: Collateral,
+    pck: PckExtensions,
+    tee: str,
+    policy: Policy,
+) -> dict[str, Any]:
+    """The TCB status (the worst of platform, QE and, for TDX, module) against the policy, and its claims."""
+    tcb_info = collateral.tcb_info
+    qe_status = _qe_status(found, quote, collateral.qe_identity, "TD_QE" if tee == "TDX" else "QE")
     if isinstance(quote, TdxQuote):
         platform = _platform_level(tcb_info, pck, quote.body.tee_tcb_svn)
         module_status = _module_status(found, quote, tcb_info)
