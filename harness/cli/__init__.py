@@ -7,10 +7,12 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from harness import __version__
 from harness.cli import attest, bench, demo, doctor, enclave, explain, fleet, image, kms, measure, tee, vsock
+from harness.cli.remote import run_on_host
 from harness.errors import LabError, UsageError
 
 DESCRIPTION = (
@@ -32,6 +34,15 @@ class CommandParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="teelab", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"teelab {__version__}")
+    parser.add_argument(
+        "--host",
+        dest="remote_host",
+        metavar="[USER@]HOST[:PORT]",
+        help="run the command on a lab host over SSH",
+    )
+    parser.add_argument(
+        "--known-hosts", dest="remote_known_hosts", type=Path, metavar="FILE", help="host keys for --host"
+    )
     parser.add_argument(
         "--backend",
         dest="vm_backend",  # subcommands have --backend options of their own
@@ -67,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 0
         args = parser.parse_args(argv)
+        if args.remote_host:
+            return run_on_host(args.remote_host, args.remote_known_hosts, argv)
         if args.vm_backend:  # every Lab of this command (and of its child processes) takes it
             os.environ["TEELAB_BACKEND"] = args.vm_backend
         return int(args.func(args) or 0)

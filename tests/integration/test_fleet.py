@@ -46,6 +46,8 @@ class Fleet:
     known_hosts: Path
     probe_root: Path
     remote_test: Path
+    ports: dict[str, int]
+    client_key: Path
 
 
 def free_port() -> int:
@@ -67,12 +69,12 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
     probe_root.mkdir()
     made_privsep = not Path("/run/sshd").exists()
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
-    daemons, known, inventory = [], [], ["[lab]"]
+    daemons, known, inventory, ports = [], [], ["[lab]"], {}
     try:
         for name, tree in (("snp-host", SNP_HOST), ("tcg-host", HostTree())):
             tree.write(tmp_path / f"{name}-tree")
             keygen(tmp_path / f"{name}_key")
-            port = free_port()
+            port = ports[name] = free_port()
             config = tmp_path / f"{name}.conf"
             config.write_text(textwrap.dedent(f"""\
                 Port {port}
@@ -108,7 +110,12 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
         (tmp_path / "inventory.ini").write_text("\n".join(inventory) + "\n")
         (tmp_path / "remote_test.py").write_text(REMOTE_TEST)
         yield Fleet(
-            tmp_path / "inventory.ini", tmp_path / "known_hosts", probe_root, tmp_path / "remote_test.py"
+            tmp_path / "inventory.ini",
+            tmp_path / "known_hosts",
+            probe_root,
+            tmp_path / "remote_test.py",
+            ports,
+            tmp_path / "client_key",
         )
     finally:
         for daemon in daemons:
@@ -170,3 +177,15 @@ def test_a_host_key_missing_from_known_hosts_is_refused_as_e221(fleet: Fleet, tm
     status, rows = run_json(capsys, argv)
     assert status == 1
     assert {row["error"]["code"] for row in rows} == {"E221"}  # type: ignore[index,union-attr]
+
+
+def test_teelab_host_runs_one_command_on_a_lab_host(
+    fleet: Fleet, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEELAB_REMOTE_TEELAB", f"{VENV_BIN}/teelab")
+    monkeypatch.setenv("TEELAB_SSH_KEY", str(fleet.client_key))
+    target = ["--host", f"root@127.0.0.1:{fleet.ports['snp-host']}", "--known-hosts", str(fleet.known_hosts)]
+    status, report = run_json(capsys, [*target, "doctor", "--json", "--root", str(fleet.probe_root)])
+    assert status == 0 and report["groups"]["snp"] == []  # type: ignore[index]
+    status = main([*target, "doctor", "--root", str(fleet.probe_root), "--require", "tdx"])
+    assert status == 2 and "E206" in capsys.readouterr().err  # the host's own exit status and error
