@@ -155,6 +155,30 @@ class Policy:
     lab_dir: Path | None = None
 
     def __post_init__(self) -> None:
+        """Check every field and bring each to its one type (a policy from TOML or code alike), or E810."""
+        self._check_roots()
+        self._check_bytes()
+        object.__setattr__(self, "pcrs", _indexed(self.pcrs, "pcrs", 32, (32, 48, 64)))
+        object.__setattr__(self, "rtmrs", _indexed(self.rtmrs, "rtmrs", 4, (48,)))
+        _check_int(self.max_vmpl, "max_vmpl", 3)
+        for name in ("isv_prod_id", "min_isv_svn"):
+            if getattr(self, name) is not None:
+                _check_int(getattr(self, name), name, 0xFFFF)
+        if self.min_tcb is not None and not isinstance(self.min_tcb, TcbVersion):
+            try:
+                object.__setattr__(self, "min_tcb", TcbVersion.from_value(self.min_tcb))
+            except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+                raise PolicyError(f"policy min_tcb: {exc}", field="min_tcb") from None
+        if self.max_age is not None and not isinstance(self.max_age, timedelta):
+            object.__setattr__(self, "max_age", _max_age(self.max_age))
+        for name in ("allow_debug", "allow_migrate_ma", "allow_smt", "allow_missing_collateral"):
+            if not isinstance(getattr(self, name), bool):
+                raise PolicyError(
+                    f"policy {name} must be true or false, got {getattr(self, name)!r}", field=name
+                )
+        self._check_texts()
+
+    def _check_roots(self) -> None:
         roots = _names(self.roots, "roots")
         for name in roots:
             if name not in ROOT_NAMES:
@@ -164,6 +188,8 @@ class Policy:
                     hint="run `teelab attest roots` to list them",
                 )
         object.__setattr__(self, "roots", roots)
+
+    def _check_bytes(self) -> None:
         for name, size in _BYTE_FIELDS.items():
             value = getattr(self, name)
             if value is None:
@@ -173,40 +199,9 @@ class Policy:
                     f"policy {name} must be {size or 'some'} bytes, got {_describe(value)}", field=name
                 )
             object.__setattr__(self, name, bytes(value))
-        object.__setattr__(self, "pcrs", _indexed(self.pcrs, "pcrs", 32, (32, 48, 64)))
-        object.__setattr__(self, "rtmrs", _indexed(self.rtmrs, "rtmrs", 4, (48,)))
-        if (
-            isinstance(self.max_vmpl, bool)
-            or not isinstance(self.max_vmpl, int)
-            or not 0 <= self.max_vmpl <= 3
-        ):
-            raise PolicyError(f"policy max_vmpl must be 0..3, got {self.max_vmpl!r}", field="max_vmpl")
-        for name in ("isv_prod_id", "min_isv_svn"):
-            value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0xFFFF
-            ):
-                raise PolicyError(f"policy {name} must be 0..65535, got {value!r}", field=name)
-        if self.min_tcb is not None and not isinstance(self.min_tcb, TcbVersion):
-            try:
-                object.__setattr__(self, "min_tcb", TcbVersion.from_value(self.min_tcb))
-            except (ValueError, TypeError, AttributeError, OverflowError) as exc:
-                raise PolicyError(f"policy min_tcb: {exc}", field="min_tcb") from None
-        if self.max_age is not None and not isinstance(self.max_age, timedelta):
-            if isinstance(self.max_age, bool) or not isinstance(self.max_age, (int, float)):
-                raise PolicyError("policy max_age must be seconds or a timedelta", field="max_age")
-            if not (math.isfinite(self.max_age) and 0 < self.max_age <= MAX_AGE_LIMIT_S):
-                raise PolicyError(
-                    f"policy max_age must be a number of seconds above 0 and at most {MAX_AGE_LIMIT_S:g} "
-                    f"(ten years), got {self.max_age!r}",
-                    field="max_age",
-                )
-            object.__setattr__(self, "max_age", timedelta(seconds=self.max_age))
-        for name in ("allow_debug", "allow_migrate_ma", "allow_smt", "allow_missing_collateral"):
-            if not isinstance(getattr(self, name), bool):
-                raise PolicyError(
-                    f"policy {name} must be true or false, got {getattr(self, name)!r}", field=name
-                )
+
+    def _check_texts(self) -> None:
+        """tcb_statuses, module_id, claims and lab_dir: names, text, a mapping and a path."""
         statuses = _names(self.tcb_statuses, "tcb_statuses")
         if not all(isinstance(status, str) for status in statuses):
             raise PolicyError(f"policy tcb_statuses must be names, got {statuses!r}", field="tcb_statuses")
@@ -297,6 +292,24 @@ def _indexed(
             )
         out[index] = bytes(digest)
     return out
+
+
+def _check_int(value: object, name: str, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+        raise PolicyError(f"policy {name} must be 0..{high}, got {value!r}", field=name)
+
+
+def _max_age(value: object) -> timedelta:
+    """max_age in seconds: a finite number above 0 and at most ten years."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PolicyError("policy max_age must be seconds or a timedelta", field="max_age")
+    if not (math.isfinite(value) and 0 < value <= MAX_AGE_LIMIT_S):
+        raise PolicyError(
+            f"policy max_age must be a number of seconds above 0 and at most {MAX_AGE_LIMIT_S:g} "
+            f"(ten years), got {value!r}",
+            field="max_age",
+        )
+    return timedelta(seconds=value)
 
 
 def _names(value: Any, name: str) -> tuple[Any, ...]:
