@@ -17,8 +17,8 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 ANSIBLE = Path(__file__).resolve().parents[2] / "ansible"
 
 
-# The default stdout callback is the only one ansible-core ships that prints per-host totals; the json callback
-# lives in the ansible.posix collection, which a host with ansible-core alone does not have.
+# The default stdout callback is the only one ansible-core ships that prints per-host totals; the json
+# callback lives in the ansible.posix collection, which a host with ansible-core alone does not have.
 RECAP_LINE = re.compile(r"^localhost\s*:\s*(?P<counts>(?:\w+=\d+\s*)+)$", re.MULTILINE)
 
 
@@ -30,7 +30,8 @@ def recap(stdout: str) -> dict[str, int]:
 
 
 def run_playbook() -> dict[str, int]:
-    env = {**os.environ, "ANSIBLE_STDOUT_CALLBACK": "default", "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"}
+    env = {**os.environ, "ANSIBLE_STDOUT_CALLBACK": "default", "ANSIBLE_NOCOLOR": "1"}
+    env["ANSIBLE_FORCE_COLOR"] = "0"
     done = subprocess.run(
         ["ansible-playbook", "-i", "localhost,", "-c", "local", "site.yml"],
         cwd=ANSIBLE, env=env, capture_output=True, text=True, timeout=900, check=False,
