@@ -298,7 +298,7 @@ class Lab:
             self.host, name, pool or EnclavePool(), kept_vcpus=vcpus, boot_memory_mib=memory_mib
         )
         ledger = self.vsock.ledger
-        pages = contextlib.ExitStack()  # the hugepage lock, until QEMU has preallocated its pages
+        pages = contextlib.ExitStack()  # the hugepage lock, until the parent holds all its pages
         pages.enter_context(hugepage_lock(ledger))
         group = group or f"{name}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
         closers: list[Callable[[], None]] = []
@@ -324,28 +324,29 @@ class Lab:
             raise
         parents: list[ParentVm] = []
         closers.insert(0, lambda: [p.close() for p in parents])
-        try:
-
-            def launched(machine: Machine) -> None:
-                pages.close()
-                if attached is not None:
-                    attached.after_launch(machine)
-
-            boot = self.boot(spec, timeout=timeout, closers=closers, on_launch=launched)
-        finally:
-            pages.close()
-        try:
-            threads = boot.machine.vcpu_threads()
-            for vcpu, cpu in layout.vcpu_host.items():
-                os.sched_setaffinity(threads[vcpu], {cpu})
-            rebook(ledger, layout, boot.machine.pid)
-            parent = ParentVm(layout, boot.machine, self.host, self.vsock, group, ledger, values, boot=boot)
-            parents.append(parent)
-            parent.closers.append(EnclaveApi(parent).close)  # teelab-enclave's requests from the parent
-            parent.order({"op": "status"})  # the pool service is up
-        except BaseException:
-            self.stop(boot.machine, powerdown_timeout=0)
-            raise
+        # The hugepage lock is held until the pool region is plugged: QEMU preallocates boot RAM at launch,
+        # but the pool's pages only when the guest's virtio-mem driver plugs its blocks, after boot; a
+        # parent booting meanwhile in another process would count them as free and fail to map its own.
+        with pages:
+            boot = self.boot(
+                spec, timeout=timeout, closers=closers,
+                on_launch=attached.after_launch if attached is not None else None,
+            )  # fmt: skip
+            try:
+                threads = boot.machine.vcpu_threads()
+                for vcpu, cpu in layout.vcpu_host.items():
+                    os.sched_setaffinity(threads[vcpu], {cpu})
+                rebook(ledger, layout, boot.machine.pid)
+                parent = ParentVm(
+                    layout, boot.machine, self.host, self.vsock, group, ledger, values, boot=boot
+                )
+                parents.append(parent)
+                parent.closers.append(EnclaveApi(parent).close)  # teelab-enclave's requests from the parent
+                parent.order({"op": "status"})  # the pool service is up
+                parent.settle_pool()
+            except BaseException:
+                self.stop(boot.machine, powerdown_timeout=0)
+                raise
         return parent
 
     def boot_enclave(

@@ -334,6 +334,11 @@ class ParentVm:
             os.sched_setaffinity(threads[vcpu], {self.layout.vcpu_host[vcpu]})
         self.order({"op": "online", "cpus": vcpus})
 
+    def settle_pool(self) -> None:
+        """Wait until the guest has plugged all of the pool region it was asked to (at boot: all of it),
+        so its hugepages are taken before another parent counts them as free."""
+        self._resize_pool(0)
+
     def _resize_pool(self, delta_mib: int) -> None:
         """Grow or shrink the virtio-mem region and wait until the guest has (un)plugged it all."""
         path = f"/machine/peripheral/{VIRTIO_MEM_ID}"
