@@ -5,8 +5,7 @@ refused, and a debug-mode enclave of the right image is refused by a production 
 The ``unseal`` enclave (images/enclaves/unseal) asks its parent for the ciphertext and the KMS CA, binds an
 RSA key into its attestation document, and calls KMS Decrypt with it as the Recipient in TLS through the
 parent's vsock-proxy, trusting only the CA pinned on its measured command line. Run: ``pytest examples/``
-(one worker: under pytest-xdist's ``-n 2`` a second parent booting beside the first is not reliable yet,
-see docs/enclave.md).
+or ``pytest examples/ -n 2`` (pytest-xdist): CPUs, hugepages, CIDs and ports come from the host ledger.
 """
 
 from __future__ import annotations
