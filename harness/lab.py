@@ -18,6 +18,7 @@ from teelab_guest import protocol
 
 from harness import images
 from harness.agent import AGENT_CHANNEL, GuestAgent, agent_port
+from harness.attest import Policy
 from harness.enclave.carver import ParentVm
 from harness.enclave.plan import DEFAULT_PARENT_ROLE, plan_enclave
 from harness.enclave.pool import (
@@ -256,11 +257,12 @@ class Lab:
         options.setdefault("name", built.name)
         return self.boot_planned(self.plan_cvm(built, **options), timeout=timeout)
 
-    def ssh(self, machine: Machine) -> GuestSsh:
-        """An SSH session (paramiko) to a machine booted with ``ssh=True``, its host key pinned from what the
-        guest reports over its agent; one per machine, closed when it stops."""
+    def ssh(self, machine: Machine, policy: Policy | None = None) -> GuestSsh:
+        """An SSH session (paramiko) to a machine booted with a NIC (``ssh=True``), its host key pinned from
+        what the guest reports over its agent, or with ``policy`` (a CVM) from its verified evidence; one per
+        machine, closed when it stops."""
         if machine not in self._ssh:
-            session = open_ssh(self.agent(machine), machine.spec)
+            session = open_ssh(self.agent(machine), machine.spec, policy)
             self._ssh[machine] = session
             self._closers.setdefault(machine, []).insert(0, session.close)
         return self._ssh[machine]

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import os
 import shlex
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import cbor2
 import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from teelab_guest import binding
 
 from harness.agent import ExecResult, GuestAgent
+from harness.attest import Policy, verify
 from harness.errors import LabError
 from harness.qemu.devices import VirtioNetUser
 from harness.qemu.spec import VMSpec
@@ -67,6 +71,15 @@ class SshUnavailable(SshError):
     explanation = (
         "SSH needs a guest booted with a NIC (spec_for_image(..., ssh=True)), dropbear in its image (the "
         "parent image) and its agent; enclaves never get a NIC."
+    )
+
+
+class SshHostKeyNotAttested(SshError):
+    code = "E643"
+    title = "SSH host key not attested"
+    explanation = (
+        "The confidential guest's evidence did not verify against the policy, or its report_data does not "
+        "bind the host key it serves (with the verifier's nonce); the key is not pinned and nothing connects."
     )
 
 
@@ -214,8 +227,37 @@ class GuestSsh:
             self._client = None
 
 
-def open_ssh(agent: GuestAgent, spec: VMSpec) -> GuestSsh:
-    """Start the guest's SSH server through ``agent`` and connect with its pinned host key."""
+def attested_host_key(agent: GuestAgent, policy: Policy) -> paramiko.PKey:
+    """The host key a confidential guest binds into its evidence (``teelab_guest.ssh_hostkey``: report_data =
+    ``binding.report_data(nonce, the key's SPKI DER)``), once that evidence verifies against ``policy``."""
+    nonce = os.urandom(32)
+    done = agent.exec(["python3", "-m", "teelab_guest.ssh_hostkey", nonce.hex()], timeout=120)
+    try:
+        record = cbor2.loads(done.stdout)
+        line = str(record["host_key"])
+        der = serialization.load_ssh_public_key(line.encode()).public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    except (ValueError, KeyError, TypeError, cbor2.CBORDecodeError) as exc:
+        raise SshHostKeyNotAttested(
+            f"{agent.machine.spec.name} gave no host key evidence: "
+            + done.stderr.decode(errors="replace")[-300:],
+            hint="boot the cvm image with a NIC and start its SSH server first",
+        ) from exc
+    bound = replace(policy, report_data=binding.report_data(nonce, der))
+    verdict = verify(record["blob"], bound, certificates=record["aux"])
+    if not verdict.ok:
+        raise SshHostKeyNotAttested(
+            f"{agent.machine.spec.name}: host key evidence refused: {', '.join(sorted(verdict.codes))}",
+            hint="the guest is not the one the policy names, or it attests another key",
+            reasons=sorted(verdict.codes),
+        )
+    return host_key_from_line(line)
+
+
+def open_ssh(agent: GuestAgent, spec: VMSpec, policy: Policy | None = None) -> GuestSsh:
+    """Start the guest's SSH server through ``agent`` and connect with its pinned host key; with ``policy``
+    (a confidential guest) the key pinned is the one its verified evidence binds."""
     nic = nic_of(spec)
     if nic is None:
         raise SshUnavailable(
@@ -223,4 +265,6 @@ def open_ssh(agent: GuestAgent, spec: VMSpec) -> GuestSsh:
         )
     key, authorized = client_key()
     host_key = start_sshd(agent, authorized, nic.guest_port)
+    if policy is not None:
+        host_key = attested_host_key(agent, policy)
     return GuestSsh(nic.host_port, host_key, key).connect()

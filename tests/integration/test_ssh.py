@@ -9,8 +9,22 @@ from pathlib import Path
 
 import pytest
 
+from harness.attest import LAB, Policy, default_lab_dir
 from harness.lab import GuestBoot, Lab
-from harness.ssh import GUEST_HOST_KEY, GuestSsh, SshHostKeyChanged, SshUnavailable, client_key, start_sshd
+from harness.qemu.devices import VirtioNetUser
+from harness.ssh import (
+    GUEST_HOST_KEY,
+    NIC_ID,
+    GuestSsh,
+    SshHostKeyChanged,
+    SshHostKeyNotAttested,
+    SshUnavailable,
+    attested_host_key,
+    client_key,
+    free_port,
+    host_key_from_line,
+    start_sshd,
+)
 
 pytestmark = pytest.mark.vm
 
@@ -58,3 +72,25 @@ def test_enclaves_never_get_a_nic(enclave_image) -> None:
     with Lab() as lab, pytest.raises(SshUnavailable) as caught:
         lab.spec_for_image(enclave_image, ssh=True)
     assert caught.value.code == "E642"
+
+
+def test_ssh_into_an_attested_cvm_pins_the_key_its_evidence_binds(cvm_image) -> None:
+    with Lab() as lab:
+        plan = lab.plan_cvm(cvm_image, name="ssh-cvm", vcpus=1, devices=(VirtioNetUser(NIC_ID, free_port()),))
+        boot = lab.boot_planned(plan)
+        measurement = plan.measurement_hex()
+        assert measurement is not None
+        policy = Policy(roots=(LAB,), measurement=bytes.fromhex(measurement), lab_dir=default_lab_dir())
+        ssh = lab.ssh(boot.machine, policy)
+        assert ssh.exec("cat /proc/cmdline").text.strip().endswith("teelab.role=cvm")
+        assert ssh.host_key.asbytes() == start_sshd_key(boot)
+        wrong = Policy(roots=(LAB,), measurement=bytes(48), lab_dir=default_lab_dir())
+        with pytest.raises(SshHostKeyNotAttested) as caught:
+            attested_host_key(boot.agent, wrong)  # another boot's measurement: the key is not pinned
+        assert caught.value.code == "E643" and "measurement" in " ".join(caught.value.evidence["reasons"])
+
+
+def start_sshd_key(boot: GuestBoot) -> bytes:
+    """The host key as dropbear serves it (read over the agent), for comparison."""
+    line = boot.agent.exec(["dropbearkey", "-y", "-f", GUEST_HOST_KEY], check=True).text
+    return host_key_from_line(next(w for w in line.splitlines() if w.startswith("ssh-ed25519 "))).asbytes()
