@@ -12,7 +12,6 @@ from qemu_hosts import snp_host, tcg_host, tdx_host
 
 from harness.host.model import HostInfo
 from harness.libvirt import LibvirtUnsupported, domain_xml
-from harness.qemu.devices import VirtioNetUser
 from harness.qemu import (
     ChardevChannel,
     ChardevFile,
@@ -32,6 +31,7 @@ from harness.qemu import (
     VMSpec,
     X86Cpu,
 )
+from harness.qemu.devices import VirtioNetUser
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "libvirt"
 OWNER = (0, 0)
