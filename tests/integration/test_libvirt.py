@@ -171,3 +171,19 @@ def wait_until(condition: Any, timeout: float = 15.0) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+def test_an_enclave_image_boots_with_its_security_module(lab: Lab) -> None:
+    from harness.enclave.recipes import build_enclave_image
+
+    boot = lab.boot_enclave(build_enclave_image("hello").path, name="lv-enclave", vcpus=2)
+    assert boot.role == "enclave" and boot.agent is not None
+    line = boot.agent.exec(["/app/run", "ab" * 32], check=True, timeout=60).text
+    assert line.startswith("TEELAB-APP-DOCUMENT nonce=" + "ab" * 32)
+
+
+def test_a_cvm_gets_its_vtpm_through_the_external_tpm_backend(lab: Lab, cvm_image) -> None:
+    boot = lab.boot_cvm(cvm_image, name="lv-vtpm", vcpus=1, vtpm="ephemeral")
+    assert boot.agent is not None
+    assert boot.agent.exec(["cat", "/sys/class/tpm/tpm0/tpm_version_major"], check=True).text == "2\n"
+    assert '<backend type="external">' in boot.machine.xml  # type: ignore[attr-defined]
