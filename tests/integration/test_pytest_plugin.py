@@ -49,4 +49,4 @@ def test_a_suite_written_with_the_fixtures_runs(pytester: pytest.Pytester) -> No
     expected_skips = 1 if missing_hardware("snp", probe()) else 0
     result.assert_outcomes(passed=2, skipped=expected_skips)
     if expected_skips:
-        result.stdout.fnmatch_lines(["*[[]snp[]] no SEV-SNP*"])
+        result.stdout.fnmatch_lines(["*[[]snp[]]*SEV-SNP*"])
