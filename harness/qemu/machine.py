@@ -33,6 +33,7 @@ from harness.aio import EventLoopThread, die_with_parent, shared_loop
 from harness.errors import LabError
 from harness.host.model import HostInfo
 from harness.qemu.argv import build_argv
+from harness.qemu.chardevs import ChardevChannel, ChardevSocket, ChardevStdio
 from harness.qemu.errors import (
     ConsoleTimeout,
     LaunchError,
@@ -41,7 +42,7 @@ from harness.qemu.errors import (
     QMPCommandError,
     UnexpectedExit,
 )
-from harness.qemu.spec import ChardevChannel, ChardevSocket, ChardevStdio, VMSpec, refuse_duplicate_ids
+from harness.qemu.spec import VMSpec, refuse_duplicate_ids
 
 log = logging.getLogger(__name__)
 
