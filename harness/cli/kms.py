@@ -131,8 +131,15 @@ def register_bench(kinds: argparse._SubParsersAction) -> None:
         metavar="N",
         help="instead: the open-loop load alone, then beside N half-open connections (bar: p99 <= 3x)",
     )
+    bench.add_argument(
+        "--versus-moto",
+        action="store_true",
+        help="instead: the same signed Decrypt load against teelab and moto's KMS server, interleaved "
+        "(bars: teelab >= 3x moto, Recipient >= 0.75x plain); clients default to 100",
+    )
+    bench.add_argument("--rounds", type=int, default=5, help="rounds of the --versus-moto run (default: 5)")
     bench.add_argument("--json", action="store_true", help="print JSON")
-    bench.set_defaults(func=run_bench)
+    bench.set_defaults(func=lambda args: (run_bench_versus if args.versus_moto else run_bench)(args))
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -205,6 +212,40 @@ def run_bench(args: argparse.Namespace) -> int:
                 bars,
             )
         console.print(table)
+    return 0 if all(r.ok for r in results) else 1
+
+
+def run_bench_versus(args: argparse.Namespace) -> int:
+    """``bench kms --versus-moto``: one row per target, then the ratios and their bars."""
+    from harness.bench.kms_versus import bench_kms_versus
+
+    clients = max(args.clients or (100,))
+    if not 1 <= clients <= 10_000 or not 1 <= args.rounds <= 1000 or args.requests_per_client < 1:
+        raise UsageError("--clients 1..10000, --rounds 1..1000 and --requests-per-client >= 1")
+    if args.hostile is not None or args.mode or args.open_rate is not None or args.profile_dir:
+        raise UsageError("--versus-moto takes only --clients, --requests-per-client, --rounds and --json")
+    requests = max(300, clients * args.requests_per_client)
+    with console.status("measuring", spinner="dots") if not args.json else contextlib.nullcontext():
+        results = bench_kms_versus(rounds=args.rounds, clients=clients, requests=requests)
+    if args.json:
+        print_json([{k: v for k, v in r.to_dict().items() if k != "samples"} for r in results])
+        return 0 if all(r.ok for r in results) else 1
+    *targets, summary = results
+    table = Table(
+        title=f"bench kms --versus-moto ({clients} clients, {args.rounds} rounds, each in its process)"
+    )
+    for column in ("target", "req/s (median)", "by round", "p50 ms", "p99 ms", "errors"):
+        table.add_column(column, justify="left" if column in ("target", "by round") else "right")
+    for r in targets:
+        f = r.figures
+        rounds = ", ".join(f"{x:.0f}" for x in r.extra["rps_by_round"])
+        table.add_row(
+            r.params["target"], f"{f['rps']:.0f}", rounds, f"{f['p50']:.2f}", f"{f['p99']:.2f}", f"{r.errors}"
+        )
+    console.print(table)
+    for bar in summary.bar_results():
+        mark = "[green]held[/]" if bar["holds"] else "[red]missed[/]"
+        console.print(f"{bar['figure']}: {bar['value']:.2f} (bar {bar['op']} {bar['limit']:g}) {mark}")
     return 0 if all(r.ok for r in results) else 1
 
 
