@@ -3,7 +3,12 @@ against both in interleaved rounds, every sampled answer checked, and the two ra
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from harness.bench.kms_versus import TARGETS, VersusResult, bench_kms_versus
+from harness.cli import main
 
 
 def test_a_short_side_by_side_run_measures_all_three_and_the_ratios() -> None:
@@ -22,3 +27,15 @@ def test_a_short_side_by_side_run_measures_all_three_and_the_ratios() -> None:
     )
     assert {b["figure"] for b in summary.bar_results()} == {"teelab/moto", "recipient/plain"}
     assert len(summary.extra["teelab/moto by round"]) == 2
+
+
+def test_teelab_bench_kms_versus_moto_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "kms", "--versus-moto", "--rounds", "1", "--clients", "4", "--requests-per-client", "10"]
+    status = main([*argv, "--json"])
+    results = json.loads(capsys.readouterr().out)
+    assert [r["params"].get("target") for r in results] == [*TARGETS, None]
+    assert {b["figure"] for b in results[-1]["bars"]} == {"teelab/moto", "recipient/plain"}
+    assert status == (0 if all(r["ok"] for r in results) else 1)
+    for wrong in (["--hostile", "5"], ["--rounds", "0"], ["--mode", "decrypt"]):
+        assert main([*argv, *wrong, "--json"]) == 2
+        assert json.loads(capsys.readouterr().out)["error"]["code"] == "E102"
