@@ -341,27 +341,35 @@ def _conditions(raw: Any, where: str) -> tuple[Condition, ...]:
     return tuple(out)
 
 
+def _number(value: Any) -> int | None:
+    """An int, or a string of one in decimal (leading zeros and all, "07") or 0x hex; None otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"-?\d{1,20}", value):
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"0x[0-9a-fA-F]{1,16}", value):
+        return int(value, 16)
+    return None
+
+
+def _boolean(value: Any) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return None
+
+
 def _value(value: Any, kind: str, where: str, key: str) -> Any:
     """A condition value as its key's type: hex is lower-cased (claims are lower-case hex), numbers int."""
-    if kind == "string" and isinstance(value, str):
-        return value
-    if kind == "hex" and isinstance(value, str):
-        if not _HEX.fullmatch(value):
+    if kind in ("string", "hex") and isinstance(value, str):
+        if kind == "hex" and not _HEX.fullmatch(value):
             raise MalformedPolicy(f"{where}: value {value!r} for {key} is not hex (pairs of 0-9, a-f)")
-        return value.lower()
-    if kind == "number" and not isinstance(value, bool):
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str) and re.fullmatch(r"-?\d{1,20}", value):
-            return int(value)  # decimal, leading zeros and all ("07")
-        if isinstance(value, str) and re.fullmatch(r"0x[0-9a-fA-F]{1,16}", value):
-            return int(value, 16)
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-    raise MalformedPolicy(f"{where}: value {value!r} for {key} is not a {kind}")
+        return value.lower() if kind == "hex" else value
+    converted = _number(value) if kind == "number" else _boolean(value) if kind == "bool" else None
+    if converted is None:
+        raise MalformedPolicy(f"{where}: value {value!r} for {key} is not a {kind}")
+    return converted
 
 
 def _principal_matches(principals: tuple[str, ...], principal: str | None, account: str) -> bool:
@@ -414,7 +422,14 @@ def _mismatch(statement: Statement, ctx: RequestContext, account: str) -> str | 
         return f"action {ctx.action} not listed"
     if not _principal_matches(statement.principals, ctx.principal, account):
         return f"principal {ctx.principal or 'anonymous'} not listed"
-    claims = ctx.attestation
+    why = _conditions_mismatch(statement, ctx.attestation)
+    if why is None and statement.effect == "Allow" and ctx.attestation is not None:
+        why = _evidence_mismatch(statement, ctx, ctx.attestation)
+    return why
+
+
+def _conditions_mismatch(statement: Statement, claims: dict[str, Any] | None) -> str | None:
+    """The first condition of ``statement`` that does not hold for ``claims``; None when all hold."""
     for cond in statement.conditions:
         if claims is None or cond.key not in claims:
             if statement.effect == "Deny" and cond.operator in _NEGATED_OPS:
@@ -428,14 +443,16 @@ def _mismatch(statement: Statement, ctx: RequestContext, account: str) -> str | 
             continue
         if not _condition_holds(cond, actual):
             return f"{cond.describe()} does not hold for {actual!r}"
-    if statement.effect == "Allow" and claims is not None:
-        if not ctx.vendor_root and not statement.names_key(ROOT_KEY):
-            return (
-                f"evidence chains to root {claims.get(ROOT_KEY.lower())!r}, which the statement does not name"
-            )
-        if ctx.debug and not statement.names_key(DEBUG_KEY):
-            return "evidence comes from a debug-mode guest and the statement does not allow debug"
-        vmpl = claims.get(VMPL_KEY.lower())
-        if isinstance(vmpl, int) and vmpl > 0 and not statement.names_key(VMPL_KEY):
-            return f"the SNP report was requested at VMPL {vmpl} and the statement names no SnpVmpl condition"
+    return None
+
+
+def _evidence_mismatch(statement: Statement, ctx: RequestContext, claims: dict[str, Any]) -> str | None:
+    """Why an Allow does not take this evidence: a lab root, debug or VMPL 1-3 it does not name."""
+    if not ctx.vendor_root and not statement.names_key(ROOT_KEY):
+        return f"evidence chains to root {claims.get(ROOT_KEY.lower())!r}, which the statement does not name"
+    if ctx.debug and not statement.names_key(DEBUG_KEY):
+        return "evidence comes from a debug-mode guest and the statement does not allow debug"
+    vmpl = claims.get(VMPL_KEY.lower())
+    if isinstance(vmpl, int) and vmpl > 0 and not statement.names_key(VMPL_KEY):
+        return f"the SNP report was requested at VMPL {vmpl} and the statement names no SnpVmpl condition"
     return None
