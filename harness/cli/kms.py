@@ -17,7 +17,8 @@ from harness.cli.render import console, print_json
 from harness.errors import UsageError
 
 if TYPE_CHECKING:
-    from harness.kms.store import AuditRow, Store
+    from harness.kms.audit_log import AuditRow
+    from harness.kms.store import Store
 
 MAX_AUDIT_ROWS = 100_000
 

@@ -27,7 +27,7 @@ from typing import Any
 from aiohttp import web
 
 from harness.errors import UsageError
-from harness.kms.store import REQUEST_PEER
+from harness.kms.audit_log import REQUEST_PEER
 
 log = logging.getLogger("teelab.kms")
 MAX_HEAD = 16384  # bytes of request line and headers; aiohttp allows 8190 per line and per header

@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 from teelab_guest import kms_sigv4
 
+from harness.kms.audit_log import AuditRow
 from harness.kms.errors import (
     AccessDenied,
     BodyTooLarge,
@@ -29,7 +30,7 @@ from harness.kms.errors import (
     UnrecognizedClient,
 )
 from harness.kms.service import Audit, KmsService, Outcome
-from harness.kms.store import AuditRow, Store
+from harness.kms.store import Store
 
 log = logging.getLogger("teelab.kms")
 DEFAULT_MAX_BODY = 65536

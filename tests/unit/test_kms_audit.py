@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.kms import KmsServer, Store
-from harness.kms import store as store_module
+from harness.kms import KmsServer, Store, audit_log
+from harness.kms.audit_log import AuditRow
 from harness.kms.errors import AuditChainBroken, MasterKeyError
 from harness.kms.material import MASTER_KEY_FILE_ENV
-from harness.kms.store import AuditRow
 
 Run = Callable[..., tuple[int, str, str]]
 
@@ -178,7 +177,7 @@ def test_a_bad_master_key_file_is_refused(
 def test_anonymous_junk_past_the_cap_is_counted_then_summarised_in_the_chain(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "REFUSAL_CAP", 3)
+    monkeypatch.setattr(audit_log, "REFUSAL_CAP", 3)
     kms_dir = tmp_path / "kms"
     with KmsServer.start(kms_dir) as server:
         creds = server.credentials("ops")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from harness.kms.store import AuditRow, Store
+from harness.kms.audit_log import AuditRow
+from harness.kms.store import Store
 
 
 def test_purge_drops_expired_nonces_and_keeps_live_ones(tmp_path: Path) -> None:
