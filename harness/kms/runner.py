@@ -18,10 +18,11 @@ from aiohttp import web
 
 from harness.aio import EventLoopThread
 from harness.kms.admission import Admission, Limits, raise_fd_limit, within
+from harness.kms.base import ServiceConfig
 from harness.kms.errors import KmsError, ServerStartError
 from harness.kms.recipient import Verifier
 from harness.kms.server import DEFAULT_MAX_BODY, KmsHttp
-from harness.kms.service import KmsService, ServiceConfig
+from harness.kms.service import KmsService
 from harness.kms.store import Credentials, KeyRecord, Store
 from harness.kms.tls import ensure_certificate, server_context
 

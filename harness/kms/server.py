@@ -18,6 +18,7 @@ from aiohttp import web
 from teelab_guest import kms_sigv4
 
 from harness.kms.audit_log import AuditRow
+from harness.kms.base import Audit, Outcome
 from harness.kms.errors import (
     AccessDenied,
     BodyTooLarge,
@@ -29,7 +30,7 @@ from harness.kms.errors import (
     UnknownOperation,
     UnrecognizedClient,
 )
-from harness.kms.service import Audit, KmsService, Outcome
+from harness.kms.service import KmsService
 from harness.kms.store import Store
 
 log = logging.getLogger("teelab.kms")
@@ -102,20 +103,7 @@ class KmsHttp:
         header = request.headers.get("Authorization")
         if header is None:
             return None
-        if not header.isascii():  # its access key goes to SQLite: no undecodable bytes
-            raise IncompleteSignature("Authorization must be ASCII")
-        try:
-            auth = kms_sigv4.parse_authorization(header)
-        except ValueError as exc:
-            raise IncompleteSignature(str(exc)) from None
-        unsigned = sorted(_must_sign(request) - set(auth.signed_headers))
-        if unsigned:  # else a signature over host;x-amz-date alone would carry any X-Amz-Target
-            raise IncompleteSignature(
-                "SignedHeaders must include host and every x-amz-* header sent; "
-                f"not signed: {', '.join(unsigned)}"
-            )
-        if auth.service != "kms":
-            raise InvalidSignature(f"credential scope names service {auth.service!r}, not kms")
+        auth = _parse_authorization(request, header)
         amz_date = request.headers.get("X-Amz-Date", "")
         try:
             signed_at = timegm(time.strptime(amz_date, "%Y%m%dT%H%M%SZ"))
@@ -189,6 +177,25 @@ class KmsHttp:
             content_type=CONTENT_TYPE,
             headers={"x-amzn-RequestId": request_id},
         )
+
+
+def _parse_authorization(request: web.Request, header: str) -> kms_sigv4.Authorization:
+    """The Authorization header, refused unless it signs host and every x-amz-* header sent, for kms."""
+    if not header.isascii():  # its access key goes to SQLite: no undecodable bytes
+        raise IncompleteSignature("Authorization must be ASCII")
+    try:
+        auth = kms_sigv4.parse_authorization(header)
+    except ValueError as exc:
+        raise IncompleteSignature(str(exc)) from None
+    unsigned = sorted(_must_sign(request) - set(auth.signed_headers))
+    if unsigned:  # else a signature over host;x-amz-date alone would carry any X-Amz-Target
+        raise IncompleteSignature(
+            "SignedHeaders must include host and every x-amz-* header sent; "
+            f"not signed: {', '.join(unsigned)}"
+        )
+    if auth.service != "kms":
+        raise InvalidSignature(f"credential scope names service {auth.service!r}, not kms")
+    return auth
 
 
 def _must_sign(request: web.Request) -> set[str]:
