@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 
 from harness.bench.boot import bench_boot
 from harness.bench.image import bench_image
+from harness.cli import attest, enclave, kms, tee, tpm, vsock
 from harness.cli.arguments import non_negative_int, positive_int
 from harness.cli.render import console, print_bench, print_json
 from harness.lab import Lab
 
 # CLI modules that add their own ``teelab bench <name>`` through ``register_bench(subparsers)``.
-BENCH_MODULES = (
-    "harness.cli.attest",
-    "harness.cli.enclave",
-    "harness.cli.kms",
-    "harness.cli.tee",
-    "harness.cli.tpm",
-    "harness.cli.vsock",
-)
+BENCH_MODULES = (attest, enclave, kms, tee, tpm, vsock)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,8 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     unseal.add_argument("--json", action="store_true", help="print JSON")
     unseal.set_defaults(func=run_unseal)
-    for name in BENCH_MODULES:
-        importlib.import_module(name).register_bench(kinds)
+    for module in BENCH_MODULES:
+        module.register_bench(kinds)
 
 
 def run_boot(args: argparse.Namespace) -> int:

@@ -138,3 +138,8 @@ def test_every_name_is_imported_from_its_home() -> None:
                 if home.startswith("harness") and home != node.module:
                     detours.append(f"{path.name}: {alias.name} from {node.module}, defined in {home}")
     assert detours == []
+
+
+def test_the_cli_imports_its_commands_by_name() -> None:
+    """No importlib registry in harness/cli: every dependency shows in the code and in import graphs."""
+    assert [p.name for p in (HARNESS / "cli").glob("*.py") if "importlib" in _top_imports(p)] == []
