@@ -1,4 +1,5 @@
-"""Recipient evidence: parse the request's Recipient, verify it with harness.attest, bind the recipient key.
+"""Recipient evidence: parse the request's Recipient, verify it with harness.attest (``AttestVerifier``: the
+roots a key policy names, then the claims as policy condition keys), bind the recipient key.
 
 A Recipient is ``{"AttestationDocument": b64, "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256"}`` for an enclave
 attestation document (which carries the public key and nonce), and additionally ``"PublicKey": b64 DER`` and
@@ -11,15 +12,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import hashlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from teelab_guest.kms_envelope import KEY_ENCRYPTION_ALGORITHM, EnvelopeError, load_recipient_key
 
 from harness.kms.errors import EvidenceMalformed, EvidenceRefused, KmsRequestError
 from harness.kms.policy import DEBUG_KEY, ROOT_KEY
+
+if TYPE_CHECKING:
+    from harness.attest.collateral_cache import CollateralCache
 
 MAX_EVIDENCE_BYTES = 32768
 
@@ -113,3 +120,169 @@ def refuse(message: str, **evidence: Any) -> EvidenceRefused:
     return EvidenceRefused(
         message, hint="see the audit log (teelab kms audit) for the verifier's reasons", **evidence
     )
+
+
+# Reasons that say the bytes are not evidence at all (ValidationException) rather than evidence that fails.
+_MALFORMED = {"malformed", "truncated", "unsupported", "unknown-format"}
+_PREFIX = "teelab:recipientattestation:"
+_QUOTES = ("tdx", "sgx")  # Intel DCAP quotes: collateral from the cache
+log = logging.getLogger("teelab.kms")
+
+
+class AttestVerifier:
+    """Verifies Recipient evidence with harness.attest; ``lab_dir``: the lab CA that policies may name;
+    ``tdx_collateral``: a file or directory of Intel PCS collateral for TDX and SGX quotes (read now:
+    E805/E830 if it is unusable). Without collateral for its platform a vendor quote is refused
+    (collateral-missing); a lab quote gets the lab CA's collateral where the key policy names the lab root."""
+
+    def __init__(self, lab_dir: Path | None = None, tdx_collateral: Path | None = None) -> None:
+        from harness.attest.collateral_cache import CollateralCache
+
+        self.lab_dir = lab_dir
+        self.collateral = None if tdx_collateral is None else CollateralCache.load(tdx_collateral)
+
+    def __call__(self, recipient: Recipient, roots: frozenset[str], now: float) -> Attested:
+        return verify_recipient(recipient, roots, now, lab_dir=self.lab_dir, collateral=self.collateral)
+
+
+def verify_recipient(
+    recipient: Recipient,
+    roots: frozenset[str],
+    now: float,
+    *,
+    lab_dir: Path | None = None,
+    collateral: CollateralCache | None = None,
+) -> Attested:
+    """Attested facts of ``recipient``'s evidence, or EvidenceRefused / EvidenceMalformed."""
+    from harness import attest
+
+    try:
+        kind = attest.detect_kind(recipient.evidence)
+    except attest.AttestError as err:
+        raise EvidenceMalformed(f"Recipient.AttestationDocument: {err.message}") from None
+    bound = _bound(kind, recipient)
+    trusted = tuple(r for r in (*attest.VENDOR_ROOT_NAMES, *sorted(roots)) if r in attest.ROOT_NAMES)
+    policy = attest.Policy(
+        roots=tuple(dict.fromkeys(trusted)),
+        lab_dir=lab_dir,
+        allow_debug=True,  # the key policy decides about debug guests (teelab:RecipientAttestation:Debug)
+        max_vmpl=3,  # and about VMPL 1-3 (teelab:RecipientAttestation:SnpVmpl must be named to allow them)
+        nonce=recipient.nonce if bound else None,
+        public_key=recipient.public_key if bound else None,
+    )
+    try:
+        verdict = attest.verify(
+            recipient.evidence,
+            policy,
+            now=dt.datetime.fromtimestamp(now, dt.UTC),
+            certificates=recipient.certificates,
+            collateral=collateral.for_quote(recipient.evidence) if collateral and kind in _QUOTES else None,
+        )
+    except Exception as exc:  # attacker-controlled bytes at a trust boundary: never a 5xx
+        # the verifier promises Reasons, not exceptions; if one slips through it is still the evidence's fault
+        log.warning("verifier raised %s on %s evidence: %s", type(exc).__name__, kind, exc)
+        raise EvidenceMalformed(f"{kind} evidence could not be verified ({type(exc).__name__})") from None
+    if not verdict.ok:
+        reasons = "; ".join(str(r) for r in verdict.reasons[:4])
+        if verdict.root is None and verdict.codes <= _MALFORMED:
+            raise EvidenceMalformed(f"{verdict.kind} evidence is malformed: {reasons}")
+        raise refuse(f"{verdict.kind} evidence does not verify: {reasons}", kind=verdict.kind)
+    claims = verdict.claims
+    conditions: dict[str, Any] = {}
+    if kind == "nitro":
+        public_key = _bytes(claims.get("public_key"))
+        if public_key is None:
+            raise EvidenceMalformed("the attestation document carries no public_key to release to")
+        nonce = _bytes(claims.get("nonce"))
+        pcrs = {int(k): str(v).lower() for k, v in (claims.get("pcrs") or {}).items()}
+        for index, value in pcrs.items():
+            conditions[f"kms:recipientattestation:pcr{index}"] = value
+            conditions[f"kms:recipientattestation/pcr{index}"] = value
+        if 0 in pcrs:
+            conditions["kms:recipientattestation:imagesha384"] = pcrs[0]
+        conditions[_PREFIX + "moduleid"] = claims.get("module_id")
+        # a debug-mode enclave attests with all-zero PCRs
+        debug = all(set(pcrs.get(i, "0")) == {"0"} for i in (0, 1, 2))
+        timestamp = claims.get("timestamp")
+    else:
+        public_key, nonce, timestamp = recipient.public_key, recipient.nonce, None
+        debug = bool(claims.get("debug"))
+        conditions.update(_CONDITIONS[kind](claims))
+    attested = Attested(
+        kind=kind,
+        root=str(verdict.root),
+        vendor_root=verdict.root in attest.VENDOR_ROOT_NAMES,
+        debug=debug,
+        public_key=public_key,
+        nonce=nonce,
+        timestamp_ms=int(timestamp) if timestamp is not None else None,
+    )
+    conditions.update(base_conditions(attested))
+    return Attested(
+        **{**attested.__dict__, "conditions": {k: v for k, v in conditions.items() if v is not None}}
+    )
+
+
+def _bound(kind: str, recipient: Recipient) -> bool:
+    """Whether ``kind`` evidence binds the Recipient's key and nonce in report_data (SNP, TDX, SGX, vTPM)
+    rather than carrying them (enclave documents); EvidenceMalformed when the Recipient's fields misfit."""
+    bound = kind in ("snp", "tdx", "sgx", "tpm")
+    if bound and (recipient.public_key is None or recipient.nonce is None):
+        raise EvidenceMalformed(f"{kind} evidence needs Recipient.PublicKey and Recipient.Nonce beside it")
+    if not bound and (recipient.public_key is not None or recipient.certificates):
+        raise EvidenceMalformed("an attestation document carries its own public key and certificates")
+    return bound
+
+
+def _bytes(value: Any) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return bytes.fromhex(str(value))
+
+
+def _snp_conditions(claims: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        _PREFIX + "snpmeasurement": claims.get("measurement"),
+        _PREFIX + "snphostdata": claims.get("host_data"),
+        _PREFIX + "snppolicy": claims.get("policy"),
+        _PREFIX + "snpguestsvn": claims.get("guest_svn"),
+        _PREFIX + "snpvmpl": claims.get("vmpl"),
+    }
+    tcb = claims.get("tcb") or {}
+    for part in ("bootloader", "tee", "snp", "microcode"):
+        out[_PREFIX + "snptcb" + part] = tcb.get(part)
+    return out
+
+
+def _tpm_conditions(claims: Any) -> dict[str, Any]:
+    """A vTPM quote's PCRs and EK; with a CVM's SNP report binding its AK (claims["tee"]), its keys too."""
+    out = {_PREFIX + f"tpmpcr{index}": value for index, value in (claims.get("pcrs") or {}).items()}
+    out[_PREFIX + "tpmekfingerprint"] = claims.get("ek_fingerprint")
+    tee = claims.get("tee")
+    return {**(_snp_conditions(tee) if tee else {}), **out}
+
+
+def _sgx_conditions(claims: Any) -> dict[str, Any]:
+    return {
+        _PREFIX + "sgxmrenclave": claims.get("mrenclave"),
+        _PREFIX + "sgxmrsigner": claims.get("mrsigner"),
+        _PREFIX + "sgxisvprodid": claims.get("isv_prod_id"),
+        _PREFIX + "sgxisvsvn": claims.get("isv_svn"),
+    }
+
+
+def _tdx_conditions(claims: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        _PREFIX + "tdxmrtd": claims.get("mrtd"),
+        _PREFIX + "tdxmrconfigid": claims.get("mrconfigid"),
+    }
+    attributes = claims.get("td_attributes")  # the quote's 8 bytes (little-endian) in hex: a number key
+    if attributes is not None:
+        out[_PREFIX + "tdxattributes"] = int.from_bytes(bytes.fromhex(attributes), "little")
+    rtmrs = claims.get("rtmrs") or []
+    for index, value in enumerate(rtmrs):
+        out[_PREFIX + f"tdxrtmr{index}"] = value
+    return out
+
+
+_CONDITIONS = {"snp": _snp_conditions, "tdx": _tdx_conditions, "sgx": _sgx_conditions, "tpm": _tpm_conditions}

@@ -47,7 +47,7 @@ class Listen:
 
 
 def default_verifier(lab_dir: Path | None = None, tdx_collateral: Path | None = None) -> Verifier:
-    from harness.kms.attested import AttestVerifier
+    from harness.kms.recipient import AttestVerifier
 
     return AttestVerifier(lab_dir, tdx_collateral)
 

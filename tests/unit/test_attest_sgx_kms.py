@@ -16,9 +16,8 @@ from test_kms_recipient import SECRET, allow, anonymous, refused, sealed
 
 from harness.attest import LabAuthority
 from harness.kms import KmsServer
-from harness.kms.attested import AttestVerifier
 from harness.kms.errors import EvidenceRefused
-from harness.kms.recipient import Recipient
+from harness.kms.recipient import AttestVerifier, Recipient
 
 MRENCLAVE = bytes.fromhex("c3" * 32)
 MRSIGNER = bytes.fromhex("d4" * 32)

@@ -21,9 +21,8 @@ from teelab_guest.kms_client import KmsCallError, KmsClient, RecipientKey, Trans
 
 from harness.attest import LabAuthority
 from harness.kms import KmsServer
-from harness.kms.attested import AttestVerifier
 from harness.kms.errors import EvidenceRefused
-from harness.kms.recipient import Recipient
+from harness.kms.recipient import AttestVerifier, Recipient
 
 PCR0 = bytes.fromhex("5a" * 48)
 OTHER_PCR0 = bytes.fromhex("6b" * 48)
