@@ -381,7 +381,7 @@ def _walk(
                     "untrusted-root",
                     field,
                     f"chain ends at {current.subject_text} (SHA-256 {current.fingerprint}), "
-                    "which is not a known root",
+                    "which is not a known root" + _lab_hint(current),
                 )
             )
             break
@@ -407,7 +407,7 @@ def _walk(
                     "untrusted-root",
                     field,
                     f"no known certificate issued {current.subject_text} "
-                    f"(issuer {current.x509.issuer.rfc4514_string()})",
+                    f"(issuer {current.x509.issuer.rfc4514_string()})" + _lab_hint(current),
                 )
             )
             break
@@ -446,3 +446,17 @@ def _constraint_problems(path: Sequence[Cert], field: str, leaf_field: str, leaf
                 )
             )
     return found
+
+
+LAB_ORGANIZATION = "teelab lab CA (not a vendor)"  # the O= of every lab certificate (attest.lab_creation)
+
+
+def _lab_hint(cert: Cert) -> str:
+    """For a lab certificate the policy does not trust: how to trust it (lab evidence is never trusted unless
+    a policy names the lab root)."""
+    if (
+        LAB_ORGANIZATION not in cert.subject_text
+        and LAB_ORGANIZATION not in cert.x509.issuer.rfc4514_string()
+    ):
+        return ""
+    return '; this is lab evidence: name the lab root in the policy (roots = ["lab"]) to trust it'

@@ -18,7 +18,7 @@ from harness.attest.certs import Anchor, Cert, Chain
 from harness.attest.errors import EvidenceError
 from harness.attest.lab_certificates import LabCertificates, default_lab_dir, load_lab_certificates
 from harness.attest.policy import Policy
-from harness.attest.roots import vendor_anchors
+from harness.attest.roots import LAB, vendor_anchors
 from harness.attest.verdict import Reason, Verdict
 
 # Failures that mean the evidence itself is not authentic (as opposed to authentic but unwanted). A
@@ -120,7 +120,13 @@ def check_chain(
             "untrusted-root",
             field,
             f"the chain ends at the {anchor.name} root; the policy trusts only "
-            f"{', '.join(policy.roots) or 'no root'}",
+            f"{', '.join(policy.roots) or 'no root'}"
+            + (
+                '; this is lab evidence: name the lab root to trust it (roots = ["lab"] in a verifier '
+                "policy; teelab:RecipientAttestation:Root = lab in a KMS key policy)"
+                if anchor.name == LAB
+                else ""
+            ),
         )
     return anchor.name
 

@@ -25,7 +25,6 @@ LOCK_FILE = ".lock"
 DEFAULT_TCB = TcbVersion(bootloader=4, tee=0, snp=22, microcode=213)
 # Lab certificates are valid from this date, so evidence pinned to earlier test times still verifies.
 LAB_EPOCH = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
-LAB_ORG = "teelab lab CA (not a vendor)"
 # The certificates, in the order a person would read them; keys carry the same names.
 CERT_NAMES = (
     "amd-ark",

@@ -18,12 +18,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
 from harness.attest import certs as certs_mod
-from harness.attest.certs import der_ia5string, der_integer, load_cert
+from harness.attest.certs import LAB_ORGANIZATION, der_ia5string, der_integer, load_cert
 from harness.attest.lab_certificates import (
     DEFAULT_TCB,
     LAB_EPOCH,
     LAB_FORMAT,
-    LAB_ORG,
     MANIFEST,
     PCK_SGX,
     TCB_SIGNING,
@@ -73,7 +72,7 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name(
         [
             x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, LAB_ORG),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, LAB_ORGANIZATION),
         ]
     )
 

@@ -76,6 +76,16 @@ def test_lab_evidence_verifies_against_the_named_lab_root(lab: LabAuthority, kin
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_lab_evidence_under_a_policy_without_the_lab_root_says_how_to_trust_it(
+    lab: LabAuthority, kind: str
+) -> None:
+    verdict = verify(issue(lab, kind), policy(kind, roots=("amd-milan", "intel-sgx", "aws-nitro")))
+    assert not verdict.ok
+    untrusted = [r for r in verdict.reasons if r.code == "untrusted-root"]
+    assert untrusted and 'roots = ["lab"]' in untrusted[0].message, verdict.reasons
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_a_different_expected_measurement_is_its_own_reason(lab: LabAuthority, kind: str) -> None:
     verdict = verify(issue(lab, kind), policy(kind, measurement=OTHER))
     assert verdict.codes == {MISMATCH[kind]}
