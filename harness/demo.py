@@ -135,7 +135,7 @@ def run_demo(on_phase: Callable[[Phase], None] | None = None) -> DemoResult:
             host, port = kms.endpoint.removeprefix("https://").rsplit(":", 1)
             stack.enter_context(lab.vsock_proxy(KMS_VSOCK_PORT, (host, int(port))))
             pin = ca_pin(kms_dir)
-            detail.update(endpoint=kms.endpoint, vsock_port=KMS_VSOCK_PORT, tls=True, ca=pin[:19] + "...")
+            detail.update(endpoint=kms.endpoint, vsock_port=KMS_VSOCK_PORT, tls=True, ca=pin)
         with phase("plan") as detail:
             # One vCPU each: two CVMs boot side by side, and a TCG vCPU is a host thread on a 2-CPU machine.
             # The same count also keeps the command line the only launch input in which the two differ.
@@ -153,9 +153,7 @@ def run_demo(on_phase: Callable[[Phase], None] | None = None) -> DemoResult:
             endpoint = Transport.endpoint(kms.endpoint, tls=client_context(kms_dir))
             with KmsClient(endpoint, access_key=operator.access_key, secret=operator.secret) as client:
                 blob = client.encrypt(key.id, secret)
-            detail.update(
-                key=key.id, measurement=measurement[:24] + "...", measure=measure_argv(plans["expected"])
-            )
+            detail.update(key=key.id, measurement=measurement, measure=measure_argv(plans["expected"]))
         with phase("boot") as detail, concurrent.futures.ThreadPoolExecutor(2) as pool:
             boots: dict[str, GuestBoot] = dict(
                 zip(plans, pool.map(lab.boot_planned, plans.values()), strict=True)
@@ -238,7 +236,7 @@ def _enclave_leg(
         endpoint = Transport.endpoint(kms.endpoint, tls=client_context(kms_dir))
         with KmsClient(endpoint, access_key=operator.access_key, secret=operator.secret) as client:
             blob = client.encrypt(key.id, secret)
-        detail.update(recipe=built.name, cached=not built.built, key=key.id, pcr0=pcr0[:24] + "...")
+        detail.update(recipe=built.name, cached=not built.built, key=key.id, pcr0=pcr0)
     with phase("parent") as detail:
         # room for both enclaves at once: the modified one is carved while the expected one unseals
         pool = EnclavePool(memory_mib=2 * ENCLAVE_MEMORY_MIB, cpu_count=2 * ENCLAVE_VCPUS)

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         if status is None:
             return
         detail = " ".join(
-            f"{k}={v}"
+            f"{k}={_short(v)}"
             for k, v in phase.detail.items()
             if k not in ("decisions", "enclave_decisions", "endpoint", "measure")
         )
@@ -84,3 +84,8 @@ def run(args: argparse.Namespace) -> int:
         f"{verdict}: expected CVM and enclave served over TLS, modified ones refused ({result.seconds:.1f} s)"
     )
     return 0 if result.ok else 1
+
+
+def _short(value: object) -> str:
+    """A phase detail for the live view: long hex values shortened (``--json`` keeps them whole)."""
+    return re.sub(r"[0-9a-f]{24,}", lambda m: m[0][:16] + "...", str(value))

@@ -36,6 +36,8 @@ def test_demo_serves_the_expected_cvm_and_enclave_and_refuses_the_modified_ones(
     assert set(phases) >= {"enclave-image", "parent", "carve", "enclave-unseal"}
     assert phases["parent"]["tee"] == phases["host"]["tee"]  # the parent is an SEV-SNP guest like the CVMs
     assert all(p["seconds"] >= 0 for p in phases.values())
+    assert "..." not in json.dumps(result["phases"])  # --json carries values whole; only the live view cuts
+    assert phases["plan"]["measurement"] == expected["measurement"]
     legs = result["legs"]
     assert legs["cvm"] == pytest.approx(
         sum(p["seconds"] for p in phases.values() if p["leg"] == "cvm"), abs=0.05
