@@ -9,9 +9,11 @@ debug-mode guest only if it names that root or debug itself.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
@@ -290,7 +292,8 @@ def _statement(index: int, raw: Any) -> Statement:
     unknown = set(raw) - _STATEMENT_FIELDS
     if unknown:
         raise MalformedPolicy(
-            f"{where} has unsupported fields {sorted(unknown)} (NotAction etc. are not supported)"
+            f"{where} has unsupported fields {sorted(unknown)}{_did_you_mean(unknown, _STATEMENT_FIELDS)}; "
+            f"a statement takes {', '.join(sorted(_STATEMENT_FIELDS))} (NotAction etc. are not supported)"
         )
     sid = raw.get("Sid", "")
     if not isinstance(sid, str):
@@ -314,6 +317,19 @@ def _statement(index: int, raw: Any) -> Statement:
     return Statement(index, sid, effect, principals, actions, _conditions(raw.get("Condition", {}), where))
 
 
+_KEY_NAMES = [*_NITRO_KEYS, *_LAB_KEYS]
+
+
+def _did_you_mean(given: Iterable[str], known: Iterable[str]) -> str:
+    """`` (did you mean 'X'?)`` for the closest known name to a misspelt one, else nothing."""
+    names = {name.lower(): name for name in known}
+    for name in given:
+        close = difflib.get_close_matches(name.lower(), names, n=1, cutoff=0.75)
+        if close:
+            return f" (did you mean {names[close[0]]!r}?)"
+    return ""
+
+
 def _conditions(raw: Any, where: str) -> tuple[Condition, ...]:
     if not isinstance(raw, dict):
         raise MalformedPolicy(f"{where}: Condition must be an object")
@@ -321,7 +337,10 @@ def _conditions(raw: Any, where: str) -> tuple[Condition, ...]:
     for operator, block in raw.items():
         kind = _OPERATORS.get(operator)
         if kind is None:
-            raise MalformedPolicy(f"{where}: unsupported condition operator {operator!r}")
+            raise MalformedPolicy(
+                f"{where}: unsupported condition operator {operator!r}"
+                f"{_did_you_mean([operator], _OPERATORS)}; operators: {', '.join(sorted(_OPERATORS))}"
+            )
         if not isinstance(block, dict) or not block:
             raise MalformedPolicy(f"{where}: {operator} must map condition keys to values")
         if len({key.lower() for key in block}) != len(block):
@@ -329,7 +348,10 @@ def _conditions(raw: Any, where: str) -> tuple[Condition, ...]:
         for key, value in block.items():
             key_type = CONDITION_KEYS.get(key.lower())
             if key_type is None:
-                raise MalformedPolicy(f"{where}: unknown condition key {key!r}")
+                raise MalformedPolicy(
+                    f"{where}: unknown condition key {key!r}{_did_you_mean([key], _KEY_NAMES)} "
+                    "(docs/kms.md lists the condition keys)"
+                )
             if {"hex": "string"}.get(key_type, key_type) != kind:
                 raise MalformedPolicy(f"{where}: {operator} cannot compare {key} (a {key_type} key)")
             values = value if isinstance(value, list) else [value]

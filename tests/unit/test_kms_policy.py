@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -345,3 +346,40 @@ def test_lone_surrogates_are_refused(document: str) -> None:
 def test_malformed_policies_are_refused_with_a_reason(document: str, complaint: str) -> None:
     with pytest.raises(MalformedPolicy, match=complaint):
         KeyPolicy.parse(document)
+
+
+@pytest.mark.parametrize(
+    ("statement", "suggestion"),
+    [
+        ('"Efect": "Allow", "Principal": "*", "Action": "kms:Decrypt"', "did you mean 'Effect'?"),
+        (
+            '"Effect": "Allow", "Principal": "*", "Action": "kms:Decrypt", '
+            '"Condition": {"StringEqual": {"kms:RecipientAttestation:PCR0": "aa"}}',
+            "did you mean 'StringEquals'?",
+        ),
+        (
+            '"Effect": "Allow", "Principal": "*", "Action": "kms:Decrypt", '
+            '"Condition": {"StringEquals": {"teelab:RecipientAttestation:SnpMeasurment": "aa"}}',
+            "did you mean 'teelab:RecipientAttestation:SnpMeasurement'?",
+        ),
+    ],
+    ids=["field", "operator", "condition-key"],
+)
+def test_a_misspelt_policy_name_is_refused_with_the_name_it_was_meant_to_be(
+    statement: str, suggestion: str
+) -> None:
+    with pytest.raises(MalformedPolicy, match=re.escape(suggestion)):
+        KeyPolicy.parse('{"Version": "2012-10-17", "Statement": [{' + statement + "}]}")
+
+
+def test_the_key_policies_docs_kms_md_shows_are_valid() -> None:
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "kms.md").read_text()
+    examples = [b for b in re.findall(r"```json\n(.*?)```", docs, re.S) if '"Statement"' in b]
+    assert len(examples) >= 2
+    for example in examples:
+        policy = KeyPolicy.parse(re.sub(r"<[^>]+ hex>", "ab" * 48, example))
+        assert not any("kms:*" in s.actions and s.principals != ("*",) for s in policy.statements), (
+            "an operator statement with kms:* could decrypt without attestation"
+        )
