@@ -263,15 +263,7 @@ class LibvirtMachine(Machine):
                 if self._domain.isActive():
                     self._domain.destroy()
             self._wait_exit(5.0)
-        if not self._loop.loop.is_closed():
-            with contextlib.suppress(Exception):
-                self._loop.run(self._close_channels(), 5)
-        if self._console_sock is not None:
-            self._console_sock.close()
-            self._console_sock = None
-        for channel in self.channels.values():
-            channel.close()
-        self.channels = {}
+        self._close_host_ends()
         if self._conn is not None:
             with contextlib.suppress(libvirt.libvirtError):
                 if self._callback is not None:

@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -358,12 +359,8 @@ class Machine:
         self.exit_info = ExitInfo(stage, self._process.poll(), round(time.monotonic() - start, 3))
         return self.exit_info
 
-    def _cleanup(self, stage: str) -> None:
-        process = self._process
-        if process is not None and process.poll() is None:
-            process.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(5)
+    def _close_host_ends(self) -> None:
+        """Close the harness's ends of the VM's console and channels (their tasks on the loop first)."""
         if not self._loop.loop.is_closed():
             with contextlib.suppress(Exception):
                 self._loop.run(self._close_channels(), 5)
@@ -373,6 +370,14 @@ class Machine:
         for channel in self.channels.values():
             channel.close()
         self.channels = {}
+
+    def _cleanup(self, stage: str) -> None:
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(5)
+        self._close_host_ends()
         returncode = process.poll() if process else None
         (self.artifacts / "exit.json").write_text(
             json.dumps({"stage": stage, "returncode": returncode}) + "\n"
@@ -419,8 +424,10 @@ def _new_artifact_dir(name: str) -> Path:
     runs = paths.runs_dir()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-    path = runs / f"{stamp}-{safe}-{os.getpid()}-{time.monotonic_ns() % 1_000_000:06d}"
-    path.mkdir(parents=True)
+    # mkdtemp's random suffix makes the name unique: launches from several threads in one second and one
+    # process collided on a clock-derived suffix
+    path = Path(tempfile.mkdtemp(prefix=f"{stamp}-{safe}-{os.getpid()}-", dir=runs))
+    path.chmod(0o755)
     with paths.exclusive_lock(runs.parent / "runs.lock"):  # one pruner at a time: threads and processes
         old = sorted((p for p in runs.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
         for stale in old[:-KEEP_RUNS]:
