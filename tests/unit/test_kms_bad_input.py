@@ -5,7 +5,6 @@ another key, replayed nonces, broken signatures."""
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import os
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kms_raw import RawConnection
 from teelab_guest import kms_sigv4
 from teelab_guest.binding import report_data
 from teelab_guest.kms_client import RecipientKey
@@ -24,30 +24,13 @@ PCR0 = bytes.fromhex("3e" * 48)
 SEEN: list[int] = []
 
 
-class Raw:
-    """Sends exact bytes; reconnects when the server closes the connection."""
-
-    def __init__(self, endpoint: str) -> None:
-        host, port = endpoint.removeprefix("http://").rsplit(":", 1)
-        self.host, self.port = host, int(port)
-        self.conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+class Raw(RawConnection):
+    """Sends exact bytes with exact headers; every status is remembered in SEEN."""
 
     def post(self, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
-        for attempt in (0, 1):
-            try:
-                self.conn.request("POST", "/", body=body, headers=headers)
-                response = self.conn.getresponse()
-                data = response.read()
-                if response.will_close:
-                    self.conn.close()
-                break
-            except (http.client.HTTPException, OSError):
-                self.conn.close()
-                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
-                if attempt:
-                    raise
-        SEEN.append(response.status)
-        return response.status, json.loads(data) if data else {}
+        status, data = self.send(body, headers)
+        SEEN.append(status)
+        return status, json.loads(data) if data else {}
 
 
 @pytest.fixture(scope="module")

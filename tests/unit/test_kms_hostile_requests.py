@@ -10,7 +10,6 @@ that policy evaluation is not where every request stops.
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kms_raw import RawConnection
 from teelab_guest.kms_client import RecipientKey
 
 from harness.attest import LabAuthority
@@ -106,30 +106,13 @@ SCRATCH = {
 }  # fmt: skip
 
 
-class Raw:
-    """One keep-alive connection that sends exact bytes; reconnects when the server closes it."""
-
-    def __init__(self, endpoint: str) -> None:
-        host, port = endpoint.removeprefix("http://").rsplit(":", 1)
-        self.host, self.port = host, int(port)
-        self.conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+class Raw(RawConnection):
+    """One keep-alive connection that sends exact bytes to one operation."""
 
     def post(self, operation: str, body: bytes) -> tuple[int, dict[str, Any]]:
         headers = {"Content-Type": "application/x-amz-json-1.1", "X-Amz-Target": f"TrentService.{operation}"}
-        for attempt in (0, 1):
-            try:
-                self.conn.request("POST", "/", body=body, headers=headers)
-                response = self.conn.getresponse()
-                data = response.read()
-                if response.will_close:
-                    self.conn.close()
-                break
-            except (http.client.HTTPException, OSError):
-                self.conn.close()
-                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
-                if attempt:
-                    raise
-        return response.status, json.loads(data)
+        status, data = self.send(body, headers)
+        return status, json.loads(data)
 
 
 @pytest.fixture(scope="module")
