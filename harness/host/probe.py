@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import struct
 import subprocess
 from collections.abc import Iterable
@@ -267,11 +268,25 @@ def libvirt_info(root: Path) -> LibvirtInfo:
         return LibvirtInfo(available=False, reason=reason)
     major, rest = divmod(libvirt.getVersion(), 1_000_000)
     version = f"{major}.{rest // 1000}.{rest % 1000}"
-    sock = next((root / s for s in LIBVIRT_SOCKETS if (root / s).exists()), None)
-    if sock is None:
+    socks = [root / s for s in LIBVIRT_SOCKETS if (root / s).exists()]
+    if not socks:
         reason = "libvirtd is not running (no libvirt-sock)"
         return LibvirtInfo(available=False, version=version, reason=reason)
+    if not any(socket_answers(sock) for sock in socks):
+        reason = f"libvirtd is not running ({socks[0]} refuses connections: a stale socket)"
+        return LibvirtInfo(available=False, version=version, reason=reason)
     return LibvirtInfo(available=True, version=version, uri="qemu:///system")
+
+
+def socket_answers(sock: Path) -> bool:
+    """Whether something accepts connections on the Unix socket ``sock`` (a file alone may be stale)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2.0)
+        try:
+            probe.connect(str(sock))
+        except OSError:
+            return False
+    return True
 
 
 def _usable_device(path: Path) -> bool:

@@ -1,5 +1,8 @@
 """Starting libvirt's daemons where nothing else runs them (a fresh machine, a CI container): virtlogd
-(QEMU's logs under libvirt) and libvirtd, each with ``-d`` when its socket is missing."""
+(QEMU's logs under libvirt) and libvirtd, each with ``-d`` when nothing answers on its socket.
+
+A socket file alone proves nothing: a container image or a killed daemon leaves one behind that refuses
+every connection, so a daemon counts as running only when a connection to its socket is accepted."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from harness.host.probe import socket_answers
 from harness.libvirt.errors import LibvirtUnavailable
 
 RUN_DIR = Path("/run/libvirt")
@@ -15,10 +19,12 @@ DAEMONS = (("virtlogd", "virtlogd-sock"), ("libvirtd", "libvirt-sock"))
 
 
 def ensure_daemons(run_dir: Path = RUN_DIR, timeout: float = 15.0) -> list[str]:
-    """Start each daemon whose socket is missing; returns the names started. E461 if one cannot start."""
+    """Start each daemon nothing answers for (removing a stale socket first); returns the names started.
+    E461 if one is not installed or does not answer within ``timeout`` seconds."""
     started = []
     for daemon, sock in DAEMONS:
-        if (run_dir / sock).exists():
+        path = run_dir / sock
+        if socket_answers(path):
             continue
         binary = shutil.which(daemon) or shutil.which(daemon, path="/usr/sbin:/sbin")
         if binary is None:
@@ -27,12 +33,14 @@ def ensure_daemons(run_dir: Path = RUN_DIR, timeout: float = 15.0) -> list[str]:
                 hint="install libvirt-daemon-system (ansible/host-packages.txt lists it): make test does",
                 daemon=daemon,
             )
-        subprocess.run([binary, "-d"], check=False, timeout=timeout, capture_output=True)
+        path.unlink(missing_ok=True)  # left by a daemon that died: it would only refuse
+        done = subprocess.run([binary, "-d"], check=False, timeout=timeout, capture_output=True, text=True)
         deadline = time.monotonic() + timeout
-        while not (run_dir / sock).exists():
+        while not socket_answers(path):
             if time.monotonic() > deadline:
                 raise LibvirtUnavailable(
-                    f"{daemon} -d did not create {run_dir / sock} within {timeout:g} s",
+                    f"{daemon} -d did not answer on {path} within {timeout:g} s "
+                    f"(exit {done.returncode}: {done.stderr.strip()[-300:] or 'no message'})",
                     hint=f"run {daemon} in the foreground to see why (needs root)",
                     daemon=daemon,
                 )

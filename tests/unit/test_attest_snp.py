@@ -102,17 +102,25 @@ def test_a_recreated_lab_ca_is_not_confused_with_the_old_one(tmp_path: Path) -> 
 
 
 def test_amd_serial_number_zero_is_accepted_deliberately_and_silently() -> None:
+    import gc
     import warnings
+
+    from cryptography.utils import CryptographyDeprecationWarning
 
     from harness.attest import certs
 
     report, der = amd("", "vcek.der")
     certs._cache.pop(certs.fingerprint(der), None)  # parse it now, not from the cache
+    gc.collect()  # an earlier test's unclosed socket must not warn inside the block below
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         cert = certs.load_cert(der)
         verdict = verify(report, Policy(), certificates=[der], now=AT)
-    assert verdict.ok and not seen
+    assert verdict.ok
+    # only warnings about this certificate count: other tests' threads and sockets may warn meanwhile
+    cryptography_warns = CryptographyDeprecationWarning
+    about_it = [w for w in seen if issubclass(w.category, cryptography_warns) or "serial" in str(w.message)]
+    assert not about_it, [str(w.message) for w in about_it]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # reading the serial is what cryptography warns about
         assert cert.x509.serial_number == 0

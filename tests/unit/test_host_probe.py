@@ -132,3 +132,24 @@ def test_growing_a_pool_the_kernel_does_not_have_is_a_coded_error() -> None:
     with pytest.raises(HugepageReserveFailed) as caught:
         hugepages.ensure_pool(4, 1)  # no kernel has 4 KiB hugepages, so there is no such pool
     assert caught.value.code == "E202" and "hugepages-4kB" in caught.value.hint
+
+
+def test_a_stale_libvirt_socket_is_not_a_running_libvirtd(tmp_path: Path) -> None:
+    """A socket file left by a dead daemon (or baked into a container image) refuses every connection."""
+    import socket
+
+    from harness.host.probe import libvirt_info, socket_answers
+
+    pytest.importorskip("libvirt")
+    sock = tmp_path / "run/libvirt/libvirt-sock"
+    sock.parent.mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(sock))  # bound, never listening: the file stays, connections are refused
+    assert sock.exists() and not socket_answers(sock)
+    stale = libvirt_info(tmp_path)
+    assert not stale.available and "stale socket" in stale.reason
+    sock.unlink()
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(str(sock))
+        live.listen()
+        assert socket_answers(sock) and libvirt_info(tmp_path).available
