@@ -7,10 +7,12 @@ import contextlib
 import re
 import shlex
 
+from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from harness.cli.render import console, print_json
-from harness.demo import Phase, run_demo
+from harness.demo import LEGS, DemoResult, Phase, run_demo
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,12 +38,7 @@ def run(args: argparse.Namespace) -> int:
     def show(phase: Phase) -> None:
         if status is None:
             return
-        detail = " ".join(
-            f"{k}={_short(v)}"
-            for k, v in phase.detail.items()
-            if k not in ("decisions", "enclave_decisions", "endpoint", "measure")
-        )
-        console.print(f"[green]✓[/] [bold]{phase.name:<9}[/] {phase.seconds:6.2f} s  {detail}")
+        console.print(phase_line(phase, console.width), highlight=False)
         status.update(f"teelab demo: after {phase.name}")
 
     with status if status is not None else contextlib.nullcontext():
@@ -49,6 +46,27 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result.to_dict())
         return 0 if result.ok else 1
+    print_summary(result, console)
+    return 0 if result.ok else 1
+
+
+LEG_TITLES = {"cvm": "CVM", "enclave": "enclave"}
+LIVE_HIDDEN = ("decisions", "enclave_decisions", "endpoint", "measure")  # the summary or --json shows these
+
+
+def phase_line(phase: Phase, width: int = 80) -> str:
+    """One line of the live view, at most ``width`` columns: the phase, its seconds and its details, long
+    tokens (hex, key ids) shortened; the summary and ``--json`` keep them whole."""
+    head = f"✓ {phase.name:<14} {phase.seconds:6.2f} s  "
+    detail = " ".join(f"{k}={_short(v)}" for k, v in phase.detail.items() if k not in LIVE_HIDDEN)
+    room = max(width - 1 - len(head), 8)  # a terminal wraps a line that reaches its last column
+    if len(detail) > room:
+        detail = detail[: room - 3] + "..."
+    return f"[green]✓[/] [bold]{phase.name:<14}[/] {phase.seconds:6.2f} s  {escape(detail)}"
+
+
+def print_summary(result: DemoResult, out: Console) -> None:
+    """Who was served and refused, why (the KMS's audit), each phase's and leg's time, and the verdict."""
     table = Table(title="confidential VMs, enclaves and the lab KMS")
     for column in ("leg", "guest", "measurement", "KMS", "detail"):
         table.add_column(column)
@@ -58,34 +76,32 @@ def run(args: argparse.Namespace) -> int:
             colour = "green" if outcome == "served" else "yellow" if outcome == "refused" else "red"
             served = outcome == "served"
             detail = f"secret sha256 {guest['sha256'][:16]}..." if served else guest.get("error", "")
-            measured = f"{'PCR0 ' if field == 'pcr0' else ''}{str(guest.get(field, ''))[:24]}..."
+            measured = f"{'PCR0 ' if field == 'pcr0' else ''}{str(guest.get(field, ''))[:16]}..."
             table.add_row(leg, name, measured, f"[{colour}]{outcome}[/]", detail)
-    console.print(table)
+    out.print(table)
     audit = next((p.detail for p in result.phases if p.name == "audit"), {})
     for decision in [*audit.get("decisions", []), *audit.get("enclave_decisions", [])]:
         why = [r for r in decision["reasons"] if "does not hold" in r or "allows" in r]
         text = re.sub(r"[0-9a-f]{16,}", lambda m: m[0][:12] + "...", "; ".join(why))
-        console.print(f"  KMS audit: {decision['decision']}: {text}", highlight=False, soft_wrap=True)
+        out.print(f"  KMS audit: {decision['decision']}: {text}", highlight=False)
     legs = result.legs()
-    times = "  ".join(f"{p.name} {p.seconds:.1f}" for p in result.phases)
-    console.print(f"  phases (s): {times}", highlight=False, soft_wrap=True)
-    console.print(
-        f"  CVM leg {legs['cvm']:.1f} s, enclave leg {legs['enclave']:.1f} s "
-        f"(x{legs.get('enclave_over_cvm', 0):.2f})",
-        highlight=False,
-    )
+    for leg, names in LEGS.items():
+        phases = [p for p in result.phases if p.name in names]
+        times = ", ".join(f"{p.name.removeprefix('enclave-')} {p.seconds:.1f}" for p in phases)
+        out.print(f"  {LEG_TITLES[leg]} leg {legs[leg]:.1f} s: {times}", highlight=False)
+    if "enclave_over_cvm" in legs:
+        out.print(f"  enclave leg / CVM leg: {legs['enclave_over_cvm']:.2f}", highlight=False)
     measure = next((p.detail.get("measure") for p in result.phases if p.name == "plan"), None)
     if measure:
-        console.print(
-            f"  expected measurement, on its own: {shlex.join(measure)}", highlight=False, soft_wrap=True
-        )
+        # one line however wide, so that it can be copied whole
+        command = shlex.join(measure)
+        out.print(f"  expected measurement, on its own: {command}", highlight=False, soft_wrap=True)
     verdict = "[green]demo OK[/]" if result.ok else "[red]demo FAILED[/]"
-    console.print(
-        f"{verdict}: expected CVM and enclave served over TLS, modified ones refused ({result.seconds:.1f} s)"
+    out.print(
+        f"{verdict} in {result.seconds:.1f} s: expected CVM and enclave served over TLS, modified refused"
     )
-    return 0 if result.ok else 1
 
 
 def _short(value: object) -> str:
-    """A phase detail for the live view: long hex values shortened (``--json`` keeps them whole)."""
-    return re.sub(r"[0-9a-f]{24,}", lambda m: m[0][:16] + "...", str(value))
+    """A phase detail for the live view: tokens longer than 20 characters cut to 12 (hex, key ids)."""
+    return re.sub(r"[^\s]{21,}", lambda m: m[0][:12] + "...", str(value))
