@@ -52,6 +52,28 @@ def test_mrenclave_is_the_sdm_block_sequence() -> None:
     assert layout.mrenclave() == hashlib.sha256(b"".join(blocks)).digest()
 
 
+def test_mrenclave_of_a_published_layout_is_its_published_value(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Known answer from the enarx ``sgx`` crate (github.com/enarx/sgx, Apache-2.0, commit 05c571cf,
+    src/crypto.rs, test ``long``): a TCS page then two R pages, every byte 0x7B, loaded from offset 0 into a
+    16 KiB enclave (SECS.SIZE, the next power of two of three pages) with one SSA page, all measured,
+    has MRENCLAVE e90b1123...2e54. That crate's hasher reproduces the ENCLAVEHASH of the Linux SGX selftest
+    enclave's SIGSTRUCT (the value EINIT checks the CPU's own measurement against); this value is its
+    regression answer for a layout expressible as data, computed here through ``teelab measure``."""
+    page = (b"\x7b" * PAGE).hex()
+    description = tmp_path / "enarx-long.toml"
+    description.write_text(
+        "size = 0x4000\nssa_frame_size = 1\n"
+        f"[[region]]\noffset = 0\ntype = 'tcs'\npermissions = ''\nhex = '{page}'\n"
+        f"[[region]]\noffset = 0x1000\npermissions = 'r'\nhex = '{page * 2}'\n"
+    )
+    assert main(["measure", "--kind", "sgx", "--enclave", str(description), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["mrenclave"] == "e90b112375a3c46a8e89a9826c6c33051df198be09f51b1055ad115a2b7c2e54"
+    assert (printed["size"], printed["pages"]) == (0x4000, 3)
+
+
 def test_mrenclave_changes_with_what_the_cpu_measures_and_only_that() -> None:
     base = EnclaveLayout(
         0x4000, 1, (EnclaveRegion(0, b"a" * PAGE, "rx"), EnclaveRegion(PAGE, bytes(PAGE), "rw"))
