@@ -22,7 +22,7 @@ HARDWARE_MARKERS = {
     "kvm": "needs a KVM host whose CPU exposes vmx or svm",
     "snp": "needs an AMD SEV-SNP host with QEMU >= 9.1",
     "tdx": "needs an Intel TDX host with QEMU >= 10.1",
-    "sgx": "needs an Intel SGX host (flexible launch control, /dev/sgx_vepc, EPC) with QEMU >= 6.2",
+    "sgx": "needs an Intel SGX host (flexible launch control, /dev/sgx_vepc, EPC) with QEMU >= 7.0",
     "vhost_vsock": "needs /dev/vhost-vsock",
     "root": "needs root (hugepages, hugetlbfs mounts)",
 }

@@ -37,7 +37,7 @@ def register_bench(kinds: argparse._SubParsersAction) -> None:
 def run_status(args: argparse.Namespace) -> int:
     host = probe()
     rows = []
-    for kind in ("snp", "tdx"):
+    for kind in ("snp", "tdx", "sgx"):
         backend = choose_backend(kind, host)
         missing = real_tee_missing(kind, host)
         rows.append({"kind": kind, "backend": type(backend).__name__, "emulated": backend.emulated,

@@ -12,7 +12,10 @@ GROUPS: tuple[Group, ...] = get_args(Group)
 # The first QEMU release with each confidential-guest object (QEMU's docs/system/i386/*.rst).
 SNP_QEMU = (9, 1, 0)
 TDX_QEMU = (10, 1, 0)
-SGX_QEMU = (6, 2, 0)
+# SGX came in QEMU 6.2; sgx-epc.N.node, which teelab always sets (and QEMU then requires), in 7.0.
+SGX_QEMU = (7, 0, 0)
+# QEMU registers memory-backend-epc only when it can open /dev/sgx_vepc read-write (backends/hostmem-epc.c).
+EPC_BACKEND_NOTE = " (QEMU offers it only when it can open /dev/sgx_vepc read-write)"
 
 
 def _qemu_missing(host: HostInfo, *types: str, since: tuple[int, int, int] | None = None) -> list[str]:
@@ -37,7 +40,7 @@ def missing(group: Group, host: HostInfo) -> list[str]:
     tcg: a QEMU with the memfd backend and the user-space vsock device; kvm: that and usable KVM; snp:
     ``kvm_amd sev_snp=Y``, /dev/sev and QEMU >= 9.1 with ``sev-snp-guest``; tdx: ``kvm_intel tdx=Y`` and QEMU
     >= 10.1 with ``tdx-guest``; sgx: the CPU's SGX with flexible launch control, /dev/sgx_vepc, EPC on some
-    node and QEMU >= 6.2 with ``memory-backend-epc``; vhost-vsock: /dev/vhost-vsock and QEMU's
+    node and QEMU >= 7.0 with ``memory-backend-epc``; vhost-vsock: /dev/vhost-vsock and QEMU's
     ``vhost-vsock-pci``.
     """
     if group not in GROUPS:
@@ -57,9 +60,9 @@ def missing(group: Group, host: HostInfo) -> list[str]:
         )
         return found + _qemu_missing(host, "sev-snp-guest", since=SNP_QEMU) + _kvm_missing(host)
     if group == "sgx":
-        return (
-            sgx_missing(host) + _qemu_missing(host, "memory-backend-epc", since=SGX_QEMU) + _kvm_missing(host)
-        )
+        qemu = _qemu_missing(host, "memory-backend-epc", since=SGX_QEMU)
+        qemu = [m + EPC_BACKEND_NOTE if m.endswith("memory-backend-epc") else m for m in qemu]
+        return sgx_missing(host) + qemu + _kvm_missing(host)
     found = [] if host.tee.tdx else ["the host kernel does not offer TDX (kvm_intel tdx=Y)"]
     return found + _qemu_missing(host, "tdx-guest", since=TDX_QEMU) + _kvm_missing(host)
 

@@ -199,7 +199,7 @@ def tee_support(root: Path, flags: frozenset[str]) -> TeeSupport:
 
 
 def epc_sections(root: Path) -> tuple[EpcSection, ...]:
-    """The SGX EPC of each NUMA node that has some (Linux >= 6.2: nodeN/x86/sgx_total_bytes)."""
+    """The SGX EPC of each NUMA node that has some (the kernel's nodeN/x86/sgx_total_bytes)."""
     sections = []
     for path in sorted((root / "sys/devices/system/node").glob("node[0-9]*/x86/sgx_total_bytes")):
         try:

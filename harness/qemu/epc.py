@@ -1,6 +1,7 @@
 """SGX EPC for a guest: ``-object memory-backend-epc`` per section, bound to the host NUMA node whose EPC it
-takes, and ``sgx-epc.N.memdev``/``.node`` on the machine (QEMU docs/system/i386/sgx.rst, "NUMA"), validated
-against the host's SGX and its EPC per node."""
+takes, and ``sgx-epc.N.memdev``/``.node`` on the machine (QEMU docs/system/i386/sgx.rst, "To launch a SGX
+numa guest"; ``node`` is QEMU 7.0's and required since), validated against the host's SGX and its EPC per
+node."""
 
 from __future__ import annotations
 
@@ -59,8 +60,11 @@ def validate_epc(name: str, sections: Sequence[EpcSection], host: HostInfo, acce
     for section in sections:
         section.validate(name)
     missing = capability.sgx_missing(host)
+    if host.qemu.version is not None and host.qemu.version < capability.SGX_QEMU:
+        found = ".".join(map(str, host.qemu.version))
+        missing.append(f"QEMU {found} is older than 7.0, the first with sgx-epc.N.node")
     if not host.qemu.has("memory-backend-epc"):
-        missing.append("QEMU has no memory-backend-epc (QEMU >= 6.2 built with SGX)")
+        missing.append("QEMU has no memory-backend-epc" + capability.EPC_BACKEND_NOTE)
     if accel != "kvm":
         missing.append(f"SGX guests need KVM, and this guest runs under {accel}")
     wanted = Counter[int]()

@@ -114,7 +114,7 @@ class SgxUnavailable(SpecError):
     title = "SGX EPC not available on this host"
     explanation = (
         "A guest with SGX EPC sections needs the CPU's SGX with flexible launch control, /dev/sgx_vepc, "
-        "enough EPC on each node a section names (nodeN/x86/sgx_total_bytes), QEMU >= 6.2 "
+        "enough EPC on each node a section names (nodeN/x86/sgx_total_bytes), QEMU >= 7.0 "
         "(memory-backend-epc) and KVM; `teelab doctor --require sgx` lists what is missing."
     )
 

@@ -49,7 +49,8 @@ from harness.tee.processor import DeviceService, NsmHandler, SecurityProcessor
 from harness.tee.tdvf import tdvf_mrtd
 
 Mode = Literal["auto", "real", "emulated"]
-Kind = Literal["snp", "tdx", "nsm"]
+Kind = Literal["snp", "tdx", "nsm", "sgx"]
+KINDS: tuple[Kind, ...] = ("snp", "tdx", "nsm", "sgx")
 TEE_PORT_ID = "tee0"
 TEE_CHANNEL = "tee"
 
@@ -414,30 +415,39 @@ def real_tee_missing(kind: Kind, host: HostInfo) -> list[str]:
 
 def choose_backend(kind: Kind, host: HostInfo, mode: Mode = "auto", **options: Any) -> TeeBackend:
     """The backend for ``kind`` on ``host``: real where the host can (``auto``) or must (``real``), else
-    emulated. ``options`` go to the backend (policy, host_data, firmware, attributes, module...)."""
-    if kind not in ("snp", "tdx", "nsm") or mode not in ("auto", "real", "emulated"):
+    emulated. ``options`` go to the backend (policy, host_data, firmware, attributes, module, identity,
+    epc...); options only the other backend takes are dropped (an emulated guest has no firmware or EPC)."""
+    if kind not in KINDS or mode not in ("auto", "real", "emulated"):
         raise MeasureInputInvalid(
             f"no TEE backend for kind={kind!r} mode={mode!r}",
-            hint="kind is snp, tdx or nsm; mode is auto, real or emulated",
+            hint="kind is snp, tdx, sgx or nsm; mode is auto, real or emulated",
         )
     missing = real_tee_missing(kind, host)
     if mode == "real" and missing:
+        doctor = "" if kind == "nsm" else f", or run on a capable host (`teelab doctor --require {kind}`)"
         raise TeeUnavailable(
             f"a real {kind} guest cannot run here: " + "; ".join(missing),
-            hint="use mode='emulated' (or 'auto'), or run on a capable host",
+            hint=f"use mode='emulated' (or 'auto'){doctor}",
             missing=missing,
         )
-    real = mode != "emulated" and not missing
     try:
-        if kind == "snp":
-            return SnpBackend(**options) if real else EmulatedSnpBackend(**_emulated_snp_options(options))
-        if kind == "tdx":
-            return TdxBackend(**options) if real else EmulatedTdxBackend(**_emulated_tdx_options(options))
-        return EmulatedNsmBackend(**options)
+        return _backend(kind, mode != "emulated" and not missing, options)
     except TypeError as exc:
         raise MeasureInputInvalid(
             f"bad option for the {kind} backend: {exc}", hint="see the backend options in docs/tee.md"
         ) from None
+
+
+def _backend(kind: Kind, real: bool, options: dict[str, Any]) -> TeeBackend:
+    if kind == "snp":
+        return SnpBackend(**options) if real else EmulatedSnpBackend(**_emulated_snp_options(options))
+    if kind == "tdx":
+        return TdxBackend(**options) if real else EmulatedTdxBackend(**_emulated_tdx_options(options))
+    if kind == "sgx":
+        from harness.tee.sgx import sgx_backend  # (harness.tee.sgx builds on this module)
+
+        return sgx_backend(real, options)
+    return EmulatedNsmBackend(**options)
 
 
 def _emulated_snp_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -455,7 +465,8 @@ def _emulated_tdx_options(options: dict[str, Any]) -> dict[str, Any]:
 
 def backend_for_spec(spec: VMSpec, host: HostInfo, mode: Mode = "auto", **options: Any) -> TeeBackend:
     """The backend for the confidential guest ``spec.confidential`` names (its policy, host_data, TDX
-    attributes), real or emulated by ``mode``: one spec runs on SNP hardware and on a TCG host alike."""
+    attributes), or SGX for a spec with EPC sections, real or emulated by ``mode``: one spec runs on SNP, TDX
+    or SGX hardware and on a TCG host alike."""
     guest = spec.confidential
     if isinstance(guest, SevSnpGuest):
         options.setdefault("policy", guest.policy)
@@ -471,6 +482,9 @@ def backend_for_spec(spec: VMSpec, host: HostInfo, mode: Mode = "auto", **option
             if getattr(guest, name) is not None:
                 options.setdefault(name, getattr(guest, name))
         return choose_backend("tdx", host, mode, **options)
+    if spec.epc:
+        return choose_backend("sgx", host, mode, **options)
     raise MeasureInputInvalid(
-        f"{spec.name} names no confidential guest", hint="set confidential=SevSnpGuest(...) or TdxGuest(...)"
+        f"{spec.name} names no confidential guest",
+        hint="set confidential=SevSnpGuest(...) or TdxGuest(...), or epc=(EpcSection(...),) for SGX",
     )

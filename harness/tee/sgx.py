@@ -26,14 +26,23 @@ import hashlib
 import struct
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 
+from harness.host.model import HostInfo
+from harness.qemu.epc import EpcSection
 from harness.qemu.spec import VMSpec
-from harness.tee.errors import DeviceConfigError, EnclaveDescriptionInvalid
+from harness.tee.errors import DeviceConfigError, EnclaveDescriptionInvalid, TeeLaunchMismatch
 from harness.tee.measure import Measurement
-from harness.tee.platforms import EmulatedBackend, lab_authority
+from harness.tee.platforms import (
+    EmulatedBackend,
+    Kind,
+    Launched,
+    TeeAttachment,
+    TeeBackend,
+    lab_authority,
+)
 from harness.tee.processor import SecurityProcessor
 
 PAGE = 4096
@@ -211,14 +220,92 @@ def lab_sgx_issuer(authority: Any, identity: SgxIdentity) -> Any:
 class EmulatedSgxBackend(EmulatedBackend):
     """SGX quotes from the lab PCK chain for the enclave ``identity``: a guest process asks the port for a
     quote over its report_data (``teelab_guest.evidence.get_evidence``) as an enclave asks a quoting
-    library."""
+    library. The spec's EPC sections are dropped: an emulated guest runs no enclave (TCG has no SGX)."""
 
     identity: SgxIdentity = field(default_factory=lambda: SgxIdentity(bytes(32)))
     authority: Any = field(default=None, compare=False, repr=False)
-    kind: ClassVar[str] = "sgx"  # type: ignore[assignment]
+    kind: ClassVar[Kind] = "sgx"
+
+    def configure(self, spec: VMSpec, host: HostInfo) -> VMSpec:
+        return replace(super().configure(spec, host), epc=())
 
     def expected(self, spec: VMSpec) -> Measurement | None:
         return None  # the enclave identity is an input (``identity``), not derived from the VM's launch
 
     def processor(self, spec: VMSpec, measurement: Measurement | None) -> SecurityProcessor:
         return SecurityProcessor("sgx", sgx=lab_sgx_issuer(self.authority or lab_authority(), self.identity))
+
+
+@dataclass(frozen=True)
+class SgxBackend(TeeBackend):
+    """A real SGX-capable guest on an SGX host: EPC sections (``memory-backend-epc`` bound to the host node
+    whose EPC each takes, ``sgx-epc.N`` on the machine) and the CPU's SGX features (``+sgx,+sgxlc,
+    +sgx-provisionkey``) under KVM. The EPC is the spec's sections, else ``epc``, else one section of
+    ``epc_mib`` MiB from the host node with the most EPC.
+
+    The guest's enclaves are built and measured by the CPU and quoted by the guest's own DCAP stack (its
+    quoting enclave, and a quote provider library fetching the PCK certificate from a PCCS): evidence
+    verifies with the Intel SGX root, not the lab's, and no emulated port is attached. ``identity``, when
+    given, is the enclave a verifier should expect (``verify_policy``); nothing in the launch sets it.
+    """
+
+    epc: tuple[EpcSection, ...] = ()
+    epc_mib: int = 64
+    identity: SgxIdentity | None = None
+    kind: ClassVar[Kind] = "sgx"
+    emulated: ClassVar[bool] = False
+
+    def configure(self, spec: VMSpec, host: HostInfo) -> VMSpec:
+        if spec.confidential is not None:
+            raise DeviceConfigError(
+                f"{spec.name}: an SGX guest is an ordinary KVM guest with EPC, not also a "
+                f"{type(spec.confidential).__name__}",
+                hint="drop confidential= from the spec (enclaves run inside the guest)",
+            )
+        return replace(spec, epc=spec.epc or self.epc or (self._default_section(host),))
+
+    def _default_section(self, host: HostInfo) -> EpcSection:
+        sections = sorted(host.tee.sgx_epc, key=lambda section: (-section.size_kib, section.node))
+        return EpcSection("epc0", self.epc_mib, host_node=sections[0].node if sections else 0)
+
+    def verify_policy(self, **pins: Any) -> Any:
+        """A verifier policy for this guest's quotes: the Intel SGX root, ``identity``'s MRENCLAVE, MRSIGNER,
+        ISVPRODID, ISVSVN (as the least accepted) and debug when given, and ``pins`` (report_data...)."""
+        from harness.attest import Policy
+
+        if self.identity is not None:
+            identity = self.identity
+            expected = {"mrenclave": identity.mrenclave, "mrsigner": identity.mrsigner,
+                        "isv_prod_id": identity.isv_prod_id, "min_isv_svn": identity.isv_svn,
+                        "allow_debug": identity.debug}  # fmt: skip
+            pins = expected | pins
+        return Policy(roots=("intel-sgx",), **pins)
+
+    def after_launch(self, attachment: TeeAttachment, machine: Launched, timeout: float) -> dict[str, Any]:
+        """QMP ``query-sgx`` must say SGX and FLC are on and list the spec's EPC sections (node, bytes)."""
+        info = machine.qmp("query-sgx", timeout=timeout)
+        wanted = sorted((section.guest_node, section.size_mib << 20) for section in attachment.spec.epc)
+        found = sorted((s.get("node"), s.get("size")) for s in info.get("sections") or ())
+        if not (info.get("sgx") and info.get("flc")) or found != wanted:
+            raise TeeLaunchMismatch(
+                f"{attachment.spec.name}: query-sgx says sgx={info.get('sgx')} flc={info.get('flc')} "
+                f"sections={found}, expected SGX with FLC and sections {wanted} (node, bytes)",
+                hint="check `teelab doctor --require sgx` and QEMU's stderr in the artifact folder",
+                received=info,
+            )
+        return dict(info)
+
+
+REAL_ONLY = ("epc", "epc_mib")
+EMULATED_ONLY = ("authority",)
+
+
+def sgx_backend(real: bool, options: dict[str, Any]) -> TeeBackend:
+    """``SgxBackend`` (real) or ``EmulatedSgxBackend`` from ``choose_backend``'s options, each without the
+    options only the other takes."""
+    if real:
+        return SgxBackend(**{k: v for k, v in options.items() if k not in EMULATED_ONLY})
+    emulated = {k: v for k, v in options.items() if k not in REAL_ONLY}
+    if "identity" in emulated and emulated["identity"] is None:
+        del emulated["identity"]  # (the emulated quote then carries a zero MRENCLAVE)
+    return EmulatedSgxBackend(**emulated)

@@ -20,6 +20,7 @@ from harness.kms import KmsServer, Listen
 from harness.lab import GuestBoot, Lab
 from harness.qemu.epc import EpcSection
 from harness.qemu.objects import MemoryBackendMemfd
+from harness.tee.platforms import choose_backend
 from harness.tee.sgx import EmulatedSgxBackend, SgxIdentity
 
 pytestmark = pytest.mark.vm
@@ -107,16 +108,18 @@ def test_the_kms_releases_only_under_a_policy_naming_the_guests_mrenclave(sgx_gu
 
 @pytest.mark.sgx
 def test_an_sgx_guest_sees_the_epc_its_spec_gives_it(cvm_image) -> None:
-    """On an SGX host: two EPC sections (one from each host node where there are two) reach the guest, whose
-    kernel counts their sum on its node 0."""
+    """On an SGX host, through the real backend (``choose_backend("sgx", mode="real")``): two EPC sections
+    (one from each host node where there are two) reach the guest; QEMU's query-sgx lists them at launch
+    (``after_launch``) and the guest's kernel counts their sum on its node 0."""
     with Lab() as lab:
         nodes = [section.node for section in lab.host.tee.sgx_epc]
         host_nodes = (nodes[0], nodes[-1])  # two nodes where the host has two, else both from one
         sections = tuple(EpcSection(f"epc{i}", 16, host_node=node) for i, node in enumerate(host_nodes))
         spec = replace(lab.spec_for_image(cvm_image, name="sgx-epc", role="cvm", vcpus=2), epc=sections)
-        boot = lab.boot(spec)
-        assert boot.agent is not None
-        script = "grep -c -w sgx /proc/cpuinfo; cat /sys/devices/system/node/node0/x86/sgx_total_bytes"
-        out = boot.agent.exec(["sh", "-c", script], check=True, timeout=60).stdout.decode().split()
-        lab.stop(boot.machine)
+        with choose_backend("sgx", lab.host, "real").attach(spec, lab.host) as tee:
+            boot = lab.boot(tee.spec, on_launch=tee.after_launch)
+            assert boot.agent is not None
+            script = "grep -c -w sgx /proc/cpuinfo; cat /sys/devices/system/node/node0/x86/sgx_total_bytes"
+            out = boot.agent.exec(["sh", "-c", script], check=True, timeout=60).stdout.decode().split()
+            lab.stop(boot.machine)
     assert int(out[0]) >= 1 and int(out[1]) == 32 << 20

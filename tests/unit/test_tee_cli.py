@@ -12,7 +12,7 @@ from harness.cli import main
 def test_status_names_the_backend_of_each_kind_and_why(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["tee", "status", "--json"]) == 0
     rows = {row["kind"]: row for row in json.loads(capsys.readouterr().out)}
-    assert set(rows) == {"snp", "tdx"}
+    assert set(rows) == {"snp", "tdx", "sgx"}
     for row in rows.values():
         assert row["backend"].endswith("Backend") and row["why"]
         assert row["emulated"] == row["backend"].startswith("Emulated")

@@ -200,7 +200,8 @@ def test_asking_for_real_hardware_on_a_tcg_host_says_what_is_missing() -> None:
     missing = info.value.evidence["missing"]
     assert any("sev-snp-guest" in m for m in missing) and any("KVM" in m for m in missing)
     with pytest.raises(MeasureInputInvalid):
-        choose_backend("sgx", tcg_host())  # type: ignore[arg-type]
+        choose_backend("sev", tcg_host())  # type: ignore[arg-type]
+    assert "doctor --require snp" in (info.value.hint or "")
 
 
 def test_one_spec_runs_real_or_emulated_with_its_policy_and_host_data(guest: VMSpec) -> None:
