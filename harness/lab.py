@@ -45,7 +45,7 @@ from harness.ssh import NIC_ID, GuestSsh, SshUnavailable, free_port, open_ssh
 from harness.tee.measure import SnpMeasurement, TdxMeasurement
 from harness.tee.platforms import TeeAttachment, choose_backend
 from harness.tee.vtpm import Vtpm, vtpm_is_ephemeral
-from harness.vsock import VsockAttachment, VsockHost, VsockProxy
+from harness.vsock import ENCLAVE_GROUP, VsockAttachment, VsockHost, VsockProxy
 
 READY_PATTERN = re.compile(protocol.READY_REGEX)
 FAST_FIRMWARE = "qboot.rom"  # a minimal BIOS: boots a -kernel guest ~70 ms sooner than SeaBIOS under TCG
@@ -307,7 +307,7 @@ class Lab:
         try:
             ensure_pool(layout.pool.page_kib, layout.pages(memory_mib + layout.pool.memory_mib))
             self.host = replace(self.host, hugepages=hugepage_pools(Path("/")))
-            attachment = self.vsock.attach(name, group=group, cid=3)
+            attachment = self.vsock.attach(name, group=group, cid=3, group_kind=ENCLAVE_GROUP)
             closers.append(lambda: self.vsock.detach(name))
             values = book_parent(ledger, layout)
             spec = self.spec_for_image(

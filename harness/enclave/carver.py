@@ -46,7 +46,7 @@ from harness.host.probe import hugepage_pools
 from harness.qemu.devices import Device
 from harness.qemu.machine import Machine
 from harness.qemu.spec import VMSpec
-from harness.vsock import VsockHost
+from harness.vsock import ENCLAVE_GROUP, VsockHost
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,8 @@ class ParentVm:
         timeout: float | None,
         undo: list[Any],
     ) -> Enclave:
-        attachment = self.vsock.attach(name, group=self.group, cid=cid, host_ports=False)  # parent only
+        # in the parent's enclave group: the enclave reaches its parent only, and only its parent reaches it
+        attachment = self.vsock.attach(name, group=self.group, cid=cid, group_kind=ENCLAVE_GROUP)
         undo.append(lambda: self.vsock.detach(name))
         heartbeat = self._arm_heartbeat(attachment.cid, timeout or _heartbeat_timeout(launch, memory_mib))
         undo.append(heartbeat.close)

@@ -38,6 +38,7 @@ from harness.vsock.external import GroupDaemon
 from harness.vsock.hybrid import listener_path
 from harness.vsock.packet import HOST_CID, MAX_CID, MAX_PORT, RESERVED_CIDS
 from harness.vsock.server import SwitchServer, VmEndpoint, close_unix_listener, listen_unix
+from harness.vsock.switch import ENCLAVE_GROUP, GROUP_KINDS, MESH_GROUP, PARENT_CID
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,12 @@ class VsockAttachment:
     devices: tuple[Device, ...]
     uds: Path | None = None  # the hybrid socket (user-space backends)
     host_ports: bool = True  # False: no host listener serves it (an enclave talks to its parent only)
+    group_kind: str = MESH_GROUP  # or ENCLAVE_GROUP: CID 3 the parent, the others enclaves reaching it only
+
+    @property
+    def enclave(self) -> bool:
+        """True for an enclave: a VM of an enclave group other than its parent (CID 3)."""
+        return self.group_kind == ENCLAVE_GROUP and self.cid != PARENT_CID
 
     @property
     def needs_shared_memory(self) -> bool:
@@ -92,32 +99,37 @@ class VsockHost:
 
     # -- VMs ------------------------------------------------------------------------------------
     def attach(
-        self, name: str, *, group: str | None = None, cid: int | None = None, host_ports: bool = True
+        self,
+        name: str,
+        *,
+        group: str | None = None,
+        cid: int | None = None,
+        host_ports: bool = True,
+        group_kind: str = MESH_GROUP,
     ) -> VsockAttachment:
         """Give VM ``name`` a vsock device. ``group`` names the VMs it may reach by CID (the CID is then
         scoped to the group, so a parent can be CID 3 in each); without one it reaches only the host.
-        Without ``host_ports`` no host listener (``listen``) accepts its connections: they are reset."""
+        Without ``host_ports`` no host listener (``listen``) accepts its connections: they are reset.
+        ``group_kind="enclave"`` makes the group a parent's (CID 3) and its enclaves': an enclave reaches
+        only the parent, and neither the host nor other enclaves reach it (the built-in switch only)."""
+        _check_attach(name, group, cid, group_kind)
         if name in self.attachments:
             raise VsockConfigError(f"VM {name} already has vsock", hint="detach it first or use another name")
-        if group is not None and not _GROUP.fullmatch(group):
-            raise VsockConfigError(
-                f"routing group {group!r} is not a plain name",
-                hint="use letters, digits, '_' and '-' (up to 64)",
-                group=group,
-            )
-        if cid is not None and (cid in RESERVED_CIDS or not 3 <= cid <= MAX_CID):
-            raise VsockConfigError(
-                f"VM {name}: CID {cid} is reserved or out of range",
-                hint=f"use a CID from 3 to {MAX_CID} (0, 1, 2 and 2**32-1 are reserved)",
-                cid=cid,
-            )
         kind = backend_choice.resolve(self.host, self.backend, grouped=group is not None)
+        if group_kind == ENCLAVE_GROUP and kind != backend_choice.BUILTIN:
+            raise VsockConfigError(
+                f"VM {name}: the {kind} backend routes every VM of a group to every other, so it cannot keep "
+                "enclaves apart",
+                hint="use the 'builtin' vsock backend (or 'auto') for parents and enclaves",
+                backend=kind,
+            )
         scoped = kind != backend_choice.KERNEL and cid is not None  # group-scoped CIDs skip the host ledger
         if not scoped:
             cid = self._claim_cid(name, cid)
         assert cid is not None
         try:
-            attachment = dataclasses.replace(self._attach(kind, name, group, cid), host_ports=host_ports)
+            made = self._attach(kind, name, group, cid, group_kind)
+            attachment = dataclasses.replace(made, host_ports=host_ports and not made.enclave)
         except BaseException:
             self._release_cid(name)
             raise
@@ -131,7 +143,9 @@ class VsockHost:
         log.info("vsock: %s is CID %d (%s%s)", name, cid, kind, f", group {group}" if group else "")
         return attachment
 
-    def _attach(self, kind: str, name: str, group: str | None, cid: int) -> VsockAttachment:
+    def _attach(
+        self, kind: str, name: str, group: str | None, cid: int, group_kind: str = MESH_GROUP
+    ) -> VsockAttachment:
         if kind == backend_choice.KERNEL:
             return VsockAttachment(name, cid, None, kind, (VhostVsockPci(DEVICE_ID, guest_cid=cid),))
         endpoint = VmEndpoint(
@@ -140,6 +154,7 @@ class VsockHost:
             group=group or f"solo-{name}",
             vhost_socket=self.runtime_dir / f"{name}.vhost",
             uds=self.runtime_dir / f"{name}.vsock",
+            group_kind=group_kind,
         )
         endpoint.validate()
         if kind == backend_choice.BUILTIN:
@@ -149,7 +164,7 @@ class VsockHost:
         device = VhostUserVsockPci(
             DEVICE_ID, chardev=ChardevSocket(f"{DEVICE_ID}-chr", path=endpoint.vhost_socket)
         )
-        return VsockAttachment(name, cid, group, kind, (device,), uds=endpoint.uds)
+        return VsockAttachment(name, cid, group, kind, (device,), uds=endpoint.uds, group_kind=group_kind)
 
     def _switch(self) -> SwitchServer:
         if self._server is None:
@@ -233,6 +248,12 @@ class VsockHost:
         ``wait``: refusals are then retried for that many seconds (a guest whose listener is starting)."""
         _check_port(port)
         attachment = self.find(cid, group)
+        if attachment.enclave:
+            raise VsockConnectionRefused(
+                f"{attachment.name} (CID {cid}) is an enclave: only its parent reaches it",
+                hint="connect to the parent (CID 3 of the group) and let it talk to the enclave",
+                port=port,
+            )
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -436,6 +457,34 @@ def _connect_kernel(cid: int, port: int, timeout: float) -> socket.socket:
         ) from exc
     sock.settimeout(None)
     return sock
+
+
+def _check_attach(name: str, group: str | None, cid: int | None, group_kind: str) -> None:
+    """Refuse a bad group name, group kind or CID before anything is claimed (E702)."""
+    if group is not None and not _GROUP.fullmatch(group):
+        raise VsockConfigError(
+            f"routing group {group!r} is not a plain name",
+            hint="use letters, digits, '_' and '-' (up to 64)",
+            group=group,
+        )
+    if group_kind not in GROUP_KINDS:
+        raise VsockConfigError(
+            f"VM {name}: unknown group kind {group_kind!r}",
+            hint=f"use one of {', '.join(GROUP_KINDS)}",
+            group_kind=group_kind,
+        )
+    if group_kind == ENCLAVE_GROUP and group is None:
+        raise VsockConfigError(
+            f"VM {name}: an enclave group needs a name",
+            hint="attach the parent and its enclaves with the same group=...",
+            group_kind=group_kind,
+        )
+    if cid is not None and (cid in RESERVED_CIDS or not 3 <= cid <= MAX_CID):
+        raise VsockConfigError(
+            f"VM {name}: CID {cid} is reserved or out of range",
+            hint=f"use a CID from 3 to {MAX_CID} (0, 1, 2 and 2**32-1 are reserved)",
+            cid=cid,
+        )
 
 
 def _check_port(port: int) -> None:

@@ -353,7 +353,8 @@ class HostConnection:
 
 
 class HostSide:
-    """A VM's host endpoints: its listening Unix socket (``uds``) and its open host connections."""
+    """A VM's host endpoints: its listening Unix socket (``uds``) and its open host connections. Without
+    ``host_connects`` (an enclave) host programs cannot connect to the guest: each CONNECT is closed."""
 
     def __init__(
         self,
@@ -361,8 +362,11 @@ class HostSide:
         uds: Path,
         loop: asyncio.AbstractEventLoop,
         budget: ConnectionBudget | None = None,
+        *,
+        host_connects: bool = True,
     ) -> None:
         self.vm = vm
+        self.host_connects = host_connects
         self.uds = uds
         self.loop = loop
         self.budget = budget or ConnectionBudget()
@@ -437,6 +441,11 @@ class HostSide:
         except BaseException:  # cancelled by reset(): the VM went away during the handshake
             sock.close()
             raise
+        if not self.host_connects:
+            log.info("%s: the host may not connect to it (port %d): closed", self.vm.name, port)
+            self.vm.stats["host_refused"] += 1
+            sock.close()
+            return
         if not self.vm.running:
             sock.close()
             return

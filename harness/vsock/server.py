@@ -16,7 +16,7 @@ from pathlib import Path
 from harness.vsock.device import VsockDevice
 from harness.vsock.errors import CidUnavailable, VsockConfigError, VsockPathTooLong, VsockSwitchError
 from harness.vsock.packet import MAX_CID, RESERVED_CIDS
-from harness.vsock.switch import Switch
+from harness.vsock.switch import GROUP_KINDS, MESH_GROUP, Switch
 from harness.vsock.vhost_user import VhostUserSession
 
 log = logging.getLogger(__name__)
@@ -27,13 +27,15 @@ LISTENER_SUFFIX_MAX = len("_4294967295")
 
 @dataclass(frozen=True)
 class VmEndpoint:
-    """Where one VM's vsock lives: QEMU connects to ``vhost_socket``; host programs use ``uds``."""
+    """Where one VM's vsock lives: QEMU connects to ``vhost_socket``; host programs use ``uds``.
+    ``group_kind`` is ``mesh`` or ``enclave`` (CID 3 the parent, every other VM an enclave of it)."""
 
     name: str
     cid: int
     group: str
     vhost_socket: Path
     uds: Path
+    group_kind: str = MESH_GROUP
 
     def validate(self) -> None:
         if self.cid in RESERVED_CIDS or not 3 <= self.cid <= MAX_CID:
@@ -44,6 +46,11 @@ class VmEndpoint:
             )
         if not self.group:
             raise VsockConfigError(f"VM {self.name}: empty routing group", hint="name the group")
+        if self.group_kind not in GROUP_KINDS:
+            raise VsockConfigError(
+                f"VM {self.name}: unknown group kind {self.group_kind!r}",
+                hint=f"use one of {', '.join(GROUP_KINDS)}",
+            )
         for path, extra in ((self.vhost_socket, 0), (self.uds, LISTENER_SUFFIX_MAX)):
             if len(os.fsencode(path)) + extra > UNIX_PATH_MAX:
                 raise VsockPathTooLong(
@@ -130,7 +137,9 @@ class SwitchServer:
                 hint="detach it first or pick another name",
             )
         try:
-            device = self.switch.attach(endpoint.name, endpoint.cid, endpoint.group, endpoint.uds)
+            device = self.switch.attach(
+                endpoint.name, endpoint.cid, endpoint.group, endpoint.uds, endpoint.group_kind
+            )
         except ValueError as exc:
             raise CidUnavailable(
                 str(exc), hint="pick another CID or another group", cid=endpoint.cid
@@ -140,7 +149,10 @@ class SwitchServer:
         except BaseException:
             self.switch.detach(device)
             raise
-        log.info("switch: %s attached as CID %d in group %s", endpoint.name, endpoint.cid, endpoint.group)
+        log.info(
+            "switch: %s attached as CID %d in %s group %s",
+            endpoint.name, endpoint.cid, endpoint.group_kind, endpoint.group,
+        )  # fmt: skip
 
     def remove_vm(self, name: str) -> None:
         service = self._vms.pop(name, None)

@@ -7,6 +7,11 @@ it checks that data never exceeds the credit the receiver has granted (its adver
 back credit already granted, so an honest sender is never blamed for it), so a hostile VM cannot make the
 switch buffer without bound; a violation resets only that flow. Flows count against the quota of the VM
 that opened them only. A VM that breaks or goes away takes its flows and host connections with it.
+
+A group is a mesh (every VM reaches every other) or an enclave group: CID 3 is the parent and every other VM
+is one of its enclaves, which talks to its parent only (Nitro's and QingTian's rule). There every packet must
+have the parent at one end: one between two enclaves, from an enclave to the host or to a CID it does not
+know is refused with a reset and counted as ``enclave_isolation``; the host cannot connect to an enclave.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.vsock.device import VsockDevice
+from harness.vsock.errors import VsockConfigError
 from harness.vsock.hybrid import ConnectionBudget, HostSide
 from harness.vsock.packet import (
     HOST_CID,
@@ -34,6 +40,10 @@ from harness.vsock.packet import (
 
 log = logging.getLogger(__name__)
 
+MESH_GROUP = "mesh"  # a routing group whose VMs all reach each other and the host
+ENCLAVE_GROUP = "enclave"  # a routing group of one parent (CID 3) and enclaves that reach the parent only
+GROUP_KINDS = (MESH_GROUP, ENCLAVE_GROUP)
+PARENT_CID = 3  # the parent's CID in an enclave group, as in every enclave's own vsock world
 SIBLING_BUF_CAP = 1024 * 1024  # receive window a sibling may advertise through the switch
 MAX_FLOWS_PER_VM = 4096
 U32 = 0xFFFFFFFF
@@ -87,9 +97,21 @@ class Group:
     """The VMs of one routing group and their sibling flows, each listed under both directions."""
 
     name: str
+    kind: str = MESH_GROUP
     vms: dict[int, VsockDevice] = field(default_factory=dict)
     flows: dict[FlowKey, Flow] = field(default_factory=dict)
     flow_counts: Counter[int] = field(default_factory=Counter)  # flows by the CID that opened them
+
+    def allows(self, src_cid: int, dst_cid: int) -> bool:
+        """False for a packet this group's kind forbids: in an enclave group, one without the parent at
+        either end (enclave to enclave, enclave to the host or to any other CID)."""
+        return self.kind == MESH_GROUP or PARENT_CID in (src_cid, dst_cid)
+
+    def role(self, cid: int) -> str:
+        """'guest' in a mesh; 'parent' (CID 3) or 'enclave' in an enclave group."""
+        if self.kind == MESH_GROUP:
+            return "guest"
+        return "parent" if cid == PARENT_CID else "enclave"
 
     def add_flow(self, key: FlowKey, flow: Flow) -> None:
         self.flows[key] = self.flows[_reverse(key)] = flow
@@ -114,15 +136,25 @@ class Switch:
         self.drops: Counter[str] = Counter()  # all VMs together, by reason
 
     # -- membership -----------------------------------------------------------------------------
-    def attach(self, name: str, cid: int, group: str, uds: Path) -> VsockDevice:
-        """A new device for VM ``name`` with ``cid`` in ``group``; its host endpoints live at ``uds``."""
-        grp = self.groups.setdefault(group, Group(group))
+    def attach(self, name: str, cid: int, group: str, uds: Path, kind: str = MESH_GROUP) -> VsockDevice:
+        """A new device for VM ``name`` with ``cid`` in ``group`` (made ``kind`` by its first VM; later VMs
+        must name the same kind); its host endpoints live at ``uds``."""
+        grp = self.groups.get(group) or Group(group, kind)
+        if grp.kind != kind:
+            raise VsockConfigError(
+                f"VM {name}: routing group {group!r} is of kind {grp.kind!r}, not {kind!r}",
+                hint="attach every VM of a group with the same group kind, or use another group",
+                group=group,
+            )
         if cid in grp.vms:
             raise ValueError(f"CID {cid} is already used in group {group!r} by {grp.vms[cid].name}")
+        self.groups[group] = grp
         vm = VsockDevice(name, cid, self, self.loop, drops=Counter())
         grp.vms[cid] = vm
         self._group_of[vm] = grp
-        self.host_sides[vm] = HostSide(vm, uds, self.loop, self.connection_budget)
+        self.host_sides[vm] = HostSide(
+            vm, uds, self.loop, self.connection_budget, host_connects=grp.allows(HOST_CID, cid)
+        )
         vm.on_reset.append(self._vm_reset)
         return vm
 
@@ -160,10 +192,15 @@ class Switch:
 
     # -- routing --------------------------------------------------------------------------------
     def route(self, vm: VsockDevice, hdr: Header, payload: list[memoryview]) -> None:
+        grp = self._group_of[vm]
+        if not grp.allows(hdr.src_cid, hdr.dst_cid):
+            vm.fault("enclave_isolation", f"{hdr.describe()}: an enclave reaches only its parent (CID 3)")
+            if hdr.op != OP_RST:
+                vm.enqueue(hdr.reply(OP_RST))
+            return
         if hdr.dst_cid == HOST_CID:
             self.host_sides[vm].from_guest(hdr, payload)
             return
-        grp = self._group_of[vm]
         peer = grp.vms.get(hdr.dst_cid)
         if peer is None or not peer.running:
             vm.stats["unreachable"] += 1
@@ -261,6 +298,7 @@ class Switch:
                 vms[vm.name] = {
                     "cid": vm.cid,
                     "group": grp.name,
+                    "role": grp.role(vm.cid),
                     "running": vm.running,
                     "broken": vm.broken,
                     "host_connections": len(side.connections) if side else 0,
