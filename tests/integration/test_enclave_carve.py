@@ -21,6 +21,9 @@ from harness.enclave.pool import SLOTS_PER_CPU
 from harness.enclave.recipes import BuiltEnclave, build_enclave_image
 from harness.host.hugepages import free_pages
 from harness.lab import Lab
+from harness.vsock import ENCLAVE_GROUP
+from harness.vsock.errors import VsockConnectionRefused
+from harness.vsock.fake_guest import FakeFront, FakeGuest, GuestPump
 
 pytestmark = [
     pytest.mark.vm,
@@ -102,6 +105,7 @@ def test_carve_moves_cpus_and_hugepages_to_the_enclave_and_terminate_brings_them
     assert Path(f"{uds[parent.name]}_7777").exists()
     assert not Path(f"{uds[enclave.name]}_7777").exists()  # the enclave reaches its parent, never the host
     lab_wide.close()
+    assert_a_sibling_enclave_cannot_reach(parent, enclave.name, enclave.cid)
     assert online_count(before["online"]) - online_count(after["online"]) == 2
     assert before["mem_total_kib"] - after["mem_total_kib"] >= 256 * 1024
     assert parent_before - hugetlb_kib(parent.machine.pid) == 256 * 1024
@@ -148,6 +152,33 @@ def test_carve_moves_cpus_and_hugepages_to_the_enclave_and_terminate_brings_them
     assert free_pages(PAGE_KIB) == free_before
     assert holders(parent) == ledger_before
     assert parent.describe() == []
+
+
+def assert_a_sibling_enclave_cannot_reach(parent: ParentVm, name: str, cid: int) -> None:
+    """A second enclave of the parent cannot connect to the first, nor the host to either. The second is
+    the fake guest on the parent's switch (a second carve would cost a boot and a pool twice the size)."""
+    with pytest.raises(VsockConnectionRefused, match="only its parent"):
+        parent.vsock.connect(cid, 5000, group=parent.group)
+    sibling = parent.vsock.attach(f"{name}-sibling", group=parent.group, group_kind=ENCLAVE_GROUP)
+    guest = FakeGuest(sibling.cid, memfd=True, ram_kib=4096)
+    front = FakeFront(guest, str(parent.vsock.runtime_dir / f"{sibling.name}.vhost"))
+    try:
+        front.start()
+        pump = GuestPump(guest)
+        try:
+            with pump.lock:
+                conn = guest.connect(cid, 5000)
+            pump.wait(lambda: conn.reset)
+        finally:
+            pump.stop()
+        vms = parent.vsock.stats()["vms"]
+        assert vms[sibling.name]["drops"] == {"enclave_isolation": 1}  # type: ignore[index]
+        assert vms[name]["drops"] == {} and vms[name]["role"] == "enclave"  # type: ignore[index]
+        assert vms[parent.name]["role"] == "parent"  # type: ignore[index]
+    finally:
+        front.close()
+        guest.close_ram()
+        parent.vsock.detach(sibling.name)
 
 
 @pytest.mark.parametrize(
