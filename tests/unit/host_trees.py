@@ -29,6 +29,8 @@ class HostTree:
     qemu_version: str = "7.2.22"
     extra_objects: tuple[str, ...] = ()
     offline: tuple[int, ...] = ()
+    sgx_devices: tuple[str, ...] = ()  # of sgx_vepc, sgx_enclave, sgx_provision under /dev
+    epc_bytes: dict[int, int] = field(default_factory=dict)  # node -> nodeN/x86/sgx_total_bytes
 
     def cpus(self) -> list[tuple[int, int, int]]:
         """(cpu, core, node): with SMT, core c's threads are c and c + total cores (Linux's numbering)."""
@@ -82,6 +84,10 @@ class HostTree:
                 handle.write(struct.pack("<4I", 0x1B, self.cbitpos | (1 << 6), 0, 0))
         if self.tdx:
             put(root / "sys/module/kvm_intel/parameters/tdx", "Y\n")
+        for device in self.sgx_devices:
+            put(root / "dev" / device, "")
+        for node, size in self.epc_bytes.items():
+            put(root / f"sys/devices/system/node/node{node}/x86/sgx_total_bytes", f"{size}\n")
         self._write_qemu(root)
         return root
 
@@ -128,4 +134,7 @@ TDX_HOST = HostTree(flags=("fpu", "vmx", "tdx_host_platform"), kvm=True, vhost_v
                     qemu_version="10.1.0", extra_objects=("tdx-guest",))  # fmt: skip
 TWO_NODE_SMT_HOST = HostTree(nodes=2, cores_per_node=4, smt=True, flags=("fpu", "vmx"), kvm=True,
                              hugepages_2m={0: (512, 500), 1: (256, 256)}, offline=(15,))  # fmt: skip
+SGX_HOST = HostTree(nodes=2, flags=("fpu", "vmx", "sgx", "sgx_lc"), kvm=True,
+                    sgx_devices=("sgx_vepc", "sgx_enclave", "sgx_provision"),
+                    epc_bytes={0: 64 << 20, 1: 128 << 20}, extra_objects=("memory-backend-epc",))  # fmt: skip
 PVM_HOST = HostTree(flags=("fpu", "sse4_2"), kvm=True)  # /dev/kvm without vmx/svm: this CI machine's shape

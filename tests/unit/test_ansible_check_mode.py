@@ -1,6 +1,6 @@
-"""The role's kvm, snp and tdx groups in check mode against fixture probe trees (teelab_probe_root): a host
-that has what its group promises passes every check, one that lacks it fails with the reason, and the role
-says where its QEMU comes from."""
+"""The role's kvm, snp, tdx and sgx groups in check mode against fixture probe trees (teelab_probe_root): a
+host that has what its group promises passes every check, one that lacks it fails with the reason, and the
+role says where its QEMU comes from (and, for sgx, what guests need to get quotes)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from host_trees import PVM_HOST, SNP_HOST, TDX_HOST, HostTree
+from host_trees import PVM_HOST, SGX_HOST, SNP_HOST, TDX_HOST, HostTree
 
 ANSIBLE = Path(__file__).resolve().parents[2] / "ansible"
 KVM_HOST = HostTree(flags=("fpu", "vmx"), kvm=True)
@@ -83,3 +83,30 @@ def test_a_kvm_host_without_the_tee_fails_the_tee_check(
 ) -> None:
     done = check(tmp_path, group, host)
     assert done.returncode != 0 and reason in done.stdout
+
+
+def test_an_sgx_host_passes_its_groups_checks_and_is_told_what_guests_need_for_quotes(tmp_path: Path) -> None:
+    done = check(tmp_path, "sgx", SGX_HOST)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "provisioning a sgx host" in done.stdout
+    assert (
+        "SGX: cpu flags sgx sgx_lc; /dev/sgx_vepc yes; /dev/sgx_enclave yes; /dev/sgx_provision yes; "
+        "EPC node 0 64 MiB, node 1 128 MiB" in done.stdout
+    )
+    assert "QEMU 7.2.22 is new enough for sgx" in done.stdout  # Debian 12's QEMU has sgx-epc.N.node
+    assert "teelab_sgx_pccs_url is empty: run a PCCS" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [
+        (dataclasses.replace(SGX_HOST, flags=("fpu", "vmx", "sgx")),
+         "/proc/cpuinfo shows sgx: enable SGX and flexible launch control"),
+        (dataclasses.replace(SGX_HOST, sgx_devices=("sgx_enclave", "sgx_provision")), "no /dev/sgx_vepc:"),
+        (dataclasses.replace(SGX_HOST, epc_bytes={}), "no EPC on any node:"),
+        (dataclasses.replace(SGX_HOST, extra_objects=()), "QEMU 7.2.22 lists no memory-backend-epc"),
+    ],
+)  # fmt: skip
+def test_an_sgx_host_lacking_a_piece_fails_naming_it(tmp_path: Path, host: HostTree, reason: str) -> None:
+    done = check(tmp_path, "sgx", host)
+    assert done.returncode != 0 and reason in done.stdout, done.stdout[-3000:]
