@@ -28,7 +28,9 @@ class VsockConfigError(VsockError):
     title = "bad vsock configuration"
     explanation = (
         "A vsock setting is invalid: an unknown backend name, a reserved CID (0-2, 2**32-1), a port out of "
-        "range, or a routing group used with a backend that cannot route between VMs."
+        "range, a routing group used with a backend that cannot route between VMs, a VM naming another "
+        "group kind (mesh or enclave) than its group has, or an enclave group on a backend that cannot keep "
+        "enclaves apart (only the built-in switch can)."
     )
     exit_status = 2
 
