@@ -55,7 +55,7 @@ def test_mrenclave_is_the_sdm_block_sequence() -> None:
 def test_mrenclave_of_a_published_layout_is_its_published_value(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Known answer from the enarx ``sgx`` crate (github.com/enarx/sgx, Apache-2.0, commit 05c571cf,
+    """Known answer from the enarx ``sgx`` crate (GitHub enarx/sgx, Apache-2.0, commit 05c571cf,
     src/crypto.rs, test ``long``): a TCS page then two R pages, every byte 0x7B, loaded from offset 0 into a
     16 KiB enclave (SECS.SIZE, the next power of two of three pages) with one SSA page, all measured,
     has MRENCLAVE e90b1123...2e54. That crate's hasher reproduces the ENCLAVEHASH of the Linux SGX selftest
