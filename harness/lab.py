@@ -31,10 +31,11 @@ from harness.enclave.pool import (
     rebook,
 )
 from harness.enclave.service import EnclaveApi
+from harness.errors import ConfigError
 from harness.host.hugepages import ensure_pool
 from harness.host.model import HostInfo
 from harness.host.probe import hugepage_pools, probe
-from harness.libvirt.backend import new_machine, vm_backend
+from harness.libvirt.backend import libvirt_uri, new_machine, vm_backend
 from harness.qemu.chardevs import ChardevChannel
 from harness.qemu.devices import Device, VirtioNetUser
 from harness.qemu.errors import MachineError
@@ -88,9 +89,17 @@ class CvmPlan:
 class Lab:
     """One lab session: the host probe, the machines it launched and their teardown."""
 
-    def __init__(self, host: HostInfo | None = None, *, backend: str | None = None) -> None:
-        self.host = host or probe()
+    def __init__(
+        self, host: HostInfo | None = None, *, backend: str | None = None, uri: str | None = None
+    ) -> None:
         self.backend = vm_backend(backend)  # qemu (forked here) or libvirt (docs/libvirt.md)
+        if uri and self.backend != "libvirt":
+            raise ConfigError(
+                f"a libvirt URI ({uri}) was given but the VM backend is {self.backend}",
+                hint="pass backend='libvirt' (teelab --backend libvirt) with the URI",
+            )
+        self.libvirt_uri = libvirt_uri(uri) if self.backend == "libvirt" else None  # E463 for a refused one
+        self.host = host or probe()
         self._machines: list[Machine] = []
         self._agents: dict[Machine, GuestAgent] = {}
         self._ssh: dict[Machine, GuestSsh] = {}
@@ -126,7 +135,7 @@ class Lab:
             cmdline = f"{cmdline} {cmdline_extra}"
         return VMSpec(
             name=name or image.name,
-            kernel=image.kernel,
+            kernel=image.boot_kernel(self.host.accel),
             initrd=image.initrd,
             cmdline=cmdline,
             vcpus=vcpus,
@@ -144,7 +153,7 @@ class Lab:
     # -- machines -------------------------------------------------------------------------------
     def launch(self, spec: VMSpec, *, artifacts: Path | None = None) -> Machine:
         """Validate, launch and track a machine; ``close()`` stops it if the caller does not."""
-        machine = new_machine(self.backend, spec, self.host, artifacts=artifacts)
+        machine = new_machine(self.backend, spec, self.host, artifacts=artifacts, uri=self.libvirt_uri)
         self.launched.append(machine)
         machine.launch()
         self._machines.append(machine)

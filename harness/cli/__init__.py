@@ -14,6 +14,7 @@ from harness import __version__
 from harness.cli import attest, bench, demo, doctor, enclave, explain, fleet, image, kms, measure, tee, vsock
 from harness.cli.remote import run_on_host
 from harness.errors import LabError, UsageError
+from harness.libvirt.uri import parse_uri
 
 DESCRIPTION = (
     "teelab: a lab harness for confidential computing on QEMU/KVM: SEV-SNP, TDX and enclave VMs, "
@@ -49,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("qemu", "libvirt"),
         help="run VMs with QEMU directly or through libvirtd (default: TEELAB_BACKEND, teelab.toml, qemu)",
     )
+    parser.add_argument(
+        "--libvirt-uri",
+        metavar="URI",
+        help="libvirtd to run VMs with (implies --backend libvirt): qemu:///system (default) or a lab host's "
+        "qemu+ssh://user@host[:port]/system?keyfile=KEY&known_hosts=FILE (default: TEELAB_LIBVIRT_URI)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMAND_MODULES:
         module.register(sub)
@@ -69,6 +76,19 @@ def _finish(parser: argparse.ArgumentParser) -> None:
             _finish(child)
 
 
+def _choose_vm_backend(args: argparse.Namespace) -> None:
+    """--backend and --libvirt-uri reach every Lab of this command (and of its child processes)."""
+    backend = args.vm_backend
+    if args.libvirt_uri:
+        if backend == "qemu":
+            raise UsageError("--libvirt-uri is for the libvirt backend", hint="drop --backend qemu")
+        parse_uri(args.libvirt_uri)  # E463 now rather than at the first VM
+        os.environ["TEELAB_LIBVIRT_URI"] = args.libvirt_uri
+        backend = "libvirt"
+    if backend:
+        os.environ["TEELAB_BACKEND"] = backend
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args: argparse.Namespace | None = None
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -80,8 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.remote_host:
             return run_on_host(args.remote_host, args.remote_known_hosts, argv)
-        if args.vm_backend:  # every Lab of this command (and of its child processes) takes it
-            os.environ["TEELAB_BACKEND"] = args.vm_backend
+        _choose_vm_backend(args)
         return int(args.func(args) or 0)
     except LabError as err:
         # --json asked for JSON, also when the arguments themselves were refused (args is None then)

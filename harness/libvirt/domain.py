@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import shutil
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,9 +74,11 @@ def domain_xml(
     serial: bool = True,
     vcpu_pins: dict[int, int] | None = None,
     emulator: str | None = None,
+    files: Mapping[Path, str] | None = None,
 ) -> str:
     """The domain XML for ``spec`` on ``host``; raises a SpecError (E3xx, E360) before anything runs.
-    ``owner`` is the (uid, gid) QEMU runs as; ``vcpu_pins`` maps vCPU index to host CPU."""
+    ``owner`` is the (uid, gid) QEMU runs as; ``vcpu_pins`` maps vCPU index to host CPU; ``files`` maps the
+    kernel, initrd and firmware to where the host that runs the domain has them (a remote URI's copies)."""
     spec.validate(host)
     sockets = domain_sockets(spec, run_dir, serial=serial)
     domain_type = "kvm" if spec.resolved_accel(host) == "kvm" else "qemu"
@@ -92,7 +95,7 @@ def domain_xml(
         for index, cpu in sorted(vcpu_pins.items()):
             ET.SubElement(cputune, "vcpupin", vcpu=str(index), cpuset=str(cpu))
     _numatune(root, spec.memory)
-    _os(root, spec)
+    _os(root, spec, files or {})
     features = ET.SubElement(root, "features")
     ET.SubElement(features, "acpi")
     if isinstance(spec.confidential, TdxGuest):
@@ -148,14 +151,14 @@ def _numatune(root: ET.Element, memory: MemoryBackend | None) -> None:
         ET.SubElement(numatune, "memory", mode=mode, nodeset=",".join(map(str, nodes)))
 
 
-def _os(root: ET.Element, spec: VMSpec) -> None:
+def _os(root: ET.Element, spec: VMSpec, files: Mapping[Path, str]) -> None:
     os_ = ET.SubElement(root, "os")
     _text(os_, "type", "hvm", arch="x86_64", machine=spec.machine)
     if spec.firmware is not None:
-        _text(os_, "loader", str(spec.firmware), type="rom", readonly="yes")
-    _text(os_, "kernel", str(spec.kernel))
+        _text(os_, "loader", files.get(spec.firmware, str(spec.firmware)), type="rom", readonly="yes")
+    _text(os_, "kernel", files.get(spec.kernel, str(spec.kernel)))
     if spec.initrd is not None:
-        _text(os_, "initrd", str(spec.initrd))
+        _text(os_, "initrd", files.get(spec.initrd, str(spec.initrd)))
     if spec.cmdline:
         _text(os_, "cmdline", spec.cmdline)
 

@@ -1,4 +1,5 @@
-"""Coded errors of the libvirt backend: a spec part it cannot express (E360), and domains it drives (E46x)."""
+"""Coded errors of the libvirt backend: a spec part it cannot express (E360) or that cannot follow a remote
+URI (E361), domains it drives (E46x), and remote URIs it refuses (E463)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,28 @@ class DomainStartFailed(LibvirtError):
         "libvirtd refused the domain XML or QEMU failed under it. The artifact folder has domain.xml and "
         "run.sh (virsh create) to reproduce it, and libvirtd's log names the cause."
     )
+
+
+class RemoteUnsupported(LibvirtUnsupported):
+    code = "E361"
+    title = "not available over a remote libvirt URI"
+    explanation = (
+        "Over a qemu+ssh:// URI the harness forwards the console and its virtio-serial channels (the guest "
+        "agent, the emulated security processor) over SSH and copies the kernel, initrd and firmware to the "
+        "lab host. A part that needs this machine itself cannot follow: vhost-user vsock and the vTPM pass "
+        "file descriptors over their sockets, a user-network NIC forwards a port on the lab host's loopback, "
+        "a disk or socket path names a file on the lab host, and the lab host's hugepages and TEE hardware "
+        "are not probed. Nothing was started. Run the harness on that host (teelab --host user@host ...)."
+    )
+
+
+class RemoteUriRefused(LibvirtError):
+    code = "E463"
+    title = "libvirt URI refused"
+    explanation = (
+        "The libvirt backend takes a local URI (qemu:///system) or qemu+ssh://[user@]host[:port]/system with "
+        "the optional parameters keyfile= and known_hosts=. Host keys are checked against known_hosts and "
+        "never trusted on first use, so no_verify=1 is refused, and so is command= (the harness runs ssh "
+        "itself to pin the host key); other transports (tls, tcp, libssh) are not supported."
+    )
+    exit_status = 2

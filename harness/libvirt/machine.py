@@ -29,6 +29,8 @@ from harness.host.model import HostInfo
 from harness.libvirt.connection import connect, libvirt_module
 from harness.libvirt.domain import domain_sockets, domain_xml
 from harness.libvirt.errors import DomainStartFailed
+from harness.libvirt.remote import RemoteLibvirtHost, remote_refusal
+from harness.libvirt.uri import parse_uri
 from harness.qemu.errors import MachineStateError, QMPCommandError
 from harness.qemu.machine import ExitInfo, Machine
 from harness.qemu.spec import VMSpec
@@ -40,7 +42,8 @@ _serial = itertools.count()
 
 
 class LibvirtMachine(Machine):
-    """A guest run by libvirtd (``uri``, ``qemu:///system`` by default); use as a context manager."""
+    """A guest run by libvirtd (``uri``: ``qemu:///system`` by default, or a lab host's ``qemu+ssh://`` URI,
+    see ``harness.libvirt.remote``); use as a context manager."""
 
     def __init__(
         self,
@@ -53,10 +56,14 @@ class LibvirtMachine(Machine):
         serial: bool = True,
         vcpu_pins: dict[int, int] | None = None,
     ) -> None:
-        # a part libvirt cannot express is refused (E360) before anything exists, artifact folder included
+        # a part libvirt cannot express is refused (E360) before anything exists, artifact folder included;
+        # so are a URI the backend does not take (E463) and a part that cannot follow a remote one (E361)
         domain_xml(spec, host, name="check", run_dir=Path("/"), owner=(0, 0), serial=serial)
-        super().__init__(spec, host, artifacts=artifacts, loop=loop, serial=serial)
         self.uri = uri or host.libvirt.uri or None
+        self.remote_uri = parse_uri(self.uri)
+        if self.remote_uri is not None:
+            remote_refusal(spec)
+        super().__init__(spec, host, artifacts=artifacts, loop=loop, serial=serial)
         self.vcpu_pins = vcpu_pins
         self.domain_name = f"teelab-{spec.name}-{os.getpid()}-{next(_serial)}"
         self.xml = ""
@@ -67,28 +74,58 @@ class LibvirtMachine(Machine):
         self._run_dir: Path | None = None
         self._stopped = threading.Event()
         self._pid: int | None = None
+        self._remote: RemoteLibvirtHost | None = None  # a qemu+ssh:// URI's reach to the lab host
+        self._domain_host = host  # the host facts the XML is rendered for (the lab host's, over SSH)
+        self._domain_dir: Path | None = None  # where QEMU binds the sockets (on the lab host, over SSH)
+        self._files: dict[Path, str] = {}  # kernel, initrd, firmware -> their copies on the lab host
 
     # -- assemble -------------------------------------------------------------------------------
     def _render(self, run_dir: Path) -> str:
+        owner = self._remote.owner if self._remote is not None else (os.getuid(), os.getgid())
         return domain_xml(
-            self.spec, self.host, name=self.domain_name, run_dir=run_dir, owner=(os.getuid(), os.getgid()),
-            serial=self.serial, vcpu_pins=self.vcpu_pins, emulator=self.qemu_binary,
+            self.spec, self._domain_host, name=self.domain_name, run_dir=run_dir, owner=owner,
+            serial=self.serial, vcpu_pins=self.vcpu_pins, emulator=self.qemu_binary, files=self._files,
         )  # fmt: skip
 
     def _write_domain_artifacts(self) -> None:
         (self.artifacts / "domain.xml").write_text(self.xml)
-        by_hand = self._render(self.artifacts.resolve())  # sockets beside the script
+        uri = shlex.quote(self.uri or "qemu:///system")
+        if self.remote_uri is None:
+            by_hand = self._render(self.artifacts.resolve())  # sockets beside the script
+            script = (
+                "# Reproduces this VM by hand under libvirt (a transient domain): the console is\n"
+                "# ./console.sock (socat -,raw,echo=0 UNIX-CONNECT:console.sock); stop it with virsh "
+                "destroy.\n"
+                f'cd "$(dirname "$0")" || exit 1\nexec virsh -c {uri} create run.xml\n'
+            )
+        else:
+            sockets = f"/tmp/{self.domain_name}-by-hand"
+            by_hand = self._render(Path(sockets))
+            ssh = shlex.join(["ssh", "-p", str(self.remote_uri.port), "-l", self.remote_uri.user])
+            script = (
+                f"# Reproduces this VM by hand on {self.remote_uri.target} under libvirt (a transient\n"
+                f"# domain), with the harness's copies of its files there; its console is\n"
+                f"# {sockets}/console.sock there.\n"
+                f'cd "$(dirname "$0")" || exit 1\n{ssh} {shlex.quote(self.remote_uri.host)} '
+                f"mkdir -p -m 0700 {sockets} || exit 1\nexec virsh -c {uri} create run.xml\n"
+            )
         (self.artifacts / "run.xml").write_text(
             by_hand.replace(self.domain_name, f"{self.domain_name}-by-hand")
         )
-        uri = shlex.quote(self.uri or "qemu:///system")
         run_sh = self.artifacts / "run.sh"
-        run_sh.write_text(
-            "#!/bin/sh\n# Reproduces this VM by hand under libvirt (a transient domain): the console is\n"
-            "# ./console.sock (socat -,raw,echo=0 UNIX-CONNECT:console.sock); stop it with virsh destroy.\n"
-            f'cd "$(dirname "$0")" || exit 1\nexec virsh -c {uri} create run.xml\n'
-        )
+        run_sh.write_text("#!/bin/sh\n" + script)
         run_sh.chmod(0o755)
+
+    def _prepare_remote(self) -> None:
+        """Reach the lab host (its host key checked first: E221 before anything is defined), connect libvirt,
+        take its host facts, copy the files the domain boots from, make its socket directory, render."""
+        assert self.remote_uri is not None
+        self._remote = remote = RemoteLibvirtHost(self.remote_uri)
+        self._conn = remote.connect()
+        self._domain_host = remote.host_info(self._conn, self.host)
+        self._files = remote.upload(p for p in (self.spec.kernel, self.spec.initrd, self.spec.firmware) if p)
+        self._domain_dir = Path(remote.make_run_dir())
+        self.xml = self._render(self._domain_dir)
 
     # -- launch ---------------------------------------------------------------------------------
     def launch(self, timeout: float = 30.0) -> None:
@@ -96,13 +133,17 @@ class LibvirtMachine(Machine):
         if self._domain is not None or self._run_dir is not None:
             raise MachineStateError(f"{self.spec.name} is already launched", hint="launch a new Machine")
         libvirt = libvirt_module()
-        sweep_orphan_logs()
         self._run_dir = Path(tempfile.mkdtemp(prefix="teelab-libvirt-"))
         try:
-            self.xml = self._render(self._run_dir)
+            if self.remote_uri is not None:
+                self._prepare_remote()
+            else:
+                sweep_orphan_logs()
+                self.xml = self._render(self._run_dir)
             self._write_domain_artifacts()
             self._launched_at = time.monotonic()
-            self._conn = connect(self.uri)
+            if self._conn is None:
+                self._conn = connect(self.uri)
             domain = self._conn.defineXML(self.xml)
             self._callback = self._conn.domainEventRegisterAny(
                 domain, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
@@ -113,9 +154,7 @@ class LibvirtMachine(Machine):
             finally:
                 domain.undefine()  # transient from here: nothing stays defined, whatever happens next
             self._attach_sockets(timeout)
-            self._pid = self._qemu_pid()
-            self.argv = _cmdline(self._pid)
-            (self.artifacts / "argv.json").write_text(json.dumps(self.argv, indent=1) + "\n")
+            self._record_argv()
             domain.resume()
         except BaseException as exc:
             self._cleanup(stage="launch-failed")
@@ -132,6 +171,13 @@ class LibvirtMachine(Machine):
     def _attach_sockets(self, timeout: float) -> None:
         assert self._run_dir is not None
         sockets = domain_sockets(self.spec, self._run_dir, serial=self.serial)
+        if self._remote is not None:  # the sockets are on the lab host: forwarded here, over SSH
+            assert self._domain_dir is not None
+            there = domain_sockets(self.spec, self._domain_dir, serial=self.serial)
+            pairs = {sockets.channels[c]: str(there.channels[c]) for c in sockets.channels}
+            if sockets.console is not None and there.console is not None:
+                pairs[sockets.console] = str(there.console)
+            self._remote.forward(pairs, self._loop, timeout)
         if sockets.console is not None:
             self._console_sock = _connect_unix(sockets.console)
             self._loop.run(self._start_console(self._console_sock), timeout)
@@ -139,6 +185,17 @@ class LibvirtMachine(Machine):
             self.channels[chardev_id] = _connect_unix(path)
         # connected: as private as a socketpair from now on, and nothing on disk for a killed harness to leave
         shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    def _record_argv(self) -> None:
+        """QEMU's pid (None on a lab host: not a process here) and command line, as argv.json; on a lab host,
+        the run directory goes in the same round trip."""
+        if self._remote is not None:
+            threads = self.vcpu_threads()
+            self.argv = self._remote.settle(min(threads.values()) if threads else None)
+        else:
+            self._pid = self._qemu_pid()
+            self.argv = _cmdline(self._pid)
+        (self.artifacts / "argv.json").write_text(json.dumps(self.argv, indent=1) + "\n")
 
     def _qemu_pid(self) -> int | None:
         """QEMU's pid: the thread group of a vCPU thread (libvirt has no call for it)."""
@@ -272,10 +329,15 @@ class LibvirtMachine(Machine):
             self._conn = self._callback = None
         if self._run_dir is not None:
             shutil.rmtree(self._run_dir, ignore_errors=True)
-        qemu_log = QEMU_LOGS / f"{self.domain_name}.log"
-        with contextlib.suppress(OSError):
-            shutil.move(qemu_log, self.artifacts / "qemu.log")  # libvirtd keeps one per domain otherwise
-        sweep_orphan_logs()
+        if self._remote is not None:
+            self._remote.fetch_log(self.domain_name, self.artifacts / "qemu.log")
+            self._remote.close()
+            self._remote = None
+        elif self.remote_uri is None:
+            qemu_log = QEMU_LOGS / f"{self.domain_name}.log"
+            with contextlib.suppress(OSError):
+                shutil.move(qemu_log, self.artifacts / "qemu.log")  # libvirtd keeps one per domain otherwise
+            sweep_orphan_logs()
         returncode = self.exit_info.returncode if self.exit_info else None
         exit_record = {"stage": stage, "returncode": returncode, "reason": self.stop_reason}
         (self.artifacts / "exit.json").write_text(json.dumps(exit_record) + "\n")
