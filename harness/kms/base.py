@@ -175,7 +175,8 @@ class ServiceBase:
         except KmsRequestError as exc:
             audit.reasons.append(f"evidence: {exc.message}")
             raise
-        audit.reasons.append(f"evidence: {attested.kind} from root {attested.root} verified")
+        again = " (the same document verified before)" if attested.remembered else ""
+        audit.reasons.append(f"evidence: {attested.kind} from root {attested.root} verified{again}")
         if attested.timestamp_ms is not None:
             age = now - attested.timestamp_ms / 1000
             if age > self.config.max_evidence_age_s:

@@ -13,7 +13,7 @@ import difflib
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
@@ -120,7 +120,7 @@ class RequestContext:
 
     action: str  # e.g. "kms:Decrypt"
     principal: str | None  # an ARN, or None for an unsigned (anonymous) request
-    attestation: dict[str, Any] | None = None  # lower-case condition key -> value (str, int, bool)
+    attestation: Mapping[str, Any] | None = None  # lower-case condition key -> value (str, int, bool)
     vendor_root: bool = True  # the evidence chains to a vendor root (AMD, Intel, AWS), not a lab CA
     debug: bool = False  # the evidence comes from a debug-mode guest or enclave
 
@@ -450,7 +450,7 @@ def _mismatch(statement: Statement, ctx: RequestContext, account: str) -> str | 
     return why
 
 
-def _conditions_mismatch(statement: Statement, claims: dict[str, Any] | None) -> str | None:
+def _conditions_mismatch(statement: Statement, claims: Mapping[str, Any] | None) -> str | None:
     """The first condition of ``statement`` that does not hold for ``claims``; None when all hold."""
     for cond in statement.conditions:
         if claims is None or cond.key not in claims:
@@ -468,7 +468,7 @@ def _conditions_mismatch(statement: Statement, claims: dict[str, Any] | None) ->
     return None
 
 
-def _evidence_mismatch(statement: Statement, ctx: RequestContext, claims: dict[str, Any]) -> str | None:
+def _evidence_mismatch(statement: Statement, ctx: RequestContext, claims: Mapping[str, Any]) -> str | None:
     """Why an Allow does not take this evidence: a lab root, debug or VMPL 1-3 it does not name."""
     if not ctx.vendor_root and not statement.names_key(ROOT_KEY):
         return f"evidence chains to root {claims.get(ROOT_KEY.lower())!r}, which the statement does not name"

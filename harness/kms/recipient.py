@@ -6,6 +6,11 @@ attestation document (which carries the public key and nonce), and additionally 
 ``"Nonce": b64`` for an SNP report or TDX quote, whose report_data must equal
 ``teelab_guest.binding.report_data(nonce, public_key)``; SNP evidence may add ``"Certificates": b64`` (the
 guest's certificate table, or VCEK DER/PEM).
+
+``AttestVerifier`` remembers enclave documents that verified (``VerifiedDocuments``): the same bytes, verified
+against the same anchors and roots, give the same verdict, so their signature, chain and contents are not
+checked again. Everything that depends on the request or the clock still runs on every request (the KMS's age
+and replay checks, the key policy, sealing to the document's key).
 """
 
 from __future__ import annotations
@@ -13,11 +18,15 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import functools
 import hashlib
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from teelab_guest.kms_envelope import KEY_ENCRYPTION_ALGORITHM, EnvelopeError, load_recipient_key
@@ -29,6 +38,7 @@ if TYPE_CHECKING:
     from harness.attest.collateral_cache import CollateralCache
 
 MAX_EVIDENCE_BYTES = 32768
+VERIFIED_DOCUMENTS = 1024  # enclave documents whose verdict is kept (least recently used goes first)
 
 
 @dataclass(frozen=True)
@@ -38,8 +48,9 @@ class Recipient:
     nonce: bytes | None
     certificates: tuple[bytes, ...] = ()  # SNP VCEK/VLEK (DER, PEM or a GHCB certificate table)
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
+        """SHA-256 of the evidence (the audit log's and VerifiedDocuments' name for it)."""
         return hashlib.sha256(self.evidence).hexdigest()
 
 
@@ -54,7 +65,9 @@ class Attested:
     public_key: bytes  # the recipient's SubjectPublicKeyInfo DER
     nonce: bytes | None
     timestamp_ms: int | None  # enclave documents only
-    conditions: dict[str, Any] = field(default_factory=dict)  # lower-case condition key -> value
+    # lower-case condition key -> value; read-only, as one Attested may serve many requests
+    conditions: Mapping[str, Any] = field(default_factory=dict)
+    remembered: bool = False  # the verdict of the same document bytes, verified before (VerifiedDocuments)
 
 
 # (evidence, recipient, roots the caller's policy accepts, now) -> Attested; raises EvidenceRefused/Malformed.
@@ -129,20 +142,86 @@ _QUOTES = ("tdx", "sgx")  # Intel DCAP quotes: collateral from the cache
 log = logging.getLogger("teelab.kms")
 
 
+class VerifiedDocuments:
+    """Enclave attestation documents that verified, by the SHA-256 of their whole bytes, the roots the key
+    policy names and the fingerprints of every anchor a chain may end at; at most ``limit`` (least recently
+    used goes first). Thread-safe.
+
+    Only enclave documents qualify: their verdict is a function of those inputs alone (the chain is checked
+    at the document's own timestamp, and the document carries its key and nonce), while SNP, TDX, SGX and
+    vTPM verdicts depend on the time (certificate and collateral validity now) and on fields beside the
+    evidence. Refusals are not kept: evidence that fails is checked in full each time it comes."""
+
+    def __init__(self, limit: int = VERIFIED_DOCUMENTS) -> None:
+        self.limit = limit
+        self._entries: OrderedDict[tuple[object, ...], Attested] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple[object, ...]) -> Attested | None:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+            return found
+
+    def put(self, key: tuple[object, ...], attested: Attested) -> None:
+        with self._lock:
+            self._entries[key] = replace(attested, remembered=True)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.limit:
+                self._entries.popitem(last=False)
+
+
 class AttestVerifier:
     """Verifies Recipient evidence with harness.attest; ``lab_dir``: the lab CA that policies may name;
     ``tdx_collateral``: a file or directory of Intel PCS collateral for TDX and SGX quotes (read now:
     E805/E830 if it is unusable). Without collateral for its platform a vendor quote is refused
-    (collateral-missing); a lab quote gets the lab CA's collateral where the key policy names the lab root."""
+    (collateral-missing); a lab quote gets the lab CA's collateral where the key policy names the lab root.
+    Enclave documents that verified are remembered (``VerifiedDocuments``)."""
 
-    def __init__(self, lab_dir: Path | None = None, tdx_collateral: Path | None = None) -> None:
+    def __init__(
+        self,
+        lab_dir: Path | None = None,
+        tdx_collateral: Path | None = None,
+        verified: VerifiedDocuments | None = None,
+    ) -> None:
         from harness.attest.collateral_cache import CollateralCache
 
         self.lab_dir = lab_dir
         self.collateral = None if tdx_collateral is None else CollateralCache.load(tdx_collateral)
+        self.verified = VerifiedDocuments() if verified is None else verified
 
     def __call__(self, recipient: Recipient, roots: frozenset[str], now: float) -> Attested:
-        return verify_recipient(recipient, roots, now, lab_dir=self.lab_dir, collateral=self.collateral)
+        key = self._document_key(recipient, roots)
+        if key is not None:
+            known = self.verified.get(key)
+            if known is not None:
+                return known
+        attested = verify_recipient(recipient, roots, now, lab_dir=self.lab_dir, collateral=self.collateral)
+        # kept only if the anchors did not change while it was verified (a lab CA replaced meanwhile)
+        if key is not None and attested.kind == "nitro" and key == self._document_key(recipient, roots):
+            self.verified.put(key, attested)
+        return attested
+
+    def _document_key(self, recipient: Recipient, roots: frozenset[str]) -> tuple[object, ...] | None:
+        """What an enclave document's verdict depends on: its bytes' SHA-256, the roots the key policy names
+        and the fingerprints of the anchors (the lab CA's may be replaced); None for other evidence."""
+        from harness import attest
+        from harness.attest.roots import vendor_anchors
+
+        if recipient.public_key is not None or recipient.nonce is not None or recipient.certificates:
+            return None  # fields sent beside the evidence: not an enclave document's request alone
+        try:
+            if attest.detect_kind(recipient.evidence) != "nitro":
+                return None
+            lab = attest.load_lab_certificates(self.lab_dir or attest.default_lab_dir())
+            anchors = vendor_anchors() + (lab.anchors() if lab is not None else ())
+        except attest.AttestError:  # not evidence, or unusable roots: verify_recipient says which
+            return None
+        return (recipient.digest, roots, tuple(a.cert.fingerprint for a in anchors))
 
 
 def verify_recipient(
@@ -218,8 +297,8 @@ def verify_recipient(
         timestamp_ms=int(timestamp) if timestamp is not None else None,
     )
     conditions.update(base_conditions(attested))
-    return Attested(
-        **{**attested.__dict__, "conditions": {k: v for k, v in conditions.items() if v is not None}}
+    return replace(
+        attested, conditions=MappingProxyType({k: v for k, v in conditions.items() if v is not None})
     )
 
 
