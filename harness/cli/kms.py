@@ -235,18 +235,31 @@ def run_bench_versus(args: argparse.Namespace) -> int:
     table = Table(
         title=f"bench kms --versus-moto ({clients} clients, {args.rounds} rounds, each in its process)"
     )
-    for column in ("target", "req/s (median)", "by round", "p50 ms", "p99 ms", "errors"):
+    columns = ("target", "req/s (median)", "by round", "p50 ms", "p99 ms", "errors", "server CPU ms/req")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("target", "by round") else "right")
     for r in targets:
         f = r.figures
         rounds = ", ".join(f"{x:.0f}" for x in r.extra["rps_by_round"])
+        cpu = f"{r.extra['server_cpu_ms_per_request']:.3f}"
         table.add_row(
-            r.params["target"], f"{f['rps']:.0f}", rounds, f"{f['p50']:.2f}", f"{f['p99']:.2f}", f"{r.errors}"
+            r.params["target"],
+            f"{f['rps']:.0f}",
+            rounds,
+            f"{f['p50']:.2f}",
+            f"{f['p99']:.2f}",
+            f"{r.errors}",
+            cpu,
         )
     console.print(table)
     for bar in summary.bar_results():
         mark = "[green]held[/]" if bar["holds"] else "[red]missed[/]"
-        console.print(f"{bar['figure']}: {bar['value']:.2f} (bar {bar['op']} {bar['limit']:g}) {mark}")
+        by_round = ", ".join(f"{x:.2f}" for x in summary.extra[f"{bar['figure']} by round"])
+        figure = f"{bar['figure']}: {bar['value']:.2f} (bar {bar['op']} {bar['limit']:g}) {mark}"
+        console.print(f"{figure}; by round {by_round}")
+    for name, value in summary.extra.items():
+        if "server CPU" in name:
+            console.print(f"{name}: {value:.2f}")
     return 0 if all(r.ok for r in results) else 1
 
 

@@ -19,6 +19,7 @@ def test_a_short_side_by_side_run_measures_all_three_and_the_ratios() -> None:
     for result in targets:
         assert result.errors == 0 and len(result.samples) == 2 * 60
         assert len(result.extra["rps_by_round"]) == 2 and result.rps > 0
+        assert result.extra["server_cpu_ms_per_request"] > 0  # each target's own server process was measured
     assert isinstance(summary, VersusResult)
     by_target = {r.params["target"]: r.rps for r in targets}
     assert summary.figures["teelab/moto"] == round(by_target["teelab decrypt"] / by_target["moto decrypt"], 3)
@@ -27,6 +28,11 @@ def test_a_short_side_by_side_run_measures_all_three_and_the_ratios() -> None:
     )
     assert {b["figure"] for b in summary.bar_results()} == {"teelab/moto", "recipient/plain"}
     assert len(summary.extra["teelab/moto by round"]) == 2
+    cpu = {r.params["target"]: r.extra["server_cpu_ms_per_request"] for r in targets}
+    plain_over_recipient = summary.extra["server CPU per request, plain/recipient"]
+    assert plain_over_recipient == pytest.approx(
+        cpu["teelab decrypt"] / cpu["teelab decrypt-recipient"], abs=0.02
+    )
 
 
 def test_teelab_bench_kms_versus_moto_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
