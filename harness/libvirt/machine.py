@@ -218,6 +218,11 @@ class LibvirtMachine(Machine):
         return self._pid
 
     @property
+    def forwarder_pid(self) -> int | None:
+        """The ssh forwarding a lab host's sockets here (a ``qemu+ssh://`` URI), while it runs."""
+        return self._remote.forwarder_pid if self._remote is not None else None
+
+    @property
     def running(self) -> bool:
         if self._domain is None or self._stopped.is_set():
             return False

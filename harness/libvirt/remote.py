@@ -229,7 +229,7 @@ class RemoteLibvirtHost:
         deadline = time.monotonic() + timeout
         while not all(path.exists() for path in sockets):
             if self._forwarder.poll() is not None or time.monotonic() > deadline:
-                text = log.read_text(errors="replace").strip()[-300:]
+                text = log.read_text(errors="replace").strip()[-300:] if log.exists() else ""
                 error = RemoteHostKeyUnknown if HOST_KEY_FAILED in text else RemoteHostError
                 raise error(
                     f"{self.uri.target}: ssh did not forward the domain's sockets: {text or 'no message'}",
@@ -249,8 +249,10 @@ class RemoteLibvirtHost:
                 self.session.run(f"rm -rf -- {shlex.quote(run_dir)}", timeout=30)
 
     def settle(self, vcpu_thread: int | None) -> list[str]:
-        """Once the sockets are connected: remove the host's run directory and read the QEMU command line
-        running there from its /proc (empty when unreadable), in one round trip."""
+        """Once libvirt and the sockets are connected: remove the ssh command's folder here (nothing on disk
+        for a killed harness to leave), and the host's run directory and read the QEMU command line running
+        there from its /proc (empty when unreadable) in one round trip."""
+        shutil.rmtree(self._local, ignore_errors=True)
         run_dir, self.run_dir = self.run_dir, None
         command = f"rm -rf -- {shlex.quote(run_dir)}; " if run_dir else ""
         if vcpu_thread is not None:

@@ -5,17 +5,15 @@ those namespaces the path is empty, so only the remote side can report what the 
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
 import sys
 import textwrap
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from standin_sshd import StandIn, keygen, privsep_dir, start_sshd
 
 from harness.cli import main
 from harness.host.probe import probe
@@ -50,89 +48,50 @@ class Fleet:
     client_key: Path
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def keygen(path: Path) -> str:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
-    return Path(f"{path}.pub").read_text()
-
-
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
     keygen(tmp_path / "client_key")
     (tmp_path / "authorized_keys").write_text((tmp_path / "client_key.pub").read_text())
     probe_root = tmp_path / "probe-root"  # empty here; each stand-in's namespace mounts its tree on it
     probe_root.mkdir()
-    made_privsep = not Path("/run/sshd").exists()
-    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
-    daemons, known, inventory, ports = [], [], ["[lab]"], {}
-    try:
-        for name, tree in (("snp-host", SNP_HOST), ("tcg-host", HostTree())):
-            tree.write(tmp_path / f"{name}-tree")
-            keygen(tmp_path / f"{name}_key")
-            port = ports[name] = free_port()
-            config = tmp_path / f"{name}.conf"
-            config.write_text(textwrap.dedent(f"""\
-                Port {port}
-                ListenAddress 127.0.0.1
-                HostKey {tmp_path}/{name}_key
-                PidFile {tmp_path}/{name}.pid
-                AuthorizedKeysFile {tmp_path}/authorized_keys
-                PermitRootLogin prohibit-password
-                PasswordAuthentication no
-                KbdInteractiveAuthentication no
-                UsePAM no
-                StrictModes no
-                Subsystem sftp internal-sftp
-                SetEnv STAND_IN_ROOT={probe_root}
-                """))  # fmt: skip
-            mount = (
-                f"mount --bind {tmp_path}/{name}-tree {probe_root} && exec /usr/sbin/sshd -D -e -f {config}"
+    stand_ins: list[StandIn] = []
+    known, inventory, ports = [], ["[lab]"], {}
+    with privsep_dir():
+        try:
+            for name, tree in (("snp-host", SNP_HOST), ("tcg-host", HostTree())):
+                tree.write(tmp_path / f"{name}-tree")
+
+                def in_namespace(sshd: str, name: str = name) -> list[str]:
+                    mount = f"mount --bind {tmp_path}/{name}-tree {probe_root} && exec {sshd}"
+                    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount]
+
+                stand_in = start_sshd(
+                    tmp_path, name, tmp_path / "authorized_keys",
+                    extra_config=f"SetEnv STAND_IN_ROOT={probe_root}\n", wrap=in_namespace,
+                )  # fmt: skip
+                stand_ins.append(stand_in)
+                ports[name] = stand_in.port
+                known.append(stand_in.known_hosts_line())
+                inventory.append(f"{name} ansible_host=127.0.0.1 ansible_port={stand_in.port}")
+            (tmp_path / "known_hosts").write_text("".join(known))
+            inventory += ["", "[all:vars]", "ansible_user=root",
+                          f"ansible_ssh_private_key_file={tmp_path}/client_key",
+                          f"teelab_command={VENV_BIN}/teelab", f"teelab_probe_root={probe_root}",
+                          f"teelab_pytest='{VENV_BIN}/python -m pytest -p no:cacheprovider -q'",
+                          f"teelab_repo_dir={REPO}"]  # fmt: skip
+            (tmp_path / "inventory.ini").write_text("\n".join(inventory) + "\n")
+            (tmp_path / "remote_test.py").write_text(REMOTE_TEST)
+            yield Fleet(
+                tmp_path / "inventory.ini",
+                tmp_path / "known_hosts",
+                probe_root,
+                tmp_path / "remote_test.py",
+                ports,
+                tmp_path / "client_key",
             )
-            with open(tmp_path / f"{name}.log", "wb") as log:
-                daemons.append(subprocess.Popen(
-                    ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount], stderr=log,
-                    stdout=subprocess.DEVNULL,
-                ))  # fmt: skip
-            known.append(f"[127.0.0.1]:{port} {(tmp_path / f'{name}_key.pub').read_text().strip()}\n")
-            inventory.append(f"{name} ansible_host=127.0.0.1 ansible_port={port}")
-            wait_listening(port)
-        (tmp_path / "known_hosts").write_text("".join(known))
-        inventory += ["", "[all:vars]", "ansible_user=root",
-                      f"ansible_ssh_private_key_file={tmp_path}/client_key",
-                      f"teelab_command={VENV_BIN}/teelab", f"teelab_probe_root={probe_root}",
-                      f"teelab_pytest='{VENV_BIN}/python -m pytest -p no:cacheprovider -q'",
-                      f"teelab_repo_dir={REPO}"]  # fmt: skip
-        (tmp_path / "inventory.ini").write_text("\n".join(inventory) + "\n")
-        (tmp_path / "remote_test.py").write_text(REMOTE_TEST)
-        yield Fleet(
-            tmp_path / "inventory.ini",
-            tmp_path / "known_hosts",
-            probe_root,
-            tmp_path / "remote_test.py",
-            ports,
-            tmp_path / "client_key",
-        )
-    finally:
-        for daemon in daemons:
-            daemon.terminate()
-            daemon.wait(10)
-        if made_privsep:
-            Path("/run/sshd").rmdir()
-
-
-def wait_listening(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"sshd on {port} did not listen")
+        finally:
+            for stand_in in stand_ins:
+                stand_in.stop()
 
 
 def run_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, object]:
