@@ -1,7 +1,8 @@
 """The pinned guest kernel: fetched with ``apt-get download`` (from the host's apt sources, or from the pin's
 Debian suite through the builder's own apt configuration), else taken from the artifact cache the Ansible role
 fills; checked by sha256, unpacked once into the cache, and its modules (``.ko`` or ``.ko.xz``) resolved with
-their dependencies (read from each module's ``.modinfo``)."""
+their dependencies (read from each module's ``.modinfo``). Beside the bzImage, the uncompressed kernel with
+its PVH entry is extracted once (``pvh.py``), for direct boots under TCG."""
 
 from __future__ import annotations
 
@@ -18,11 +19,15 @@ from pathlib import Path
 from harness import config
 from harness.images.cache import build_lock
 from harness.images.errors import KernelFetchFailed, RecipeInvalid
+from harness.images.pvh import pvh_elf
 from harness.images.recipe import KernelPin
 from harness.images.rootfs import mirror
 
 DEFAULT_ARTIFACT_CACHE = "/var/cache/teelab/artifacts"
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+SIGNATURE_MAGIC = b"~Module signature appended~\n"  # sign-file's trailer, after struct module_signature
+PVH_KERNEL = "vmlinux-pvh"  # in the unpacked tree: the kernel ELF of boot/vmlinuz-*, when it has a PVH entry
+NO_PVH_KERNEL = ".no-pvh"  # marks a tree whose bzImage gave no PVH kernel, so it is not tried again
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,40 @@ class KernelTree:
             staging.write_bytes(module_bytes(path))
             staging.rename(plain)  # atomic: a concurrent build sees the whole file or none
         return plain
+
+    def module_image(self, name: str, *, keep_signature: bool) -> bytes:
+        """The ELF bytes to install for module ``name``: without its appended signature unless
+        ``keep_signature``."""
+        elf = self.module_file(name).read_bytes()
+        return elf if keep_signature else without_signature(elf)
+
+    def config(self, option: str) -> str | None:
+        """A ``CONFIG_...`` value from the package's ``boot/config-*`` (None when unset or absent)."""
+        for path in self.root.glob("boot/config-*"):
+            for line in path.read_text().splitlines():
+                if line.startswith(f"{option}="):
+                    return line.split("=", 1)[1]
+        return None
+
+    @property
+    def enforces_module_signatures(self) -> bool:
+        """Whether this kernel refuses modules without a valid signature (``CONFIG_MODULE_SIG_FORCE``)."""
+        return self.config("CONFIG_MODULE_SIG_FORCE") == "y"
+
+    def pvh_kernel(self) -> Path | None:
+        """The uncompressed kernel ELF of ``vmlinuz`` (extracted once, beside it), or None when the bzImage's
+        payload cannot be decompressed here or the kernel has no PVH entry."""
+        target, marker = self.root / PVH_KERNEL, self.root / NO_PVH_KERNEL
+        if target.exists() or marker.exists():
+            return target if target.exists() else None
+        elf = pvh_elf(self.vmlinuz.read_bytes())
+        if elf is None:
+            marker.touch()
+            return None
+        staging = target.with_name(f".{target.name}.{os.getpid()}")
+        staging.write_bytes(elf)
+        staging.rename(target)  # atomic: a concurrent build sees the whole file or none
+        return target
 
     def with_dependencies(self, wanted: tuple[str, ...]) -> list[str]:
         """``wanted`` and what they depend on, each after its dependencies; built-in ones left out."""
@@ -187,6 +226,21 @@ def module_name(path: Path | str) -> str:
     """``virtio_pci`` for ``.../virtio-pci.ko`` or ``.../virtio-pci.ko.xz``."""
     name = Path(path).name
     return name.removesuffix(".xz").removesuffix(".ko").replace("-", "_")
+
+
+def without_signature(elf: bytes) -> bytes:
+    """A module without the signature ``sign-file`` appended: the PKCS#7 blob, a 12-byte struct
+    module_signature whose last field is the blob's length (big-endian), and the magic trailer."""
+    if not elf.endswith(SIGNATURE_MAGIC):
+        return elf
+    info_end = len(elf) - len(SIGNATURE_MAGIC)
+    signature_length = int.from_bytes(elf[info_end - 4 : info_end], "big")
+    start = info_end - 12 - signature_length
+    if start <= 0:
+        raise RecipeInvalid(
+            "a kernel module's signature trailer is malformed", hint="check the kernel package pin"
+        )
+    return elf[:start]
 
 
 def module_bytes(path: Path) -> bytes:
